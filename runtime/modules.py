@@ -1,0 +1,195 @@
+"""The plug-in's three PyTorch modules, shared by the trainers, the exporters and the runtime.
+
+- ``ClassEmbeddings``: the multi-modal class embeddings W [C, D_llm] with class names and synonyms.
+- ``CrossAttentionAdapter``: refines the VLM's visual tokens V [B, N, D_llm] by attending to W;
+  a zero-initialised gate makes an untrained adapter exactly the identity.
+- ``RareObjectDetector``: VFM patch tokens -> projection into the LLM space -> cosine with every
+  row of W -> per-class score (max over patches), plus the per-patch similarity map.
+
+Shapes B (batch), N (visual tokens) and C (classes) are dynamic everywhere, so the same module
+serves LLaVA's fixed 576 tokens, Qwen2.5-VL's resolution-dependent token count and any class set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AdapterConfig",
+    "DetectorConfig",
+    "Detection",
+    "Projection",
+    "ClassEmbeddings",
+    "CrossAttentionAdapter",
+    "RareObjectDetector",
+    "select_detections",
+    "display_name",
+]
+
+
+def display_name(name: str) -> str:
+    """How a class name is written in a prompt: ``traffic_cone`` -> ``traffic cone``."""
+    return name.replace("_", " ").strip()
+
+
+@dataclass
+class AdapterConfig:
+    """Shape of a ``CrossAttentionAdapter``; saved in the bundle manifest."""
+
+    d_model: int  # hidden size of the VLM's language model (D_llm); V and W both have it
+    width: int = 512  # bottleneck width in which attention runs (queries, keys, values)
+    heads: int = 8  # attention heads; must divide ``width``
+
+
+@dataclass
+class DetectorConfig:
+    """Shape and decision rule of a ``RareObjectDetector``; saved in the bundle manifest."""
+
+    d_vfm: int  # width of the VFM's patch tokens (384 for DINOv3 ViT-S)
+    d_llm: int  # width of W (the LLM hidden size)
+    proj_hidden: int = 0  # hidden width of the projection MLP; 0 means a single linear layer
+    threshold: float = 0.3  # cosine score above which a class is reported
+    top_k: int = 5  # at most this many classes are reported (and put into the prompt)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected rare class."""
+
+    name: str  # class name as in the bundle (``traffic_cone``)
+    score: float  # max cosine similarity over patches, in [-1, 1]
+    index: int = field(default=-1, compare=False)  # row of W
+
+
+class Projection(nn.Module):
+    """Maps features of one space (VFM or text) into the LLM embedding space."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 0):
+        super().__init__()
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+        else:
+            self.net = nn.Sequential(nn.Linear(d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ClassEmbeddings(nn.Module):
+    """W [C, D_llm]: one learned vector per rare class, with the class names and synonyms."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        dim: int,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        weight: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        names = [str(n) for n in names]
+        if not names:
+            raise ValueError("ClassEmbeddings needs at least one class")
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        self.names: list[str] = names
+        self.synonyms: dict[str, list[str]] = {n: list((synonyms or {}).get(n, [])) for n in names}
+        if weight is None:
+            weight = torch.zeros(len(names), dim)
+        if tuple(weight.shape) != (len(names), dim):
+            raise ValueError(f"W has shape {tuple(weight.shape)}, expected ({len(names)}, {dim})")
+        self.weight = nn.Parameter(weight.detach().clone().float())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class CrossAttentionAdapter(nn.Module):
+    """Visual tokens attend to the class embeddings; gated residual, identity at initialisation.
+
+    ``forward(V [B, N, D], W [C, D]) -> V + tanh(gate) * out(attn(q(V), k(W), v(W)))``.
+    Attention is written with plain matmul/softmax (no fused kernel) so ONNX export keeps
+    B, N and C dynamic and TensorRT sees only MatMul/Softmax/Reshape.
+    """
+
+    def __init__(self, d_model: int, width: int = 512, heads: int = 8):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"adapter width {width} is not divisible by {heads} heads")
+        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads)
+        self.heads = heads
+        self.head_dim = width // heads
+        self.norm_q = nn.LayerNorm(d_model)
+        self.norm_kv = nn.LayerNorm(d_model)
+        self.q_proj = nn.Linear(d_model, width)
+        self.k_proj = nn.Linear(d_model, width)
+        self.v_proj = nn.Linear(d_model, width)
+        self.out_proj = nn.Linear(width, d_model)
+        # tanh(0) = 0: the residual branch is off until training opens the gate.
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def from_config(cls, cfg: AdapterConfig) -> "CrossAttentionAdapter":
+        return cls(cfg.d_model, cfg.width, cfg.heads)
+
+    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        x = visual_tokens
+        wdtype = self.q_proj.weight.dtype
+        q = self.q_proj(self.norm_q(x.to(wdtype)))  # [B, N, width]
+        kv = self.norm_kv(class_embeddings.to(wdtype))  # [C, D]
+        k = self.k_proj(kv).unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)  # [h, C, dh]
+        v = self.v_proj(kv).unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)  # [h, C, dh]
+        q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, h, N, dh]
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+        o = torch.matmul(attn, v).transpose(1, 2).flatten(2)  # [B, N, width]
+        delta = torch.tanh(self.gate) * self.out_proj(o)
+        return x + delta.to(x.dtype)
+
+
+class RareObjectDetector(nn.Module):
+    """Scores every class of W on an image's VFM patch tokens.
+
+    ``forward(patch_tokens [B, P, d_vfm], W [C, D]) -> (scores [B, C], similarity [B, C, P])``
+    where ``similarity`` is the cosine between each projected patch and each row of W and
+    ``scores`` its max over patches. Top-k above the threshold is ``select_detections``.
+    """
+
+    def __init__(self, d_vfm: int, d_llm: int, proj_hidden: int = 0, threshold: float = 0.3, top_k: int = 5):
+        super().__init__()
+        self.config = DetectorConfig(d_vfm=d_vfm, d_llm=d_llm, proj_hidden=proj_hidden, threshold=threshold, top_k=top_k)
+        self.proj = Projection(d_vfm, d_llm, proj_hidden)
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> "RareObjectDetector":
+        return cls(cfg.d_vfm, cfg.d_llm, cfg.proj_hidden, cfg.threshold, cfg.top_k)
+
+    def forward(self, patch_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.normalize(self.proj(patch_tokens.to(self.proj.net[0].weight.dtype)), dim=-1)  # [B, P, D]
+        w = F.normalize(class_embeddings.to(z.dtype), dim=-1)  # [C, D]
+        similarity = torch.matmul(w, z.transpose(1, 2))  # [B, C, P]
+        scores = similarity.amax(dim=-1)  # [B, C]
+        return scores, similarity
+
+
+def select_detections(scores, names: Sequence[str], top_k: int, threshold: float) -> list[Detection]:
+    """Top-k classes of one image whose score is above ``threshold``, best first.
+
+    ``scores`` is a 1-D array-like [C]. Ties break by class index so the result is deterministic.
+    """
+    vals = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+    if len(vals) != len(names):
+        raise ValueError(f"{len(vals)} scores for {len(names)} classes")
+    order = sorted(range(len(vals)), key=lambda i: (-vals[i], i))
+    return [Detection(names[i], vals[i], i) for i in order[: max(top_k, 0)] if vals[i] > threshold]
