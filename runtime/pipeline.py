@@ -1,0 +1,311 @@
+"""The embeddable rtrt pipeline: image + question -> detections, hints, refined tokens, answer.
+
+    from rtrt.runtime import Pipeline
+    pipe = Pipeline.from_bundle("path/to/bundle", backend="ort")   # or "trt", "torch"
+    res = pipe(image, question="...")     # path, bytes, PIL image or HxWx3 uint8 array
+    res.answer; res.detections; res.timings_ms
+
+Everything is loaded once in ``from_bundle``; a call reads nothing from disk (except an image
+given as a path). Decoding is greedy, so the same frame gives the same answer. Calls are safe
+from several threads: the detector backends run concurrently and the VLM stage is serialised
+by a lock (a transformers model and its tokenizer are not re-entrant), so results equal
+serial calls. ``hints=False`` / ``refine=False`` switch off the two remedies; the four
+combinations are the method's ablation.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, load_bundle
+from .errors import InputError, ModelMismatchError
+from .image import ImageInput, load_image, vfm_pixels
+from .modules import Detection, select_detections
+
+__all__ = ["DEFAULT_QUESTION", "DetectResult", "Result", "Pipeline"]
+
+# CODA-LM's general-perception question: the default question of `rtrt infer`.
+DEFAULT_QUESTION = (
+    "There is an image of traffic captured from the perspective of the ego car. Please focus on objects that "
+    "have a great influence on ego car driving behavior in the scene, describe these objects and the reasons "
+    "why they influence ego car driving."
+)
+
+
+@dataclass
+class DetectResult:
+    """The detector's view of one image."""
+
+    detections: list[Detection]  # top-k classes above the threshold, best first
+    scores: np.ndarray  # [C] max cosine per class
+    similarity: np.ndarray  # [C, gh, gw] per-patch cosine map, for visualisation
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+@dataclass
+class Result:
+    """The answer to one (image, question)."""
+
+    answer: str  # the VLM's greedy answer
+    detections: list[Detection]  # what the detector found (also when hints are off)
+    hints: list[str]  # class names put into the prompt ([] when hints are off)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
+    similarity: np.ndarray | None = None  # [C, gh, gw], as in DetectResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``rtrt infer --json`` object."""
+        return {
+            "answer": self.answer,
+            "detections": [{"name": d.name, "score": round(float(d.score), 6)} for d in self.detections],
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+        }
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+class _TokenClock:
+    """A logits processor that only records when each decoding step happens (prefill vs decode)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+class Pipeline:
+    """Detector + adapter + frozen VLM, loaded once. Build with ``Pipeline.from_bundle``."""
+
+    def __init__(self, bundle: Bundle, backend, vlm=None, *, max_new_tokens: int = 96, device: str = "cpu"):
+        self.bundle = bundle
+        self.backend = backend
+        self.vlm = vlm
+        self.max_new_tokens = int(max_new_tokens)
+        self.device = torch.device(device)
+        m = bundle.manifest
+        self.class_names = m.class_names
+        self.W = bundle.class_embeddings().weight.detach().to(self.device)
+        if m.detector is None or m.vfm is None:
+            raise ModelMismatchError(f"{bundle.root}: bundle has no detector/VFM; it cannot run the pipeline")
+        self.detector_cfg = m.detector
+        self.vfm_spec = m.vfm
+        self._vlm_lock = threading.Lock()
+        if vlm is not None:
+            self._check_vlm(vlm)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        backend: str = "ort",
+        *,
+        vlm: str | None = None,
+        load_vlm_model: bool = True,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_new_tokens: int = 96,
+        on_engine_mismatch: str = "rebuild",
+    ) -> "Pipeline":
+        """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
+
+        ``vlm`` overrides the VLM reference in the manifest (local directory or hub id).
+        """
+        from .backends import make_backend
+
+        bundle = load_bundle(path)
+        be = make_backend(backend, bundle, device=device, on_engine_mismatch=on_engine_mismatch)
+        family = None
+        if load_vlm_model:
+            from .vlm import load_vlm
+
+            spec = bundle.manifest.vlm
+            if vlm is None and spec is None:
+                raise ModelMismatchError(f"{bundle.root}: bundle names no VLM; pass vlm=...")
+            ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
+            family = load_vlm(ref, dtype=dtype, device=device)
+        return cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
+
+    def _check_vlm(self, vlm) -> None:
+        m = self.bundle.manifest
+        if int(vlm.hidden_size) != int(m.d_llm):
+            raise ModelMismatchError(f"VLM hidden size {vlm.hidden_size} differs from the bundle's {m.d_llm}")
+        if m.vlm is not None:
+            if m.vlm.family and vlm.name != m.vlm.family:
+                raise ModelMismatchError(f"VLM family {vlm.name!r} differs from the bundle's {m.vlm.family!r}")
+            want, have = m.vlm.image_token_layout or {}, vlm.image_token_layout() or {}
+            diff = sorted(k for k in want if k in have and want[k] != have[k])
+            if diff:
+                k = diff[0]
+                raise ModelMismatchError(f"VLM image-token layout differs from the bundle's: {k} is {have[k]!r}, bundle has {want[k]!r}")
+
+    # ------------------------------------------------------------------ detector
+    def _detect_images(self, images, timer: _Timer) -> list[DetectResult]:
+        with timer("detector"):
+            spec = self.vfm_spec
+            pixels = vfm_pixels(images, spec.image_size, spec.mean, spec.std)
+            out = self.backend.detect(pixels, self.W)
+            scores, sim = _to_numpy(out[0]), _to_numpy(out[-1])
+            g = spec.image_size // spec.patch_size
+            cfg = self.detector_cfg
+            results = []
+            for i in range(len(images)):
+                dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.threshold)
+                s = sim[i]
+                if s.shape[-1] == g * g:
+                    s = s.reshape(s.shape[0], g, g)
+                results.append(DetectResult(dets, scores[i], s))
+        return results
+
+    def detect(self, image: ImageInput) -> DetectResult:
+        """Run the detector only (no VLM call)."""
+        return self.detect_batch([image])[0]
+
+    def detect_batch(self, images: Sequence[ImageInput]) -> list[DetectResult]:
+        timer = _Timer()
+        with timer("image_decode"):
+            pil = [load_image(im) for im in images]
+        res = self._detect_images(pil, timer)
+        for r in res:
+            r.timings_ms = dict(timer.ms)
+        return res
+
+    # ------------------------------------------------------------------ full call
+    def __call__(
+        self,
+        image: ImageInput,
+        question: str | None = None,
+        *,
+        hints: bool = True,
+        refine: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> Result:
+        return self.batch([image], [question], hints=hints, refine=refine, max_new_tokens=max_new_tokens)[0]
+
+    def batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str | None] | None = None,
+        *,
+        hints: bool = True,
+        refine: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> list[Result]:
+        """Answer several (image, question) pairs in one VLM batch (left padding, greedy)."""
+        if self.vlm is None:
+            raise InputError("this pipeline was loaded without a VLM (load_vlm_model=False); use detect()")
+        if not images:
+            return []
+        qs = list(questions) if questions is not None else [None] * len(images)
+        if len(qs) != len(images):
+            raise InputError(f"{len(images)} images but {len(qs)} questions")
+        qs = [DEFAULT_QUESTION if q is None else q for q in qs]
+        for q in qs:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError("the question must be a non-empty string")
+        new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        timer = _Timer()
+        with timer("image_decode"):
+            pil = [load_image(im) for im in images]
+        dets = self._detect_images(pil, timer)
+        hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
+        with self._vlm_lock:
+            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer)
+        return [
+            Result(a, r.detections, h, dict(timer.ms), r.similarity) for a, r, h in zip(answers, dets, hint_names)
+        ]
+
+    def _context_length(self) -> int | None:
+        cfg = self.vlm.model.config
+        text = getattr(cfg, "text_config", cfg)
+        n = getattr(text, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def _answer(self, pil, questions, hints, refine: bool, new_tokens: int, timer: _Timer) -> list[str]:
+        ctx = self._context_length()
+        if ctx is not None:
+            # Cheap guard before tokenising: a token is at least one character of most text.
+            longest = max(len(q) for q in questions)
+            if longest > 64 * ctx:
+                raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
+        with timer("prompt_build"):
+            batch = self.vlm.prepare(pil, list(questions), hints)
+        seq = int(batch["input_ids"].shape[1])
+        if ctx is not None and seq + new_tokens > ctx:
+            raise InputError(
+                f"prompt of {seq} tokens plus {new_tokens} new tokens exceeds the model's context of {ctx} tokens"
+            )
+        W = self.W
+        backend = self.backend
+        marks: dict[str, float] = {}
+
+        def transform(v: torch.Tensor) -> torch.Tensor:
+            # Called by the family with all visual tokens [T, D] once the vision tower has run.
+            marks["vision_done"] = time.perf_counter()
+            if refine:
+                out = backend.refine(v[None], W.to(v.dtype))
+                out = torch.as_tensor(out)[0].to(device=v.device, dtype=v.dtype)
+            else:
+                out = v
+            marks["adapter_done"] = time.perf_counter()
+            return out
+
+        clock = _TokenClock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            tokens = self.vlm.generate(
+                batch, transform=transform, max_new_tokens=new_tokens, logits_processor=[clock]
+            )
+        t_end = time.perf_counter()
+        if "vision_done" in marks:
+            timer.ms["vision_tower"] = (marks["vision_done"] - t0) * 1e3
+            timer.ms["adapter"] = (marks["adapter_done"] - marks["vision_done"]) * 1e3
+            start = marks["adapter_done"]
+        else:
+            start = t0
+        if clock.stamps:
+            timer.ms["prefill"] = (clock.stamps[0] - start) * 1e3
+            steps = max(len(clock.stamps) - 1, 1)
+            timer.ms["decode_per_token"] = (t_end - clock.stamps[0]) * 1e3 / steps
+            timer.ms["decode"] = (t_end - clock.stamps[0]) * 1e3
+        timer.ms["vlm_total"] = (t_end - t0) * 1e3
+        return [a.strip() for a in self.vlm.decode(tokens)]
+
+    # ------------------------------------------------------------------ helpers
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and ``rtrt infer --json``."""
+        m = self.bundle.manifest
+        return {
+            "bundle": str(self.bundle.root),
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "classes": len(m.classes),
+            "vlm": None if self.vlm is None else getattr(self.vlm, "name", "?"),
+        }
+
