@@ -215,8 +215,12 @@ class Pipeline:
         hints: bool = True,
         refine: bool = True,
         max_new_tokens: int | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> list[Result]:
-        """Answer several (image, question) pairs in one VLM batch (left padding, greedy)."""
+        """Answer several (image, question) pairs in one VLM batch (left padding, greedy).
+
+        ``generate_kwargs`` go to ``generate`` as they are (e.g. ``min_new_tokens`` for benchmarks).
+        """
         if self.vlm is None:
             raise InputError("this pipeline was loaded without a VLM (load_vlm_model=False); use detect()")
         if not images:
@@ -237,7 +241,7 @@ class Pipeline:
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
         with self._vlm_lock:
-            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer)
+            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {})
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity) for a, r, h in zip(answers, dets, hint_names)
         ]
@@ -248,7 +252,7 @@ class Pipeline:
         n = getattr(text, "max_position_embeddings", None)
         return int(n) if n else None
 
-    def _answer(self, pil, questions, hints, refine: bool, new_tokens: int, timer: _Timer) -> list[str]:
+    def _answer(self, pil, questions, hints, refine: bool, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
         ctx = self._context_length()
         if ctx is not None:
             # Cheap guard before tokenising: a token is at least one character of most text.
@@ -281,7 +285,7 @@ class Pipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             tokens = self.vlm.generate(
-                batch, transform=transform, max_new_tokens=new_tokens, logits_processor=[clock]
+                batch, transform=transform, max_new_tokens=new_tokens, logits_processor=[clock], **gen
             )
         t_end = time.perf_counter()
         if "vision_done" in marks:

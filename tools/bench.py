@@ -1,0 +1,148 @@
+"""``rtrt bench``: per-stage latency of the pipeline and the plug-in's overhead, side by side in one run.
+
+    rtrt bench                          # the embedded demo bundle and its first example image
+    rtrt bench --bundle B --image I --runs 20 --json
+    rtrt bench --graphs                 # also the exported-graph benchmark (ORT vs eager, see export issue)
+
+The baseline is the same VLM answering the same frame without the plug-in (no detector, no hint,
+no adapter). Both sides generate exactly ``--new-tokens`` tokens (min = max), so the difference is
+the plug-in's cost and not a different answer length. Runs alternate (plug-in, baseline, plug-in,
+...) so drift on a shared machine hits both alike. Reported: median and p95 per stage, end-to-end,
+the overhead ratio, and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["bench_pipeline", "parse_args", "main"]
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort", runs: int = 10,
+                   warmup: int = 2, new_tokens: int = 32, question: str | None = None) -> dict:
+    """Measure the plug-in pipeline and the plain VLM on one frame; returns a JSON-able dict."""
+    import torch
+
+    from rtrt.runtime.image import load_image
+    from rtrt.runtime.pipeline import DEFAULT_QUESTION, Pipeline
+
+    torch.set_num_threads(torch.get_num_threads())
+    pipe = Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=new_tokens)
+    q = question or DEFAULT_QUESTION
+    gen = {"min_new_tokens": new_tokens}
+
+    def plugin_run() -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        img = load_image(image)
+        res = pipe.batch([img], [q], max_new_tokens=new_tokens, generate_kwargs=gen)[0]
+        total = (time.perf_counter() - t0) * 1e3
+        stages = dict(res.timings_ms)
+        return total, stages
+
+    def baseline_run() -> float:
+        t0 = time.perf_counter()
+        img = load_image(image)
+        with torch.inference_mode():
+            batch = pipe.vlm.prepare([img], [q], None)
+            pipe.vlm.generate(batch, transform=None, max_new_tokens=new_tokens, **gen)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        plugin_run()
+        baseline_run()
+    plug, base, stages = [], [], {}
+    for _ in range(runs):
+        t, st = plugin_run()
+        plug.append(t)
+        for k, v in st.items():
+            stages.setdefault(k, []).append(v)
+        base.append(baseline_run())
+    p_med, b_med = statistics.median(plug), statistics.median(base)
+    return {
+        "bundle": str(bundle),
+        "image": str(image),
+        "backend": backend,
+        "runs": runs,
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in stages.items()},
+        "end_to_end_ms": {"plugin": {"median": p_med, "p95": _pct(plug, 0.95)},
+                          "baseline": {"median": b_med, "p95": _pct(base, 0.95)}},
+        "overhead_ratio": (p_med - b_med) / b_med,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _table(r: dict) -> str:
+    lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']}, {r['runs']} runs, "
+             f"{r['new_tokens']} new tokens, {r['threads']} threads", "",
+             "| stage | median ms | p95 ms |", "|---|---:|---:|"]
+    for k, v in r["stages_ms"].items():
+        lines.append(f"| {k} | {v['median']:.2f} | {v['p95']:.2f} |")
+    e = r["end_to_end_ms"]
+    lines += [f"| **end-to-end with plug-in** | {e['plugin']['median']:.1f} | {e['plugin']['p95']:.1f} |",
+              f"| **end-to-end, same VLM without plug-in** | {e['baseline']['median']:.1f} | {e['baseline']['p95']:.1f} |",
+              "", f"plug-in overhead: {100 * r['overhead_ratio']:+.1f}% of end-to-end time; peak RSS {r['peak_rss_mb']:.0f} MB"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rtrt bench", description="Per-stage latency and the plug-in's overhead, side by side.")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
+    p.add_argument("--image", default=None, help="image to answer (default: the first shipped example)")
+    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend")
+    p.add_argument("--runs", type=int, default=10, help="measured runs of each side (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured runs first (default: 2)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer, same on both sides (default: 32)")
+    p.add_argument("--graphs", action="store_true", help="also benchmark the exported graphs (eager vs ORT fp32 vs int8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rtrt.runtime.errors import InputError
+    from rtrt.tools.infer import default_bundle, example_images
+
+    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
+        raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    bundle = Path(args.bundle) if args.bundle else default_bundle()
+    image = args.image
+    if image is None:
+        ex = example_images()
+        if not ex:
+            raise InputError("no --image given and no example images are shipped")
+        image = ex[0]
+    report = {"pipeline": bench_pipeline(bundle, image, backend=args.backend, runs=args.runs,
+                                         warmup=args.warmup, new_tokens=args.new_tokens)}
+    if args.graphs:
+        from rtrt.tools import bench_export
+
+        report["graphs"] = bench_export.run_benchmark()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_table(report["pipeline"]))
+        if "graphs" in report:
+            print()
+            print(bench_export.format_table(report["graphs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
