@@ -166,6 +166,24 @@ def test_identity_adapter_matches_stock_generate(family, batch):
     assert max_diff(logits, stock.logits[0]) < TOL
 
 
+def test_teacher_forced_forward_matches_every_generate_step(family, batch):
+    """The trainer's path: prompt + the generated tokens in one forward gives each step's logits.
+
+    The appended tokens extend ``input_ids`` only (no ``mm_token_type_ids``), as a trainer that
+    appends answers would; positions (Qwen's M-RoPE included) must still line up.
+    """
+    transform, _ = make_transform(family, gate=0.0)
+    prompt_len = batch["input_ids"].shape[1]
+    stock = stock_generate(family, batch)
+    appended = stock.sequences[:, prompt_len:-1]
+    extended = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    extended["input_ids"] = torch.cat([batch["input_ids"], appended], dim=1)
+    extended["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(appended)], dim=1)
+    with torch.no_grad():
+        logits = family.forward(extended, transform=transform).logits[:, prompt_len - 1:]
+    assert max_diff(logits, torch.stack(stock.logits, dim=1)) < TOL
+
+
 def test_misplaced_visual_tokens_are_caught(family, batch):
     """Scattering the visual tokens shifted by one must fail the comparison used above."""
     reference = stock_generate(family, batch, new_tokens=1).logits[0]
