@@ -1,0 +1,177 @@
+"""The procedural world: determinism, CODA-LM round trip, naming statistics, atomic output, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rtrt.tools import world
+from rtrt.tools.judge import find_mentions
+from rtrt.tools.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, generate_world
+from rtrt.trainer import coda
+
+SMALL = dict(pretrain=4, plugin=3, val=2, test=2, width=96, height=80)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate_world(WorldConfig(seed=3, **SMALL), out, progress=False)
+    return out
+
+
+def test_same_seed_same_bytes_different_seed_differs(small_world, tmp_path):
+    again = tmp_path / "again"
+    generate_world(WorldConfig(seed=3, **SMALL), again, progress=False, workers=2)  # workers do not change bytes
+    a, b = _tree(small_world), _tree(again)
+    assert a == b and len(a) > 30
+    other = tmp_path / "other"
+    generate_world(WorldConfig(seed=4, **SMALL), other, progress=False)
+    c = _tree(other)
+    assert set(c) >= {"val/images/000000.jpg"}
+    assert c["val/images/000000.jpg"] != a["val/images/000000.jpg"]
+    assert c["CODA-LM/val/val_000000.json"] != a["CODA-LM/val/val_000000.json"]
+
+
+def test_image_depends_only_on_seed_split_and_index(small_world, tmp_path):
+    out = tmp_path / "bigger"
+    generate_world(WorldConfig(seed=3, **{**SMALL, "pretrain": 1, "val": 3}), out, progress=False)
+    for rel in ("val/images/000001.jpg", "CODA-LM/val/val_000001.json", "test/images/000000.jpg"):
+        assert (out / rel).read_bytes() == (small_world / rel).read_bytes()
+
+
+def test_layout_and_coda_round_trip(small_world):
+    meta = json.loads((small_world / "world.json").read_text())
+    assert meta["config"]["seed"] == 3 and meta["images"] == {"pretrain": 4, "plugin": 3, "val": 2, "test": 2}
+    for split, n in meta["images"].items():
+        anns = list(coda.iter_annotations(small_world / "CODA-LM" / split, image_size=(96, 80)))
+        assert [p.name for p, _ in anns] == [f"{split}_{i:06d}.json" for i in range(n)]
+        vqa = small_world / "CODA-LM" / split / "vqa_anno"
+        general = coda.read_tasks(coda.task_file(vqa, "general_perception"))
+        suggestion = coda.read_tasks(coda.task_file(vqa, "driving_suggestion"))
+        region = coda.read_tasks(coda.task_file(vqa, "region_perception"))
+        assert [r.question_id for r in general] == list(range(n)) == [r.question_id for r in suggestion]
+        assert [r.question_id for r in region] == list(range(len(region)))
+        assert len(region) == len(coda.region_category_names(a for _, a in anns)) == meta["questions"][split]["region_perception"]
+        for (path, ann), g, s in zip(anns, general, suggestion):
+            assert g.image == s.image == coda.image_path_for(path.name) == f"{split}/images/{path.stem.split('_')[1]}.jpg"
+            assert g.question == coda.GENERAL_QUESTION and s.question == coda.SUGGESTION_QUESTION
+            assert g.answer == ann.general_summary and s.answer == ann.driving_suggestion
+            with Image.open(small_world / g.image) as im:
+                assert im.size == (96, 80) and im.mode == "RGB"
+        regions = [r for _, a in anns for r in a.region_perception]
+        for rec, reg in zip(region, regions):
+            assert rec.question == coda.REGION_QUESTION and rec.answer == reg.description_and_explanation
+            assert "images_w_boxes" in rec.image and (small_world / rec.image).is_file()
+    assert not list(small_world.parent.glob(".world.*"))  # no temporary folder left
+
+
+def test_world_categories_are_coda_categories_in_the_right_general_key():
+    assert set(WORLD_CATEGORIES) <= set(coda.CATEGORIES) and len(RARE_CATEGORIES) >= 12
+    cfg = WorldConfig(width=224, height=224, rare_prob=1.0)
+    seen = set()
+    for i in range(40):
+        rng = np.random.default_rng([0, 9, i])
+        scene = world.sample_scene(cfg, rng)
+        ann = world.scene_annotation(scene)
+        named = {o.category for o in scene.objects}
+        seen |= named
+        # Every text names exactly the objects it should, so the keyword judge's references are exact.
+        assert find_mentions(ann.general_summary) == named
+        assert find_mentions(ann.driving_suggestion) <= named
+        for key, items in ann.general_perception.items():
+            for it in items:
+                (cat,) = find_mentions(it.description + " " + it.explanation)
+                assert coda.GENERAL_KEY_OF_GROUP[coda.category_group(cat)] == key
+        for r in ann.region_perception:
+            assert find_mentions(r.description_and_explanation) == {r.category_name}
+            x, y, w, h = r.box
+            assert w >= 1 and h >= 1 and x + w <= 224 and y + h <= 224
+        # Perspective: along the road, farther objects sit higher and are smaller.
+        road = sorted((o for o in scene.objects if o.zone != "pole"), key=lambda o: o.z)
+        for a, b in zip(road, road[1:]):
+            assert a.ground_y >= b.ground_y and a.ppm >= b.ppm
+    assert len(seen) >= 15
+
+
+def test_pretrain_rarely_names_rare_objects_plugin_always(tmp_path):
+    cfg = WorldConfig(seed=1, pretrain=80, plugin=30, val=0, test=0, width=64, height=64, rare_prob=1.0, boxed_images=False)
+    s = generate_world(cfg, tmp_path / "w", progress=False)
+    rare = set(RARE_CATEGORIES)
+
+    def count(table, split, which):
+        return sum(n for c, n in table[split].items() if (c in rare) == which)
+
+    drawn, named = count(s.objects, "pretrain", True), count(s.named, "pretrain", True)
+    assert drawn > 80 and 0 < named / drawn < 0.25
+    assert count(s.named, "pretrain", False) == count(s.objects, "pretrain", False) > 0  # common: always named
+    assert s.named["plugin"] == s.objects["plugin"]
+    assert not (tmp_path / "w" / "pretrain" / "images_w_boxes").exists()
+    region = coda.read_tasks(tmp_path / "w/CODA-LM/pretrain/vqa_anno/region_perception.jsonl")
+    assert all(r.image.startswith("pretrain/images/") for r in region)
+
+
+def test_existing_output_is_refused_or_replaced(small_world, tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_world(WorldConfig(**SMALL), out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    generate_world(WorldConfig(seed=3, **SMALL), out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and _tree(out) == _tree(small_world)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = world.render_scene
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(world, "render_scene", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_world(WorldConfig(**SMALL), tmp_path / "w", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(width=8), "minimum"),
+        (dict(pretrain=-1), "pretrain must be >= 0"),
+        (dict(name_prob=1.5), "name_prob must be in [0, 1]"),
+        (dict(image_format="gif"), "image_format"),
+        (dict(rare_categories=("unicorn",)), "rare_categories"),
+    ],
+)
+def test_config_validation(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        WorldConfig(**kwargs)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--seed", "5", "--pretrain", "2", "--plugin", "1", "--val", "1", "--test", "0",
+            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--quiet"]
+    assert world.main(argv) == 0
+    assert "wrote 4 images" in capsys.readouterr().out
+    cfg = json.loads((out / "world.json").read_text())["config"]
+    assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"]) == (64, 48, "png", ["dog", "tire"])
+    assert (out / "plugin/images/000000.png").is_file()
+    assert world.main(argv) == 2  # exists: refused
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert world.main(["--out", str(tmp_path / "x"), "--size", "10", "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        world.parse_args(["--out", "x", "--rare", "unicorn"])
