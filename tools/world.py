@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from rtrt.trainer.coda import (
@@ -164,8 +164,8 @@ class WorldObject:
 class Scene:
     """A sampled scene: camera, road layout and objects (farthest first, the drawing order)."""
 
-    width: int
-    height: int
+    width: int  # image width in pixels
+    height: int  # image height in pixels
     horizon: float  # image row of the horizon
     cx: float  # image column of the vanishing point
     focal: float  # focal length in pixels
@@ -174,8 +174,8 @@ class Scene:
     lane_width: float  # metres
     sky: str  # "day", "overcast" or "dusk"
     ground: str  # "grass", "dry" or "urban"
-    objects: list[WorldObject] = field(default_factory=list)
-    palette: dict = field(default_factory=dict)  # sampled background colours
+    objects: list[WorldObject] = field(default_factory=list)  # what is drawn and annotated, far to near
+    palette: dict = field(default_factory=dict)  # sampled background colours and roadside clutter
 
     @property
     def left_edge(self) -> float:
@@ -304,6 +304,8 @@ def _colour_for(cat: str, rng: np.random.Generator) -> tuple[str, tuple[int, int
         variant = "jersey" if rng.random() < 0.35 else "board"
         if variant == "jersey":
             return "concrete", _jitter((176, 174, 168), rng), variant
+    if cat == "pedestrian":
+        variant = "standing" if rng.random() < 0.3 else "walking"
     if cat == "tire":
         variant = "lying" if rng.random() < 0.4 else "standing"
         return "", _jitter((30, 30, 32), rng, 6), variant
@@ -760,12 +762,12 @@ def _draw_background(scene: Scene, rng: np.random.Generator) -> Image.Image:
     W, H, hz = scene.width, scene.height, scene.horizon
     pal = scene.palette
     hz_i = int(round(hz))
-    arr = np.empty((H, W, 3), dtype=np.uint8)
+    # One column of sky and ground gradient, stretched sideways: far cheaper than a full array.
+    col = np.empty((H, 1, 3), dtype=np.float32)
     t = np.linspace(0.0, 1.0, max(hz_i, 1), dtype=np.float32)[:, None]
-    arr[:hz_i] = (np.array(pal["sky_top"], np.float32) * (1 - t) + np.array(pal["sky_low"], np.float32) * t)[:, None, :].astype(np.uint8)
-    g = np.linspace(0.82, 1.08, H - hz_i, dtype=np.float32)[:, None]
-    arr[hz_i:] = np.clip(np.array(pal["ground"], np.float32) * g, 0, 255)[:, None, :].astype(np.uint8)
-    img = Image.fromarray(arr)
+    col[:hz_i, 0] = np.array(pal["sky_top"], np.float32) * (1 - t) + np.array(pal["sky_low"], np.float32) * t
+    col[hz_i:, 0] = np.array(pal["ground"], np.float32) * np.linspace(0.82, 1.08, H - hz_i, dtype=np.float32)[:, None]
+    img = Image.fromarray(np.clip(col, 0, 255).astype(np.uint8)).resize((W, H), Image.Resampling.NEAREST)
     d = ImageDraw.Draw(img)
     f, cx = scene.focal, scene.cx
 
@@ -832,10 +834,9 @@ def render_scene(scene: Scene, rng: np.random.Generator, noise: float = 4.0) -> 
     img = img.point([min(255, int(i * gain + 0.5)) for i in range(256)] * 3)
     if noise <= 0:
         return img
-    a = max(1, int(round(noise * math.sqrt(3))))  # uniform noise on [-a, a] has std a / sqrt(3)
-    arr = np.asarray(img, dtype=np.int16) + rng.integers(-a, a + 1, size=(scene.height, scene.width, 3), dtype=np.int16)
-    np.clip(arr, 0, 255, out=arr)
-    return Image.fromarray(arr.astype(np.uint8))
+    a = min(127, max(1, int(round(noise * math.sqrt(3)))))  # uniform noise on [-a, a] has std a / sqrt(3)
+    n = rng.integers(0, 2 * a + 1, size=(scene.height, scene.width, 3), dtype=np.uint8)
+    return ImageChops.add(img, Image.fromarray(n), offset=-a)  # img + n - a, clipped to 0-255 in C
 
 
 # ----------------------------------------------------------------------------------------------
