@@ -196,7 +196,7 @@ class JudgeItem:
 class ItemScore:
     """A judge's verdict on one item."""
 
-    question_id: int
+    question_id: int  # the item's question_id
     score: float | None  # 0-100; None when the item could not be rated (see ``error``)
     groups: tuple[str, ...] = ()  # evaluation groups the item counts towards (besides "all")
     error: str | None = None  # one line: why there is no score
@@ -502,6 +502,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
     p.add_argument("--retries", type=int, default=d.retries, help="retries per request after a failure")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="reply token cap sent to the server; 0 sends none")
     p.add_argument("--workers", type=int, default=d.workers, help="concurrent requests")
     p.add_argument("--out", default=None, help="write the full reports (per item) as JSON here")
     return p.parse_args(argv)
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = OpenAIJudgeConfig(
             base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env),
-            timeout_s=args.timeout, retries=args.retries, workers=args.workers,
+            timeout_s=args.timeout, retries=args.retries, workers=args.workers, max_tokens=args.max_tokens or None,
         )
         judge = OpenAIJudge(cfg)
     try:
