@@ -1,0 +1,319 @@
+"""``rtrt export``: add ONNX graphs, int8 variants and TensorRT engines to a bundle, parity-checked.
+
+    rtrt export --bundle B [--precision fp32|fp16|int8] [--image-size 448] [--backend onnx|trt|both]
+                [--tolerance 1e-4] [--int8-topk-agreement 0.6] [--images DIR] [--cache-dir DIR]
+
+Steps (each printed with its time):
+1. ``detector.onnx`` (DINOv3 + detector + sort + similarity map) and ``adapter.onnx``, each walked
+   node by node for TensorRT-unfriendly constructs, then checked against the bundle's PyTorch
+   modules in ONNX Runtime at several (B, C) / (B, N, C) on real inputs (``rtrt.export.parity``).
+2. ``--precision int8``: ``detector.int8.onnx`` / ``adapter.int8.onnx`` (ORT dynamic int8 for
+   CPUs) with their own parity and top-5 agreement; with ``--backend trt|both`` also the
+   symmetric QDQ graphs ``*.qdq.onnx`` TensorRT builds int8 engines from.
+3. ``--backend trt|both``: engines via the content-keyed engine cache, then checked on the GPU.
+
+Everything is produced in a temporary directory first. If any parity report is outside its
+tolerance, the command fails (exit 2) and the bundle is untouched; otherwise the files are added
+with ``Bundle.add_files`` and the reports land in ``manifest.exports["onnx"]`` and
+``manifest.exports["engines"]`` in the same manifest commit.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rtrt.runtime.bundle import Bundle, load_bundle, sha256_file
+from rtrt.runtime.errors import BackendUnavailableError, RtrtError
+from rtrt.runtime.names import ADAPTER, DETECTOR
+
+from .onnx_export import OPSET, ExportError, export_adapter, export_detector, graph_info
+from .parity import (
+    TOLERANCES,
+    ParityReport,
+    Tolerance,
+    adapter_cases,
+    cross_validate,
+    detector_cases,
+    ort_runner,
+    parity_images,
+    torch_runner,
+)
+from .quantize import quantize_dynamic, quantize_static
+from .trt_build import PRECISIONS, build_engine, dim_ranges
+
+__all__ = ["export_bundle", "parse_args", "main"]
+
+BACKEND_CHOICES = ("onnx", "trt", "both")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+class _Progress:
+    """One line per step on stderr, with the elapsed time of the previous one."""
+
+    def __init__(self, log: Callable[[str], None], total: int):
+        self.log, self.total, self.i, self.t = log, total, 0, time.monotonic()
+
+    def step(self, msg: str) -> None:
+        self.i += 1
+        self.t = time.monotonic()
+        self.log(f"[{self.i}/{self.total}] {msg} ...")
+
+    def done(self, msg: str = "done") -> None:
+        self.log(f"      {msg} ({time.monotonic() - self.t:.1f} s)")
+
+
+def _trt_runner(engine, spec):
+    import torch
+
+    def run(feeds):
+        out = engine({n: torch.from_numpy(np.asarray(feeds[n])).cuda() for n in spec.inputs})
+        return {n: out[n].float().cpu().numpy() if out[n].is_floating_point() else out[n].cpu().numpy() for n in spec.outputs}
+
+    return run
+
+
+def _entry(path: Path, rep: ParityReport | None, **extra) -> dict:
+    info = graph_info(path)
+    d = {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, **dataclasses.asdict(info), **extra}
+    if rep is not None:
+        d["parity"] = rep.to_dict()
+    return d
+
+
+def export_bundle(
+    bundle: str | Path | Bundle,
+    *,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    backend: str = "onnx",
+    tolerances: dict[str, Tolerance] | None = None,
+    images: str | Path | None = None,
+    family: str | None = None,
+    max_batch: int = 4,
+    cache_dir: str | Path | None = None,
+    workspace_gb: float = 4.0,
+    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Export ``bundle`` (see the module docstring); returns the exports written to its manifest.
+
+    Raises ``ExportError`` (nothing written) when a parity report fails or a step breaks, and
+    ``BackendUnavailableError`` before any work when ``backend`` needs TensorRT and it is missing.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if backend not in BACKEND_CHOICES:
+        raise ExportError(f"--backend {backend!r}: choose from {', '.join(BACKEND_CHOICES)}")
+    want_trt = backend in ("trt", "both")
+    if want_trt:
+        from rtrt.runtime.trt_engine import tensorrt_status
+
+        reason = tensorrt_status()
+        if reason:
+            raise BackendUnavailableError(f"--backend {backend} needs TensorRT engines, but: {reason}")
+    tol = dict(TOLERANCES)
+    tol.update(tolerances or {})
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    m = b.manifest
+    has_det = m.detector is not None and m.vfm is not None
+    has_ad = m.adapter is not None
+    if not (has_det or has_ad):
+        raise ExportError(f"{b.root}: bundle has neither a detector nor an adapter to export")
+    size = int(image_size or (m.vfm.image_size if m.vfm else 448))
+    if m.vfm is not None and size % m.vfm.patch_size:
+        raise ExportError(f"--image-size {size} is not a multiple of the VFM patch size {m.vfm.patch_size}")
+    fam = family or (m.vlm.family if m.vlm else None)
+    ranges = dim_ranges(fam, size, len(m.classes), max_batch)
+
+    import torch
+
+    from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
+    from rtrt.runtime.vfm import load_vfm
+
+    w = b.class_embeddings().weight.detach().float().numpy()
+    c = len(w)
+    graphs_with = [g for g, ok in (("detector", has_det), ("adapter", has_ad)) if ok]
+    steps = len(graphs_with) * (1 + (1 if precision == "int8" else 0) + (1 if precision == "int8" and want_trt else 0) + (1 if want_trt else 0)) + 1
+    prog = _Progress(log, steps)
+    failures: list[str] = []
+    graphs: dict[str, dict] = {}
+    refs: dict[str, torch.nn.Module] = {}
+    cases: dict[str, list] = {}
+    sources: dict[str, str] = {}
+    files: dict[str, Path] = {}
+    engines: dict[str, dict] = {}
+
+    def check(rep: ParityReport) -> ParityReport:
+        log(f"      {rep.summary()}")
+        failures.extend(f"{rep.graph} {rep.precision}: {f}" for f in rep.failures)
+        return rep
+
+    tmp = Path(tempfile.mkdtemp(prefix=".rtrt-export-"))
+    try:
+        if has_det:
+            prog.step(f"detector.onnx: DINOv3 {m.vfm.arch or m.vfm.ref} at {size}x{size}, {c} classes")
+            vfm = load_vfm(dataclasses.replace(m.vfm, image_size=size), b.resolve_ref)
+            det = b.detector()
+            refs["detector"] = DetectorGraph(vfm, det).eval()
+            path = export_detector(copy.deepcopy(vfm), det, tmp / "detector.onnx", image_size=size, patch_size=m.vfm.patch_size, verbose=verbose)
+            pixels, sources["detector"] = parity_images(4, size, m.vfm.mean, m.vfm.std, images)
+            cases["detector"] = detector_cases(pixels, w, [(1, c), (2, max(1, c // 2)), (1, 1)])
+            rep = check(cross_validate(torch_runner(refs["detector"], DETECTOR), ort_runner(path, DETECTOR), cases["detector"], tol["fp32"],
+                                       spec=DETECTOR, graph="detector", precision="fp32", inputs=sources["detector"]))
+            graphs["detector"] = _entry(path, rep, image_size=size)
+            files["detector.onnx"] = path
+            prog.done()
+        if has_ad:
+            n_lo, n_opt, _ = ranges["num_tokens"]
+            prog.step(f"adapter.onnx: d_model {m.adapter.d_model}, width {m.adapter.width}, {m.adapter.heads} heads")
+            refs["adapter"] = AdapterGraph(b.adapter()).eval()
+            path = export_adapter(b.adapter(), tmp / "adapter.onnx", verbose=verbose)
+            cases["adapter"] = adapter_cases(w, [(1, n_opt, c), (2, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
+            sources["adapter"] = "synthetic visual tokens around the bundle's W (no VLM at export time)"
+            rep = check(cross_validate(torch_runner(refs["adapter"], ADAPTER), ort_runner(path, ADAPTER), cases["adapter"], tol["fp32"],
+                                       spec=ADAPTER, graph="adapter", precision="fp32", inputs=sources["adapter"]))
+            graphs["adapter"] = _entry(path, rep)
+            files["adapter.onnx"] = path
+            prog.done()
+        specs = {"detector": DETECTOR, "adapter": ADAPTER}
+        if precision == "int8":
+            for g in graphs_with:
+                prog.step(f"{g}.int8.onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
+                q = quantize_dynamic(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx")
+                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
+                                           spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
+                graphs[f"{g}.int8"] = _entry(q, rep, method="dynamic")
+                files[q.name] = q
+                prog.done()
+                if want_trt:
+                    prog.step(f"{g}.qdq.onnx: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
+                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.qdq.onnx", cases[g], symmetric=True)
+                    rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
+                                               spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
+                    graphs[f"{g}.qdq"] = _entry(q, rep, method="static-symmetric-qdq")
+                    files[q.name] = q
+                    prog.done()
+        if want_trt and not failures:
+            from rtrt.runtime.trt_engine import TrtEngine
+
+            for g in graphs_with:
+                source = f"{g}.qdq" if precision == "int8" else g
+                prog.step(f"engines/{g}.{precision}.engine: TensorRT from {graphs[source]['file']}")
+                epath, meta = build_engine(tmp / graphs[source]["file"], g, precision, graphs[source]["inputs"], ranges,
+                                           cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
+                meta["source_graph"] = source
+                ref_gpu = refs[g].to("cuda")
+                rep = check(cross_validate(torch_runner(ref_gpu, specs[g], device="cuda"), _trt_runner(TrtEngine(epath), specs[g]), cases[g],
+                                           tol[precision], spec=specs[g], graph=g, precision=precision, inputs=sources[g]))
+                refs[g].to("cpu")
+                meta["parity"] = rep.to_dict()
+                engines[f"{g}.{precision}"] = meta
+                files[meta["file"]] = epath
+                prog.done("reused from the engine cache" if not meta["built"] else "built")
+        if failures:
+            raise ExportError("parity outside tolerance, nothing was written: " + "; ".join(failures))
+
+        prog.step(f"writing {len(files)} file(s) into {b.root}")
+        exports = {
+            "onnx": {
+                "opset": OPSET,
+                "image_size": size,
+                "precision": precision,
+                "family": fam,
+                "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": _versions(),
+                "graphs": graphs,
+            }
+        }
+        shas = {e["sha256"] for e in graphs.values()}
+        kept = {k: v for k, v in (m.exports.get("engines") or {}).items() if v.get("onnx_sha256") in shas}
+        kept.update(engines)
+        if kept or "engines" in m.exports:
+            exports["engines"] = kept
+        b.add_files({k: v for k, v in files.items()}, exports=exports)
+        prog.done()
+        return exports
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rtrt export", description="Export a bundle's detector and adapter to ONNX / TensorRT, parity-checked.")
+    p.add_argument("--bundle", required=True, help="bundle directory to add the exported graphs to")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: ONNX only (+ fp32 engines); fp16: + fp16 TensorRT engines; int8: + ORT int8 graphs (and int8 engines from QDQ)")
+    p.add_argument("--image-size", type=int, default=None, help="square detector input side in pixels (default: the bundle's VFM image size)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="onnx", help="onnx: ONNX files; trt: also TensorRT engines; both: same as trt")
+    p.add_argument("--tolerance", type=float, default=TOLERANCES["fp32"].atol, help="max abs error allowed for fp32 graphs vs PyTorch (default %(default)g)")
+    p.add_argument("--fp16-tolerance", type=float, default=TOLERANCES["fp16"].atol, help="abs (and relative) error allowed for fp16 engines (default %(default)g)")
+    p.add_argument("--int8-tolerance", type=float, default=TOLERANCES["int8"].atol, help="abs (and relative) error allowed for int8 graphs (default %(default)g)")
+    p.add_argument("--int8-topk-agreement", type=float, default=TOLERANCES["int8"].topk_agreement,
+                   help="minimum top-5 agreement of the int8 detector with PyTorch (default %(default)g)")
+    p.add_argument("--images", default=None, help="directory of images for parity/calibration (default: synthetic road scenes)")
+    p.add_argument("--family", choices=("llava", "qwen2_5_vl", "internvl"), default=None, help="VLM family for token-count profiles (default: the bundle's)")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the TensorRT profiles accept (default %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="TensorRT engine cache (default $RTRT_ENGINE_CACHE or ~/.cache/rtrt/engines)")
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the exports written to the manifest as JSON on stdout")
+    p.add_argument("--verbose", action="store_true", help="show the torch exporter's own output")
+    p.add_argument("--debug", action="store_true", help="print a traceback on errors")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    tolerances = {
+        "fp32": dataclasses.replace(TOLERANCES["fp32"], atol=args.tolerance),
+        "fp16": dataclasses.replace(TOLERANCES["fp16"], atol=args.fp16_tolerance, rtol=args.fp16_tolerance),
+        "int8": dataclasses.replace(TOLERANCES["int8"], atol=args.int8_tolerance, rtol=args.int8_tolerance, topk_agreement=args.int8_topk_agreement),
+    }
+    try:
+        exports = export_bundle(
+            args.bundle,
+            precision=args.precision,
+            image_size=args.image_size,
+            backend=args.backend,
+            tolerances=tolerances,
+            images=args.images,
+            family=args.family,
+            max_batch=args.max_batch,
+            cache_dir=args.cache_dir,
+            workspace_gb=args.workspace_gb,
+            verbose=args.verbose,
+        )
+    except RtrtError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"rtrt export: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(exports, indent=2))
+    else:
+        names = sorted(exports["onnx"]["graphs"]) + sorted(exports.get("engines", {}))
+        print(f"exported {', '.join(names)} into {args.bundle}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Execution backends for the detector and adapter graphs: one interface, chosen by name.
+
+``make_backend(name, bundle, ...)`` returns a ``Backend`` with
+
+- ``detect(pixel_values [B, 3, S, S], class_embeddings [C, D] = bundle W) -> DetectOutput``
+  (``scores [B, C]``, ``topk_scores [B, C]``, ``topk_indices [B, C]``, ``similarity [B, C, P]``;
+  every class, sorted best first; cut at ``top_k``/threshold with ``select_detections``);
+- ``refine(visual_tokens [B, N, D], class_embeddings [C, D] = bundle W) -> refined [B, N, D]``.
+
+Backends:
+- ``torch``: the PyTorch modules of the bundle (the reference every other backend is checked against).
+- ``ort``: ONNX Runtime on the exported ``detector.onnx``/``adapter.onnx`` (``precision="int8"``:
+  the ``*.int8.onnx`` variants); providers TensorRT EP -> CUDA EP -> CPU EP, as installed.
+- ``trt``: native TensorRT engines recorded in the bundle's ``manifest.exports["engines"]``, run on
+  torch CUDA tensors (no host copy). An engine whose TensorRT version, GPU or source ONNX differs
+  from this machine's is detected before it is deserialized, and ``on_engine_mismatch`` decides:
+  ``rebuild`` (default: build a matching engine into the local engine cache; needs the
+  ``rtrt.export`` builder, imported only then), ``fallback`` (warn and return an ``ort`` backend),
+  ``fail`` (``EngineMismatchError``).
+
+Importing this module imports neither ``onnx``, ``tensorrt`` nor ``rtrt.export``/``rtrt.trainer``;
+``onnxruntime`` and ``tensorrt`` are imported when their backend is made.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, load_bundle
+from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
+from .graphs import AdapterGraph, DetectorGraph
+from .names import ADAPTER, DETECTOR
+from .trt_engine import TrtEngine, platform_info, tensorrt_status
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "MISMATCH_POLICIES",
+    "DetectOutput",
+    "Backend",
+    "TorchBackend",
+    "OrtBackend",
+    "TrtBackend",
+    "make_backend",
+    "ort_providers",
+    "engine_mismatch",
+]
+
+BACKENDS = ("torch", "ort", "trt")
+PRECISIONS = ("fp32", "fp16", "int8")
+MISMATCH_POLICIES = ("rebuild", "fallback", "fail")
+
+
+class DetectOutput(NamedTuple):
+    """The detector graph's outputs, in ``rtrt.runtime.names.DETECTOR`` order."""
+
+    scores: torch.Tensor  # [B, C] max cosine over patches
+    topk_scores: torch.Tensor  # [B, C] scores sorted descending
+    topk_indices: torch.Tensor  # [B, C] int64 class indices in that order (ties: lower index first)
+    similarity: torch.Tensor  # [B, C, P] per-patch cosine map
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Backend:
+    """Common input checks and defaults; subclasses implement ``_detect``/``_refine``."""
+
+    name = "base"
+
+    def __init__(self, bundle: Bundle, image_size: int):
+        self.bundle = bundle
+        self.image_size = int(image_size)
+        self.d_llm = int(bundle.manifest.d_llm)
+        self.class_embeddings = bundle.class_embeddings().weight.detach().float()
+        self.has_detector = bundle.manifest.detector is not None and bundle.manifest.vfm is not None
+        self.has_adapter = bundle.manifest.adapter is not None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.bundle.root)!r})"
+
+    def _w(self, class_embeddings) -> torch.Tensor:
+        w = self.class_embeddings if class_embeddings is None else torch.as_tensor(class_embeddings)
+        if w.dim() != 2 or w.shape[1] != self.d_llm or w.shape[0] < 1:
+            raise InputError(f"class_embeddings must be [C, {self.d_llm}] with C >= 1, got {list(w.shape)}")
+        return w
+
+    def detect(self, pixel_values, class_embeddings=None) -> DetectOutput:
+        if not self.has_detector:
+            raise BundleError(f"{self.bundle.root}: bundle has no detector")
+        px = torch.as_tensor(pixel_values)
+        s = self.image_size
+        if px.dim() != 4 or px.shape[1] != 3 or px.shape[2] != s or px.shape[3] != s:
+            raise InputError(f"pixel_values must be [B, 3, {s}, {s}], got {list(px.shape)}")
+        return self._detect(px, self._w(class_embeddings))
+
+    def refine(self, visual_tokens, class_embeddings=None) -> torch.Tensor:
+        if not self.has_adapter:
+            raise BundleError(f"{self.bundle.root}: bundle has no adapter")
+        v = torch.as_tensor(visual_tokens)
+        if v.dim() != 3 or v.shape[2] != self.d_llm:
+            raise InputError(f"visual_tokens must be [B, N, {self.d_llm}], got {list(v.shape)}")
+        return self._refine(v, self._w(class_embeddings))
+
+    def _detect(self, px: torch.Tensor, w: torch.Tensor) -> DetectOutput:
+        raise NotImplementedError
+
+    def _refine(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The bundle's PyTorch modules; the reference."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None):
+        m = bundle.manifest
+        super().__init__(bundle, m.vfm.image_size if m.vfm else 0)
+        self.device = torch.device(device or "cpu")
+        self._detector = None
+        self._adapter = None
+        if self.has_detector:
+            from .vfm import load_vfm
+
+            vfm = load_vfm(m.vfm, bundle.resolve_ref)
+            self._detector = DetectorGraph(vfm, bundle.detector()).eval().to(self.device)
+        if self.has_adapter:
+            self._adapter = AdapterGraph(bundle.adapter()).eval().to(self.device)
+
+    def _detect(self, px, w):
+        with torch.inference_mode():
+            out = self._detector(px.to(self.device, torch.float32), w.to(self.device, torch.float32))
+        return DetectOutput(*out)
+
+    def _refine(self, v, w):
+        with torch.inference_mode():
+            return self._adapter(v.to(self.device), w.to(self.device))
+
+
+def ort_providers(device: str | None = None, precision: str = "fp32", cache_dir: str | os.PathLike | None = None) -> list:
+    """TensorRT EP -> CUDA EP -> CPU EP, those this onnxruntime has; ``device="cpu"`` keeps CPU only."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    out: list = []
+    if device != "cpu":
+        if "TensorrtExecutionProvider" in have:
+            opts: dict[str, Any] = {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True}
+            if cache_dir:
+                opts["trt_engine_cache_path"] = str(cache_dir)
+            out.append(("TensorrtExecutionProvider", opts))
+        if "CUDAExecutionProvider" in have:
+            out.append("CUDAExecutionProvider")
+    out.append("CPUExecutionProvider")
+    return out
+
+
+def _onnx_entry(bundle: Bundle, graph: str) -> dict | None:
+    return (bundle.manifest.exports.get("onnx") or {}).get("graphs", {}).get(graph)
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime sessions over the bundle's exported graphs."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        import onnxruntime as ort
+
+        onnx_meta = bundle.manifest.exports.get("onnx") or {}
+        super().__init__(bundle, int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0)))
+        suffix = ".int8" if precision == "int8" else ""  # fp16 on ORT means the TensorRT EP's flag
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads or _cores())
+        so.log_severity_level = 3
+        self.providers = ort_providers(device, precision, cache_dir)
+        self.sessions: dict[str, Any] = {}
+        for graph, present in (("detector", self.has_detector), ("adapter", self.has_adapter)):
+            if not present:
+                continue
+            entry = _onnx_entry(bundle, graph + suffix)
+            if entry is None:
+                hint = " --precision int8" if suffix else ""
+                raise BackendUnavailableError(f"{bundle.root}: no exported {graph}{suffix} graph; run `rtrt export --bundle {bundle.root}{hint}`")
+            self.sessions[graph] = ort.InferenceSession(str(bundle.path(entry["file"])), so, providers=self.providers)
+        self.has_detector = "detector" in self.sessions
+        self.has_adapter = "adapter" in self.sessions
+
+    @staticmethod
+    def _np(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+    def _detect(self, px, w):
+        out = self.sessions["detector"].run(list(DETECTOR.outputs), {DETECTOR.inputs[0]: self._np(px), DETECTOR.inputs[1]: self._np(w)})
+        return DetectOutput(*(torch.from_numpy(o) for o in out))
+
+    def _refine(self, v, w):
+        dtype = v.dtype
+        (out,) = self.sessions["adapter"].run(list(ADAPTER.outputs), {ADAPTER.inputs[0]: self._np(v), ADAPTER.inputs[1]: self._np(w)})
+        return torch.from_numpy(out).to(dtype)
+
+
+def engine_mismatch(entry: dict | None, bundle: Bundle, source_graph: str, platform) -> str | None:
+    """Why a recorded engine cannot be used here (None when it can)."""
+    if entry is None:
+        return "no engine recorded in the bundle"
+    if not bundle.has(entry.get("file", "")):
+        return f"engine file {entry.get('file')!r} not in the bundle"
+    for field_, here in (("trt_version", platform.trt_version), ("gpu_name", platform.gpu_name), ("compute_capability", platform.compute_capability)):
+        if str(entry.get(field_)) != str(here):
+            return f"built for {field_.replace('_', ' ')} {entry.get(field_)!r}, this machine has {here!r}"
+    src = _onnx_entry(bundle, source_graph)
+    if src is not None and entry.get("onnx_sha256") != src.get("sha256"):
+        return f"built from an older {src.get('file')} (re-exported since)"
+    return None
+
+
+class TrtBackend(Backend):
+    """Native TensorRT engines on CUDA tensors; build with ``make_backend("trt", ...)``."""
+
+    name = "trt"
+
+    def __init__(self, bundle: Bundle, engines: dict[str, TrtEngine], image_size: int):
+        super().__init__(bundle, image_size)
+        self.engines = engines
+        self.device = next(iter(engines.values())).device if engines else torch.device("cuda")
+        self.has_detector = "detector" in engines
+        self.has_adapter = "adapter" in engines
+
+    def _detect(self, px, w):
+        out = self.engines["detector"]({DETECTOR.inputs[0]: px, DETECTOR.inputs[1]: w})
+        return DetectOutput(*(out[n] for n in DETECTOR.outputs))
+
+    def _refine(self, v, w):
+        dtype = v.dtype
+        out = self.engines["adapter"]({ADAPTER.inputs[0]: v, ADAPTER.inputs[1]: w})
+        return out[ADAPTER.outputs[0]].to(dtype)
+
+
+def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, threads, cache_dir) -> Backend:
+    reason = tensorrt_status()
+    if reason:
+        if on_engine_mismatch == "fallback":
+            warnings.warn(f"trt backend unavailable ({reason}); falling back to ort", RuntimeWarning, stacklevel=3)
+            return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+        raise BackendUnavailableError(f"trt backend unavailable: {reason}")
+    dev = torch.device(device) if device not in (None, "cpu") else torch.device("cuda")
+    if dev.type != "cuda":
+        raise BackendUnavailableError(f"trt backend runs on CUDA devices, not {dev}")
+    with torch.cuda.device(dev):
+        plat = platform_info()
+    engines_meta = bundle.manifest.exports.get("engines") or {}
+    onnx_meta = bundle.manifest.exports.get("onnx") or {}
+    image_size = int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0))
+    engines: dict[str, TrtEngine] = {}
+    for graph, present in (("detector", bundle.manifest.detector is not None and bundle.manifest.vfm is not None), ("adapter", bundle.manifest.adapter is not None)):
+        if not present:
+            continue
+        name = f"{graph}.{precision}"
+        entry = engines_meta.get(name)
+        source = entry.get("source_graph", graph) if entry else (graph + ".qdq" if precision == "int8" else graph)
+        why = engine_mismatch(entry, bundle, source, plat)
+        path: Path | None = None if why else bundle.path(entry["file"])
+        if why:
+            if on_engine_mismatch == "fail":
+                raise EngineMismatchError(f"{name} engine: {why}")
+            if on_engine_mismatch == "fallback":
+                warnings.warn(f"{name} engine: {why}; falling back to the ort backend", RuntimeWarning, stacklevel=3)
+                return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+            # rebuild: the builder lives with the exporter; imported only on this path.
+            from rtrt.export.trt_build import build_bundle_engine
+
+            warnings.warn(f"{name} engine: {why}; building a matching engine (this takes minutes once)", RuntimeWarning, stacklevel=3)
+            path, _ = build_bundle_engine(bundle, graph, precision, cache_dir=cache_dir)
+        engines[graph] = TrtEngine(path, device=dev.index)
+    return TrtBackend(bundle, engines, image_size)
+
+
+def make_backend(
+    name: str,
+    bundle: Bundle | str | os.PathLike,
+    *,
+    device: str | None = None,
+    precision: str = "fp32",
+    on_engine_mismatch: str = "rebuild",
+    threads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Backend:
+    """The backend ``name`` (``BACKENDS``) over ``bundle`` (a ``Bundle`` or its directory).
+
+    ``device``: ``"cpu"``/``"cuda[:i]"``; None picks each backend's natural device.
+    ``precision``: ``fp32``/``fp16``/``int8``; ORT uses int8 graphs for ``int8`` (fp16 only via the
+    TensorRT EP); TensorRT picks the engine of that precision. ``threads``: ORT intra-op threads
+    (default: the cores this process may use). ``cache_dir``: engine cache for rebuilds and the
+    TensorRT EP (default ``$RTRT_ENGINE_CACHE`` or ``~/.cache/rtrt/engines``).
+    """
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if on_engine_mismatch not in MISMATCH_POLICIES:
+        raise InputError(f"on_engine_mismatch must be one of {', '.join(MISMATCH_POLICIES)}, not {on_engine_mismatch!r}")
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if name == "torch":
+        return TorchBackend(bundle, device=device)
+    if name == "ort":
+        return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+    return _make_trt(bundle, device, precision, on_engine_mismatch, threads, cache_dir)
