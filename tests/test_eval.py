@@ -1,0 +1,55 @@
+"""`rtrt eval` end to end on a tiny generated world, a tiny bundle and a tiny LLaVA (issue 6)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rtrt.runtime.bundle import VLMSpec
+from rtrt.runtime.errors import InputError
+from rtrt.runtime.pipeline import Pipeline
+from rtrt.runtime.vlm import load_vlm
+from rtrt.tools.eval import ABLATION_ROWS, run_eval
+from rtrt.tools.tiny_vlm import build_tiny_vlm
+from rtrt.tools.world import WorldConfig, generate_world
+from tiny_bundle import make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    generate_world(WorldConfig(seed=3, pretrain=0, plugin=0, val=0, test=3, width=96, height=96), root / "world", progress=False)
+    vlm_dir = build_tiny_vlm("llava", root / "vlm", seed=0)
+    fam = load_vlm(vlm_dir)
+    bundle = make_tiny_bundle(root / "bundle", d_llm=fam.hidden_size,
+                              vlm=VLMSpec("llava", str(vlm_dir), fam.hidden_size, fam.image_token_layout()))
+    pipe = Pipeline.from_bundle(bundle, backend="torch", max_new_tokens=6)
+    return root, bundle, pipe
+
+
+@pytest.mark.parametrize("task", ["general", "region"])
+def test_ablation_writes_predictions_and_tables(setup, task):
+    root, bundle, pipe = setup
+    out = root / f"out_{task}"
+    res = run_eval(bundle, root / "world", task, out, rows=ABLATION_ROWS, limit=3, batch_size=2, pipeline=pipe, progress=False)
+    assert list(res["rows"]) == [r.name for r in ABLATION_ROWS]
+    coda_task = res["task"]
+    for row in ABLATION_ROWS:
+        lines = (out / row.name / f"{coda_task}_answer.jsonl").read_text().splitlines()
+        assert len(lines) == 3
+        rec = json.loads(lines[0])
+        assert {"question_id", "answer", "hints"} <= set(rec)
+        assert (rec["hints"] != []) == (row.hints and rec["detections"] != [])
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["rows"]["both"]["groups"]) >= {"vehicle", "vru", "traffic_cone", "barrier", "miscellaneous", "all"}
+    assert "rare" in scores["rows"]["baseline"]["rare_common"]
+    md = (out / "scores.md").read_text()
+    assert "| baseline |" in md and "| both |" in md
+
+
+def test_missing_split_is_one_line_error(setup):
+    root, bundle, pipe = setup
+    with pytest.raises(InputError, match="no CODA-LM split 'nosuch'"):
+        run_eval(bundle, root / "world", "general", root / "o", split="nosuch", pipeline=pipe)
+    with pytest.raises(InputError, match="no general_perception questions"):
+        run_eval(bundle, root / "world", "general", root / "o", split="val", pipeline=pipe)
