@@ -1,0 +1,151 @@
+// rtrt C++ API: the rtrt runtime pipeline (detector + adapter + frozen VLM) for C++ perception stacks.
+//
+//     #include <rtrt/rtrt.hpp>
+//     rtrt::Pipeline pipe("path/to/bundle", "ort");              // loads everything once
+//     auto dets = pipe.detect(rgb, width, height);                // packed RGB8, row-major
+//     rtrt::Answer a = pipe.answer(rgb, width, height, "Is the road blocked?");
+//     // a.answer, a.detections[i].name / .score, a.timings_ms["detector"]
+//
+// librtrt embeds the Python runtime (rtrt.runtime.pipeline.Pipeline), so a C++ call and
+// `rtrt infer` run one implementation and give identical results. Errors the runtime raises
+// (rtrt.runtime.errors.RtrtError) arrive as rtrt::Error with the same one-line message.
+//
+// Threads: every method may be called from several threads at once; each call takes Python's
+// GIL for its Python part only (torch and onnxruntime release it while they compute). The
+// embedded interpreter is started once per process, on first use, and is left running until the
+// process exits; if the host process already runs Python, that interpreter is used.
+//
+// Which Python environment is embedded (first that applies): $RTRT_PYTHON (a python executable),
+// $VIRTUAL_ENV (an activated venv of the same Python version), else the interpreter CMake was
+// configured with (-DPython3_EXECUTABLE=...). PYTHONHOME and PYTHONPATH are honoured as by python.
+// This header exposes no Python or pybind11 type.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(_WIN32)
+#define RTRT_API __declspec(dllexport)
+#else
+#define RTRT_API __attribute__((visibility("default")))
+#endif
+
+namespace rtrt {
+
+// Which RtrtError subclass a Python exception was; Python means an unexpected Python exception
+// (a bug or a broken installation), whose message is "TypeName: first line".
+enum class ErrorKind { Bundle, Image, Input, ModelMismatch, EngineMismatch, BackendUnavailable, Rtrt, Python };
+
+// Everything rtrt throws. what() is one line, the message of the Python exception as is.
+class RTRT_API Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& python_type, const std::string& message, std::string traceback = {});
+  ErrorKind kind() const noexcept { return kind_; }
+  // The Python class name, e.g. "BundleError" (empty for errors raised on the C++ side).
+  const std::string& python_type() const noexcept { return python_type_; }
+  // The formatted Python traceback, for logs; empty when there is none.
+  const std::string& traceback() const noexcept { return traceback_; }
+
+ private:
+  ErrorKind kind_;
+  std::string python_type_;
+  std::string traceback_;
+};
+
+// One detected rare class.
+struct Detection {
+  std::string name;  // class name as in the bundle ("traffic_cone")
+  double score = 0;  // max cosine similarity over the image's patches, in [-1, 1]
+  int index = -1;    // row of W (class index in the bundle)
+};
+
+// The answer to one (image, question).
+struct Answer {
+  std::string answer;                     // the VLM's greedy answer
+  std::vector<Detection> detections;      // what the detector found, best first (also with hints off)
+  std::vector<std::string> hints;         // class names put into the prompt (empty with hints off)
+  std::map<std::string, double> timings_ms;  // per stage: image_decode, detector, vision_tower, adapter, prefill, decode, ...
+};
+
+// How a Pipeline is loaded (Pipeline.from_bundle's arguments).
+struct Options {
+  std::string backend = "ort";              // "ort", "trt" or "torch" (detector/adapter backend)
+  std::string vlm;                          // override the bundle's VLM (local directory or hub id); empty: the bundle's
+  std::string device = "cpu";               // torch device of the VLM, e.g. "cpu", "cuda:0"
+  int max_new_tokens = 96;                  // default answer length limit in tokens
+  bool load_vlm = true;                     // false: detector only (answer() then throws ErrorKind::Input)
+  std::string on_engine_mismatch = "rebuild";  // cached TensorRT engine of another GPU/version: rebuild|fallback|fail
+};
+
+// Per-call switches of answer(): the method's two remedies and the length limit.
+struct AnswerOptions {
+  bool hints = true;       // put detected class names into the prompt
+  bool refine = true;      // refine the visual tokens with the adapter
+  int max_new_tokens = 0;  // 0: the pipeline's default
+};
+
+// A decoded RGB8 image (row-major, packed, 3 bytes per pixel).
+struct Image {
+  int width = 0;
+  int height = 0;
+  std::vector<std::uint8_t> rgb;
+};
+
+// The detector + adapter + frozen VLM of one bundle, loaded once. Movable, not copyable.
+// Images are packed RGB8 (HxWx3, row-major); stride_bytes is the distance between rows
+// (0: width * 3). The buffer is only read during the call. Grayscale/alpha and all other
+// checks are the runtime's: a bad image throws ErrorKind::Image with its message.
+class RTRT_API Pipeline {
+ public:
+  Pipeline(const std::string& bundle_dir, const std::string& backend = "ort");
+  Pipeline(const std::string& bundle_dir, const Options& options);
+  ~Pipeline();
+  Pipeline(Pipeline&&) noexcept;
+  Pipeline& operator=(Pipeline&&) noexcept;
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  // Detector only (no VLM call): the top-k classes above the bundle's threshold, best first.
+  std::vector<Detection> detect(const std::uint8_t* rgb, int width, int height, std::size_t stride_bytes = 0) const;
+  std::vector<Detection> detect(const Image& image) const;
+
+  // Detect, put the names into the prompt, refine the visual tokens, answer greedily.
+  // Without a question: CODA-LM's general-perception question (as `rtrt infer`).
+  Answer answer(const std::uint8_t* rgb, int width, int height, const std::string& question,
+                const AnswerOptions& options = {}, std::size_t stride_bytes = 0) const;
+  Answer answer(const std::uint8_t* rgb, int width, int height) const;
+  Answer answer(const Image& image, const std::string& question, const AnswerOptions& options = {}) const;
+
+  // The bundle's class names, in the order of W (Detection::index indexes this).
+  std::vector<std::string> class_names() const;
+  // What is loaded: bundle, backend, classes, vlm (Pipeline.describe()), as strings.
+  std::map<std::string, std::string> describe() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Decode an image file (PNG, JPEG, PPM, ...) exactly as `rtrt infer --image` does
+// (the runtime's decoder: EXIF rotation, alpha flattened on black, 16-bit scaled).
+RTRT_API Image load_image(const std::string& path);
+
+// Read a binary PPM (P6) or PGM (P5) file natively, without Python; maxval 255 is read as is,
+// other maxvals (up to 65535) are scaled to 0..255. Throws ErrorKind::Image on a bad file.
+RTRT_API Image read_ppm(const std::string& path);
+
+// The demo bundle shipped inside the Python package (the default of `rtrt infer --bundle`).
+RTRT_API std::string default_bundle();
+
+// CODA-LM's general-perception question, the default question of answer() and `rtrt infer`.
+RTRT_API std::string default_question();
+
+// The version of the embedded rtrt Python package.
+RTRT_API std::string version();
+
+}  // namespace rtrt
