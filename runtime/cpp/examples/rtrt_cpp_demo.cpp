@@ -1,0 +1,137 @@
+// rtrt_cpp_demo: answer a question about one image through the rtrt C++ API (like `rtrt infer`).
+//
+//     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--vlm REF]
+//                   [--device cpu|cuda:0] [--max-new-tokens N] [--no-hints] [--no-refine]
+//
+// IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
+// other format (PNG, JPEG, ...; decoded by the runtime exactly as `rtrt infer` does).
+// BUNDLE defaults to the demo bundle shipped with the Python package.
+// Exit codes: 0 answered, 2 an rtrt::Error (one line on stderr), 1 anything else.
+#include <rtrt/rtrt.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+const char* kUsage =
+    "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--vlm REF]\n"
+    "                     [--device DEV] [--max-new-tokens N] [--no-hints] [--no-refine]\n";
+
+std::string lower_ext(const std::string& path) {
+  const auto dot = path.rfind('.');
+  std::string ext = dot == std::string::npos ? "" : path.substr(dot + 1);
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  return ext;
+}
+
+std::string display_name(std::string name) {  // as rtrt.runtime.modules.display_name
+  std::replace(name.begin(), name.end(), '_', ' ');
+  return name;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> positional;
+  std::string question;
+  bool has_question = false;
+  rtrt::Options options;
+  rtrt::AnswerOptions call;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* flag) -> std::string {
+      if (i + 1 >= argc) {
+        std::cerr << "rtrt_cpp_demo: error: " << flag << " needs a value\n" << kUsage;
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "-h" || a == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (a == "--question") {
+      question = value("--question");
+      has_question = true;
+    } else if (a == "--backend") {
+      options.backend = value("--backend");
+    } else if (a == "--vlm") {
+      options.vlm = value("--vlm");
+    } else if (a == "--device") {
+      options.device = value("--device");
+    } else if (a == "--max-new-tokens") {
+      const std::string v = value("--max-new-tokens");
+      try {
+        options.max_new_tokens = std::stoi(v);
+      } catch (const std::exception&) {
+        std::cerr << "rtrt_cpp_demo: error: --max-new-tokens must be an integer, got " << v << "\n";
+        return 2;
+      }
+    } else if (a == "--no-hints") {
+      call.hints = false;
+    } else if (a == "--no-refine") {
+      call.refine = false;
+    } else if (a.rfind("--", 0) == 0) {
+      std::cerr << "rtrt_cpp_demo: error: unknown option " << a << "\n" << kUsage;
+      return 2;
+    } else {
+      positional.push_back(a);
+    }
+  }
+  if (positional.empty() || positional.size() > 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  try {
+    const std::string& image_path = positional[0];
+    const std::string ext = lower_ext(image_path);
+    // Fail fast on a bad image, before loading any model (as rtrt infer).
+    const rtrt::Image image =
+        (ext == "ppm" || ext == "pgm" || ext == "pnm") ? rtrt::read_ppm(image_path) : rtrt::load_image(image_path);
+    const std::string bundle = positional.size() > 1 ? positional[1] : rtrt::default_bundle();
+
+    rtrt::Pipeline pipe(bundle, options);
+    const std::string q = has_question ? question : rtrt::default_question();
+    const rtrt::Answer res = pipe.answer(image, q, call);
+
+    std::cout << res.answer << "\n\n";
+    if (res.detections.empty()) {
+      std::cout << "rare objects: none above threshold\n";
+    } else {
+      std::cout << "rare objects: ";
+      for (std::size_t i = 0; i < res.detections.size(); ++i) {
+        char score[32];
+        std::snprintf(score, sizeof score, "%.2f", res.detections[i].score);
+        std::cout << (i ? ", " : "") << display_name(res.detections[i].name) << " (" << score << ")";
+      }
+      std::cout << "\n";
+    }
+    // Stages in pipeline order (as rtrt infer prints them), then any others.
+    std::vector<std::string> order = {"image_decode", "detector", "prompt_build", "vision_tower", "adapter",
+                                      "prefill", "decode_per_token", "decode", "vlm_total"};
+    for (const auto& kv : res.timings_ms)
+      if (std::find(order.begin(), order.end(), kv.first) == order.end()) order.push_back(kv.first);
+    std::cout << "timings (ms):";
+    const char* sep = " ";
+    for (const auto& stage : order) {
+      const auto it = res.timings_ms.find(stage);
+      if (it == res.timings_ms.end()) continue;
+      char v[32];
+      std::snprintf(v, sizeof v, "%.1f", it->second);
+      std::cout << sep << stage << " " << v;
+      sep = ", ";
+    }
+    std::cout << "\n";
+    return 0;
+  } catch (const rtrt::Error& e) {
+    std::cerr << "rtrt_cpp_demo: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "rtrt_cpp_demo: unexpected error: " << e.what() << "\n";
+    return 1;
+  }
+}
