@@ -1,0 +1,164 @@
+"""Fixtures of the C++ ctest tests: a bundle, test images and the Python API's output on them.
+
+    python tests/cpp/make_fixtures.py --out build/cpp_fixtures [--backend torch] [--bundle DIR]
+
+ctest runs this first (FIXTURES_SETUP); ``tests/cpp/test_rtrt.cpp`` then checks that the C++ API
+gives what is written here. Without ``--bundle`` the bundle is the tiny test bundle
+(``tests/tiny_bundle.py``) with a tiny random LLaVA (``rtrt.tools.tiny_vlm``), built in well under a
+minute with nothing downloaded (and exported with ``rtrt export`` for ``--backend ort|trt``). Images: the shipped examples (``tools/assets/examples/*.png``) when
+there are any, else two generated road-like scenes; each is written as PNG and as binary PPM.
+
+``expected.txt`` is one record per line, fields separated by spaces, every string hex-encoded
+(answers of a random model may hold any character). The expected values are computed by the
+Python API exactly as ``rtrt infer`` calls it (image given as a path), in this separate process.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (id, question or None for the default question, hints, refine, max_new_tokens or 0 for the default)
+ANSWER_CASES = (
+    ("default", None, True, True, 0),
+    ("question", "What is on the road?", True, True, 0),
+    ("plain", "What is on the road?", False, False, 0),
+    ("short", "Describe the scene.", True, False, 5),
+)
+
+
+def hexs(s: str) -> str:
+    return s.encode("utf-8").hex() or "-"
+
+
+def synthetic_scene(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A small deterministic road scene: sky, road, lane marks and an orange cone-like blob."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2] = (110, 160, 220)
+    a[h // 2 :] = (70, 70, 75)
+    a[h // 2 + 4 :: 8, w // 2 - 1 : w // 2 + 1] = (240, 240, 240)
+    cx, cy = rng.integers(10, w - 10), rng.integers(h // 2 + 5, h - 8)
+    a[cy - 6 : cy + 6, cx - 3 : cx + 3] = (250, 120, 20)
+    a = np.clip(a.astype(np.int16) + rng.integers(-12, 13, a.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def write_ppm(path: Path, img: Image.Image) -> None:
+    a = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    path.write_bytes(b"P6\n# rtrt test image\n%d %d\n255\n" % (a.shape[1], a.shape[0]) + a.tobytes())
+
+
+def tiny_bundle(out: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_bundle import make_tiny_bundle
+
+    from rtrt.runtime.bundle import VLMSpec
+    from rtrt.runtime.vlm import load_vlm
+    from rtrt.tools.tiny_vlm import build_tiny_vlm
+
+    vlm_dir = build_tiny_vlm("llava", out / "tiny_llava")
+    family = load_vlm(vlm_dir)
+    spec = VLMSpec(family="llava", ref=str(vlm_dir.resolve()), hidden_size=int(family.hidden_size),
+                   image_token_layout=family.image_token_layout())
+    return make_tiny_bundle(out / "bundle", d_llm=int(family.hidden_size), vlm=spec)
+
+
+def error_message(fn) -> str:
+    from rtrt.runtime.errors import RtrtError
+
+    try:
+        fn()
+    except RtrtError as e:
+        return str(e)
+    raise AssertionError(f"{fn} did not raise an RtrtError")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="fixture directory (replaced)")
+    p.add_argument("--backend", default="torch", choices=["ort", "torch", "trt"], help="backend to load (default: torch)")
+    p.add_argument("--bundle", default="", help="use this bundle instead of building the tiny one")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rtrt.runtime.pipeline import Pipeline
+
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if args.bundle:
+        bundle = Path(args.bundle).resolve()
+    else:
+        bundle = tiny_bundle(out)
+        if args.backend != "torch":  # ONNX graphs (and TensorRT engines) for the ort / trt backends
+            from rtrt.export.cli import export_bundle
+
+            export_bundle(bundle, backend="onnx" if args.backend == "ort" else "trt", log=lambda msg: None)
+
+    examples = sorted((REPO / "tools" / "assets" / "examples").glob("*.png"))[:2]
+    images = []
+    for i in range(2):
+        src = Image.open(examples[i]).convert("RGB") if i < len(examples) else synthetic_scene(i)
+        png, ppm = out / f"scene{i}.png", out / f"scene{i}.ppm"
+        src.save(png)
+        write_ppm(ppm, src)
+        images.append((png, ppm))
+
+    pipe = Pipeline.from_bundle(bundle, backend=args.backend)
+    lines = [f"bundle {hexs(str(bundle))}", f"backend {hexs(args.backend)}"]
+    lines += [f"class {hexs(c)}" for c in pipe.class_names]
+    for png, ppm in images:
+        lines.append(f"image {hexs(str(png))} {hexs(str(ppm))}")
+        for d in pipe.detect(png).detections:  # a path, as rtrt infer passes it
+            lines.append(f"detect {d.score!r} {d.index} {hexs(d.name)}")
+        for cid, q, hints, refine, n in ANSWER_CASES:
+            res = pipe(png, q, hints=hints, refine=refine, max_new_tokens=n or None)
+            lines.append(f"case {hexs(cid)} {hexs(q) if q is not None else '*'} {int(hints)} {int(refine)} {n}")
+            lines.append(f"answer {hexs(res.answer)}")
+            lines += [f"hint {hexs(h)}" for h in res.hints]
+            lines += [f"adetect {d.score!r} {d.index} {hexs(d.name)}" for d in res.detections]
+            lines.append(f"timings {' '.join(hexs(k) for k in res.timings_ms)}")
+
+    # Bad inputs: the C++ side must throw rtrt::Error with these very messages.
+    bad = out / "not_an_image.png"
+    bad.write_bytes(b"this is not an image\n")
+    truncated = out / "truncated.png"
+    truncated.write_bytes(images[0][0].read_bytes()[:60])
+    from rtrt.runtime.image import load_image
+
+    for path in (bad, truncated):
+        lines.append(f"bad_image {hexs(str(path))} {hexs(error_message(lambda p=path: load_image(p)))}")
+    empty = np.zeros((0, 0, 3), np.uint8)
+    lines.append(f"empty_image {hexs(error_message(lambda: pipe.detect(empty)))}")
+    lines.append(f"empty_question {hexs(error_message(lambda: pipe(images[0][0], '')))}")
+
+    tampered = out / "tampered_bundle"
+    shutil.copytree(bundle, tampered, symlinks=True)
+    victim = tampered / "detector.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern in the last weight byte: the sha256 no longer matches
+    victim.write_bytes(bytes(data))
+    lines.append(f"tampered {hexs(str(tampered))} "
+                 f"{hexs(error_message(lambda: Pipeline.from_bundle(tampered, backend=args.backend)))}")
+    missing = out / "no_such_bundle"
+    lines.append(f"tampered {hexs(str(missing))} "
+                 f"{hexs(error_message(lambda: Pipeline.from_bundle(missing, backend=args.backend)))}")
+
+    (out / "expected.txt").write_text("\n".join(lines) + "\n")
+    print(f"fixtures in {out}: bundle {bundle}, backend {args.backend}, {len(images)} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

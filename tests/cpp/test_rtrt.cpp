@@ -1,0 +1,360 @@
+// ctest tests of the rtrt C++ API against the Python API's output on the same inputs.
+//
+//     rtrt_tests TEST FIXTURE_DIR      TEST: load | detect | answer | bad_image | tampered_bundle | threads | host_python
+//
+// FIXTURE_DIR is written by tests/cpp/make_fixtures.py (ctest runs it first): a bundle, images as
+// PNG and PPM, and expected.txt with what the Python API returned for them in another process.
+// Detections and answers must be equal, not close: both sides run the same Python code.
+#include <rtrt/rtrt.hpp>
+
+#include <pybind11/embed.h>  // host_python only: this test plays a host that already runs Python
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+#define CHECK(cond, msg)                                                                          \
+  do {                                                                                            \
+    if (!(cond)) {                                                                                \
+      std::ostringstream os_;                                                                     \
+      os_ << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed: " << msg;                 \
+      throw Failure(os_.str());                                                                   \
+    }                                                                                             \
+  } while (0)
+
+// ------------------------------------------------------------------ expected.txt
+std::string unhex(const std::string& h) {
+  if (h == "-") return "";
+  std::string out;
+  for (std::size_t i = 0; i + 1 < h.size(); i += 2) out.push_back(static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16)));
+  return out;
+}
+
+struct Case {
+  std::string id;
+  std::optional<std::string> question;
+  rtrt::AnswerOptions options;
+  std::string answer;
+  std::vector<std::string> hints;
+  std::vector<rtrt::Detection> detections;
+  std::set<std::string> timing_keys;
+};
+
+struct ImageCase {
+  std::string png, ppm;
+  std::vector<rtrt::Detection> detections;
+  std::vector<Case> cases;
+};
+
+struct Expected {
+  std::string dir, bundle, backend, empty_image, empty_question;
+  std::vector<std::string> classes;
+  std::vector<ImageCase> images;
+  std::vector<std::pair<std::string, std::string>> bad_images, bad_bundles;  // path, message
+};
+
+rtrt::Detection parse_detection(std::istringstream& in) {
+  std::string score, index, name;
+  in >> score >> index >> name;
+  return {unhex(name), std::stod(score), std::stoi(index)};
+}
+
+Expected read_expected(const std::string& dir) {
+  std::ifstream f(dir + "/expected.txt");
+  if (!f) throw Failure(dir + "/expected.txt missing: run tests/cpp/make_fixtures.py (ctest does)");
+  Expected e;
+  e.dir = dir;
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream in(line);
+    std::string key, a, b;
+    in >> key;
+    if (key == "bundle") {
+      in >> a, e.bundle = unhex(a);
+    } else if (key == "backend") {
+      in >> a, e.backend = unhex(a);
+    } else if (key == "class") {
+      in >> a, e.classes.push_back(unhex(a));
+    } else if (key == "image") {
+      in >> a >> b, e.images.push_back({unhex(a), unhex(b), {}, {}});
+    } else if (key == "detect") {
+      e.images.back().detections.push_back(parse_detection(in));
+    } else if (key == "case") {
+      Case c;
+      int hints, refine;
+      in >> a >> b >> hints >> refine >> c.options.max_new_tokens;
+      c.id = unhex(a);
+      if (b != "*") c.question = unhex(b);
+      c.options.hints = hints != 0;
+      c.options.refine = refine != 0;
+      e.images.back().cases.push_back(c);
+    } else if (key == "answer") {
+      in >> a, e.images.back().cases.back().answer = unhex(a);
+    } else if (key == "hint") {
+      in >> a, e.images.back().cases.back().hints.push_back(unhex(a));
+    } else if (key == "adetect") {
+      e.images.back().cases.back().detections.push_back(parse_detection(in));
+    } else if (key == "timings") {
+      while (in >> a) e.images.back().cases.back().timing_keys.insert(unhex(a));
+    } else if (key == "bad_image") {
+      in >> a >> b, e.bad_images.emplace_back(unhex(a), unhex(b));
+    } else if (key == "empty_image") {
+      in >> a, e.empty_image = unhex(a);
+    } else if (key == "empty_question") {
+      in >> a, e.empty_question = unhex(a);
+    } else if (key == "tampered") {
+      in >> a >> b, e.bad_bundles.emplace_back(unhex(a), unhex(b));
+    }
+  }
+  CHECK(!e.images.empty() && !e.classes.empty(), "expected.txt is incomplete");
+  return e;
+}
+
+// ------------------------------------------------------------------ comparisons
+std::string show(const std::vector<rtrt::Detection>& d) {
+  std::ostringstream os;
+  os.precision(17);
+  os << "[";
+  for (const auto& x : d) os << " " << x.name << "#" << x.index << "=" << x.score;
+  return os.str() + " ]";
+}
+
+bool same(const std::vector<rtrt::Detection>& a, const std::vector<rtrt::Detection>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i].name != b[i].name || a[i].index != b[i].index || a[i].score != b[i].score) return false;
+  return true;
+}
+
+void check_detections(const std::vector<rtrt::Detection>& got, const std::vector<rtrt::Detection>& want, const std::string& what) {
+  CHECK(same(got, want), what << ": C++ " << show(got) << " != Python " << show(want));
+}
+
+rtrt::Answer ask(const rtrt::Pipeline& pipe, const rtrt::Image& img, const Case& c) {
+  if (c.question) return pipe.answer(img.rgb.data(), img.width, img.height, *c.question, c.options);
+  if (c.options.hints && c.options.refine && c.options.max_new_tokens == 0) return pipe.answer(img.rgb.data(), img.width, img.height);
+  return pipe.answer(img, rtrt::default_question(), c.options);
+}
+
+void check_answer(const rtrt::Answer& got, const Case& want, const std::string& what) {
+  CHECK(got.answer == want.answer, what << ": answer " << got.answer << " != Python's " << want.answer);
+  CHECK(got.hints == want.hints, what << ": hints differ");
+  check_detections(got.detections, want.detections, what + " detections");
+  std::set<std::string> keys;
+  for (const auto& kv : got.timings_ms) {
+    keys.insert(kv.first);
+    CHECK(kv.second >= 0, what << ": timing " << kv.first << " is negative");
+  }
+  CHECK(keys == want.timing_keys, what << ": timing stages differ");
+}
+
+template <class F>
+rtrt::Error expect_error(F&& f, const std::string& what) {
+  try {
+    f();
+  } catch (const rtrt::Error& e) {
+    CHECK(std::string(e.what()).find('\n') == std::string::npos, what << ": message is not one line: " << e.what());
+    return e;
+  }
+  throw Failure(what + ": no rtrt::Error thrown");
+}
+
+// ------------------------------------------------------------------ tests
+void test_load(const Expected& e) {
+  rtrt::Pipeline pipe(e.bundle, e.backend);
+  CHECK(pipe.class_names() == e.classes, "class names differ from the bundle's");
+  auto info = pipe.describe();
+  CHECK(info.count("bundle") && info.count("backend") && info["vlm"] != "None", "describe() incomplete");
+  CHECK(!rtrt::version().empty() && !rtrt::default_question().empty(), "version/default question empty");
+  rtrt::Pipeline moved = std::move(pipe);  // a moved Pipeline keeps working; the old one refuses
+  CHECK(moved.class_names() == e.classes, "moved pipeline lost its state");
+  auto err = expect_error([&] { pipe.class_names(); }, "moved-from pipeline");
+  CHECK(err.kind() == rtrt::ErrorKind::Input, "moved-from pipeline: wrong kind");
+  rtrt::Options detector_only;
+  detector_only.backend = e.backend;
+  detector_only.load_vlm = false;
+  rtrt::Pipeline det(e.bundle, detector_only);
+  const rtrt::Image img = rtrt::load_image(e.images[0].png);
+  check_detections(det.detect(img), e.images[0].detections, "detector-only pipeline");
+  err = expect_error([&] { det.answer(img.rgb.data(), img.width, img.height); }, "answer without a VLM");
+  CHECK(err.kind() == rtrt::ErrorKind::Input && err.python_type() == "InputError", "answer without a VLM: wrong kind");
+}
+
+void test_detect(const Expected& e) {
+  rtrt::Pipeline pipe(e.bundle, e.backend);
+  for (const auto& ic : e.images) {
+    const rtrt::Image png = rtrt::load_image(ic.png), ppm = rtrt::read_ppm(ic.ppm);
+    CHECK(png.width == ppm.width && png.height == ppm.height && png.rgb == ppm.rgb, ic.ppm << ": PPM reader != runtime decoder");
+    check_detections(pipe.detect(png), ic.detections, ic.png);
+    check_detections(pipe.detect(ppm.rgb.data(), ppm.width, ppm.height), ic.detections, ic.ppm);
+    // The same pixels inside a wider buffer (row stride > width * 3), as a camera driver may hand them.
+    const std::size_t row = static_cast<std::size_t>(png.width) * 3, stride = row + 13;
+    std::vector<std::uint8_t> padded(stride * png.height, 0xAB);
+    for (int y = 0; y < png.height; ++y) std::copy_n(png.rgb.data() + y * row, row, padded.data() + y * stride);
+    check_detections(pipe.detect(padded.data(), png.width, png.height, stride), ic.detections, ic.png + " strided");
+  }
+}
+
+void test_answer(const Expected& e) {
+  rtrt::Pipeline pipe(e.bundle, e.backend);
+  int n = 0;
+  for (const auto& ic : e.images) {
+    const rtrt::Image img = rtrt::load_image(ic.png);
+    for (const auto& c : ic.cases) check_answer(ask(pipe, img, c), c, ic.png + " case " + c.id), ++n;
+  }
+  std::cout << n << " answers equal the Python API's\n";
+}
+
+void test_bad_image(const Expected& e) {
+  for (const auto& [path, message] : e.bad_images) {
+    auto err = expect_error([&] { rtrt::load_image(path); }, path);
+    CHECK(err.kind() == rtrt::ErrorKind::Image && err.python_type() == "ImageError", path << ": wrong kind");
+    CHECK(err.what() == message, path << ": message '" << err.what() << "' != Python's '" << message << "'");
+  }
+  rtrt::Options o;
+  o.backend = e.backend;
+  rtrt::Pipeline pipe(e.bundle, o);
+  std::uint8_t px[12] = {};
+  auto err = expect_error([&] { pipe.detect(px, 0, 0); }, "0x0 image");
+  CHECK(err.kind() == rtrt::ErrorKind::Image && err.what() == e.empty_image, "0x0: '" << err.what() << "' != '" << e.empty_image << "'");
+  err = expect_error([&] { pipe.answer(nullptr, 0, 0); }, "0x0 image in answer");
+  CHECK(err.what() == e.empty_image, "0x0 in answer: " << err.what());
+  CHECK(expect_error([&] { pipe.detect(nullptr, 2, 2); }, "null").kind() == rtrt::ErrorKind::Image, "null: wrong kind");
+  CHECK(expect_error([&] { pipe.detect(px, -2, 2); }, "negative").kind() == rtrt::ErrorKind::Image, "negative: wrong kind");
+  CHECK(expect_error([&] { pipe.detect(px, 2, 2, 5); }, "stride").kind() == rtrt::ErrorKind::Image, "stride: wrong kind");
+  CHECK(expect_error([&] { pipe.detect(px, 100000, 100000); }, "huge").kind() == rtrt::ErrorKind::Image, "huge: wrong kind");
+  const rtrt::Image img = rtrt::load_image(e.images[0].png);
+  err = expect_error([&] { pipe.answer(img, ""); }, "empty question");
+  CHECK(err.kind() == rtrt::ErrorKind::Input && err.what() == e.empty_question, "empty question: " << err.what());
+  // The native PPM reader: not a PPM, truncated data.
+  CHECK(expect_error([&] { rtrt::read_ppm(e.images[0].png); }, "PNG as PPM").kind() == rtrt::ErrorKind::Image, "PNG as PPM");
+  const std::string cut = e.dir + "/truncated.ppm";
+  {
+    std::ifstream in(e.images[0].ppm, std::ios::binary);
+    std::string data((std::istreambuf_iterator<char>(in)), {});
+    std::ofstream(cut, std::ios::binary) << data.substr(0, data.size() / 2);
+  }
+  CHECK(expect_error([&] { rtrt::read_ppm(cut); }, "truncated PPM").kind() == rtrt::ErrorKind::Image, "truncated PPM");
+  CHECK(expect_error([&] { rtrt::read_ppm(e.dir + "/nope.ppm"); }, "missing PPM").kind() == rtrt::ErrorKind::Image, "missing");
+  // The pipeline still works after all of that.
+  check_detections(pipe.detect(img), e.images[0].detections, "after errors");
+}
+
+void test_tampered_bundle(const Expected& e) {
+  CHECK(!e.bad_bundles.empty(), "no tampered bundle in the fixtures");
+  for (const auto& [path, message] : e.bad_bundles) {
+    auto err = expect_error([&] { rtrt::Pipeline p(path, e.backend); }, path);
+    CHECK(err.kind() == rtrt::ErrorKind::Bundle && err.python_type() == "BundleError", path << ": kind " << err.python_type());
+    CHECK(err.what() == message, path << ": message '" << err.what() << "' != Python's '" << message << "'");
+  }
+  auto err = expect_error([&] { rtrt::Pipeline p(e.bundle, "no_such_backend"); }, "unknown backend");
+  CHECK(err.kind() != rtrt::ErrorKind::Python, "unknown backend is not an RtrtError: " << err.what());
+}
+
+void test_threads(const Expected& e) {
+  rtrt::Pipeline pipe(e.bundle, e.backend);
+  std::vector<rtrt::Image> imgs;
+  for (const auto& ic : e.images) imgs.push_back(rtrt::load_image(ic.png));
+  const Case& c = e.images[0].cases.at(1);  // a question with hints and refinement
+  std::vector<std::vector<rtrt::Detection>> serial_det;
+  std::vector<rtrt::Answer> serial_ans;
+  for (const auto& img : imgs) serial_det.push_back(pipe.detect(img)), serial_ans.push_back(ask(pipe, img, c));
+  for (std::size_t i = 0; i < imgs.size(); ++i) {
+    check_detections(serial_det[i], e.images[i].detections, "serial detect");
+    CHECK(serial_ans[i].answer == e.images[i].cases.at(1).answer, "serial answer differs from Python's");
+  }
+  constexpr int kThreads = 4, kRounds = 3;
+  std::vector<std::string> errors(kThreads);
+  std::atomic<int> calls{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t) {
+    pool.emplace_back([&, t] {
+      try {
+        for (int r = 0; r < kRounds; ++r) {
+          const std::size_t i = static_cast<std::size_t>(t + r) % imgs.size();
+          CHECK(same(pipe.detect(imgs[i]), serial_det[i]), "thread " << t << ": detect differs");
+          const rtrt::Answer a = ask(pipe, imgs[i], c);
+          CHECK(a.answer == serial_ans[i].answer && same(a.detections, serial_ans[i].detections) && a.hints == serial_ans[i].hints,
+                "thread " << t << ": answer differs: " << a.answer);
+          calls += 2;
+        }
+      } catch (const std::exception& ex) {
+        errors[t] = ex.what();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (const auto& err : errors) CHECK(err.empty(), err);
+  std::cout << calls << " concurrent calls from " << kThreads << " threads equal the serial results\n";
+}
+
+// A host that runs Python itself (its own interpreter, its own venv) and then uses librtrt.
+void test_host_python(const Expected& e) {
+  namespace py = pybind11;
+  PyConfig config;
+  PyConfig_InitPythonConfig(&config);
+  config.parse_argv = 0;
+  if (const char* exe = std::getenv("RTRT_PYTHON")) PyConfig_SetBytesString(&config, &config.program_name, exe);
+  py::initialize_interpreter(&config, 0, nullptr, false);
+  py::module_::import("sys").attr("host_marker") = 42;  // librtrt must see this very interpreter
+  {
+    rtrt::Pipeline pipe(e.bundle, e.backend);  // called while this thread holds the GIL
+    const rtrt::Image img = rtrt::load_image(e.images[0].png);
+    check_detections(pipe.detect(img), e.images[0].detections, "host holding the GIL");
+    CHECK(py::module_::import("sys").attr("modules").contains("rtrt.runtime.pipeline"), "librtrt used another interpreter");
+    py::gil_scoped_release release;  // the host lets other threads in
+    std::vector<std::vector<rtrt::Detection>> got(2);
+    std::thread t0([&] { got[0] = pipe.detect(img); }), t1([&] { got[1] = pipe.detect(img); });
+    t0.join(), t1.join();
+    for (const auto& g : got) check_detections(g, e.images[0].detections, "host threads");
+  }
+  std::cout << "librtrt shared the host's interpreter\n";
+  // Not finalised: torch does not survive Py_Finalize; a real host would not finalise either.
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::cerr << "usage: rtrt_tests TEST FIXTURE_DIR\n";
+    return 2;
+  }
+  const std::string test = argv[1];
+  const std::vector<std::pair<std::string, std::function<void(const Expected&)>>> tests = {
+      {"load", test_load},           {"detect", test_detect},
+      {"answer", test_answer},       {"bad_image", test_bad_image},
+      {"tampered_bundle", test_tampered_bundle}, {"threads", test_threads},
+      {"host_python", test_host_python},
+  };
+  for (const auto& [name, fn] : tests) {
+    if (name != test) continue;
+    try {
+      fn(read_expected(argv[2]));
+      std::cout << "PASS " << name << "\n";
+      return 0;
+    } catch (const rtrt::Error& ex) {
+      std::cerr << "FAIL " << name << ": unexpected rtrt::Error: " << ex.what() << "\n" << ex.traceback() << "\n";
+    } catch (const std::exception& ex) {
+      std::cerr << "FAIL " << name << ": " << ex.what() << "\n";
+    }
+    return 1;
+  }
+  std::cerr << "unknown test " << test << "\n";
+  return 2;
+}
