@@ -167,6 +167,8 @@ class EngineBuilder:
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gb * (1 << 30)))
+        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # TF32 (on by default) would break fp32 parity at 1e-4
         if precision in ("fp16", "int8"):
             if not gpu_has_fast_fp16(builder):
                 warnings.warn("this GPU has no fast fp16; an fp16 engine may be slower than fp32", RuntimeWarning, stacklevel=2)

@@ -265,8 +265,7 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
     dev = torch.device(device) if device not in (None, "cpu") else torch.device("cuda")
     if dev.type != "cuda":
         raise BackendUnavailableError(f"trt backend runs on CUDA devices, not {dev}")
-    with torch.cuda.device(dev):
-        plat = platform_info()
+    plat = platform_info(dev.index)
     engines_meta = bundle.manifest.exports.get("engines") or {}
     onnx_meta = bundle.manifest.exports.get("onnx") or {}
     image_size = int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0))

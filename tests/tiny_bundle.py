@@ -12,6 +12,10 @@
 - ``embeddings.safetensors``: random W [C, d_llm].
 
 The manifest has no VLM unless ``vlm=`` is given (pipeline tests pass their own ``VLMSpec``).
+``exported_tiny_bundle(base)`` is the default tiny bundle after ``rtrt export --precision int8``
+(detector/adapter ONNX + int8 variants), built once per ``base`` directory and then reused, so
+several test modules of one session share one export (about 10-20 s on two cores). Treat it as
+read-only; copy it before changing it.
 Everything is a function of the arguments and ``seed``: the same call gives the same bytes of
 tensors. Keep this stable; other test files build on it.
 """
@@ -26,7 +30,7 @@ from rtrt.runtime.bundle import ClassInfo, Manifest, VFMSpec, VLMSpec, write_bun
 from rtrt.runtime.modules import CrossAttentionAdapter, RareObjectDetector
 from rtrt.runtime.vfm import create_timm_vfm
 
-__all__ = ["TINY_CLASSES", "TINY_VFM_ARCH", "TINY_VFM_KWARGS", "make_tiny_bundle"]
+__all__ = ["TINY_CLASSES", "TINY_VFM_ARCH", "TINY_VFM_KWARGS", "make_tiny_bundle", "exported_tiny_bundle"]
 
 TINY_CLASSES = ("traffic_cone", "barrier", "bollard", "debris", "dog", "tire", "stroller", "concrete_block")
 TINY_VFM_ARCH = "vit_tiny_patch16_dinov3_qkvb"
@@ -41,9 +45,13 @@ def make_tiny_bundle(
     image_size: int = 64,
     seed: int = 0,
     vlm: VLMSpec | None = None,
+    with_detector: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write the tiny bundle to ``out_dir`` (must not exist unless ``overwrite``) and return its path."""
+    """Write the tiny bundle to ``out_dir`` (must not exist unless ``overwrite``) and return its path.
+
+    ``with_detector=False`` leaves out the VFM and the detector (an adapter-only bundle, quick to export).
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # timm initialises from the global generator
     vfm = create_timm_vfm(TINY_VFM_ARCH, image_size, **TINY_VFM_KWARGS).eval()
@@ -68,7 +76,7 @@ def make_tiny_bundle(
         classes=[ClassInfo(name=c, synonyms=[c.replace("_", " ")]) for c in classes],
         d_llm=d_llm,
         vlm=vlm,
-        vfm=VFMSpec(
+        vfm=None if not with_detector else VFMSpec(
             kind="timm",
             ref="vfm/model.safetensors",
             arch=TINY_VFM_ARCH,
@@ -78,14 +86,29 @@ def make_tiny_bundle(
             kwargs=dict(TINY_VFM_KWARGS),
         ),
         adapter=adapter.config,
-        detector=detector.config,
+        detector=detector.config if with_detector else None,
         training={"note": "tests/tiny_bundle.py: random weights", "seed": seed},
     )
-    tensors = {
-        "embeddings.safetensors": {"W": w},
-        "adapter.safetensors": adapter.state_dict(),
-        "detector.safetensors": detector.state_dict(),
-        "vfm/model.safetensors": vfm.state_dict(),
-    }
+    tensors = {"embeddings.safetensors": {"W": w}, "adapter.safetensors": adapter.state_dict()}
+    if with_detector:
+        tensors["detector.safetensors"] = detector.state_dict()
+        tensors["vfm/model.safetensors"] = vfm.state_dict()
     write_bundle(out_dir, manifest, tensors, overwrite=overwrite)
     return Path(out_dir)
+
+
+def exported_tiny_bundle(base: str | Path) -> Path:
+    """``make_tiny_bundle`` + ``rtrt export --precision int8`` under ``base/tiny-exported``, built once."""
+    from filelock import FileLock
+
+    from rtrt.export.cli import main
+
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / "tiny-exported"
+    with FileLock(str(base / ".tiny-exported.lock")):
+        if not (path / "detector.int8.onnx").is_file():
+            make_tiny_bundle(path, overwrite=True)
+            if main(["--bundle", str(path), "--precision", "int8"]) != 0:
+                raise RuntimeError("rtrt export of the tiny bundle failed")
+    return path
