@@ -1,0 +1,182 @@
+"""Phase 2 (``rtrt train adapter``) on tiny random VLMs (``rtrt.tools.tiny_vlm``) and a tiny generated dataset.
+
+Shows: the losses go down; every VLM parameter is bit-identical before and after training (hash
+of the very model the trainer used); the adapter's gradient is non-zero while the VLM's is absent
+(None), for every family; answers are the family's own assistant turn; bf16 + gradient
+checkpointing run; the output bundle adds the adapter and the VLMSpec to phase 1's files; bad input
+is a one-line error with no output written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import rtrt.runtime.vlm as vlm_module
+from rtrt.runtime import load_bundle
+from rtrt.runtime.image import load_image
+from rtrt.runtime.modules import CrossAttentionAdapter
+from rtrt.tools.cli import main as rtrt_main
+from rtrt.tools.tiny_vlm import build_tiny_vlm
+from rtrt.trainer.adapter import answer_token_ids, append_answers
+from rtrt.trainer.cli import main as train_main
+from train_data import make_dataset, phase1_args, tasks_dir
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("phase2")
+    root = make_dataset(base / "data", n_images=8)
+    work = base / "work"
+    work.mkdir()
+    bundle = base / "phase1"
+    assert train_main(phase1_args(root, work, bundle, epochs=1)) == 0
+    return root, bundle, build_tiny_vlm("llava", work / "llava"), work
+
+
+def _args(env, out, *extra, epochs=8):
+    root, bundle, vlm, _ = env
+    return ["adapter", "--bundle", str(bundle), "--vlm", str(vlm), "--tasks", str(tasks_dir(root)), "--images", str(root),
+            "--task", "general_perception", "--epochs", str(epochs), "--batch-size", "4", "--lr", "1e-2",
+            "--width", "32", "--heads", "4", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the VLM the trainer loads and its hash at load time."""
+    seen = {}
+    real = vlm_module.load_vlm
+
+    def load(*args, **kwargs):
+        family = real(*args, **kwargs)
+        seen["family"], seen["hash"] = family, _hash(family.model)
+        return family
+
+    monkeypatch.setattr(vlm_module, "load_vlm", load)
+    return seen
+
+
+def test_phase2_trains_only_the_adapter(env, tmp_path, spy):
+    root, phase1, vlm_dir, _ = env
+    out = tmp_path / "full"
+    assert train_main(_args(env, out)) == 0
+    model = spy["family"].model
+    assert _hash(model) == spy["hash"]  # bit-identical after 8 epochs
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+    epochs = [r for r in map(json.loads, (tmp_path / "full.metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.1
+    assert epochs[-1]["autoregressive"] < epochs[0]["autoregressive"] - 0.1
+    first = next(r for r in map(json.loads, (tmp_path / "full.metrics.jsonl").read_text().splitlines()) if r["kind"] == "step")
+    assert first["reconstruction"] == 0.0  # the untrained adapter is the identity
+
+    b, p1 = load_bundle(out), load_bundle(phase1)
+    m = b.manifest
+    assert m.vlm.family == "llava" and m.vlm.ref == str(vlm_dir.resolve()) and m.vlm.hidden_size == 64
+    assert m.vlm.image_token_layout["tokens_per_image"] == 16
+    assert m.adapter.d_model == 64 and m.adapter.width == 32 and m.adapter.heads == 4
+    assert set(m.files) == {"embeddings.safetensors", "detector.safetensors", "adapter.safetensors"}
+    for name in ("embeddings.safetensors", "detector.safetensors"):
+        assert m.files[name].sha256 == p1.manifest.files[name].sha256
+    assert set(m.training) == {"embeddings", "adapter"} and m.training["adapter"]["qa_pairs"] == 8
+    adapter = b.adapter()
+    assert adapter.gate.item() != 0.0
+    assert m.class_names == p1.manifest.class_names
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_5_vl", "internvl"])
+def family(request, tmp_path_factory):
+    return vlm_module.load_vlm(build_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+def test_adapter_gets_gradients_and_the_vlm_none(env, family):
+    root = env[0]
+    images = [load_image(root / "train" / "images" / f"000{i}.jpg") for i in range(2)]
+    questions = ["Describe the objects on the road.", "What should the ego car do?"]
+    answers = ["There is a dog and a traffic cone.", "Slow down."]
+    ids = [answer_token_ids(family, q, a, 64) for q, a in zip(questions, answers)]
+    tok = family.processor.tokenizer
+    assert tok.decode(ids[0], skip_special_tokens=True).strip() == answers[0]
+    assert ids[0][-1] == tok.eos_token_id  # the model learns to stop
+    batch, labels = append_answers(family.prepare(images, questions), ids, tok.pad_token_id)
+    assert [int((row != -100).sum()) for row in labels] == [len(i) for i in ids]
+
+    torch.manual_seed(0)
+    adapter = CrossAttentionAdapter(family.hidden_size, width=32, heads=4)
+    w = torch.randn(3, family.hidden_size)
+    family.forward(batch, transform=lambda v: adapter(v[None], w)[0], labels=labels).loss.backward()
+    assert all(p.grad is None for p in family.model.parameters())
+    # At initialisation the gate is closed (tanh(0) = 0): only the gate gets a gradient ...
+    assert adapter.gate.grad.abs().item() > 0
+    # ... and once it opens, every adapter weight does.
+    adapter.zero_grad()
+    with torch.no_grad():
+        adapter.gate.fill_(0.5)
+    family.forward(batch, transform=lambda v: adapter(v[None], w)[0], labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert all(p.grad is None for p in family.model.parameters())
+
+
+def test_bf16_and_gradient_checkpointing_replacing_the_input_bundle(env, tmp_path, spy, capsys):
+    root, phase1, _, _ = env
+    bundle = tmp_path / "bundle"
+    shutil.copytree(phase1, bundle)
+    w_before = load_bundle(bundle).tensors("embeddings.safetensors")["W"]
+    args = _args(env, bundle, "--bf16", "--grad-checkpointing", epochs=1)
+    args[args.index("--bundle") + 1] = str(bundle)
+    assert rtrt_main(["train", *args]) == 2  # --out is --bundle: needs --overwrite
+    assert "--out is the input bundle" in capsys.readouterr().err
+    assert rtrt_main(["train", *args, "--overwrite"]) == 0
+    model = spy["family"].model
+    assert model.dtype == torch.bfloat16
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert _hash(model) == spy["hash"]
+    b = load_bundle(bundle)
+    assert b.has("adapter.safetensors") and torch.equal(b.tensors("embeddings.safetensors")["W"], w_before)
+    assert b.adapter().gate.dtype == torch.float32
+
+
+def _fails(capsys, args, *needles):
+    assert rtrt_main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rtrt train: error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_fail_in_one_line_without_output(env, tmp_path, capsys):
+    import tiny_bundle
+
+    root, _, _, _ = env
+    out = tmp_path / "out"
+    wide = tiny_bundle.make_tiny_bundle(tmp_path / "d32", d_llm=32)
+    args = _args(env, out, epochs=1)
+    args[args.index("--bundle") + 1] = str(wide)
+    _fails(capsys, args, "hidden size 64, the bundle's W has 32")
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    (data / "train" / "images" / "0002.jpg").unlink()
+    args = _args(env, out, epochs=1)
+    args[args.index("--tasks") + 1], args[args.index("--images") + 1] = str(tasks_dir(data)), str(data)
+    _fails(capsys, args, "0002.jpg: file not found", "--skip-bad")
+    assert not out.exists()
+    assert rtrt_main(["train", *args, "--skip-bad"]) == 0
+    assert load_bundle(out).manifest.training["adapter"]["qa_pairs"] == 7
+    # A task file without answers (CODA-LM's test split) cannot be trained on.
+    task = tasks_dir(data) / "general_perception.jsonl"
+    task.write_text("\n".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "answer"})
+                              for line in task.read_text().splitlines()))
+    _fails(capsys, args + ["--out", str(tmp_path / "out2")], "has no answer")
+    assert not (tmp_path / "out2").exists()

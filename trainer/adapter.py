@@ -1,0 +1,294 @@
+"""Phase 2, ``rtrt train adapter``: the cross-attention adapter, trained through the frozen VLM.
+
+The VLM's visual tokens V go through the adapter (queries V, keys and values W from the phase-1
+bundle) and the refined tokens enter the first decoder layer at the image positions, through the
+runtime's own ``VLMFamily.forward`` (the path inference uses, not a copy). Each QA pair of the
+CODA-LM task files is one sample: the family's chat template renders the question as at inference
+and the reference answer as the assistant turn that follows it.
+
+Loss = autoregressive cross-entropy on the answer tokens (prompt and padding ignored)
+     + ``w_reconstruction`` * mean squared distance between refined and original visual tokens.
+
+Only the adapter learns: every VLM parameter has ``requires_grad=False`` and stays bit-identical;
+W is a constant here. ``--bf16`` loads the VLM in bfloat16 and runs it under autocast, and
+``--grad-checkpointing`` recomputes its decoder layers in backward: with both, a 7B-class VLM
+trains the adapter on one 24 GB GPU.
+
+The output is a new bundle (written atomically): the phase-1 files (W, projections, detector,
+a carried VFM) plus ``adapter.safetensors``, the ``VLMSpec`` and the provenance of both phases.
+Exports of the input bundle are not carried over; export the new bundle again.
+
+    rtrt train adapter --bundle bundles/phase1 --vlm llava-hf/llava-1.5-7b-hf \\
+        --tasks data/CODA-LM/Train/vqa_anno --images data --bf16 --grad-checkpointing --out bundles/full
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rtrt.runtime.bundle import VLMSpec, load_bundle, write_bundle
+from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
+from rtrt.runtime.image import load_image
+from rtrt.runtime.modules import CrossAttentionAdapter
+
+from . import loop
+
+__all__ = ["AdapterTrainConfig", "QAPair", "read_qa_pairs", "answer_token_ids", "append_answers", "train_adapter"]
+
+TASK_NAMES = ("general_perception", "region_perception", "driving_suggestion")
+
+
+@dataclass
+class AdapterTrainConfig:
+    """Phase-2 settings; saved as config.json beside every checkpoint and in the bundle's manifest.training."""
+
+    bundle: str  # phase-1 bundle holding W
+    vlm: str  # the frozen VLM: local directory or hub id
+    tasks: str  # directory of the CODA-LM task files (<task>.jsonl or .json)
+    images: str  # dataset root the task files' image paths are relative to
+    out: str  # bundle directory to write
+    task_names: list[str] = field(default_factory=list)  # task files to use; empty = every one present
+    width: int = 512  # adapter attention width
+    heads: int = 8  # adapter attention heads
+    w_reconstruction: float = 1.0  # weight of the reconstruction loss (refined tokens stay near the originals)
+    max_answer_tokens: int = 256  # answers are cut to this many tokens
+    epochs: int = 10  # passes over the QA pairs (the paper trains 10)
+    batch_size: int = 8  # global batch (QA pairs per step over all processes)
+    lr: float = 1e-4  # peak AdamW learning rate (cosine decay to lr/10)
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay of the adapter
+    bf16: bool = False  # VLM weights in bfloat16 and its forward under bfloat16 autocast
+    grad_checkpointing: bool = False  # recompute the VLM's decoder layers in backward
+    carry_vlm: bool = False  # copy the VLM directory into the bundle (vlm/) instead of referencing it
+    seed: int = 0  # seeds the adapter's initialisation and every epoch's order
+    device: str = "auto"  # auto, cpu or cuda
+    skip_bad: bool = False  # skip QA pairs whose image is missing or unreadable (reported) instead of failing
+    resume: bool = False  # continue from <out>.ckpt/ when it holds a checkpoint of the same settings
+    overwrite: bool = False  # replace an existing --out (also needed when --out is --bundle)
+
+
+RESUME_FREE = ("resume", "overwrite", "device")
+
+
+@dataclass
+class QAPair:
+    """One training sample."""
+
+    image: str  # image path (the region task's images already show the red box)
+    question: str  # question text as in the task file
+    answer: str  # reference answer
+
+
+def read_qa_pairs(tasks: str | os.PathLike, images: str | os.PathLike, names: Sequence[str]) -> tuple[list[QAPair], list[str]]:
+    """QA pairs of the chosen task files (all present when ``names`` is empty), and the tasks read."""
+    from .coda import read_tasks, task_file
+
+    chosen = list(names)
+    if not chosen:
+        chosen = [t for t in TASK_NAMES if any((Path(tasks) / f"{t}{s}").is_file() for s in (".jsonl", ".json"))]
+        if not chosen:
+            raise InputError(f"{tasks}: no CODA-LM task files ({', '.join(TASK_NAMES)})")
+    pairs = []
+    for name in chosen:
+        path = task_file(tasks, name)
+        for rec in read_tasks(path):
+            if rec.answer is None or not rec.answer.strip():
+                raise InputError(f"{path}: question {rec.question_id} has no answer to train on")
+            pairs.append(QAPair(str(Path(images) / rec.image), rec.question, rec.answer))
+    if not pairs:
+        raise InputError(f"{tasks}: the task files hold no QA pairs")
+    return pairs, chosen
+
+
+def answer_token_ids(vlm, question: str, answer: str, max_tokens: int) -> list[int]:
+    """Token ids of the assistant turn that answers ``question`` with ``answer``, as the family's chat template writes it.
+
+    The template renders the conversation with and without the answer; the difference (the answer
+    and the template's end-of-turn) is the target. An end-of-sequence token is appended when the
+    template writes none, so the model learns to stop.
+    """
+    processor = vlm.processor
+    tokenizer = processor.tokenizer
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vlm.user_text(question)}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(
+        user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ModelMismatchError(f"the chat template of {vlm.name} does not continue its prompt with the answer")
+    ids = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids[:max_tokens]
+
+
+def append_answers(batch, answers: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """The prompt batch (left-padded) followed by the answers (right-padded), and the labels.
+
+    Labels are -100 on the prompt and the padding, the answer ids elsewhere. Other per-token
+    inputs of the processor (e.g. Qwen's ``mm_token_type_ids``) are dropped: the families rebuild
+    what they need from ``input_ids``.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, s = ids.shape
+    longest = max(len(a) for a in answers)
+    ans = torch.full((b, longest), pad_id, dtype=ids.dtype, device=ids.device)
+    amask = torch.zeros(b, longest, dtype=mask.dtype, device=mask.device)
+    for i, a in enumerate(answers):
+        ans[i, :len(a)] = torch.tensor(list(a), dtype=ids.dtype)
+        amask[i, :len(a)] = 1
+    out = {k: v for k, v in batch.items() if not (torch.is_tensor(v) and tuple(v.shape) == (b, s))}
+    out["input_ids"] = torch.cat([ids, ans], dim=1)
+    out["attention_mask"] = torch.cat([mask, amask], dim=1)
+    labels = torch.full_like(out["input_ids"], -100)
+    labels[:, s:] = ans.masked_fill(amask == 0, -100)
+    return out, labels
+
+
+def _check_images(pairs: list[QAPair], d: loop.Dist, skip_bad: bool) -> tuple[list[QAPair], list[str]]:
+    """Decode every image once (each rank a share) before training; bad ones fail the run or are skipped."""
+    paths = sorted({p.image for p in pairs})
+    bad: dict[str, str] = {}
+    for path in paths[d.rank::d.world_size]:
+        try:
+            load_image(path)
+        except ImageError as e:
+            bad[path] = str(e)
+    if d.distributed:
+        import torch.distributed as torch_dist
+
+        gathered: list[dict[str, str]] = [{} for _ in range(d.world_size)]
+        torch_dist.all_gather_object(gathered, bad)
+        bad = {k: v for g in gathered for k, v in g.items()}
+    if bad and not skip_bad:
+        first = sorted(bad)[0]
+        more = f" (and {len(bad) - 1} more bad images; --skip-bad skips them)" if len(bad) > 1 else " (--skip-bad skips it)"
+        raise ImageError(bad[first] + more)
+    return [p for p in pairs if p.image not in bad], [bad[k] for k in sorted(bad)]
+
+
+def train_adapter(cfg: AdapterTrainConfig) -> Path:
+    """Run phase 2 as configured (one process or a torchrun rank) and return the written bundle's path."""
+    if Path(cfg.out).resolve() == Path(cfg.bundle).resolve() and not cfg.overwrite:
+        raise InputError(f"{cfg.out}: --out is the input bundle; pass --overwrite to replace it")
+    out = loop.check_output(cfg.out, cfg.overwrite)
+    d = loop.setup(cfg.device)
+    try:
+        return _train(cfg, out, d)
+    finally:
+        loop.teardown(d)
+
+
+def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
+    from rtrt.runtime.vlm import load_vlm
+
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.max_answer_tokens < 1:
+        raise InputError("--epochs, --batch-size and --max-answer-tokens must be at least 1")
+    source = load_bundle(cfg.bundle)
+    weight = source.class_embeddings().weight.detach().to(d.device)
+    pairs, tasks = read_qa_pairs(cfg.tasks, cfg.images, cfg.task_names)
+    pairs, bad = _check_images(pairs, d, cfg.skip_bad)
+    for reason in bad:
+        d.log(f"skipped: {reason}")
+    if not pairs:
+        raise InputError(f"{cfg.tasks}: no QA pair left after skipping bad images")
+
+    vlm = load_vlm(cfg.vlm, dtype=torch.bfloat16 if cfg.bf16 else None, device=d.device)
+    if vlm.hidden_size != source.manifest.d_llm:
+        raise ModelMismatchError(
+            f"VLM {cfg.vlm} has hidden size {vlm.hidden_size}, the bundle's W has {source.manifest.d_llm} (train phase 1 for this VLM)"
+        )
+    if cfg.grad_checkpointing:
+        # transformers >= 5.2x names it activation checkpointing; older 5.x only has the gradient_ name.
+        enable = getattr(vlm.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointing runs only in training mode; dropout stays off so the frozen VLM computes as at inference.
+        vlm.model.train()
+        for m in vlm.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+    tokenizer = vlm.processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = [answer_token_ids(vlm, p.question, p.answer, cfg.max_answer_tokens) for p in pairs]
+
+    loop.seed_all(cfg.seed)
+    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads).to(d.device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    files = loop.RunFiles.for_output(out)
+    config = loop.config_dict(cfg)
+    ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE)
+    start, history = 0, []
+    state = ckpt.load() if cfg.resume else None
+    if state is not None:
+        adapter.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]) + 1, list(state["history"])
+        d.log(f"resuming after epoch {start} from {ckpt.path}")
+    elif not cfg.resume:
+        ckpt.clear(d)
+    metrics = loop.Metrics(files.metrics, d)
+    metrics.log(kind="start", phase="adapter", resumed_at=start, world_size=d.world_size, tasks=tasks, config=config)
+    net = d.wrap(adapter)
+
+    def step(idx: list[int], global_count: int) -> dict[str, float]:
+        batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx])
+        batch, labels = append_answers(batch, [answers[i] for i in idx], pad_id)
+        parts: dict[str, torch.Tensor] = {}
+
+        def transform(tokens: torch.Tensor) -> torch.Tensor:
+            refined = net(tokens[None], weight)[0]
+            parts["reconstruction"] = F.mse_loss(refined.float(), tokens.float())
+            return refined
+
+        with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            output = vlm.forward(batch, transform=transform, labels=labels)
+        ar = output.loss.float()
+        loss = ar + cfg.w_reconstruction * parts["reconstruction"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item(), "autoregressive": ar.item(), "reconstruction": parts["reconstruction"].item()}
+
+    history = loop.fit(
+        d, num_samples=len(pairs), global_batch=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, optimizer=optimizer,
+        lr=cfg.lr, warmup=cfg.warmup_steps, step=step,
+        state=lambda: {"model": adapter.state_dict(), "optimizer": optimizer.state_dict()},
+        checkpoint=ckpt, metrics=metrics, desc="adapter", start_epoch=start, history=history,
+    )
+
+    if d.is_main:
+        m = source.manifest
+        keep = ["embeddings.safetensors", "detector.safetensors"] + [k for k in m.files if k.startswith("vfm/")]
+        copies = {k: str(source.root / k) for k in keep if k in m.files}
+        dirs: dict[str, str] = {}
+        ref = cfg.vlm
+        if cfg.carry_vlm:
+            if not Path(cfg.vlm).is_dir():
+                raise InputError(f"--carry-vlm needs a local VLM directory, got {cfg.vlm!r}")
+            dirs["vlm"], ref = str(Path(cfg.vlm).resolve()), "vlm"
+        elif Path(cfg.vlm).is_dir():
+            ref = str(Path(cfg.vlm).resolve())
+        provenance = {"config": config, "world_size": d.world_size, "history": history, "tasks": tasks,
+                      "qa_pairs": len(pairs), "skipped_images": bad, "source_bundle": str(source.root.resolve()),
+                      "gate": float(torch.tanh(adapter.gate).item())}
+        manifest = replace(
+            m,
+            vlm=VLMSpec(family=vlm.name, ref=ref, hidden_size=vlm.hidden_size, image_token_layout=vlm.image_token_layout()),
+            adapter=adapter.config,
+            exports={},
+            training={**m.training, "adapter": provenance},
+        )
+        tensors = {"adapter.safetensors": {k: v.detach().float().cpu() for k, v in adapter.state_dict().items()}}
+        write_bundle(out, manifest, tensors, files=copies, dirs=dirs, overwrite=cfg.overwrite)
+        d.log(f"wrote {out} (adapter gate tanh = {provenance['gate']:.4f})")
+    d.barrier()
+    return out
