@@ -180,3 +180,25 @@ def test_bad_inputs_fail_in_one_line_without_output(env, tmp_path, capsys):
                               for line in task.read_text().splitlines()))
     _fails(capsys, args + ["--out", str(tmp_path / "out2")], "has no answer")
     assert not (tmp_path / "out2").exists()
+
+
+def test_both_phases_on_the_procedural_world(env, tmp_path):
+    """The trainers read what ``rtrt.tools.world`` writes (CODA-LM layout, region images with boxes)."""
+    from rtrt.tools.world import WorldConfig, generate_world
+
+    _, _, vlm, work = env
+    root = tmp_path / "world"
+    generate_world(WorldConfig(seed=1, pretrain=0, plugin=6, val=0, test=0, width=128, height=96), root, progress=False)
+    args = phase1_args(root, work, tmp_path / "p1", epochs=1)
+    args[args.index("--annotations") + 1] = str(root / "CODA-LM" / "plugin")
+    del args[args.index("--synonyms"):args.index("--synonyms") + 2]  # no synonyms: W's classes are the data's
+    assert train_main(args) == 0
+    p1 = load_bundle(tmp_path / "p1")
+    present = {r["category_name"] for f in (root / "CODA-LM" / "plugin").glob("*.json")
+               for r in json.loads(f.read_text())["region_perception"].values()}
+    assert p1.class_names == sorted(present)
+    assert train_main(["adapter", "--bundle", str(tmp_path / "p1"), "--vlm", str(vlm), "--tasks",
+                       str(root / "CODA-LM" / "plugin" / "vqa_anno"), "--images", str(root), "--task", "region_perception",
+                       "--max-answer-tokens", "16", "--epochs", "1", "--batch-size", "4", "--width", "32", "--heads", "4",
+                       "--device", "cpu", "--out", str(tmp_path / "p2")]) == 0
+    assert load_bundle(tmp_path / "p2").manifest.training["adapter"]["tasks"] == ["region_perception"]

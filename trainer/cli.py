@@ -21,7 +21,7 @@ from typing import Sequence
 
 from rtrt.runtime.errors import InputError, RtrtError
 
-__all__ = ["main", "parse_args", "embeddings_config", "adapter_config"]
+__all__ = ["main", "parse_args", "embeddings_config", "adapter_config", "vlm_hidden_size"]
 
 
 def _json_object(text: str) -> dict:
@@ -105,7 +105,8 @@ def _fields(cls, args: argparse.Namespace, **extra):
     return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
-def _hidden_size(ref: str) -> int:
+def vlm_hidden_size(ref: str) -> int:
+    """Hidden size of a VLM's language model, read from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
     try:
@@ -118,7 +119,7 @@ def _hidden_size(ref: str) -> int:
 def embeddings_config(args: argparse.Namespace):
     from .embeddings import EmbeddingsConfig, default_cache_dir
 
-    d_llm = args.d_llm if args.d_llm is not None else _hidden_size(args.vlm)
+    d_llm = args.d_llm if args.d_llm is not None else vlm_hidden_size(args.vlm)
     cache = "" if args.no_cache else (args.cache or default_cache_dir())
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("d_llm", "cache", "classes")})
