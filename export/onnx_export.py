@@ -14,9 +14,14 @@ the weights inside the ``.onnx`` (``external_data=False``).
 TensorRT traps handled here:
 - DINOv3 RoPE: transformers' ``DINOv3ViTRopePositionEmbedding`` builds its table with ``tile``
   from the input's shape, the construct reported to export to an ``If`` that TensorRT rejects or
-  computes wrongly; timm's version is computed per call too. ``freeze_rope`` replaces the RoPE
-  module with one that returns the table precomputed for the export grid (the same numbers,
-  checked by the parity step against the unpatched model), so it becomes one initializer.
+  computes wrongly; timm's version is also computed per call. With the image size fixed, the dynamo
+  exporter folds either into a constant today (checked with torch 2.15: no ``If`` for timm or
+  transformers DINOv3, frozen or not); ``freeze_rope`` makes that independent of the exporter's
+  constant folding by replacing the RoPE module with the table precomputed for the export grid
+  (the same numbers; parity is checked against the unpatched model).
+- Sorting: ``topk`` with a K equal to the dynamic class count becomes a ``TopK`` whose K is computed
+  at run time, which TensorRT's parser has refused; the graph sorts by rank instead
+  (``rtrt.runtime.graphs.sort_scores``).
 - ``tensorrt_problems`` walks every node: no control flow (``If``/``Loop``/``Scan``), no sequence
   ops, no data-dependent shapes (``NonZero``/``Unique``), no ``TopK`` with a computed K, no float64,
   no custom domains, no subgraphs. The export refuses a graph with any of them.

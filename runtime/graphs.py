@@ -25,7 +25,7 @@ __all__ = ["DetectorGraph", "AdapterGraph", "sort_scores"]
 def sort_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort ``scores [B, C]`` descending along C: ``(sorted_scores, indices)``, ties by lower index.
 
-    Exports to Greater/Equal/Less/And/Or/Cast/ReduceSum/Range/MatMul-free elementwise ops only.
+    Exports to Range, Greater/Equal/Less, And/Or, Cast, Where and ReduceSum: no TopK, no control flow.
     """
     c = scores.shape[-1]
     idx = torch.arange(c, device=scores.device)
