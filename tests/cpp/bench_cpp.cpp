@@ -5,8 +5,9 @@
 // One process, one embedded interpreter, two pipelines loaded from the same bundle: an
 // rtrt::Pipeline and a Python rtrt.runtime.pipeline.Pipeline. Each round times one C++ call
 // (raw RGB pointer in, std::vector out) and then the same call from Python (numpy array in, timed
-// with time.perf_counter around the call in Python), so drift and noise hit both alike. Prints the
-// medians and the overhead ratio median_cpp / median_python - 1 for detect() and answer().
+// with time.perf_counter around the call in Python), so drift and noise hit both alike. Prints, for
+// detect() and answer(), the medians, their ratio (overhead = ratio - 1) and the median of the
+// per-round differences (the absolute cost of the C++ layer: GIL, numpy view, result conversion).
 #include <rtrt/rtrt.hpp>
 
 #include <pybind11/embed.h>
@@ -34,8 +35,11 @@ struct Stat {
   std::vector<double> cpp_ms, py_ms;
   void report(const char* what) const {
     const double c = median(cpp_ms), p = median(py_ms);
-    std::printf("%-7s rounds %3zu  C++ median %9.3f ms  Python median %9.3f ms  overhead %+6.2f %%\n", what, cpp_ms.size(), c,
-                p, 100.0 * (c / p - 1.0));
+    std::vector<double> diff;  // paired by round: drift of a shared machine cancels out
+    for (std::size_t i = 0; i < cpp_ms.size(); ++i) diff.push_back(cpp_ms[i] - py_ms[i]);
+    std::printf("%-7s rounds %4zu  C++ median %9.3f ms  Python median %9.3f ms  ratio %.4f (overhead %+6.2f %%)  "
+                "paired median difference %+8.1f us\n",
+                what, cpp_ms.size(), c, p, c / p, 100.0 * (c / p - 1.0), 1e3 * median(diff));
   }
 };
 
