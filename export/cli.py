@@ -1,14 +1,15 @@
 """``rtrt export``: add ONNX graphs, int8 variants and TensorRT engines to a bundle, parity-checked.
 
     rtrt export --bundle B [--precision fp32|fp16|int8] [--image-size 448] [--backend onnx|trt|both]
-                [--tolerance 1e-4] [--int8-topk-agreement 0.6] [--images DIR] [--cache-dir DIR]
+                [--tolerance 1e-4] [--int8-topk-agreement 0.9] [--int8-method dynamic|static]
+                [--images DIR] [--cache-dir DIR]
 
 Steps (each printed with its time):
 1. ``detector.onnx`` (DINOv3 + detector + sort + similarity map) and ``adapter.onnx``, each walked
    node by node for TensorRT-unfriendly constructs, then checked against the bundle's PyTorch
    modules in ONNX Runtime at several (B, C) / (B, N, C) on real inputs (``rtrt.export.parity``).
-2. ``--precision int8``: ``detector.int8.onnx`` / ``adapter.int8.onnx`` (ORT dynamic int8 for
-   CPUs) with their own parity and top-5 agreement; with ``--backend trt|both`` also the
+2. ``--precision int8``: ``detector.int8.onnx`` / ``adapter.int8.onnx`` (ORT int8 for CPUs,
+   ``--int8-method dynamic`` by default, or ``static``) with their own parity and top-5 agreement; with ``--backend trt|both`` also the
    symmetric QDQ graphs ``*.qdq.onnx`` TensorRT builds int8 engines from.
 3. ``--backend trt|both``: engines via the content-keyed engine cache, then checked on the GPU.
 
@@ -49,7 +50,7 @@ from .parity import (
     parity_images,
     torch_runner,
 )
-from .quantize import quantize_dynamic, quantize_static
+from .quantize import METHODS, quantize_dynamic, quantize_static
 from .trt_build import PRECISIONS, build_engine, dim_ranges
 
 __all__ = ["export_bundle", "parse_args", "main"]
@@ -108,6 +109,7 @@ def export_bundle(
     backend: str = "onnx",
     tolerances: dict[str, Tolerance] | None = None,
     images: str | Path | None = None,
+    int8_method: str = "dynamic",
     family: str | None = None,
     max_batch: int = 4,
     cache_dir: str | Path | None = None,
@@ -123,6 +125,8 @@ def export_bundle(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if int8_method not in METHODS:
+        raise ExportError(f"--int8-method {int8_method!r}: choose from {', '.join(METHODS)}")
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"--backend {backend!r}: choose from {', '.join(BACKEND_CHOICES)}")
     want_trt = backend in ("trt", "both")
@@ -199,11 +203,15 @@ def export_bundle(
         specs = {"detector": DETECTOR, "adapter": ADAPTER}
         if precision == "int8":
             for g in graphs_with:
-                prog.step(f"{g}.int8.onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
-                q = quantize_dynamic(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx")
+                if int8_method == "static":
+                    prog.step(f"{g}.int8.onnx: ONNX Runtime static int8 (QDQ, u8 activations calibrated on the parity inputs)")
+                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx", cases[g])
+                else:
+                    prog.step(f"{g}.int8.onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
+                    q = quantize_dynamic(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx")
                 rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
                                            spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
-                graphs[f"{g}.int8"] = _entry(q, rep, method="dynamic")
+                graphs[f"{g}.int8"] = _entry(q, rep, method=int8_method)
                 files[q.name] = q
                 prog.done()
                 if want_trt:
@@ -264,13 +272,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32: ONNX only (+ fp32 engines); fp16: + fp16 TensorRT engines; int8: + ORT int8 graphs (and int8 engines from QDQ)")
     p.add_argument("--image-size", type=int, default=None, help="square detector input side in pixels (default: the bundle's VFM image size)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="onnx", help="onnx: ONNX files; trt: also TensorRT engines; both: same as trt")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="onnx", help="onnx: ONNX graphs only; trt or both: the ONNX graphs plus TensorRT engines built from them")
     p.add_argument("--tolerance", type=float, default=TOLERANCES["fp32"].atol, help="max abs error allowed for fp32 graphs vs PyTorch (default %(default)g)")
     p.add_argument("--fp16-tolerance", type=float, default=TOLERANCES["fp16"].atol, help="abs (and relative) error allowed for fp16 engines (default %(default)g)")
     p.add_argument("--int8-tolerance", type=float, default=TOLERANCES["int8"].atol, help="abs (and relative) error allowed for int8 graphs (default %(default)g)")
     p.add_argument("--int8-topk-agreement", type=float, default=TOLERANCES["int8"].topk_agreement,
                    help="minimum top-5 agreement of the int8 detector with PyTorch (default %(default)g)")
     p.add_argument("--images", default=None, help="directory of images for parity/calibration (default: synthetic road scenes)")
+    p.add_argument("--int8-method", choices=METHODS, default="dynamic",
+                   help="ORT int8 for CPUs: dynamic (weights only, no calibration; fastest here) or static (QDQ calibrated on --images)")
     p.add_argument("--family", choices=("llava", "qwen2_5_vl", "internvl"), default=None, help="VLM family for token-count profiles (default: the bundle's)")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the TensorRT profiles accept (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache (default $RTRT_ENGINE_CACHE or ~/.cache/rtrt/engines)")
@@ -296,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             tolerances=tolerances,
             images=args.images,
+            int8_method=args.int8_method,
             family=args.family,
             max_batch=args.max_batch,
             cache_dir=args.cache_dir,

@@ -52,13 +52,14 @@ class Tolerance:
     k: int = 5  # the k of top-k (the prompt gets at most this many class names)
 
 
-# fp32 is the 1e-4. fp16/int8 are bounds that a sound engine meets on the tiny test
-# bundle and on ViT-S/16 with random weights; the int8 top-5 target on a trained detector (>= 95%)
-# is measured by `rtrt bench`, not enforced here, because untrained scores are near-ties.
+# fp32 is the 1e-4. fp16/int8 bound the error elementwise (atol + rtol*|ref|) and the
+# tie-aware top-5 agreement (a swap of classes whose reference scores are within atol does not
+# count against it). The issue's >= 95% int8 top-5 target on a trained detector is reported
+# strictly (no tie allowance) by `rtrt bench`.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=0.0, topk_agreement=1.0),
-    "fp16": Tolerance(atol=2e-2, rtol=2e-2, topk_agreement=0.8),
-    "int8": Tolerance(atol=5e-2, rtol=5e-2, topk_agreement=0.6),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, topk_agreement=0.9),
+    "int8": Tolerance(atol=5e-2, rtol=5e-2, topk_agreement=0.9),
 }
 
 
