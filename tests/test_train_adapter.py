@@ -189,16 +189,26 @@ def test_both_phases_on_the_procedural_world(env, tmp_path):
     _, _, vlm, work = env
     root = tmp_path / "world"
     generate_world(WorldConfig(seed=1, pretrain=0, plugin=6, val=0, test=0, width=128, height=96), root, progress=False)
-    args = phase1_args(root, work, tmp_path / "p1", epochs=1)
+    args = phase1_args(root, work, tmp_path / "p1", "--carry-vfm", epochs=1)
     args[args.index("--annotations") + 1] = str(root / "CODA-LM" / "plugin")
     del args[args.index("--synonyms"):args.index("--synonyms") + 2]  # no synonyms: W's classes are the data's
+    args[args.index("--d-llm"):args.index("--d-llm") + 2] = ["--vlm", str(vlm)]  # W's width read from the VLM's config
     assert train_main(args) == 0
     p1 = load_bundle(tmp_path / "p1")
     present = {r["category_name"] for f in (root / "CODA-LM" / "plugin").glob("*.json")
                for r in json.loads(f.read_text())["region_perception"].values()}
-    assert p1.class_names == sorted(present)
+    assert p1.class_names == sorted(present) and p1.manifest.d_llm == 64
+    assert p1.manifest.vfm.ref == "vfm" and p1.has("vfm/model.safetensors")
     assert train_main(["adapter", "--bundle", str(tmp_path / "p1"), "--vlm", str(vlm), "--tasks",
                        str(root / "CODA-LM" / "plugin" / "vqa_anno"), "--images", str(root), "--task", "region_perception",
                        "--max-answer-tokens", "16", "--epochs", "1", "--batch-size", "4", "--width", "32", "--heads", "4",
-                       "--device", "cpu", "--out", str(tmp_path / "p2")]) == 0
-    assert load_bundle(tmp_path / "p2").manifest.training["adapter"]["tasks"] == ["region_perception"]
+                       "--carry-vlm", "--device", "cpu", "--out", str(tmp_path / "p2")]) == 0
+    p2 = load_bundle(tmp_path / "p2")
+    assert p2.manifest.training["adapter"]["tasks"] == ["region_perception"]
+    # Carried models load from inside the bundle.
+    from rtrt.runtime.vfm import load_vfm
+
+    assert p2.manifest.vlm.ref == "vlm" and vlm_module.load_vlm(p2.resolve_ref("vlm")).hidden_size == 64
+    tokens = load_vfm(p2.manifest.vfm, p2.resolve_ref)(torch.zeros(1, 3, 64, 64))
+    scores, _ = p2.detector()(tokens, p2.class_embeddings().weight)
+    assert scores.shape == (1, len(p2.class_names))

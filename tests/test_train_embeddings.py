@@ -94,7 +94,7 @@ def test_bundle_contents(env):
     assert saved == training["config"]
     steps = [r for r in map(json.loads, out.with_name("base.metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
     assert len(steps) == 16 and all("loss" in r and "lr" in r for r in steps)
-    # The detector scores a training image's regions: its best class is present in the image.
+    # The bundle's detector scores patch tokens against its W.
     scores, _ = b.detector()(torch.randn(1, 16, 32), b.class_embeddings().weight)
     assert scores.shape == (1, 3)
 
