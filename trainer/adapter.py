@@ -219,6 +219,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     tokenizer = vlm.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = [answer_token_ids(vlm, p.question, p.answer, cfg.max_answer_tokens) for p in pairs]
+    limit = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
 
     loop.seed_all(cfg.seed)
     adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads).to(d.device)
@@ -242,6 +243,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     def step(idx: list[int], global_count: int) -> dict[str, float]:
         batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx])
         batch, labels = append_answers(batch, [answers[i] for i in idx], pad_id)
+        if limit is not None and labels.shape[1] > limit:
+            raise InputError(f"prompt + answer of {labels.shape[1]} tokens exceeds the VLM's {limit} positions; lower --max-answer-tokens")
         parts: dict[str, torch.Tensor] = {}
 
         def transform(tokens: torch.Tensor) -> torch.Tensor:

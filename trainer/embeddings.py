@@ -19,7 +19,7 @@ centres (mean of the class's projected regions and its text prototype), with mom
 Per-region terms are summed and divided by the global batch size, so gradients averaged by
 DistributedDataParallel equal those of one process with the same global batch.
 
-    rtrt train embeddings --annotations data/train/annotations --images data --synonyms synonyms.json \\
+    rtrt train embeddings --annotations data/CODA-LM/Train --images data --synonyms synonyms.json \\
         --vfm dinov3_vits16.safetensors --vfm-arch vit_small_patch16_dinov3 --text-encoder openclip:ViT-B-32 \\
         --text-weights open_clip_vit_b32.safetensors --d-llm 4096 --out bundles/phase1
 """
@@ -209,9 +209,11 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
     per_image, bad = extractor.extract(regions.requests, skip_bad=cfg.skip_bad, progress=d.is_main)
     for reason in bad:
         d.log(f"skipped: {reason}")
+    if all(f is None for f in per_image):
+        raise InputError(f"{cfg.annotations}: no usable image left after skipping {len(bad)} bad ones")
     feats = torch.cat([f for f in per_image if f is not None]).to(d.device)
     labels = torch.tensor([c for f, ls in zip(per_image, regions.labels) if f is not None for c in ls], device=d.device)
-    counts = torch.bincount(labels, minlength=len(names)).tolist() if len(labels) else [0] * len(names)
+    counts = torch.bincount(labels, minlength=len(names)).tolist()
     for name, n in zip(names, counts):
         if n == 0:
             raise InputError(f"class {name!r} has no regions in {cfg.annotations}" + (" after skipping bad images" if bad else ""))

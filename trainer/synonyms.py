@@ -12,7 +12,7 @@ completions API works (vLLM, llama.cpp server, Ollama, a hosted model); the requ
 urllib, with a timeout and retries. A malformed reply or a timeout, after the retries, is a
 one-line error and no file is written.
 
-    rtrt synonyms --annotations data/train/annotations --url http://127.0.0.1:8000/v1 \\
+    rtrt synonyms --annotations data/CODA-LM/Train --url http://127.0.0.1:8000/v1 \\
         --model qwen2.5-7b-instruct --out synonyms.json
 """
 from __future__ import annotations
