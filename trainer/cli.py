@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--heads", type=int, default=8, help="attention heads of the adapter")
     a.add_argument("--w-reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
     a.add_argument("--max-answer-tokens", type=int, default=256, help="answers are cut to this many tokens")
-    a.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the VLM forward (GPU)")
+    a.add_argument("--bf16", action="store_true", help="VLM weights in bfloat16 and its forward under bfloat16 autocast (for GPUs)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute the VLM's layers in backward to save memory")
     a.add_argument("--carry-vlm", action="store_true", help="copy the VLM directory into the bundle (vlm/)")
     _common(a, epochs=10, batch=8, lr=1e-4)
