@@ -1,50 +1,50 @@
 """rtrt runtime: the lean, in-vehicle part of rtrt.
 
 Plug-in modules (``ClassEmbeddings``, ``CrossAttentionAdapter``, ``RareObjectDetector``), the
-bundle format (``load_bundle``, ``write_bundle``), image decoding and the frozen-VLM families.
-Importing this package never imports timm, open_clip, onnx or rtrt.trainer.
+bundle format (``load_bundle``, ``write_bundle``), image decoding, the frozen-VLM families and
+the ``Pipeline``. Names are imported on first use (PEP 562), so ``import rtrt.runtime.errors``
+does not load torch; importing this package never imports timm, open_clip, onnx or rtrt.trainer.
 """
 from __future__ import annotations
 
-from .bundle import Bundle, Manifest, load_bundle, write_bundle
-from .errors import (
-    BackendUnavailableError,
-    BundleError,
-    EngineMismatchError,
-    ImageError,
-    InputError,
-    ModelMismatchError,
-    RtrtError,
-)
-from .image import load_image
-from .modules import (
-    AdapterConfig,
-    ClassEmbeddings,
-    CrossAttentionAdapter,
-    Detection,
-    DetectorConfig,
-    RareObjectDetector,
-    select_detections,
-)
+import importlib
 
-__all__ = [
-    "Bundle",
-    "Manifest",
-    "load_bundle",
-    "write_bundle",
-    "load_image",
-    "AdapterConfig",
-    "ClassEmbeddings",
-    "CrossAttentionAdapter",
-    "Detection",
-    "DetectorConfig",
-    "RareObjectDetector",
-    "select_detections",
-    "RtrtError",
-    "BundleError",
-    "ImageError",
-    "InputError",
-    "ModelMismatchError",
-    "EngineMismatchError",
-    "BackendUnavailableError",
-]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "Bundle": "bundle",
+    "Manifest": "bundle",
+    "load_bundle": "bundle",
+    "write_bundle": "bundle",
+    "load_image": "image",
+    "AdapterConfig": "modules",
+    "ClassEmbeddings": "modules",
+    "CrossAttentionAdapter": "modules",
+    "Detection": "modules",
+    "DetectorConfig": "modules",
+    "RareObjectDetector": "modules",
+    "select_detections": "modules",
+    "Pipeline": "pipeline",
+    "Result": "pipeline",
+    "DetectResult": "pipeline",
+    "RtrtError": "errors",
+    "BundleError": "errors",
+    "ImageError": "errors",
+    "InputError": "errors",
+    "ModelMismatchError": "errors",
+    "EngineMismatchError": "errors",
+    "BackendUnavailableError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

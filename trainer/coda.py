@@ -31,6 +31,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
+from rtrt.runtime.errors import RtrtError
+
 __all__ = [
     "CodaFormatError",
     "EVAL_GROUPS",
@@ -65,11 +67,11 @@ __all__ = [
 ]
 
 
-class CodaFormatError(ValueError):
+class CodaFormatError(RtrtError, ValueError):
     """A CODA-LM file or value is malformed; the message is one line and names the file.
 
-    Deliberately not an ``rtrt.runtime.RtrtError``: importing ``rtrt.runtime`` loads torch, and
-    the data layer, the world generator and the judges must start fast without it.
+    An ``RtrtError`` (so the CLI prints it as one line, exit code 2) and a ``ValueError``.
+    ``rtrt.runtime.errors`` imports nothing heavy, so the data layer stays fast to start.
     """
 
 
