@@ -191,6 +191,8 @@ class OrtBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or _cores())
         so.log_severity_level = 3
+        # The VLM runs in torch right after the detector: idle ORT workers must not spin on its cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = ort_providers(device, precision, cache_dir)
         self.sessions: dict[str, Any] = {}
         for graph, present in (("detector", self.has_detector), ("adapter", self.has_adapter)):
