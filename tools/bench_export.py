@@ -26,8 +26,10 @@ ORT sessions use graph optimisation level ALL, intra-op threads = cores and no s
 workers; int8 is ORT dynamic quantisation of MatMul/Gemm weights (per channel), which beat static
 QDQ on this CPU (95 vs 135 ms for the detector). ORT's transformer optimiser (Gelu fusion; its
 attention fusion does not match DINOv3's RoPE) gained about 4% and is not used.
-On a 2-core machine shared with other work, eager PyTorch (OpenMP barriers) slows down far more
-under load than ORT does; the load average is printed so a reader can judge the run.
+On a 2-core machine shared with other work, eager PyTorch with 2 OpenMP threads slows down by up
+to 10x under load (every parallel region waits at a barrier for a descheduled thread) while ORT's
+pool degrades gracefully, which inflates the speed-ups; the load average is printed so a reader
+can judge the run, and ``--threads 1`` gives figures that stay stable under load.
 """
 from __future__ import annotations
 
