@@ -1,0 +1,57 @@
+"""The demo VLM's tokenizer: a byte-level BPE learned from the world's pretraining text.
+
+``train_tokenizer(texts, vocab_size)`` learns merges with the ``tokenizers`` library (as GPT-2 and
+Llama-3 tokenizers are made, only on a much smaller corpus) and wraps the result as a
+``PreTrainedTokenizerFast`` with Llama's special tokens (``<unk> <s> </s>``), LLaVA's ``<image>``,
+a ``<pad>``, a BOS put in front of every sequence (as Llama's tokenizer does) and LLaVA-1.5's chat
+template ("USER: <image>\\n... ASSISTANT:"). Byte-level means every string round-trips, words the
+corpus never saw included; words it saw often become single tokens.
+
+Training is deterministic for the same texts in the same order.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+__all__ = ["SPECIAL_TOKENS", "IMAGE_TOKEN", "train_tokenizer"]
+
+# In id order: Llama's three at 0-2, then LLaVA's image token and the pad token.
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
+IMAGE_TOKEN = "<image>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2):
+    """A ``PreTrainedTokenizerFast`` whose BPE merges are learned from ``texts``.
+
+    ``vocab_size`` counts the 256 byte symbols and the special tokens; ``min_frequency`` is the
+    fewest occurrences a pair needs to be merged.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rtrt.tools.tiny_vlm import LLAVA_CHAT_TEMPLATE
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(texts, trainer=trainer)
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        model_max_length=1024,
+    )
