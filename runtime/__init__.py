@@ -23,6 +23,7 @@ _EXPORTS = {
     "DetectorConfig": "modules",
     "RareObjectDetector": "modules",
     "select_detections": "modules",
+    "make_backend": "backends",
     "Pipeline": "pipeline",
     "Result": "pipeline",
     "DetectResult": "pipeline",

@@ -114,6 +114,8 @@ class Pipeline:
             raise ModelMismatchError(f"{bundle.root}: bundle has no detector/VFM; it cannot run the pipeline")
         self.detector_cfg = m.detector
         self.vfm_spec = m.vfm
+        # An export may fix another input size than the VFM's default; the backend knows which.
+        self.image_size = int(getattr(backend, "image_size", None) or m.vfm.image_size)
         self._vlm_lock = threading.Lock()
         if vlm is not None:
             self._check_vlm(vlm)
@@ -168,10 +170,10 @@ class Pipeline:
     def _detect_images(self, images, timer: _Timer) -> list[DetectResult]:
         with timer("detector"):
             spec = self.vfm_spec
-            pixels = vfm_pixels(images, spec.image_size, spec.mean, spec.std)
+            pixels = vfm_pixels(images, self.image_size, spec.mean, spec.std)
             out = self.backend.detect(pixels, self.W)
             scores, sim = _to_numpy(out[0]), _to_numpy(out[-1])
-            g = spec.image_size // spec.patch_size
+            g = self.image_size // spec.patch_size
             cfg = self.detector_cfg
             results = []
             for i in range(len(images)):

@@ -87,7 +87,7 @@ def test_input_types_agree(pipe, assets):
     arr = np.asarray(Image.open(p).convert("RGB"))
     r1, r2, r3 = pipe.detect(p), pipe.detect(arr), pipe.detect(Image.fromarray(arr))
     assert r1.detections == r2.detections == r3.detections
-    g = pipe.vfm_spec.image_size // pipe.vfm_spec.patch_size
+    g = pipe.image_size // pipe.vfm_spec.patch_size
     assert r1.similarity.shape == (len(pipe.class_names), g, g)
 
 
