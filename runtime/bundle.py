@@ -21,7 +21,6 @@ Weights are safetensors only; nothing here can unpickle.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
+from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from .modules import AdapterConfig, ClassEmbeddings, CrossAttentionAdapter, DetectorConfig, RareObjectDetector
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_CHUNK = 1 << 20
 
 
 def _rtrt_version() -> str:
@@ -185,14 +184,6 @@ def _build(typ, value):
     return obj
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_relpath(rel: str) -> PurePosixPath:
     """A bundle file name must be a relative POSIX path without ``..``; else BundleError."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
@@ -203,26 +194,6 @@ def check_relpath(rel: str) -> PurePosixPath:
     if any(part == ".." for part in p.parts):
         raise BundleError(f"{rel}: '..' is not allowed in a bundle path")
     return p
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 class Bundle:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image, ImageDraw
 
 from rtrt.runtime.errors import RtrtError
+from rtrt.runtime.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "CodaFormatError",
@@ -305,27 +305,6 @@ def iter_annotations(
         raise CodaFormatError(f"{directory}: annotation directory not found")
     for path in sorted(p for p in directory.iterdir() if p.suffix == ".json" and p.is_file()):
         yield path, load_annotation(path, image_size, check_categories)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so readers see either the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``atomic_write_bytes`` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_annotation(path: str | os.PathLike, ann: CodaAnnotation, image_size: tuple[int, int] | None = None) -> None:

@@ -238,15 +238,7 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
     ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE)
-    start, history = 0, []
-    state = ckpt.load() if cfg.resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]) + 1, list(state["history"])
-        d.log(f"resuming after epoch {start} from {ckpt.path}")
-    elif not cfg.resume:
-        ckpt.clear(d)
+    start, history = ckpt.restore(model, optimizer, cfg.resume, d)
     metrics = loop.Metrics(files.metrics, d)
     metrics.log(kind="start", phase="embeddings", resumed_at=start, world_size=d.world_size, config=config)
 

@@ -194,6 +194,19 @@ class Checkpoint:
             atomic_write_json(self.directory / "config.json", self.config)
         d.barrier()
 
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume: bool, d: Dist) -> tuple[int, list]:
+        """``(first epoch, history)``: restored from the checkpoint with ``--resume``, else a fresh start."""
+        state = self.load() if resume else None
+        if state is None:
+            if not resume:
+                self.clear(d)
+            return 0, []
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        d.log(f"resuming after epoch {start} from {self.path}")
+        return start, list(state["history"])
+
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none; refuses a checkpoint of other settings."""
         if not self.path.is_file():
