@@ -239,3 +239,19 @@ def test_default_question_is_codas():
 
 def test_bundle_used_is_verified(assets):
     assert load_bundle(assets["bundle"]).manifest.vlm.family == "llava"
+
+
+def test_bench_reports_stages_and_overhead(assets, capsys):
+    from rtrt.tools.bench import bench_pipeline, main
+
+    r = bench_pipeline(assets["bundle"], assets["images"][0], backend="torch", runs=2, warmup=1, new_tokens=3)
+    for stage in ("image_decode", "detector", "vision_tower", "adapter", "prompt_build", "prefill", "decode_per_token"):
+        assert r["stages_ms"][stage]["median"] >= 0
+    e = r["end_to_end_ms"]
+    assert e["plugin"]["median"] > 0 and e["baseline"]["median"] > 0
+    assert r["overhead_ratio"] == pytest.approx((e["plugin"]["median"] - e["baseline"]["median"]) / e["baseline"]["median"])
+    assert r["peak_rss_mb"] > 0
+    assert main(["--bundle", str(assets["bundle"]), "--image", str(assets["images"][0]), "--backend", "torch",
+                 "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pipeline"]["new_tokens"] == 2
