@@ -134,20 +134,15 @@ def adapter_config(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .coda import CodaFormatError
-
     args = parse_args(argv)
-    try:
-        if args.phase == "embeddings":
-            from .embeddings import train_embeddings
+    if args.phase == "embeddings":
+        from .embeddings import train_embeddings
 
-            out = train_embeddings(embeddings_config(args))
-        else:
-            from .adapter import train_adapter
+        out = train_embeddings(embeddings_config(args))
+    else:
+        from .adapter import train_adapter
 
-            out = train_adapter(adapter_config(args))
-    except CodaFormatError as e:  # a data-format problem is bad input like any other
-        raise InputError(str(e)) from None
+        out = train_adapter(adapter_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

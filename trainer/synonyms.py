@@ -162,16 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .coda import CodaFormatError
-
     args = parse_args(argv)
-    try:
-        return _run(args)
-    except CodaFormatError as e:  # a data-format problem is bad input like any other
-        raise InputError(str(e)) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from .coda import category_group, iter_annotations
 
     out = Path(args.out)
