@@ -1,0 +1,283 @@
+"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> bundle.
+
+Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
+command on the same software gives the same bundle. Timings per stage are printed and written to
+``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
+common recall without and with hints, bundle size).
+
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (<= 60 min, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
+
+Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
+scenes with rare objects) and ``OUT/build_report.json``. Intermediate files (the world, the
+checkpoints) go to ``--work`` (default ``OUT.work``); ``--keep-work`` keeps them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["PRESETS", "BuildPlan", "parse_args", "main"]
+
+MAX_BUNDLE_BYTES = 25 * 1024 * 1024  # the bundle ships in the repository
+
+
+@dataclasses.dataclass
+class BuildPlan:
+    """Sizes of one rebuild; ``PRESETS`` holds the shipped one and a small one."""
+
+    pretrain: int  # world pretrain images (the VLM's data)
+    plugin: int  # world plug-in training images (phase 1 and 2)
+    val: int  # world validation images
+    test: int  # world test images
+    size: int  # world image side in pixels
+    vfm: dict  # VFMConfig overrides
+    vlm: dict  # VLMConfig overrides
+    eval_images: int  # test images for the base VLM's recall (0: all)
+    phase1_epochs: int  # rtrt train embeddings --epochs
+    phase2_epochs: int  # rtrt train adapter --epochs
+    adapter_width: int  # rtrt train adapter --width
+
+
+PRESETS: dict[str, BuildPlan] = {
+    # The shipped demo: sized for <= 60 minutes on 2 CPU cores, VFM + VLM within ~30 of them.
+    "full": BuildPlan(
+        pretrain=6000, plugin=600, val=150, test=200, size=448,
+        vfm=dict(scenes=4000, epochs=5), vlm=dict(epochs=2),
+        eval_images=200, phase1_epochs=20, phase2_epochs=3, adapter_width=256,
+    ),
+    # End-to-end in minutes; the models are weak, the numbers only show that every stage runs.
+    "small": BuildPlan(
+        pretrain=1200, plugin=150, val=40, test=60, size=448,
+        vfm=dict(scenes=600, epochs=3, embed_dim=128, depth=4), vlm=dict(epochs=1, warmup_steps=20),
+        eval_images=48, phase1_epochs=5, phase2_epochs=1, adapter_width=128,
+    ),
+    # Seconds: tiny models on a tiny world, for the tests.
+    "tiny": BuildPlan(
+        pretrain=8, plugin=6, val=2, test=4, size=96,
+        vfm=dict(scenes=8, epochs=1, embed_dim=32, depth=1, num_heads=2, image_size=32, batch_size=4, warmup_steps=1),
+        vlm=dict(epochs=1, image_size=32, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+                 text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
+                 max_answer_tokens=48),
+        eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
+    ),
+}
+
+
+def _seed_everything(seed: int, threads: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    # warn_only: a few CPU kernels have no deterministic variant; they are reported, not fatal.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class _Timer:
+    """Runs stages, prints and records how long each took."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        print(f"[demo] {name} ...", file=sys.stderr, flush=True)
+        t = time.time()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.time() - t, 1)
+        print(f"[demo] {name} done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
+        return result
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _call_main(module: str, argv: list[str]) -> None:
+    import importlib
+
+    rc = importlib.import_module(module).main(argv)
+    if rc not in (0, None):
+        raise RuntimeError(f"{module} {' '.join(argv)} exited with {rc}")
+
+
+def _rare_classes_with_regions(annotations: Path) -> list[str]:
+    """The world's rare categories that have at least one region in ``annotations`` (the rows of W)."""
+    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.trainer.coda import iter_annotations
+
+    seen = {r.category_name for _, ann in iter_annotations(annotations) for r in ann.region_perception}
+    return [c for c in RARE_CATEGORIES if c in seen]
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _pick_examples(world: Path, out: Path, count: int = 4) -> list[str]:
+    """Copy the first test images whose annotation names rare objects (most distinct rare kinds first)."""
+    from rtrt.tools.judge import find_mentions
+    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    records = read_tasks(task_file(world / "CODA-LM" / "test" / "vqa_anno", "general_perception"))
+    scored = [(-len(find_mentions(r.answer or "") & set(RARE_CATEGORIES)), r.question_id, r) for r in records]
+    chosen = [r for n, _, r in sorted(scored, key=lambda t: (t[0], t[1])) if n < 0][:count]
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, r in enumerate(chosen):
+        name = f"scene_{k + 1}{Path(r.image).suffix}"
+        shutil.copyfile(world / r.image, out / name)
+        names.append(name)
+    (out / "examples.json").write_text(json.dumps(
+        {n: {"source": r.image, "reference": r.answer} for n, r in zip(names, chosen)}, indent=2) + "\n")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.demo.build",
+                                description="Rebuild the demo world, models and bundle from nothing with fixed seeds.")
+    p.add_argument("--out", required=True, help="output directory (bundle/, examples/, build_report.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="sizes: full (the shipped demo), small (~5 min end to end) or tiny (seconds, for tests)")
+    p.add_argument("--work", default="", help="directory for the world and intermediates (default: OUT.work)")
+    p.add_argument("--keep-work", action="store_true", help="keep --work after a successful build")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for determinism)")
+    p.add_argument("--stop-after", choices=("world", "vfm", "vlm", "phase1", "phase2", "export"), default="export",
+                   help="stop after this stage (the bundle is written only by a full run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = PRESETS[args.preset]
+    out = Path(args.out).resolve()
+    work = Path(args.work).resolve() if args.work else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    _seed_everything(args.seed, args.threads)
+    progress = not args.quiet
+    timer = _Timer()
+    report: dict = {"seed": args.seed, "preset": args.preset, "plan": dataclasses.asdict(plan), "threads": args.threads}
+    t_start = time.time()
+
+    def finish(stage: str) -> int:
+        report["seconds"] = timer.seconds
+        report["seconds_total"] = round(time.time() - t_start, 1)
+        report["stopped_after"] = stage
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({"seconds": timer.seconds, "total": report["seconds_total"]}, indent=2))
+        return 0
+
+    # 1. The world (CODA-LM layout).
+    world = work / "world"
+    timer.run("world", _call_main, "rtrt.tools.world", [
+        "--out", str(world), "--seed", str(args.seed), "--pretrain", str(plan.pretrain), "--plugin", str(plan.plugin),
+        "--val", str(plan.val), "--test", str(plan.test), "--size", str(plan.size), "--workers", str(args.threads), "--overwrite",
+        *([] if progress else ["--quiet"]),
+    ])
+    if args.stop_after == "world":
+        return finish("world")
+
+    # 2. The VFM, trained on balanced scenes, and its linear probe.
+    from .vfm import VFMConfig, load_demo_vfm, probe_vfm, train_vfm
+
+    vfm_cfg = VFMConfig(seed=args.seed, workers=args.threads, **plan.vfm)
+    report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
+    backbone, spec = load_demo_vfm(work / "vfm")
+    report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
+    del backbone
+    if args.stop_after == "vfm":
+        return finish("vfm")
+
+    # 3. The base VLM, pretrained from scratch, and its blindness.
+    from .vlm import VLMConfig, evaluate_recall, pretrain_vlm
+
+    vlm_cfg = VLMConfig(seed=args.seed, **plan.vlm)
+    vlm_dir = work / "vlm"
+    report["vlm"] = timer.run("vlm", pretrain_vlm, world, vlm_dir, vlm_cfg, progress=progress)
+    report["vlm_recall"] = {
+        mode: timer.run(f"vlm eval hints={mode}", evaluate_recall, vlm_dir, world, "test", hints=mode,
+                        limit=plan.eval_images, progress=progress)
+        for mode in ("none", "rare")
+    }
+    r0, r1 = report["vlm_recall"]["none"]["recall"], report["vlm_recall"]["rare"]["recall"]
+    report["blind"] = bool(r0["rare"] is not None and r0["common"] and r0["rare"] <= 0.5 * r0["common"])
+    print(f"[demo] base VLM recall: common {_pct(r0['common'])} rare {_pct(r0['rare'])} (no hints); "
+          f"common {_pct(r1['common'])} rare {_pct(r1['rare'])} (oracle rare hints)", file=sys.stderr)
+    if args.stop_after == "vlm":
+        return finish("vlm")
+
+    # 4. Phase 1: W and the detector's projection (rtrt train embeddings).
+    from .text_encoder import minilm_ref, write_synonyms
+
+    classes = _rare_classes_with_regions(world / "CODA-LM" / "plugin")
+    synonyms = write_synonyms(work / "synonyms.json", classes)
+    report["classes"] = classes
+    phase1 = work / "bundle_phase1"
+    if not _module_available("rtrt.trainer.embeddings"):  # TODO(issue 6): remove once phase 1 has landed
+        print("[demo] phase 1 skipped: rtrt.trainer.embeddings is not available yet", file=sys.stderr)
+        return finish("vlm")
+    timer.run("phase1", _call_main, "rtrt.trainer.cli", [
+        "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
+        "--vlm", str(vlm_dir), "--synonyms", str(synonyms), "--classes", ",".join(classes), "--vfm-kind", "timm",
+        "--vfm", str(work / "vfm" / "vfm.safetensors"), "--vfm-arch", spec.arch, "--vfm-kwargs", json.dumps(spec.kwargs),
+        "--image-size", str(spec.image_size), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
+        "--epochs", str(plan.phase1_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase1), "--overwrite",
+    ])
+    if args.stop_after == "phase1":
+        return finish("phase1")
+
+    # 5. Phase 2: the adapter through the frozen VLM (rtrt train adapter), VLM carried into the bundle.
+    phase2 = work / "bundle_phase2"
+    if not _module_available("rtrt.trainer.adapter"):  # TODO(issue 6): remove once phase 2 has landed
+        print("[demo] phase 2 skipped: rtrt.trainer.adapter is not available yet", file=sys.stderr)
+        return finish("phase1")
+    timer.run("phase2", _call_main, "rtrt.trainer.cli", [
+        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(world / "CODA-LM" / "plugin" / "vqa_anno"),
+        "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
+        "--epochs", str(plan.phase2_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2), "--overwrite",
+    ])
+    if args.stop_after == "phase2":
+        return finish("phase2")
+
+    # 6. Export (rtrt export) and the shipped output.
+    if not _module_available("rtrt.export.cli"):  # TODO(issue 6): remove once rtrt export has landed
+        print("[demo] export skipped: rtrt.export.cli is not available yet", file=sys.stderr)
+        return finish("phase2")
+    timer.run("export", _call_main, "rtrt.export.cli", ["--bundle", str(phase2), "--backend", "onnx"])
+    bundle = out / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(phase2, bundle)
+    report["examples"] = _pick_examples(world, out / "examples")
+    report["bundle_bytes"] = _dir_bytes(bundle)
+    if report["bundle_bytes"] > MAX_BUNDLE_BYTES:
+        print(f"[demo] warning: bundle is {report['bundle_bytes'] / 2**20:.1f} MiB, over the 25 MiB budget", file=sys.stderr)
+    rc = finish("export")
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

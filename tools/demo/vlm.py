@@ -1,0 +1,586 @@
+"""The demo base VLM: a tiny LLaVA-1.5 pretrained from scratch on the world's pretraining split.
+
+``pretrain_vlm(world, out, cfg)`` learns a byte-level BPE tokenizer from the pretraining text,
+builds a standard ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector + Llama)
+with a ``LlavaProcessor`` (``CLIPImageProcessor``, LLaVA-1.5's chat template), trains it in two
+stages as LLaVA is made, and saves it with ``save_pretrained``:
+
+1. the vision tower alone (LLaVA starts from a CLIP trained on web data): per-patch labels from the
+   pretraining annotation's region boxes, i.e. only of the objects the text names;
+2. projector and language model (the tower frozen, as in LLaVA-1.5) on (image, question) ->
+   reference answer of the pretraining split.
+
+The pretraining data name common objects always and rare ones seldom (the web's long tail), so the
+model learns to be blind to rare objects, as large VLMs are.
+
+General prompt-following: in a fraction ``hint_prob`` of the general-perception samples the
+user turn starts with the detector's hint sentence (``rtrt.runtime.vlm.format_hint``: "In this
+image, there might be objects such as: a, b.") listing some of the objects the answer names
+(mostly common ones, since those are what the text names). The model learns to mention what a
+hint lists, so at inference a hint that names a rare object gets used.
+
+``evaluate_recall(vlm, world, split)`` measures the blindness through the runtime's own path
+(``rtrt.runtime.vlm.load_vlm``, ``prepare``, greedy ``generate``): per-item object mentions
+(``rtrt.tools.judge.find_mentions``) of the answer against the reference, micro recall of the
+common and of the rare categories, without hints and with oracle hints naming the rare objects
+present.
+
+The weights are stored in float16 (half the bytes) while ``config.json`` keeps ``dtype:
+float32``, so ``from_pretrained`` upcasts on load and the model runs in float32 on a CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+__all__ = ["VLMConfig", "Sample", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
+
+
+# A short-answer task made from the general-perception answers, like LLaVA's brief captions: the
+# categories the answer names, nearest first. Its answers are almost all visual words, so it teaches
+# the projector and the language model to read the image quickly.
+OBJECTS_TASK = "objects"
+OBJECTS_QUESTION = "Which objects in this image influence the ego car?"
+
+
+def objects_answer(answer: str) -> str:
+    """``"car, traffic cone, pedestrian."``: the categories ``answer`` names, in order; ``"nothing."`` if none."""
+    from rtrt.runtime.modules import display_name
+    from rtrt.tools.judge import find_mentions
+
+    order: list[str] = []
+    for sentence in re.split(r"(?<=[.;])\s+", answer):
+        for c in sorted(find_mentions(sentence)):
+            if c not in order:
+                order.append(c)
+    return (", ".join(display_name(c) for c in order) or "nothing") + "."
+
+
+@dataclass
+class VLMConfig:
+    """Shape and pretraining schedule of the demo VLM; saved as ``demo_vlm.json`` beside it."""
+
+    image_size: int = 160  # square VLM input side; tokens per image = (image_size / patch_size) ** 2
+    patch_size: int = 16  # CLIP patch side
+    vision_hidden: int = 160  # CLIP vision tower width
+    vision_layers: int = 4  # CLIP vision tower depth
+    vision_heads: int = 5  # CLIP attention heads
+    text_hidden: int = 256  # Llama width (D_llm: the width of W and of the adapter)
+    text_layers: int = 4  # Llama depth
+    text_heads: int = 4  # Llama attention heads (and key/value heads)
+    text_intermediate: int = 688  # Llama MLP width
+    vocab_size: int = 1024  # BPE vocabulary, byte symbols and special tokens included
+    tie_embeddings: bool = True  # the LM head shares the input embedding matrix
+    max_positions: int = 1024  # Llama context length
+    tasks: tuple[str, ...] = ("general_perception", OBJECTS_TASK)  # pretraining tasks (task files or OBJECTS_TASK)
+    hint_prob: float = 0.5  # share of general-perception samples whose prompt carries a hint
+    hint_max: int = 3  # most objects a pretraining hint lists
+    hint_rare: bool = True  # a hint always lists one of the rare objects the answer names, if any
+    tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
+    tag_lr: float = 2e-3  # stage 1: peak learning rate
+    tag_batch_size: int = 64  # stage 1: images per step
+    align_epochs: int = 1  # stage 2a: epochs of object-list answers with the tower frozen (0: skip)
+    align_lr: float = 2e-3  # stage 2a: peak learning rate
+    align_batch_size: int = 32  # stage 2a: samples per step
+    bg_weight: float = 0.2  # weight of background patches in the patch-label loss (objects cover few patches)
+    aux_weight: float = 0.5  # stage 2 keeps the patch-label loss on the tower with this weight (0: off)
+    vision_lr_scale: float = 1.0  # stage 2 learning rate of the tower relative to lr (0: frozen, as LLaVA-1.5)
+    max_answer_tokens: int = 320  # answers are cut to this many tokens (EOS included)
+    epochs: int = 3  # passes over the pretraining samples
+    batch_size: int = 16  # samples per optimiser step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to lr / 20)
+    warmup_steps: int = 100  # linear warm-up steps
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms and biases)
+    max_images: int = 0  # use only the first this many pretraining images (0: all)
+    seed: int = 0  # initialisation, hint draws and batch order
+    init_range: float = 0.02  # std of the initial weights
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+
+@dataclass
+class Sample:
+    """One pretraining example."""
+
+    image: str  # path relative to the world root
+    question: str  # the task's question
+    answer: str  # the reference answer
+    hint: list[str] = field(default_factory=list)  # categories named by the prompt's hint ([] for none)
+
+
+def _task_dir(world: Path, split: str) -> Path:
+    return world / "CODA-LM" / split / "vqa_anno"
+
+
+def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
+    """The split's samples of ``cfg.tasks``; hints drawn (seeded) for general-perception and object-list ones."""
+    from rtrt.tools.judge import find_mentions
+    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    world = Path(world)
+    rng = random.Random(cfg.seed)
+    samples: list[Sample] = []
+    for task in cfg.tasks:
+        source = "general_perception" if task == OBJECTS_TASK else task
+        for rec in read_tasks(task_file(_task_dir(world, split), source)):
+            s = Sample(rec.image, rec.question, rec.answer or "")
+            named = sorted(find_mentions(s.answer))
+            if task == OBJECTS_TASK:
+                s = Sample(rec.image, OBJECTS_QUESTION, objects_answer(s.answer))
+            if task in ("general_perception", OBJECTS_TASK) and named and rng.random() < cfg.hint_prob:
+                k = rng.randint(1, min(cfg.hint_max, len(named)))
+                s.hint = rng.sample(named, k)
+                rare = [c for c in named if c in RARE_CATEGORIES]
+                if cfg.hint_rare and rare and not set(s.hint) & set(rare):
+                    s.hint[rng.randrange(k)] = rng.choice(rare)
+            samples.append(s)
+    if cfg.max_images:
+        keep = set(sorted({s.image for s in samples})[: cfg.max_images])
+        samples = [s for s in samples if s.image in keep]
+    return samples
+
+
+def build_vlm(tokenizer, cfg: VLMConfig):
+    """A randomly initialised ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    tokens = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+            projection_dim=cfg.vision_hidden, initializer_range=cfg.init_range,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_positions, initializer_range=cfg.init_range,
+            tie_word_embeddings=cfg.tie_embeddings,
+            bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        ),
+        image_token_id=ids["<image>"],
+        image_seq_length=tokens,
+        # The last layer's patch features (CLS dropped): with a 4-layer tower, LLaVA-1.5's -2 would
+        # leave a whole layer untrained.
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=ids["<pad>"],
+        initializer_range=cfg.init_range,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=cfg.max_answer_tokens,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+    )
+    return model, processor
+
+
+def _user_text(question: str, hint: Sequence[str]) -> str:
+    # The runtime's prompt (``VLMFamily.user_text``): the hint sentence, then the question.
+    from rtrt.runtime.vlm import format_hint
+
+    h = format_hint(list(hint))
+    return f"{h} {question}" if h else question
+
+
+def _prompt_ids(processor, question: str, hint: Sequence[str], cache: dict) -> list[int]:
+    """Token ids of the chat prompt, made as ``VLMFamily.prepare`` makes them (image tokens expanded)."""
+    from PIL import Image
+
+    key = (question, tuple(hint))
+    if key not in cache:
+        conv = [{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (32, 32))},
+            {"type": "text", "text": _user_text(question, hint)},
+        ]}]
+        batch = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)
+        cache[key] = list(batch["input_ids"][0])
+    return cache[key]
+
+
+def _load_pixels(world: Path, paths: Sequence[str], image_processor, desc: str) -> tuple[torch.Tensor, dict[str, int]]:
+    """uint8 [N, 3, S, S] of every distinct image, resized and cropped by the VLM's image processor."""
+    from PIL import Image
+
+    unique = sorted(set(paths))
+    index = {p: i for i, p in enumerate(unique)}
+    chunks = []
+    for i in tqdm(range(0, len(unique), 64), desc=desc, unit="x64 img", file=sys.stderr, leave=False):
+        imgs = [Image.open(world / p).convert("RGB") for p in unique[i : i + 64]]
+        px = image_processor(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+        chunks.append(px.to(torch.uint8))
+    return torch.cat(chunks), index
+
+
+def _normaliser(image_processor):
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return lambda u8: (u8.float() / 255.0 - mean) / std
+
+
+def _batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar lengths (sorted within windows of 32 batches) to waste little padding."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    window = batch_size * 32
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i : i + window], key=lambda j: lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[p] for p in perm]
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to ``peak / 20`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak / 20 + (peak - peak / 20) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _adamw(named_params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # No weight decay on norms, biases and other vectors.
+    named = list(named_params)
+    decay = [p for _, p in named if p.ndim >= 2]
+    rest = [p for _, p in named if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def _region_labels(world: Path, images: dict[str, int], size: int, patch: int) -> torch.Tensor:
+    """Per-patch labels [N, G, G] of the pretrain images from their annotation's region boxes.
+
+    0 is background, 1 + i the i-th of ``rtrt.trainer.coda.CATEGORIES``; a patch takes the box
+    covering its centre that reaches lowest in the image (the nearest object on a ground plane), a box
+    smaller than a patch marks the patch holding its centre. The annotation boxes only the objects
+    its text names (at most ``max_regions``): when an image has that many regions, patches outside
+    every box are ignored (-100) rather than called background. Boxes are mapped through the VLM's
+    resize of the shortest side to ``size`` and centre crop.
+    """
+    from rtrt.trainer.coda import CATEGORIES, image_path_for, iter_annotations
+
+    meta = json.loads((world / "world.json").read_text())["config"]
+    width, height, max_regions, ext = meta["width"], meta["height"], meta["max_regions"], "." + meta["image_format"]
+    grid = size // patch
+    scale = size / min(width, height)
+    ox, oy = (width * scale - size) / 2, (height * scale - size) / 2
+    centres = (torch.arange(grid) + 0.5) * patch
+    labels = torch.full((len(images), grid, grid), -100, dtype=torch.long)
+    for path, ann in iter_annotations(world / "CODA-LM" / "pretrain"):
+        row = images.get(image_path_for(path.name, ext))
+        if row is None:
+            continue
+        lab = torch.zeros(grid, grid, dtype=torch.long) if len(ann.region_perception) < max_regions else labels[row]
+        for r in sorted(ann.region_perception, key=lambda r: r.box[1] + r.box[3]):  # far (high) to near (low)
+            x, y, w, h = r.box
+            x0, x1, y0, y1 = x * scale - ox, (x + w) * scale - ox, y * scale - oy, (y + h) * scale - oy
+            cls = 1 + CATEGORIES.index(r.category_name)
+            cols = ((centres >= x0) & (centres < x1)).nonzero().flatten()
+            rows = ((centres >= y0) & (centres < y1)).nonzero().flatten()
+            if len(cols) and len(rows):
+                lab[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = cls
+            else:
+                c = min(grid - 1, max(0, int((x0 + x1) / 2 // patch)))
+                rr = min(grid - 1, max(0, int((y0 + y1) / 2 // patch)))
+                lab[rr, c] = cls
+        labels[row] = lab
+    return labels
+
+
+def _patch_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), weight=weight, ignore_index=-100)
+
+
+def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, cfg: VLMConfig,
+                           normalise, gen: torch.Generator, progress: bool) -> list[float]:
+    """Stage 1, as LLaVA's CLIP is trained before LLaVA: the vision tower learns what the pretraining data labels.
+
+    ``head`` classifies each patch token of the LLaVA feature layer (background or the category of
+    the named object over it; see ``_region_labels``). Rare objects are labelled only when the text
+    names them, so they stay weakly learned. Returns each epoch's mean loss.
+    """
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    opt = _adamw(list(tower.named_parameters()) + list(head.named_parameters()), cfg.tag_lr, cfg.weight_decay)
+    steps = math.ceil(len(pixels) / cfg.tag_batch_size)
+    total = steps * cfg.tag_epochs
+    step, epoch_losses = 0, []
+    bar = tqdm(total=total, desc="vlm stage 1 (vision tower)", unit="step", file=sys.stderr, disable=not progress)
+    for _ in range(cfg.tag_epochs):
+        order, losses = torch.randperm(len(pixels), generator=gen), []
+        for i in range(0, len(order), cfg.tag_batch_size):
+            idx = order[i : i + cfg.tag_batch_size]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, cfg.tag_lr, min(cfg.warmup_steps, total // 10 + 1))
+            hidden = tower(normalise(pixels[idx]), output_hidden_states=True).hidden_states[layer][:, 1:]
+            loss = _patch_loss(head, hidden, labels[idx], weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        epoch_losses.append(float(np.mean(losses)))
+    bar.close()
+    return epoch_losses
+
+
+def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor, labels: torch.Tensor):
+    """``model(input_ids, pixel_values, labels)`` written out so the tower's features are at hand.
+
+    Returns ``(output, patch tokens of the LLaVA feature layer)``; the output equals the stock
+    forward's (``LlavaModel.get_image_features`` with the "default" strategy, ``masked_scatter``).
+    """
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+    features = model.model.multi_modal_projector(hidden)
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=mask, labels=labels), hidden
+
+
+def _train_answers(model, seqs, rows, pixels, normalise, gen, *, epochs: int, batch_size: int, lr: float, cfg: VLMConfig,
+                   desc: str, progress: bool, head=None, patch_labels=None, class_weight=None) -> list[float]:
+    """Teacher-forced answer loss over ``seqs`` [(prompt ids, answer ids)] with images ``pixels[rows]``.
+
+    Trains every parameter that requires grad (the tower's at ``cfg.vision_lr_scale`` x ``lr``);
+    with ``head``, the patch-label loss is added with weight ``cfg.aux_weight``. Returns the mean
+    answer loss of each epoch.
+    """
+    tower_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    opt = _adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in tower_ids], lr, cfg.weight_decay)
+    tower = [(n, p) for n, p in model.model.vision_tower.named_parameters() if p.requires_grad]
+    if tower:
+        extra = tower + (list(head.named_parameters()) if head is not None else [])
+        for g in _adamw(extra, lr, cfg.weight_decay).param_groups:
+            opt.add_param_group({**g, "lr_scale": cfg.vision_lr_scale})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    pad = model.config.pad_token_id
+    lengths = [len(p) + len(a) for p, a in seqs]
+    total = math.ceil(len(seqs) / batch_size) * epochs
+    warmup = min(cfg.warmup_steps, total // 10 + 1)
+    model.train()
+    step, losses, epoch_losses = 0, [], []
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not progress)
+    for epoch in range(epochs):
+        first = len(losses)
+        for batch in _batches(lengths, batch_size, gen):
+            width = max(lengths[j] for j in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, j in enumerate(batch):
+                p, a = seqs[j]
+                ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+                labels[r, len(p) : len(p) + len(a)] = torch.tensor(a)
+                mask[r, : len(p) + len(a)] = 1
+            img = [rows[j] for j in batch]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, lr, warmup) * g.get("lr_scale", 1.0)
+            result, hidden = _llava_forward(model, ids, mask, normalise(pixels[img]), labels)
+            loss = result.loss
+            if head is not None:
+                loss = loss + cfg.aux_weight * _patch_loss(head, hidden, patch_labels[img], class_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(result.loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}")
+        epoch_losses.append(float(np.mean(losses[first:])))
+    bar.close()
+    return epoch_losses
+
+
+def save_half(model, processor, out: Path) -> None:
+    """``save_pretrained`` with float16 tensors; config.json keeps float32 so loading upcasts."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    for f in sorted(out.glob("*.safetensors")):
+        state = load_file(str(f))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(f), metadata={"format": "pt"})
+
+
+def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: bool = True) -> dict:
+    """Learn the tokenizer, build and pretrain the VLM on ``world``'s pretrain split, save it to ``out``.
+
+    Returns a report (sizes, losses, seconds); it is also written to ``out/demo_vlm.json``.
+    """
+    from rtrt.trainer.coda import CATEGORIES
+
+    from .tokenizer import train_tokenizer
+
+    world, out = Path(world), Path(out)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    samples = load_samples(world, "pretrain", cfg)
+    if not samples:
+        raise ValueError(f"{world}: no pretraining samples")
+    corpus = sorted({s.question for s in samples}) + [_user_text("", s.hint) for s in samples if s.hint]
+    corpus += [s.answer for s in samples]
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    model, processor = build_vlm(tokenizer, cfg)
+    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images")
+    normalise = _normaliser(processor.image_processor)
+    eos = tokenizer.eos_token_id
+    cache: dict = {}
+    seqs = []
+    for s in samples:
+        prompt = _prompt_ids(processor, s.question, s.hint, cache)
+        answer = tokenizer(" " + s.answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]
+        seqs.append((prompt, answer))
+    t_data = time.time() - t0
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t1 = time.time()
+    use_patches = cfg.tag_epochs > 0 or cfg.aux_weight > 0
+    patch_labels = _region_labels(world, index, cfg.image_size, cfg.patch_size) if use_patches else None
+    head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
+    class_weight = torch.ones(1 + len(CATEGORIES))
+    class_weight[0] = cfg.bg_weight
+    tag_losses = []
+    if cfg.tag_epochs:
+        tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress)
+    t_tag = time.time() - t1
+
+    # Stage 2a (LLaVA's feature alignment): object lists only, tower frozen.
+    tower = model.model.vision_tower
+    objects = [j for j, smp in enumerate(samples) if smp.question == OBJECTS_QUESTION]
+    t2 = time.time()
+    align_losses = []
+    if cfg.align_epochs and objects:
+        tower.requires_grad_(False)
+        align_losses = _train_answers(
+            model, [seqs[j] for j in objects], [index[samples[j].image] for j in objects], pixels, normalise, gen,
+            epochs=cfg.align_epochs, batch_size=cfg.align_batch_size, lr=cfg.align_lr, cfg=cfg,
+            desc="vlm stage 2a (alignment)", progress=progress,
+        )
+        tower.requires_grad_(True)
+    t_align = time.time() - t2
+
+    # Stage 2b (LLaVA's instruction tuning): every task; the tower at vision_lr_scale x lr, still
+    # held by the patch-label loss (aux_weight).
+    tower.requires_grad_(cfg.vision_lr_scale > 0)
+    epoch_losses = _train_answers(
+        model, seqs, [index[smp.image] for smp in samples], pixels, normalise, gen,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cfg=cfg, desc="vlm stage 2b (instructions)",
+        progress=progress, head=head if cfg.aux_weight > 0 and cfg.vision_lr_scale > 0 else None,
+        patch_labels=patch_labels, class_weight=class_weight,
+    )
+    model.eval()
+    model.requires_grad_(True)
+    save_half(model, processor, out)
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "samples": len(seqs),
+        "images": len(index),
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "tokens_per_image": (cfg.image_size // cfg.patch_size) ** 2,
+        "stage1_epoch_losses": tag_losses,
+        "stage2a_epoch_losses": align_losses,
+        "epoch_losses": epoch_losses,
+        "seconds_data": round(t_data, 1),
+        "seconds_stage1": round(t_tag, 1),
+        "seconds_stage2a": round(t_align, 1),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "demo_vlm.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate_recall(
+    vlm: str | Path,
+    world: str | Path,
+    split: str = "test",
+    hints: str = "none",
+    limit: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Micro recall (0-100) of common and rare categories in the VLM's general-perception answers.
+
+    ``hints``: ``"none"``, or ``"rare"`` (oracle hints: the rare categories the reference names).
+    Loads through ``rtrt.runtime.vlm.load_vlm`` and answers with greedy ``generate``.
+    """
+    from PIL import Image
+
+    from rtrt.runtime.vlm import load_vlm
+    from rtrt.tools.judge import find_mentions
+    from rtrt.tools.world import COMMON_CATEGORIES, RARE_CATEGORIES
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    if hints not in ("none", "rare"):
+        raise ValueError(f"hints must be 'none' or 'rare', got {hints!r}")
+    world = Path(world)
+    family = load_vlm(vlm, dtype=torch.float32)
+    records = read_tasks(task_file(_task_dir(world, split), "general_perception"))
+    if limit:
+        records = records[:limit]
+    max_new = max_new_tokens or family.model.generation_config.max_new_tokens or 320
+    common, rare = set(COMMON_CATEGORIES), set(RARE_CATEGORIES)
+    hit = {"common": 0, "rare": 0}
+    tot = {"common": 0, "rare": 0}
+    false_mentions = {"common": 0, "rare": 0}
+    examples = []
+    bar = tqdm(total=len(records), desc=f"vlm eval {split} hints={hints}", unit="img", file=sys.stderr, disable=not progress)
+    for i in range(0, len(records), batch_size):
+        recs = records[i : i + batch_size]
+        refs = [find_mentions(r.answer or "") for r in recs]
+        hint_lists = [sorted(ref & rare) for ref in refs] if hints == "rare" else None
+        images = [Image.open(world / r.image).convert("RGB") for r in recs]
+        batch = family.prepare(images, [r.question for r in recs], hint_lists)
+        answers = family.decode(family.generate(batch, max_new_tokens=max_new))
+        for rec, ref, ans in zip(recs, refs, answers):
+            pred = find_mentions(ans)
+            for kind, cats in (("common", common), ("rare", rare)):
+                tot[kind] += len(ref & cats)
+                hit[kind] += len(ref & pred & cats)
+                false_mentions[kind] += len((pred - ref) & cats)
+            if len(examples) < 3:
+                examples.append({"image": rec.image, "reference": rec.answer, "answer": ans.strip()})
+        bar.update(len(recs))
+    bar.close()
+    recall = {k: (100.0 * hit[k] / tot[k] if tot[k] else None) for k in hit}
+    return {
+        "split": split, "hints": hints, "items": len(records), "recall": recall, "support": tot,
+        "false_mentions": false_mentions, "examples": examples,
+    }
