@@ -5,8 +5,8 @@ builds a standard ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP pro
 with a ``LlavaProcessor`` (``CLIPImageProcessor``, LLaVA-1.5's chat template), trains it in two
 stages as LLaVA is made, and saves it with ``save_pretrained``:
 
-1. the vision tower alone (LLaVA starts from a CLIP trained on web data): per-patch labels from the
-   pretraining annotation's region boxes, i.e. only of the objects the text names;
+1. the vision tower alone (LLaVA starts from a CLIP trained on web images): per-patch labels of
+   every object in the pretraining images, at the world's natural frequencies (not balanced);
 2. projector and language model (the tower frozen, as in LLaVA-1.5) on (image, question) ->
    reference answer of the pretraining split.
 
@@ -16,7 +16,8 @@ model learns to be blind to rare objects, as large VLMs are.
 General prompt-following: in a fraction ``hint_prob`` of the general-perception samples the
 user turn starts with the detector's hint sentence (``rtrt.runtime.vlm.format_hint``: "In this
 image, there might be objects such as: a, b.") listing some of the objects the answer names
-(mostly common ones, since those are what the text names). The model learns to mention what a
+(mostly common ones, since those are what the text names; most samples whose answer names a rare
+object, ``hint_rare_prob``, list one, so that copying is learned for rare names too). The model learns to mention what a
 hint lists, so at inference a hint that names a rare object gets used.
 
 ``evaluate_recall(vlm, world, split)`` measures the blindness through the runtime's own path
@@ -73,8 +74,8 @@ def objects_answer(answer: str) -> str:
 class VLMConfig:
     """Shape and pretraining schedule of the demo VLM; saved as ``demo_vlm.json`` beside it."""
 
-    image_size: int = 160  # square VLM input side; tokens per image = (image_size / patch_size) ** 2
-    patch_size: int = 16  # CLIP patch side
+    image_size: int = 256  # square VLM input side; tokens per image = (image_size / patch_size) ** 2
+    patch_size: int = 32  # CLIP patch side (ViT-B/32-style: 64 tokens, which a small LM learns to read quickly)
     vision_hidden: int = 160  # CLIP vision tower width
     vision_layers: int = 4  # CLIP vision tower depth
     vision_heads: int = 5  # CLIP attention heads
@@ -88,7 +89,7 @@ class VLMConfig:
     tasks: tuple[str, ...] = ("general_perception", OBJECTS_TASK)  # pretraining tasks (task files or OBJECTS_TASK)
     hint_prob: float = 0.5  # share of general-perception samples whose prompt carries a hint
     hint_max: int = 3  # most objects a pretraining hint lists
-    hint_rare: bool = True  # a hint always lists one of the rare objects the answer names, if any
+    hint_rare_prob: float = 0.7  # share of samples naming a rare object whose hint lists one (copying rare names is rarer)
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
     tag_lr: float = 2e-3  # stage 1: peak learning rate
     tag_batch_size: int = 64  # stage 1: images per step
@@ -144,11 +145,11 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
             named = sorted(find_mentions(s.answer))
             if task == OBJECTS_TASK:
                 s = Sample(rec.image, OBJECTS_QUESTION, objects_answer(s.answer))
-            if task in ("general_perception", OBJECTS_TASK) and named and rng.random() < cfg.hint_prob:
+            rare = [c for c in named if c in RARE_CATEGORIES]
+            if task in ("general_perception", OBJECTS_TASK) and named and rng.random() < (cfg.hint_rare_prob if rare else cfg.hint_prob):
                 k = rng.randint(1, min(cfg.hint_max, len(named)))
                 s.hint = rng.sample(named, k)
-                rare = [c for c in named if c in RARE_CATEGORIES]
-                if cfg.hint_rare and rare and not set(s.hint) & set(rare):
+                if rare and not set(s.hint) & set(rare):
                     s.hint[rng.randrange(k)] = rng.choice(rare)
             samples.append(s)
     if cfg.max_images:
@@ -278,43 +279,49 @@ def _adamw(named_params, lr: float, weight_decay: float) -> torch.optim.AdamW:
                              lr=lr, betas=(0.9, 0.98))
 
 
-def _region_labels(world: Path, images: dict[str, int], size: int, patch: int) -> torch.Tensor:
-    """Per-patch labels [N, G, G] of the pretrain images from their annotation's region boxes.
+def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) -> torch.Tensor:
+    """Per-patch labels [N, G, G] of pretrain images: every object drawn, named by the text or not.
 
-    0 is background, 1 + i the i-th of ``rtrt.trainer.coda.CATEGORIES``; a patch takes the box
-    covering its centre that reaches lowest in the image (the nearest object on a ground plane), a box
-    smaller than a patch marks the patch holding its centre. The annotation boxes only the objects
-    its text names (at most ``max_regions``): when an image has that many regions, patches outside
-    every box are ignored (-100) rather than called background. Boxes are mapped through the VLM's
-    resize of the shortest side to ``size`` and centre crop.
+    The pretrain scenes are sampled again from the world's per-image seed (``default_rng([seed,
+    split, index])``, which ``sample_scene`` consumes first), and each regenerated scene is checked
+    against its annotation: every region box must be an object of the same category. 0 is
+    background, 1 + i the i-th of ``rtrt.trainer.coda.CATEGORIES``; a patch takes the nearest object
+    whose box covers its centre, a box smaller than a patch marks the patch holding its centre.
+    Boxes go through the VLM's resize of the shortest side to ``size`` and centre crop.
     """
+    from rtrt.tools.world import SPLITS, sample_scene
     from rtrt.trainer.coda import CATEGORIES, image_path_for, iter_annotations
 
-    meta = json.loads((world / "world.json").read_text())["config"]
-    width, height, max_regions, ext = meta["width"], meta["height"], meta["max_regions"], "." + meta["image_format"]
+    from .vfm import _world_config
+
+    wcfg = _world_config(world)
     grid = size // patch
-    scale = size / min(width, height)
-    ox, oy = (width * scale - size) / 2, (height * scale - size) / 2
+    scale = size / min(wcfg.width, wcfg.height)
+    ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
     centres = (torch.arange(grid) + 0.5) * patch
-    labels = torch.full((len(images), grid, grid), -100, dtype=torch.long)
+    labels = torch.zeros((len(images), grid, grid), dtype=torch.long)
     for path, ann in iter_annotations(world / "CODA-LM" / "pretrain"):
-        row = images.get(image_path_for(path.name, ext))
-        if row is None:
+        rel = image_path_for(path.name, "." + wcfg.image_format)
+        if rel not in images:
             continue
-        lab = torch.zeros(grid, grid, dtype=torch.long) if len(ann.region_perception) < max_regions else labels[row]
-        for r in sorted(ann.region_perception, key=lambda r: r.box[1] + r.box[3]):  # far (high) to near (low)
-            x, y, w, h = r.box
+        scene = sample_scene(wcfg, np.random.default_rng([wcfg.seed, SPLITS["pretrain"], int(Path(rel).stem)]))
+        drawn = {(o.category, tuple(float(v) for v in o.box)) for o in scene.objects}
+        if any((r.category_name, tuple(r.box)) not in drawn for r in ann.region_perception):
+            raise RuntimeError(f"{path}: the regenerated scene does not match its annotation (world generator changed?)")
+        lab = labels[images[rel]]
+        for o in sorted(scene.objects, key=lambda o: -o.z):  # far to near: nearer overwrite
+            x, y, w, h = o.box
             x0, x1, y0, y1 = x * scale - ox, (x + w) * scale - ox, y * scale - oy, (y + h) * scale - oy
-            cls = 1 + CATEGORIES.index(r.category_name)
+            cls = 1 + CATEGORIES.index(o.category)
             cols = ((centres >= x0) & (centres < x1)).nonzero().flatten()
             rows = ((centres >= y0) & (centres < y1)).nonzero().flatten()
             if len(cols) and len(rows):
                 lab[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = cls
             else:
-                c = min(grid - 1, max(0, int((x0 + x1) / 2 // patch)))
-                rr = min(grid - 1, max(0, int((y0 + y1) / 2 // patch)))
-                lab[rr, c] = cls
-        labels[row] = lab
+                c = int((x0 + x1) / 2 // patch)
+                r = int((y0 + y1) / 2 // patch)
+                if 0 <= r < grid and 0 <= c < grid:
+                    lab[r, c] = cls
     return labels
 
 
@@ -327,8 +334,9 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
     """Stage 1, as LLaVA's CLIP is trained before LLaVA: the vision tower learns what the pretraining data labels.
 
     ``head`` classifies each patch token of the LLaVA feature layer (background or the category of
-    the named object over it; see ``_region_labels``). Rare objects are labelled only when the text
-    names them, so they stay weakly learned. Returns each epoch's mean loss.
+    the object over it; see ``_scene_labels``), at the world's natural frequencies: the tower sees
+    rare objects as web images show them, while the text rarely names them. Returns each epoch's
+    mean loss.
     """
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
@@ -453,8 +461,9 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     samples = load_samples(world, "pretrain", cfg)
     if not samples:
         raise ValueError(f"{world}: no pretraining samples")
-    corpus = sorted({s.question for s in samples}) + [_user_text("", s.hint) for s in samples if s.hint]
-    corpus += [s.answer for s in samples]
+    # The chat template's words belong to the text a tokenizer is learned from, as on the web.
+    corpus = [f"USER: {q} ASSISTANT:" for q in sorted({s.question for s in samples})]
+    corpus += [_user_text("", s.hint) for s in samples if s.hint] + [s.answer for s in samples]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
     model, processor = build_vlm(tokenizer, cfg)
     pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images")
@@ -471,7 +480,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     gen = torch.Generator().manual_seed(cfg.seed)
     t1 = time.time()
     use_patches = cfg.tag_epochs > 0 or cfg.aux_weight > 0
-    patch_labels = _region_labels(world, index, cfg.image_size, cfg.patch_size) if use_patches else None
+    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size) if use_patches else None
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
     class_weight = torch.ones(1 + len(CATEGORIES))
     class_weight[0] = cfg.bg_weight

@@ -1,0 +1,233 @@
+"""Tests of the demo models (``rtrt.tools.demo``) on a tiny world and tiny model sizes.
+
+The tokenizer round-trips and carries LLaVA-1.5's chat template; a briefly pretrained LLaVA saves,
+loads offline with ``LlavaForConditionalGeneration.from_pretrained`` and through
+``rtrt.runtime.vlm.load_vlm``, and its training prompts are token for token the runtime's; the
+VFM trains, loads through ``load_vfm`` and gives one token per patch; training lowers the loss;
+the full preset fits the bundle budget; the synonym encoder is the packaged all-MiniLM-L6-v2.
+
+Run: ``.venv/bin/pytest tests/test_demo_models.py``
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from rtrt.tools.demo import build, text_encoder, tokenizer, vfm, vlm
+from rtrt.tools.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, WorldObject, generate_world
+
+TINY_VLM = dict(vlm.VLMConfig(**build.PRESETS["tiny"].vlm).__dict__)
+TINY_VFM = dict(vfm.VFMConfig(**build.PRESETS["tiny"].vfm, workers=1).__dict__)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops: thread hand-offs would cost more than the arithmetic on a shared machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "world"
+    generate_world(WorldConfig(seed=3, pretrain=8, plugin=6, val=0, test=4, width=96, height=96), root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_vlm(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "vlm"
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "epochs": 4, "lr": 3e-3, "hint_prob": 0.5})
+    return out, vlm.pretrain_vlm(world, out, cfg, progress=False)
+
+
+def test_tokenizer_round_trips_and_has_the_llava_template():
+    texts = ["The ego car drives on a road with two lanes. A red car in the ego lane about 20 meters ahead."] * 20
+    tok = tokenizer.train_tokenizer(texts, vocab_size=320)
+    assert tok.convert_ids_to_tokens(list(range(len(tokenizer.SPECIAL_TOKENS)))) == list(tokenizer.SPECIAL_TOKENS)
+    for s in ["The ego car drives.", "A stroller, 12 m ahead: ünïcode ✓ and unseen words like zyzzyva!"]:
+        ids = tok(s).input_ids
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == s
+    assert len(tok("The ego car drives").input_ids) <= 5  # frequent words are single tokens
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is ahead?"}]}]
+    assert tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) == "USER: <image>\nWhat is ahead? ASSISTANT:"
+    assert tok.convert_tokens_to_ids("<image>") == 3 and tok.image_token == "<image>"
+    again = tokenizer.train_tokenizer(texts, vocab_size=320)
+    assert again.get_vocab() == tok.get_vocab()
+
+
+def test_vlm_pretraining_lowers_the_loss(trained_vlm):
+    _, report = trained_vlm
+    losses = report["epoch_losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3
+    assert len(report["stage1_epoch_losses"]) == TINY_VLM["tag_epochs"]
+    assert report["tokens_per_image"] == (TINY_VLM["image_size"] // TINY_VLM["patch_size"]) ** 2
+
+
+def test_vlm_loads_offline_with_transformers(trained_vlm, monkeypatch):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path, report = trained_vlm
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    assert model.dtype == torch.float32  # stored as float16, loaded as float32
+    assert sum(p.numel() for p in model.parameters()) == report["params"]
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    text = processor.apply_chat_template(conv, add_generation_prompt=True)
+    batch = processor(images=[Image.new("RGB", (96, 96), (90, 90, 90))], text=[text], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == report["tokens_per_image"]
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] <= batch["input_ids"].shape[1] + 3
+
+
+def test_vlm_loads_through_the_runtime_and_training_prompts_match(trained_vlm, world):
+    from rtrt.runtime.vlm import load_vlm
+
+    path, _ = trained_vlm
+    family = load_vlm(path)
+    assert family.name == "llava" and family.hidden_size == TINY_VLM["text_hidden"]
+    question, hint = "What is ahead?", ["traffic_cone", "dog"]
+    batch = family.prepare([Image.new("RGB", (96, 96))], [question], [hint])
+    cache: dict = {}
+    assert vlm._prompt_ids(family.processor, question, hint, cache) == batch["input_ids"][0].tolist()
+    assert family.decode(family.generate(batch, max_new_tokens=2))[0] is not None
+    res = vlm.evaluate_recall(path, world, "test", hints="rare", limit=2, max_new_tokens=4, progress=False)
+    assert res["items"] == 2 and set(res["recall"]) == {"common", "rare"}
+
+
+def test_training_forward_is_the_stock_llava_forward():
+    tok = tokenizer.train_tokenizer(["a red car ahead"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    model, _ = vlm.build_vlm(tok, vlm.VLMConfig(**{**TINY_VLM, "init_range": 0.3}))
+    n = (TINY_VLM["image_size"] // TINY_VLM["patch_size"]) ** 2
+    ids = torch.tensor([[1] + [model.config.image_token_id] * n + [7, 8, 9, 2]] * 2)
+    mask, pv = torch.ones_like(ids), torch.randn(2, 3, TINY_VLM["image_size"], TINY_VLM["image_size"])
+    with torch.no_grad():
+        ours, hidden = vlm._llava_forward(model, ids, mask, pv, ids)
+        stock = model(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=ids)
+    assert hidden.shape == (2, n, TINY_VLM["vision_hidden"])
+    assert torch.allclose(ours.logits, stock.logits, atol=1e-5) and torch.allclose(ours.loss, stock.loss, atol=1e-6)
+
+
+def test_scene_labels_cover_every_drawn_object_and_check_the_annotation(world, tmp_path):
+    import shutil
+
+    from rtrt.trainer.coda import CATEGORIES, image_path_for, iter_annotations
+
+    anns = list(iter_annotations(world / "CODA-LM" / "pretrain"))
+    paths = [image_path_for(p.name) for p, _ in anns]
+    labels = vlm._scene_labels(world, {p: i for i, p in enumerate(paths)}, 96, 16)
+    assert labels.shape == (len(paths), 6, 6)
+    assert 0 <= int(labels.min()) and int(labels.max()) <= len(CATEGORIES) and (labels > 0).any()
+    # Every object is labelled, named or not: more kinds than the annotations name (rare ones unnamed).
+    named = {1 + CATEGORIES.index(r.category_name) for _, a in anns for r in a.region_perception}
+    assert set(labels[labels > 0].tolist()) - named
+    # A world that no longer matches the generator is refused, not silently mislabelled.
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    path, ann = next((p, a) for p, a in anns if a.region_perception)
+    data = json.loads(path.read_text())
+    data["region_perception"]["1"]["box"][0] += 3
+    (copy / "CODA-LM" / "pretrain" / path.name).write_text(json.dumps(data))
+    with pytest.raises(RuntimeError, match="does not match"):
+        vlm._scene_labels(copy, {image_path_for(path.name): 0}, 96, 16)
+
+
+def test_objects_answer_lists_named_categories_in_order():
+    answer = ("The ego car drives on a road with two lanes. A red car in the ego lane about 9 meters ahead; it is close. "
+              "Two orange traffic cones on the right about 12 to 15 meters ahead; they narrow the lane. A black dog ahead.")
+    assert vlm.objects_answer(answer) == "car, traffic cone, dog."
+    assert vlm.objects_answer("The road ahead is clear and nothing in the scene strongly influences the ego car.") == "nothing."
+
+
+def test_pretraining_hints_list_named_objects(world):
+    from rtrt.tools.judge import find_mentions
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0})
+    samples = vlm.load_samples(world, "pretrain", cfg)
+    assert {s.question for s in samples} == {vlm.OBJECTS_QUESTION, samples[0].question}
+    hinted = [s for s in samples if s.hint and s.question != vlm.OBJECTS_QUESTION]
+    assert hinted and all(set(s.hint) <= find_mentions(s.answer) and len(s.hint) <= cfg.hint_max for s in hinted)
+    rare = set(RARE_CATEGORIES)
+    assert all(set(s.hint) & rare for s in hinted if find_mentions(s.answer) & rare)
+    assert [s.hint for s in vlm.load_samples(world, "pretrain", cfg)] == [s.hint for s in samples]
+
+
+def test_patch_labels_nearest_object_wins_and_small_objects_mark_their_patch():
+    def obj(cat, z, box):
+        return WorldObject(cat, z, 0.0, "road", (0, 0, 1, 1), 0.0, 1.0, "", (0, 0, 0), box=box)
+
+    objects = [obj("car", 30.0, (0, 0, 64, 64)), obj("dog", 10.0, (32, 32, 32, 32)), obj("stone", 20.0, (100, 100, 4, 4))]
+    labels = vfm._patch_labels(objects, 128, 128, 4, WORLD_CATEGORIES)
+    car, dog, stone = (1 + WORLD_CATEGORIES.index(c) for c in ("car", "dog", "stone"))
+    assert labels[0, 0] == car and labels[1, 1] == dog and labels[3, 3] == stone and labels[0, 3] == 0
+
+
+def test_vfm_trains_and_loads_through_load_vfm(world, tmp_path):
+    from rtrt.runtime.bundle import VFMSpec
+    from rtrt.runtime.vfm import load_vfm
+
+    cfg = vfm.VFMConfig(**{**TINY_VFM, "scenes": 8, "epochs": 4, "batch_size": 8, "lr": 3e-3})
+    report = vfm.train_vfm(world, tmp_path, cfg, progress=False)
+    assert report["epoch_losses"][-1] < report["epoch_losses"][0]
+    backbone, spec = vfm.load_demo_vfm(tmp_path)
+    assert (spec.kind, spec.arch, spec.dim, spec.patch_size) == ("timm", "vit_small_patch16_dinov3", cfg.embed_dim, 16)
+    again = load_vfm(VFMSpec(**json.loads((tmp_path / "vfm.json").read_text())["spec"]), resolve=lambda r: str(tmp_path / r))
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    tokens = backbone(x)
+    assert tokens.shape == (2, (cfg.image_size // 16) ** 2, cfg.embed_dim)
+    assert torch.equal(tokens, again(x))
+    probe = vfm.probe_vfm(backbone, spec, world, train_split="plugin", test_split="plugin", epochs=20)
+    assert probe["train_regions"] > 0 and 0 <= probe["linear"]["all"] <= 100
+
+
+def test_full_preset_fits_the_bundle_budget():
+    # VLM stored in float16; the VFM twice (float16 safetensors, float32 inside detector.onnx); the
+    # adapter and the detector projection twice in float32 (safetensors and ONNX); 2 MiB for the rest.
+    from rtrt.runtime.vfm import create_timm_vfm
+    from transformers import LlavaForConditionalGeneration
+
+    plan = build.PRESETS["full"]
+    vcfg = vlm.VLMConfig(**plan.vlm)
+    fcfg = vfm.VFMConfig(**plan.vfm)
+    with torch.device("meta"):
+        vfm_params = sum(p.numel() for p in create_timm_vfm(fcfg.arch, fcfg.image_size, **fcfg.kwargs).parameters())
+        tok = tokenizer.train_tokenizer(["a b c"], vocab_size=300)
+        model, _ = vlm.build_vlm(tok, vcfg)
+        vlm_params = sum(p.numel() for p in model.parameters()) + (vcfg.vocab_size - len(tok)) * vcfg.text_hidden
+    assert isinstance(model, LlavaForConditionalGeneration)
+    d = vcfg.text_hidden
+    plugin = (4 * d * plan.adapter_width + fcfg.embed_dim * d) * 4 * 2
+    total = 2 * vlm_params + 6 * vfm_params + plugin
+    assert total + 2 * 2**20 <= build.MAX_BUNDLE_BYTES, f"{total / 2**20:.1f} MiB of models"
+
+
+def test_presets_are_valid_configs():
+    for plan in build.PRESETS.values():
+        vlm.VLMConfig(**plan.vlm)
+        vfm.VFMConfig(**plan.vfm)
+        assert plan.size >= 32 and plan.test > 0 and plan.plugin > 0
+    assert build.parse_args(["--out", "x"]).preset == "full"
+
+
+@pytest.mark.skipif(not text_encoder.DEMO_SYNONYMS, reason="no synonyms")
+def test_synonyms_file_and_minilm_reference(tmp_path):
+    from rtrt.trainer.synonyms import load_synonyms
+    from rtrt.tools.world import RARE_CATEGORIES
+
+    assert set(text_encoder.DEMO_SYNONYMS) == set(RARE_CATEGORIES)
+    path = text_encoder.write_synonyms(tmp_path / "syn.json", ["dog", "tire"])
+    assert load_synonyms(path) == {"dog": text_encoder.DEMO_SYNONYMS["dog"], "tire": text_encoder.DEMO_SYNONYMS["tire"]}
+    try:
+        ref = text_encoder.minilm_ref()
+    except Exception as e:  # the wheel is an optional training dependency
+        pytest.skip(str(e))
+    assert ref.startswith("hf:") and (text_encoder.minilm_dir() / "model.safetensors").is_file()
