@@ -47,25 +47,30 @@ class BuildPlan:
 
 
 PRESETS: dict[str, BuildPlan] = {
-    # The shipped demo: sized for <= 60 minutes on 2 CPU cores, VFM + VLM within ~30 of them.
+    # The shipped demo: sized for <= 60 minutes on 2 CPU cores, VFM + VLM within ~30 of them
+    # (measured on an idle machine: VFM 0.6 s per step of 32 crops; VLM stage 1 0.36 s per 64
+    # images, stages 2a/2b ~0.5 s per step).
     "full": BuildPlan(
         pretrain=6000, plugin=600, val=150, test=200, size=448,
-        vfm=dict(scenes=4000, epochs=5), vlm=dict(epochs=2),
-        eval_images=200, phase1_epochs=20, phase2_epochs=3, adapter_width=256,
+        vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30),
+        vlm=dict(tag_epochs=8, align_epochs=2, epochs=2),
+        eval_images=200, phase1_epochs=20, phase2_epochs=3, adapter_width=128,
     ),
-    # End-to-end in minutes; the models are weak, the numbers only show that every stage runs.
+    # End to end in about 5 minutes; the models are weak, the numbers only show that every stage runs.
     "small": BuildPlan(
-        pretrain=1200, plugin=150, val=40, test=60, size=448,
-        vfm=dict(scenes=600, epochs=3, embed_dim=128, depth=4), vlm=dict(epochs=1, warmup_steps=20),
-        eval_images=48, phase1_epochs=5, phase2_epochs=1, adapter_width=128,
+        pretrain=800, plugin=120, val=30, test=40, size=448,
+        vfm=dict(scenes=400, epochs=3, lr=2e-3, warmup_steps=10),
+        vlm=dict(tag_epochs=3, align_epochs=1, epochs=1, warmup_steps=10),
+        eval_images=40, phase1_epochs=5, phase2_epochs=1, adapter_width=128,
     ),
     # Seconds: tiny models on a tiny world, for the tests.
     "tiny": BuildPlan(
         pretrain=8, plugin=6, val=2, test=4, size=96,
-        vfm=dict(scenes=8, epochs=1, embed_dim=32, depth=1, num_heads=2, image_size=32, batch_size=4, warmup_steps=1),
-        vlm=dict(epochs=1, image_size=32, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+        vfm=dict(scenes=8, epochs=1, embed_dim=32, depth=1, num_heads=2, image_size=64, train_crop=32, batch_size=4,
+                 warmup_steps=1),
+        vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                  text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
-                 max_answer_tokens=48),
+                 max_answer_tokens=48, tag_epochs=1, tag_batch_size=4, align_epochs=1, align_batch_size=4),
         eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
     ),
 }
