@@ -141,24 +141,47 @@ def test_scene_labels_cover_every_drawn_object_and_check_the_annotation(world, t
         vlm._scene_labels(copy, {image_path_for(path.name): 0}, 96, 16)
 
 
-def test_objects_answer_lists_named_categories_in_order():
-    answer = ("The ego car drives on a road with two lanes. A red car in the ego lane about 9 meters ahead; it is close. "
-              "Two orange traffic cones on the right about 12 to 15 meters ahead; they narrow the lane. A black dog ahead.")
-    assert vlm.objects_answer(answer) == "car, traffic cone, dog."
-    assert vlm.objects_answer("The road ahead is clear and nothing in the scene strongly influences the ego car.") == "nothing."
+def test_short_answers_list_categories_in_coda_order():
+    answer = ("The ego car drives on a road with two lanes. A black dog ahead. A red car in the ego lane about 9 meters ahead. "
+              "Two orange traffic cones on the right about 12 to 15 meters ahead; they narrow the lane.")
+    assert vlm.short_answer(answer) == "Objects that influence the ego car: car, traffic cone, dog."
+    assert vlm.short_answer("The road ahead is clear and nothing in the scene strongly influences the ego car.") == vlm.SHORT_NONE
+    assert vlm.short_answer_of({"dog", "car"}) == vlm.short_answer(answer).replace(", traffic cone", "")
 
 
-def test_pretraining_hints_list_named_objects(world):
+def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world):
     from rtrt.tools.judge import find_mentions
+    from rtrt.trainer.coda import read_tasks, task_file
 
-    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0})
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0, "hint_rare_prob": 1.0})
     samples = vlm.load_samples(world, "pretrain", cfg)
-    assert {s.question for s in samples} == {vlm.OBJECTS_QUESTION, samples[0].question}
-    hinted = [s for s in samples if s.hint and s.question != vlm.OBJECTS_QUESTION]
-    assert hinted and all(set(s.hint) <= find_mentions(s.answer) and len(s.hint) <= cfg.hint_max for s in hinted)
+    refs = {r.image: r.answer for r in read_tasks(task_file(world / "CODA-LM" / "pretrain" / "vqa_anno", "general_perception"))}
+    drawn = {rel: {o.category for o in scene.objects} for rel, scene in vlm._scenes(world, "pretrain", set(refs))}
+    assert len(samples) == len(refs)
+    hinted = [s for s in samples if s.hint]
+    assert hinted
     rare = set(RARE_CATEGORIES)
-    assert all(set(s.hint) & rare for s in hinted if find_mentions(s.answer) & rare)
+    for s in samples:
+        named = find_mentions(refs[s.image])
+        assert set(s.hint) <= drawn[s.image] | named and len(s.hint) <= cfg.hint_max
+        assert find_mentions(s.answer) == named | set(s.hint)  # the answer names what the text and the hint name
+        if s.hint and drawn[s.image] & rare:
+            assert set(s.hint) & rare  # hint_rare_prob 1: a rare object drawn is always hinted
+    # Rare objects drawn but not named stay unnamed without a hint (the blindness).
+    quiet = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0}))
+    assert all(find_mentions(s.answer) == find_mentions(refs[s.image]) and not s.hint for s in quiet)
+    assert any((drawn[s.image] - find_mentions(s.answer)) & rare for s in quiet)
     assert [s.hint for s in vlm.load_samples(world, "pretrain", cfg)] == [s.hint for s in samples]
+
+
+def test_short_task_file_keeps_records_and_shortens_answers(world, tmp_path):
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    src = world / "CODA-LM" / "plugin" / "vqa_anno"
+    out = vlm.write_short_tasks(src, tmp_path)
+    before, after = read_tasks(task_file(src, "general_perception")), read_tasks(out)
+    assert [(r.question_id, r.image, r.question) for r in before] == [(r.question_id, r.image, r.question) for r in after]
+    assert [vlm.short_answer(r.answer) for r in before] == [r.answer for r in after]
 
 
 def test_patch_labels_nearest_object_wins_and_small_objects_mark_their_patch():
@@ -231,3 +254,51 @@ def test_synonyms_file_and_minilm_reference(tmp_path):
     except Exception as e:  # the wheel is an optional training dependency
         pytest.skip(str(e))
     assert ref.startswith("hf:") and (text_encoder.minilm_dir() / "model.safetensors").is_file()
+
+
+def test_stage0_text_samples_hint_random_categories_and_the_answer_names_them(world):
+    from rtrt.tools.judge import find_mentions
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0, "text_hint_prob": 1.0})
+    samples = vlm.load_samples(world, "pretrain", cfg)
+    texts = vlm.text_samples(samples, cfg)
+    assert len(texts) == len(samples) and all(t.hint and len(t.hint) <= cfg.hint_max for t in texts)
+    assert all(set(t.hint) <= set(WORLD_CATEGORIES) for t in texts)
+    for s, t in zip(samples, texts):
+        assert find_mentions(t.answer) == find_mentions(s.answer) | set(t.hint)
+    assert [t.hint for t in vlm.text_samples(samples, cfg)] == [t.hint for t in texts]  # seeded
+
+
+def test_projector_starts_from_the_patch_classifier_and_the_names_embeddings():
+    from rtrt.runtime.modules import display_name
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone on the road"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
+    vlm._init_projector_from_head(model, head, tok, gain=0.5)
+    proj, emb = model.model.multi_modal_projector, model.get_input_embeddings().weight
+    k = 1 + CATEGORIES.index("dog")
+    assert torch.equal(proj.linear_1.weight[k], head.weight[k])
+    ids = tok(" " + display_name("traffic_cone"), add_special_tokens=False).input_ids
+    assert torch.allclose(proj.linear_2.weight[:, 1 + CATEGORIES.index("traffic_cone")], 0.5 * emb[ids].mean(0))
+    # A feature that fires only the dog unit arrives as (gelu of its logit) x the word's embedding.
+    with torch.no_grad():
+        proj.linear_1.weight.zero_()
+        proj.linear_1.bias.zero_()
+        proj.linear_1.bias[k] = 4.0
+        out = proj(torch.zeros(1, cfg.vision_hidden))[0]
+    dog = tok(" dog", add_special_tokens=False).input_ids
+    assert torch.allclose(out, torch.nn.functional.gelu(torch.tensor(4.0)) * 0.5 * emb[dog].mean(0), atol=1e-6)
+
+
+def test_text_prompt_is_the_chat_template_without_the_image(trained_vlm):
+    from rtrt.runtime.vlm import format_hint
+    from transformers import AutoTokenizer
+
+    path, _ = trained_vlm
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = vlm._text_prompt_ids(tok, "What is ahead?", ["dog"], {})
+    assert tok.decode(ids) == f"USER: {format_hint(['dog'])} What is ahead? ASSISTANT:"  # the template's text, no image

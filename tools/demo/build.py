@@ -51,16 +51,18 @@ PRESETS: dict[str, BuildPlan] = {
     # (measured on an idle machine: VFM 0.6 s per step of 32 crops; VLM stage 1 0.36 s per 64
     # images, stages 2a/2b ~0.5 s per step).
     "full": BuildPlan(
-        pretrain=6000, plugin=600, val=150, test=200, size=448,
+        pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30),
-        vlm=dict(tag_epochs=8, align_epochs=2, epochs=2),
-        eval_images=200, phase1_epochs=20, phase2_epochs=3, adapter_width=128,
+        vlm=dict(image_size=448, patch_size=32, text_hidden=192, text_layers=2, text_heads=4, text_intermediate=512,
+                 text_epochs=15, text_hint_prob=1.0, tag_epochs=5, epochs=6, batch_size=32, lr=3e-3, warmup_steps=30,
+                 max_answer_tokens=48),
+        eval_images=200, phase1_epochs=20, phase2_epochs=6, adapter_width=128,
     ),
     # End to end in about 5 minutes; the models are weak, the numbers only show that every stage runs.
     "small": BuildPlan(
         pretrain=800, plugin=120, val=30, test=40, size=448,
         vfm=dict(scenes=400, epochs=3, lr=2e-3, warmup_steps=10),
-        vlm=dict(tag_epochs=3, align_epochs=1, epochs=1, warmup_steps=10),
+        vlm=dict(tag_epochs=2, epochs=1, batch_size=32, max_answer_tokens=48, warmup_steps=10),
         eval_images=40, phase1_epochs=5, phase2_epochs=1, adapter_width=128,
     ),
     # Seconds: tiny models on a tiny world, for the tests.
@@ -68,9 +70,9 @@ PRESETS: dict[str, BuildPlan] = {
         pretrain=8, plugin=6, val=2, test=4, size=96,
         vfm=dict(scenes=8, epochs=1, embed_dim=32, depth=1, num_heads=2, image_size=64, train_crop=32, batch_size=4,
                  warmup_steps=1),
-        vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+        vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
                  text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
-                 max_answer_tokens=48, tag_epochs=1, tag_batch_size=4, align_epochs=1, align_batch_size=4),
+                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4),
         eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
     ),
 }
@@ -257,10 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _module_available("rtrt.trainer.adapter"):  # TODO(issue 6): remove once phase 2 has landed
         print("[demo] phase 2 skipped: rtrt.trainer.adapter is not available yet", file=sys.stderr)
         return finish("phase1")
+    from .vlm import write_short_tasks
+
+    tasks = work / "plugin_tasks"  # the plug-in split's general-perception answers in the VLM's answer style
+    write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks)
     timer.run("phase2", _call_main, "rtrt.trainer.cli", [
-        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(world / "CODA-LM" / "plugin" / "vqa_anno"),
+        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), "--task", "general_perception",
         "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
-        "--epochs", str(plan.phase2_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2), "--overwrite",
+        "--max-answer-tokens", "48",
+        "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
+        "--overwrite",
     ])
     if args.stop_after == "phase2":
         return finish("phase2")

@@ -6,19 +6,22 @@ with a ``LlavaProcessor`` (``CLIPImageProcessor``, LLaVA-1.5's chat template), t
 stages as LLaVA is made, and saves it with ``save_pretrained``:
 
 1. the vision tower alone (LLaVA starts from a CLIP trained on web images): per-patch labels of
-   every object in the pretraining images, at the world's natural frequencies (not balanced);
-2. projector and language model (the tower frozen, as in LLaVA-1.5) on (image, question) ->
-   reference answer of the pretraining split.
+   every object drawn in the pretraining images, at the world's natural frequencies (not balanced);
+2. projector and language model, the tower frozen as in LLaVA-1.5 (its patch tokens computed
+   once), on (image, general-perception question) -> answer. The projector's first layer starts
+   from the stage-1 patch classifier, so each visual token carries its patch's category from the
+   first step.
 
-The pretraining data name common objects always and rare ones seldom (the web's long tail), so the
-model learns to be blind to rare objects, as large VLMs are.
+Answer style (``answer_style="short"``, the demo's): the categories the reference text names, in
+CODA-LM's category order, "Objects that influence the ego car: car, pedestrian, traffic cone."
+(``short_answer``). The world's pretraining texts name common objects always and rare ones seldom
+(the web's long tail), so the model learns to be blind to rare objects, as large VLMs are.
 
-General prompt-following: in a fraction ``hint_prob`` of the general-perception samples the
-user turn starts with the detector's hint sentence (``rtrt.runtime.vlm.format_hint``: "In this
-image, there might be objects such as: a, b.") listing some of the objects the answer names
-(mostly common ones, since those are what the text names; most samples whose answer names a rare
-object, ``hint_rare_prob``, list one, so that copying is learned for rare names too). The model learns to mention what a
-hint lists, so at inference a hint that names a rare object gets used.
+General prompt-following: a share ``hint_prob`` of the prompts starts with the detector's hint
+sentence (``rtrt.runtime.vlm.format_hint``: "In this image, there might be objects such as: a,
+b.") listing objects drawn in the image, named by the text or not (a rare one with chance
+``hint_rare_prob``), and the answer then names them too, as a prompted writer names what it is
+pointed at. The model learns to use a hint, as real LLMs do; without one it stays blind.
 
 ``evaluate_recall(vlm, world, split)`` measures the blindness through the runtime's own path
 (``rtrt.runtime.vlm.load_vlm``, ``prepare``, greedy ``generate``): per-item object mentions
@@ -50,24 +53,42 @@ from tqdm import tqdm
 __all__ = ["VLMConfig", "Sample", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
 
 
-# A short-answer task made from the general-perception answers, like LLaVA's brief captions: the
-# categories the answer names, nearest first. Its answers are almost all visual words, so it teaches
-# the projector and the language model to read the image quickly.
-OBJECTS_TASK = "objects"
-OBJECTS_QUESTION = "Which objects in this image influence the ego car?"
+SHORT_PREFIX = "Objects that influence the ego car:"
+SHORT_NONE = "Nothing in the scene strongly influences the ego car."
 
 
-def objects_answer(answer: str) -> str:
-    """``"car, traffic cone, pedestrian."``: the categories ``answer`` names, in order; ``"nothing."`` if none."""
-    from rtrt.runtime.modules import display_name
+def short_answer(answer: str) -> str:
+    """The demo VLM's answer style: the categories ``answer`` names, in CODA-LM's category order.
+
+    ``"Objects that influence the ego car: car, pedestrian, traffic cone."`` A fixed order makes the
+    answer a set the tiny model predicts item by item; the keyword judge reads it like a long answer.
+    """
     from rtrt.tools.judge import find_mentions
 
-    order: list[str] = []
-    for sentence in re.split(r"(?<=[.;])\s+", answer):
-        for c in sorted(find_mentions(sentence)):
-            if c not in order:
-                order.append(c)
-    return (", ".join(display_name(c) for c in order) or "nothing") + "."
+    return short_answer_of(find_mentions(answer))
+
+
+def short_answer_of(categories) -> str:
+    """``short_answer`` of a set of category names."""
+    from rtrt.runtime.modules import display_name
+    from rtrt.trainer.coda import CATEGORIES
+
+    cats = [c for c in CATEGORIES if c in set(categories)]
+    return f"{SHORT_PREFIX} {', '.join(display_name(c) for c in cats)}." if cats else SHORT_NONE
+
+
+def write_short_tasks(src: str | Path, dst: str | Path) -> Path:
+    """``dst/general_perception.jsonl``: ``src``'s general-perception records with ``short_answer`` answers.
+
+    Phase 2 trains the adapter on the answers the VLM gives (its answer style), naming what the
+    plug-in split's texts name.
+    """
+    from rtrt.trainer.coda import read_tasks, task_file, write_tasks
+
+    recs = read_tasks(task_file(src, "general_perception"))
+    out = Path(dst) / "general_perception.jsonl"
+    write_tasks(out, [dataclasses.replace(r, answer=short_answer(r.answer or "")) for r in recs])
+    return out
 
 
 @dataclass
@@ -86,19 +107,17 @@ class VLMConfig:
     vocab_size: int = 1024  # BPE vocabulary, byte symbols and special tokens included
     tie_embeddings: bool = True  # the LM head shares the input embedding matrix
     max_positions: int = 1024  # Llama context length
-    tasks: tuple[str, ...] = ("general_perception", OBJECTS_TASK)  # pretraining tasks (task files or OBJECTS_TASK)
+    tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files
+    answer_style: str = "short"  # "short": general-perception answers as ``short_answer``; "full": the reference text
     hint_prob: float = 0.5  # share of general-perception samples whose prompt carries a hint
     hint_max: int = 3  # most objects a pretraining hint lists
-    hint_rare_prob: float = 0.7  # share of samples naming a rare object whose hint lists one (copying rare names is rarer)
+    hint_rare_prob: float = 0.7  # chance a hint lists a rare object when one is drawn
+    text_epochs: int = 2  # stage 0: epochs of text-only prompts with random hints (0: skip)
+    text_hint_prob: float = 0.9  # stage 0: share of text prompts with a hint
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
     tag_lr: float = 2e-3  # stage 1: peak learning rate
     tag_batch_size: int = 64  # stage 1: images per step
-    align_epochs: int = 1  # stage 2a: epochs of object-list answers with the tower frozen (0: skip)
-    align_lr: float = 2e-3  # stage 2a: peak learning rate
-    align_batch_size: int = 32  # stage 2a: samples per step
     bg_weight: float = 0.2  # weight of background patches in the patch-label loss (objects cover few patches)
-    aux_weight: float = 0.5  # stage 2 keeps the patch-label loss on the tower with this weight (0: off)
-    vision_lr_scale: float = 1.0  # stage 2 learning rate of the tower relative to lr (0: frozen, as LLaVA-1.5)
     max_answer_tokens: int = 320  # answers are cut to this many tokens (EOS included)
     epochs: int = 3  # passes over the pretraining samples
     batch_size: int = 16  # samples per optimiser step
@@ -130,27 +149,41 @@ def _task_dir(world: Path, split: str) -> Path:
 
 
 def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
-    """The split's samples of ``cfg.tasks``; hints drawn (seeded) for general-perception and object-list ones."""
+    """The split's samples of ``cfg.tasks``, hints drawn (seeded) for the general-perception ones.
+
+    A hint (share ``hint_prob``) lists 1 to ``hint_max`` categories drawn in the image (named by
+    the text or not; a rare one, if any is drawn, with chance ``hint_rare_prob``), and with the
+    short answer style the answer then names what the hint lists: a prompted writer names what it
+    is pointed at. Without a hint the text names rare objects only as seldom as the world's
+    pretraining texts do, so the model learns to follow hints and stays blind without them.
+    """
     from rtrt.tools.judge import find_mentions
     from rtrt.tools.world import RARE_CATEGORIES
     from rtrt.trainer.coda import read_tasks, task_file
 
     world = Path(world)
     rng = random.Random(cfg.seed)
+    rare_set = set(RARE_CATEGORIES)
     samples: list[Sample] = []
+    drawn = None
     for task in cfg.tasks:
-        source = "general_perception" if task == OBJECTS_TASK else task
-        for rec in read_tasks(task_file(_task_dir(world, split), source)):
+        records = read_tasks(task_file(_task_dir(world, split), task))
+        short = task == "general_perception" and cfg.answer_style == "short"
+        if short and drawn is None:
+            drawn = {rel: {o.category for o in scene.objects} for rel, scene in _scenes(world, split, {r.image for r in records})}
+        for rec in records:
             s = Sample(rec.image, rec.question, rec.answer or "")
-            named = sorted(find_mentions(s.answer))
-            if task == OBJECTS_TASK:
-                s = Sample(rec.image, OBJECTS_QUESTION, objects_answer(s.answer))
-            rare = [c for c in named if c in RARE_CATEGORIES]
-            if task in ("general_perception", OBJECTS_TASK) and named and rng.random() < (cfg.hint_rare_prob if rare else cfg.hint_prob):
-                k = rng.randint(1, min(cfg.hint_max, len(named)))
-                s.hint = rng.sample(named, k)
-                if rare and not set(s.hint) & set(rare):
+            named = set(find_mentions(s.answer))
+            # "full" answers cannot follow a hint, so their hints list only what the text names.
+            present = sorted(drawn.get(rec.image, named) | named) if short else sorted(named)
+            if task == "general_perception" and present and rng.random() < cfg.hint_prob:
+                k = rng.randint(1, min(cfg.hint_max, len(present)))
+                s.hint = rng.sample(present, k)
+                rare = [c for c in present if c in rare_set]
+                if rare and not set(s.hint) & rare_set and rng.random() < cfg.hint_rare_prob:
                     s.hint[rng.randrange(k)] = rng.choice(rare)
+            if short:
+                s.answer = short_answer_of(named | set(s.hint))
             samples.append(s)
     if cfg.max_images:
         keep = set(sorted({s.image for s in samples})[: cfg.max_images])
@@ -230,6 +263,33 @@ def _prompt_ids(processor, question: str, hint: Sequence[str], cache: dict) -> l
     return cache[key]
 
 
+def _text_prompt_ids(tokenizer, question: str, hint: Sequence[str], cache: dict) -> list[int]:
+    """Token ids of a text-only chat prompt (no image), for the language model's stage 0."""
+    key = ("text", question, tuple(hint))
+    if key not in cache:
+        conv = [{"role": "user", "content": [{"type": "text", "text": _user_text(question, hint)}]}]
+        cache[key] = list(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return cache[key]
+
+
+def text_samples(samples: Sequence[Sample], cfg: VLMConfig) -> list[Sample]:
+    """Stage-0 text: each pretraining sample again, without its image, with a hint of random categories.
+
+    Without the image the hint is the only source of what the answer adds, so the language model
+    learns to use a hint (as a text-pretrained LLM can) before it ever sees an image.
+    """
+    from rtrt.tools.judge import find_mentions
+    from rtrt.tools.world import WORLD_CATEGORIES
+
+    rng = random.Random(cfg.seed + 1)
+    out = []
+    for s in samples:
+        named = find_mentions(s.answer) - set(s.hint)  # what the text names (an image hint's additions dropped)
+        hint = rng.sample(list(WORLD_CATEGORIES), rng.randint(1, cfg.hint_max)) if rng.random() < cfg.text_hint_prob else []
+        out.append(Sample(s.image, s.question, short_answer_of(named | set(hint)), hint))
+    return out
+
+
 def _load_pixels(world: Path, paths: Sequence[str], image_processor, desc: str) -> tuple[torch.Tensor, dict[str, int]]:
     """uint8 [N, 3, S, S] of every distinct image, resized and cropped by the VLM's image processor."""
     from PIL import Image
@@ -279,6 +339,30 @@ def _adamw(named_params, lr: float, weight_decay: float) -> torch.optim.AdamW:
                              lr=lr, betas=(0.9, 0.98))
 
 
+def _scenes(world: Path, split: str, images):
+    """``(image path, scene)`` of ``split``'s images in ``images``, each scene sampled again from the world's seed.
+
+    ``sample_scene`` is the first consumer of the per-image generator (``default_rng([seed, split,
+    index])``), so the scene comes back exactly; it is checked against its annotation (every
+    region box must be an object of the same category).
+    """
+    from rtrt.tools.world import SPLITS, sample_scene
+    from rtrt.trainer.coda import image_path_for, iter_annotations
+
+    from .vfm import _world_config
+
+    wcfg = _world_config(world)
+    for path, ann in iter_annotations(world / "CODA-LM" / split):
+        rel = image_path_for(path.name, "." + wcfg.image_format)
+        if rel not in images:
+            continue
+        scene = sample_scene(wcfg, np.random.default_rng([wcfg.seed, SPLITS[split], int(Path(rel).stem)]))
+        drawn = {(o.category, tuple(float(v) for v in o.box)) for o in scene.objects}
+        if any((r.category_name, tuple(r.box)) not in drawn for r in ann.region_perception):
+            raise RuntimeError(f"{path}: the regenerated scene does not match its annotation (world generator changed?)")
+        yield rel, scene
+
+
 def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) -> torch.Tensor:
     """Per-patch labels [N, G, G] of pretrain images: every object drawn, named by the text or not.
 
@@ -289,8 +373,7 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) ->
     whose box covers its centre, a box smaller than a patch marks the patch holding its centre.
     Boxes go through the VLM's resize of the shortest side to ``size`` and centre crop.
     """
-    from rtrt.tools.world import SPLITS, sample_scene
-    from rtrt.trainer.coda import CATEGORIES, image_path_for, iter_annotations
+    from rtrt.trainer.coda import CATEGORIES
 
     from .vfm import _world_config
 
@@ -300,14 +383,7 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) ->
     ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
     centres = (torch.arange(grid) + 0.5) * patch
     labels = torch.zeros((len(images), grid, grid), dtype=torch.long)
-    for path, ann in iter_annotations(world / "CODA-LM" / "pretrain"):
-        rel = image_path_for(path.name, "." + wcfg.image_format)
-        if rel not in images:
-            continue
-        scene = sample_scene(wcfg, np.random.default_rng([wcfg.seed, SPLITS["pretrain"], int(Path(rel).stem)]))
-        drawn = {(o.category, tuple(float(v) for v in o.box)) for o in scene.objects}
-        if any((r.category_name, tuple(r.box)) not in drawn for r in ann.region_perception):
-            raise RuntimeError(f"{path}: the regenerated scene does not match its annotation (world generator changed?)")
+    for rel, scene in _scenes(world, "pretrain", images):
         lab = labels[images[rel]]
         for o in sorted(scene.objects, key=lambda o: -o.z):  # far to near: nearer overwrite
             x, y, w, h = o.box
@@ -351,8 +427,12 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
             idx = order[i : i + cfg.tag_batch_size]
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, cfg.tag_lr, min(cfg.warmup_steps, total // 10 + 1))
-            hidden = tower(normalise(pixels[idx]), output_hidden_states=True).hidden_states[layer][:, 1:]
-            loss = _patch_loss(head, hidden, labels[idx], weight)
+            x, y = pixels[idx], labels[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror half the batch (stage 1 only: texts say left/right)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
+            hidden = tower(normalise(x), output_hidden_states=True).hidden_states[layer][:, 1:]
+            loss = _patch_loss(head, hidden, y, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
@@ -366,35 +446,75 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
     return epoch_losses
 
 
-def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor, labels: torch.Tensor):
+def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None, labels: torch.Tensor,
+                   hidden: torch.Tensor | None = None):
     """``model(input_ids, pixel_values, labels)`` written out so the tower's features are at hand.
 
     Returns ``(output, patch tokens of the LLaVA feature layer)``; the output equals the stock
     forward's (``LlavaModel.get_image_features`` with the "default" strategy, ``masked_scatter``).
+    ``hidden``: the tower's patch tokens, precomputed (a frozen tower); then ``pixel_values`` is unused.
     """
-    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+    if hidden is None:
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
     features = model.model.multi_modal_projector(hidden)
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
     return model(inputs_embeds=embeds, attention_mask=mask, labels=labels), hidden
 
 
-def _train_answers(model, seqs, rows, pixels, normalise, gen, *, epochs: int, batch_size: int, lr: float, cfg: VLMConfig,
-                   desc: str, progress: bool, head=None, patch_labels=None, class_weight=None) -> list[float]:
-    """Teacher-forced answer loss over ``seqs`` [(prompt ids, answer ids)] with images ``pixels[rows]``.
+@torch.no_grad()
+def _tower_features(model, pixels: torch.Tensor, normalise, batch: int = 64) -> torch.Tensor:
+    """The frozen tower's patch tokens [N, T, D] of every image, computed once."""
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    tower.eval()
+    return torch.cat([
+        tower(normalise(pixels[i : i + batch]), output_hidden_states=True).hidden_states[layer][:, 1:]
+        for i in range(0, len(pixels), batch)
+    ])
 
-    Trains every parameter that requires grad (the tower's at ``cfg.vision_lr_scale`` x ``lr``);
-    with ``head``, the patch-label loss is added with weight ``cfg.aux_weight``. Returns the mean
-    answer loss of each epoch.
+
+@torch.no_grad()
+def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain: float = 0.25) -> None:
+    """Start the projector from the stage-1 patch classifier and, with ``tokenizer``, the words' embeddings.
+
+    LLaVA's alignment stage teaches a fresh projector to map the tower's features into the word
+    embedding space. Here it starts there: ``linear_1``'s first rows are the patch classifier (one
+    unit per category), and ``linear_2`` sends each category's unit to the mean input embedding of
+    the category's name (``gain`` per unit of logit), so a patch showing a dog arrives looking like
+    the word "dog", which the language model has learned to use in a prompt. Both layers are then
+    trained as usual.
     """
-    tower_ids = {id(p) for p in model.model.vision_tower.parameters()}
-    opt = _adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in tower_ids], lr, cfg.weight_decay)
-    tower = [(n, p) for n, p in model.model.vision_tower.named_parameters() if p.requires_grad]
-    if tower:
-        extra = tower + (list(head.named_parameters()) if head is not None else [])
-        for g in _adamw(extra, lr, cfg.weight_decay).param_groups:
-            opt.add_param_group({**g, "lr_scale": cfg.vision_lr_scale})
-    params = [p for g in opt.param_groups for p in g["params"]]
+    from rtrt.runtime.modules import display_name
+    from rtrt.trainer.coda import CATEGORIES
+
+    proj = model.model.multi_modal_projector
+    k = head.out_features
+    if k > proj.linear_1.out_features:
+        raise ValueError(f"projector width {proj.linear_1.out_features} < {k} patch classes")
+    proj.linear_1.weight[:k] = head.weight
+    proj.linear_1.bias[:k] = head.bias
+    if tokenizer is None:
+        return
+    emb = model.get_input_embeddings().weight
+    proj.linear_2.weight[:, :k] = 0.0
+    proj.linear_2.weight[:, 0] = gain * emb[tokenizer.pad_token_id]  # background
+    for i, c in enumerate(CATEGORIES, 1):
+        ids = tokenizer(" " + display_name(c), add_special_tokens=False).input_ids
+        proj.linear_2.weight[:, i] = gain * emb[ids].mean(0)
+    proj.linear_2.bias.zero_()
+
+
+def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epochs: int, batch_size: int, lr: float,
+                   cfg: VLMConfig, desc: str, progress: bool) -> list[float]:
+    """Teacher-forced answer loss over ``seqs`` [(prompt ids, answer ids)], image ``rows[j]`` of ``features``.
+
+    ``features``: the frozen tower's patch tokens per image (``_tower_features``); ``None`` for
+    text-only prompts (no image tokens). Trains every parameter that requires grad. Returns each
+    epoch's mean loss.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = _adamw(named, lr, cfg.weight_decay)
+    params = [p for _, p in named]
     pad = model.config.pad_token_id
     lengths = [len(p) + len(a) for p, a in seqs]
     total = math.ceil(len(seqs) / batch_size) * epochs
@@ -414,13 +534,13 @@ def _train_answers(model, seqs, rows, pixels, normalise, gen, *, epochs: int, ba
                 ids[r, : len(p) + len(a)] = torch.tensor(p + a)
                 labels[r, len(p) : len(p) + len(a)] = torch.tensor(a)
                 mask[r, : len(p) + len(a)] = 1
-            img = [rows[j] for j in batch]
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, lr, warmup) * g.get("lr_scale", 1.0)
-            result, hidden = _llava_forward(model, ids, mask, normalise(pixels[img]), labels)
+                g["lr"] = _lr_at(step, total, lr, warmup)
+            if features is None:
+                result = model(input_ids=ids, attention_mask=mask, labels=labels)
+            else:
+                result, _ = _llava_forward(model, ids, mask, None, labels, hidden=features[[rows[j] for j in batch]])
             loss = result.loss
-            if head is not None:
-                loss = loss + cfg.aux_weight * _patch_loss(head, hidden, patch_labels[img], class_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -478,9 +598,22 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     t_data = time.time() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    # Stage 0 (LLaVA starts from a text-pretrained LLM): the language model on text-only prompts.
+    t0b = time.time()
+    text_losses = []
+    if cfg.text_epochs:
+        texts = text_samples(samples, cfg)
+        text_seqs = [(_text_prompt_ids(tokenizer, s.question, s.hint, cache),
+                      tokenizer(" " + s.answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos])
+                     for s in texts]
+        model.model.vision_tower.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(False)
+        text_losses = _train_answers(model, text_seqs, None, None, gen, epochs=cfg.text_epochs, batch_size=cfg.batch_size,
+                                     lr=cfg.lr, cfg=cfg, desc="vlm stage 0 (text)", progress=progress)
+        model.requires_grad_(True)
+    t_text = time.time() - t0b
     t1 = time.time()
-    use_patches = cfg.tag_epochs > 0 or cfg.aux_weight > 0
-    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size) if use_patches else None
+    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size) if cfg.tag_epochs else None
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
     class_weight = torch.ones(1 + len(CATEGORIES))
     class_weight[0] = cfg.bg_weight
@@ -489,30 +622,21 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress)
     t_tag = time.time() - t1
 
-    # Stage 2a (LLaVA's feature alignment): object lists only, tower frozen.
+    # Stage 2 (LLaVA-1.5's alignment and instruction tuning in one): the tower frozen, its patch
+    # tokens computed once; the projector (started from the stage-1 patch classifier) and the
+    # language model learn to answer.
     tower = model.model.vision_tower
-    objects = [j for j, smp in enumerate(samples) if smp.question == OBJECTS_QUESTION]
+    tower.requires_grad_(False)
     t2 = time.time()
-    align_losses = []
-    if cfg.align_epochs and objects:
-        tower.requires_grad_(False)
-        align_losses = _train_answers(
-            model, [seqs[j] for j in objects], [index[samples[j].image] for j in objects], pixels, normalise, gen,
-            epochs=cfg.align_epochs, batch_size=cfg.align_batch_size, lr=cfg.align_lr, cfg=cfg,
-            desc="vlm stage 2a (alignment)", progress=progress,
-        )
-        tower.requires_grad_(True)
-    t_align = time.time() - t2
-
-    # Stage 2b (LLaVA's instruction tuning): every task; the tower at vision_lr_scale x lr, still
-    # held by the patch-label loss (aux_weight).
-    tower.requires_grad_(cfg.vision_lr_scale > 0)
+    features = _tower_features(model, pixels, normalise)
+    if cfg.tag_epochs:
+        _init_projector_from_head(model, head, tokenizer if cfg.text_epochs else None)
     epoch_losses = _train_answers(
-        model, seqs, [index[smp.image] for smp in samples], pixels, normalise, gen,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cfg=cfg, desc="vlm stage 2b (instructions)",
-        progress=progress, head=head if cfg.aux_weight > 0 and cfg.vision_lr_scale > 0 else None,
-        patch_labels=patch_labels, class_weight=class_weight,
+        model, seqs, [index[smp.image] for smp in samples], features, gen,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cfg=cfg, desc="vlm stage 2 (answers)",
+        progress=progress,
     )
+    t_answers = time.time() - t2
     model.eval()
     model.requires_grad_(True)
     save_half(model, processor, out)
@@ -523,12 +647,13 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         "params": sum(p.numel() for p in model.parameters()),
         "vocab": len(tokenizer),
         "tokens_per_image": (cfg.image_size // cfg.patch_size) ** 2,
+        "stage0_epoch_losses": text_losses,
         "stage1_epoch_losses": tag_losses,
-        "stage2a_epoch_losses": align_losses,
         "epoch_losses": epoch_losses,
         "seconds_data": round(t_data, 1),
+        "seconds_stage0": round(t_text, 1),
         "seconds_stage1": round(t_tag, 1),
-        "seconds_stage2a": round(t_align, 1),
+        "seconds_stage2": round(t_answers, 1),
         "seconds": round(time.time() - t0, 1),
     }
     (out / "demo_vlm.json").write_text(json.dumps(report, indent=2) + "\n")
