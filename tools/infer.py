@@ -30,7 +30,8 @@ def default_bundle() -> Path:
 
 def example_images() -> list[Path]:
     """Example scene images shipped beside the demo bundle."""
-    return sorted((_ASSETS / "examples").glob("*.png"))
+    folder = _ASSETS / "examples"
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

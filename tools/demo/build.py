@@ -5,7 +5,7 @@ command on the same software gives the same bundle. Timings per stage are printe
 ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
 common recall without and with hints, bundle size).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (<= 60 min, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (32 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
@@ -47,14 +47,15 @@ class BuildPlan:
 
 
 PRESETS: dict[str, BuildPlan] = {
-    # The shipped demo: sized for <= 60 minutes on 2 CPU cores, VFM + VLM within ~30 of them
-    # (measured on an idle machine: VFM 0.6 s per step of 32 crops; VLM stage 1 0.36 s per 64
-    # images, stages 2a/2b ~0.5 s per step).
+    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 1939 s in all (world 22 s,
+    # VFM 453 s, VLM 1321 s: stage 0 ~8.5 min, stage 1 ~6 min, stages 2a + 2b ~6 min; phase 1 15 s,
+    # phase 2 86 s, export 6 s).
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30),
         vlm=dict(image_size=448, patch_size=32, text_hidden=192, text_layers=2, text_heads=4, text_intermediate=512,
-                 text_epochs=15, text_hint_prob=1.0, tag_epochs=5, epochs=6, batch_size=32, lr=3e-3, warmup_steps=30,
+                 text_epochs=18, text_hint_prob=0.8, tag_epochs=5, align_epochs=4, align_lr=3e-3, epochs=2, batch_size=32,
+                 lr=1e-3, warmup_steps=30,
                  max_answer_tokens=48),
         eval_images=200, phase1_epochs=20, phase2_epochs=6, adapter_width=128,
     ),
@@ -72,7 +73,7 @@ PRESETS: dict[str, BuildPlan] = {
                  warmup_steps=1),
         vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
                  text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
-                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4),
+                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4, text_epochs=1, align_epochs=1),
         eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
     ),
 }

@@ -114,6 +114,8 @@ class VLMConfig:
     hint_rare_prob: float = 0.7  # chance a hint lists a rare object when one is drawn
     text_epochs: int = 2  # stage 0: epochs of text-only prompts with random hints (0: skip)
     text_hint_prob: float = 0.9  # stage 0: share of text prompts with a hint
+    align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
+    align_lr: float = 3e-3  # stage 2a: peak learning rate
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
     tag_lr: float = 2e-3  # stage 1: peak learning rate
     tag_batch_size: int = 64  # stage 1: images per step
@@ -631,11 +633,23 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     features = _tower_features(model, pixels, normalise)
     if cfg.tag_epochs:
         _init_projector_from_head(model, head, tokenizer if cfg.text_epochs else None)
+    rows = [index[smp.image] for smp in samples]
+    align_losses = []
+    if cfg.align_epochs:
+        # Stage 2a (LLaVA's feature alignment): the projector alone, the language model frozen, so
+        # the only way to a lower loss is visual tokens the language model already reads.
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+        align_losses = _train_answers(model, seqs, rows, features, gen, epochs=cfg.align_epochs, batch_size=cfg.batch_size,
+                                      lr=cfg.align_lr, cfg=cfg, desc="vlm stage 2a (projector)", progress=progress)
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    # Stage 2b (LLaVA's instruction tuning): projector and language model.
     epoch_losses = _train_answers(
-        model, seqs, [index[smp.image] for smp in samples], features, gen,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cfg=cfg, desc="vlm stage 2 (answers)",
+        model, seqs, rows, features, gen,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cfg=cfg, desc="vlm stage 2b (answers)",
         progress=progress,
-    )
+    ) if cfg.epochs else []
     t_answers = time.time() - t2
     model.eval()
     model.requires_grad_(True)
@@ -649,6 +663,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         "tokens_per_image": (cfg.image_size // cfg.patch_size) ** 2,
         "stage0_epoch_losses": text_losses,
         "stage1_epoch_losses": tag_losses,
+        "stage2a_epoch_losses": align_losses,
         "epoch_losses": epoch_losses,
         "seconds_data": round(t_data, 1),
         "seconds_stage0": round(t_text, 1),
