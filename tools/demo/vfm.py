@@ -95,22 +95,27 @@ def _render(job) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img, dtype=np.uint8), _patch_labels(scene.objects, wcfg.width, wcfg.height, size // patch, WORLD_CATEGORIES)
 
 
-def _patch_labels(objects, width: int, height: int, grid: int, categories: Sequence[str]) -> np.ndarray:
-    """Per-patch class (0 background, 1 + index in ``categories``); nearer objects win."""
+def _patch_labels(objects, width: float, height: float, grid: int, categories: Sequence[str],
+                  boxes: Sequence[tuple[float, float, float, float]] | None = None) -> np.ndarray:
+    """Per-patch class (0 background, 1 + index in ``categories``) on a ``grid`` x ``grid`` image of ``width`` x ``height``.
+
+    Nearer objects win; an object covering no patch centre marks the patch holding its own centre
+    (none if that centre is outside the image). ``boxes``: the objects' boxes in this image's
+    pixels when they differ from ``o.box`` (after a resize and crop).
+    """
     labels = np.zeros((grid, grid), dtype=np.int64)
     cx = (np.arange(grid) + 0.5) * width / grid
     cy = (np.arange(grid) + 0.5) * height / grid
-    for o in sorted(objects, key=lambda o: -o.z):  # far to near: nearer overwrite
-        x, y, w, h = o.box
-        cls = 1 + categories.index(o.category)
+    boxes = [o.box for o in objects] if boxes is None else list(boxes)
+    for k in sorted(range(len(objects)), key=lambda k: -objects[k].z):  # far to near: nearer overwrite
+        x, y, w, h = boxes[k]
+        cls = 1 + categories.index(objects[k].category)
         cols = np.nonzero((cx >= x) & (cx < x + w))[0]
         rows = np.nonzero((cy >= y) & (cy < y + h))[0]
         if len(cols) and len(rows):
             labels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = cls
-        else:  # smaller than a patch: the patch holding its centre
-            c = min(grid - 1, int((x + w / 2) * grid / width))
-            r = min(grid - 1, int((y + h / 2) * grid / height))
-            labels[r, c] = cls
+        elif 0 <= x + w / 2 < width and 0 <= y + h / 2 < height:  # smaller than a patch: the patch holding its centre
+            labels[int((y + h / 2) * grid / height), int((x + w / 2) * grid / width)] = cls
     return labels
 
 

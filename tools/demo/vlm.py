@@ -377,30 +377,22 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) ->
     """
     from rtrt.trainer.coda import CATEGORIES
 
-    from .vfm import _world_config
+    from .vfm import _patch_labels, _world_config
 
     wcfg = _world_config(world)
-    grid = size // patch
     scale = size / min(wcfg.width, wcfg.height)
     ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
-    centres = (torch.arange(grid) + 0.5) * patch
-    labels = torch.zeros((len(images), grid, grid), dtype=torch.long)
+    labels = torch.zeros((len(images), size // patch, size // patch), dtype=torch.long)
     for rel, scene in _scenes(world, "pretrain", images):
-        lab = labels[images[rel]]
-        for o in sorted(scene.objects, key=lambda o: -o.z):  # far to near: nearer overwrite
-            x, y, w, h = o.box
-            x0, x1, y0, y1 = x * scale - ox, (x + w) * scale - ox, y * scale - oy, (y + h) * scale - oy
-            cls = 1 + CATEGORIES.index(o.category)
-            cols = ((centres >= x0) & (centres < x1)).nonzero().flatten()
-            rows = ((centres >= y0) & (centres < y1)).nonzero().flatten()
-            if len(cols) and len(rows):
-                lab[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = cls
-            else:
-                c = int((x0 + x1) / 2 // patch)
-                r = int((y0 + y1) / 2 // patch)
-                if 0 <= r < grid and 0 <= c < grid:
-                    lab[r, c] = cls
+        boxes = [(x * scale - ox, y * scale - oy, w * scale, h * scale) for x, y, w, h in (o.box for o in scene.objects)]
+        labels[images[rel]] = torch.from_numpy(_patch_labels(scene.objects, size, size, size // patch, CATEGORIES, boxes))
     return labels
+
+
+def _patch_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tower's patch tokens at LLaVA's feature layer, CLS dropped (the "default" strategy)."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
 def _patch_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -417,7 +409,6 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
     mean loss.
     """
     tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
     opt = _adamw(list(tower.named_parameters()) + list(head.named_parameters()), cfg.tag_lr, cfg.weight_decay)
     steps = math.ceil(len(pixels) / cfg.tag_batch_size)
     total = steps * cfg.tag_epochs
@@ -433,7 +424,7 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
             flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror half the batch (stage 1 only: texts say left/right)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
-            hidden = tower(normalise(x), output_hidden_states=True).hidden_states[layer][:, 1:]
+            hidden = _patch_tokens(model, normalise(x))
             loss = _patch_loss(head, hidden, y, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -457,7 +448,7 @@ def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: t
     ``hidden``: the tower's patch tokens, precomputed (a frozen tower); then ``pixel_values`` is unused.
     """
     if hidden is None:
-        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        hidden = _patch_tokens(model, pixel_values)
     features = model.model.multi_modal_projector(hidden)
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
@@ -467,12 +458,8 @@ def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: t
 @torch.no_grad()
 def _tower_features(model, pixels: torch.Tensor, normalise, batch: int = 64) -> torch.Tensor:
     """The frozen tower's patch tokens [N, T, D] of every image, computed once."""
-    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
-    tower.eval()
-    return torch.cat([
-        tower(normalise(pixels[i : i + batch]), output_hidden_states=True).hidden_states[layer][:, 1:]
-        for i in range(0, len(pixels), batch)
-    ])
+    model.model.vision_tower.eval()
+    return torch.cat([_patch_tokens(model, normalise(pixels[i : i + batch])) for i in range(0, len(pixels), batch)])
 
 
 @torch.no_grad()
