@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,8 @@ _RACER = textwrap.dedent(
     import rtrt.export.engine_cache as ec
     from rtrt.runtime.trt_engine import PlatformInfo
 
-    root, onnx, log, go = sys.argv[1:5]
+    root, onnx, log, go, ready = sys.argv[1:6]
+    open(ready, "w").close()  # imported: ready to race
     while not __import__("os").path.exists(go):  # start both racers together
         time.sleep(0.01)
 
@@ -144,10 +146,15 @@ _RACER = textwrap.dedent(
 
 def test_two_concurrent_exports_build_once(onnx_file: Path, tmp_path: Path):
     root, log, go = tmp_path / "cache", tmp_path / "builds.log", tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", _RACER, str(root), str(onnx_file), str(log), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", _RACER, str(root), str(onnx_file), str(log), str(go), str(r)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in ready
     ]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:  # both imported (imports take seconds under load)
+        time.sleep(0.01)
     go.touch()
     results = []
     for p in procs:
