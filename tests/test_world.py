@@ -47,6 +47,15 @@ def test_image_depends_only_on_seed_split_and_index(small_world, tmp_path):
         assert (out / rel).read_bytes() == (small_world / rel).read_bytes()
 
 
+def test_test_split_alone_is_byte_identical(small_world, tmp_path):
+    # The README's ablation command regenerates only the demo build's test split this way.
+    out = tmp_path / "test_only"
+    generate_world(WorldConfig(seed=3, **{**SMALL, "pretrain": 0, "plugin": 0, "val": 0}), out, progress=False)
+    alone = {k: v for k, v in _tree(out).items() if "test" in Path(k).parts}
+    full = {k: v for k, v in _tree(small_world).items() if "test" in Path(k).parts}
+    assert alone == full and len(full) >= 4
+
+
 def test_layout_and_coda_round_trip(small_world):
     meta = json.loads((small_world / "world.json").read_text())
     assert meta["config"]["seed"] == 3 and meta["images"] == {"pretrain": 4, "plugin": 3, "val": 2, "test": 2}
