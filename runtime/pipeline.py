@@ -133,15 +133,18 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         max_new_tokens: int = 96,
         on_engine_mismatch: str = "rebuild",
+        precision: str = "fp32",
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
         ``vlm`` overrides the VLM reference in the manifest (local directory or hub id).
+        ``precision``: the graphs' precision (``fp32``, ``int8``: the bundle's ``*.int8.onnx`` graphs
+        on ORT or int8 engines on TensorRT, ``fp16``: TensorRT), as ``make_backend`` takes it.
         """
         from .backends import make_backend
 
         bundle = load_bundle(path)
-        be = make_backend(backend, bundle, device=device, on_engine_mismatch=on_engine_mismatch)
+        be = make_backend(backend, bundle, device=device, precision=precision, on_engine_mismatch=on_engine_mismatch)
         family = None
         if load_vlm_model:
             from .vlm import load_vlm

@@ -6,6 +6,7 @@ fall back or fail), not TensorRT. Real engines are exercised in test_trt.py wher
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,23 @@ def test_ort_int8_backend_top5(exported, pair):
     assert agree >= TOLERANCES["int8"].topk_agreement
     v = torch.randn(2, 9, ref.d_llm)
     assert (q.refine(v) - ref.refine(v)).abs().max() < 0.2
+
+
+def test_pipeline_precision_picks_the_int8_graphs(exported, tmp_path):
+    from rtrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(exported, "ort", load_vlm_model=False, precision="int8")
+    files = {g: Path(s._model_path).name for g, s in pipe.backend.sessions.items()}
+    assert files == {"detector": "detector.int8.onnx", "adapter": "adapter.int8.onnx"}
+    assert Path(Pipeline.from_bundle(exported, "ort", load_vlm_model=False).backend.sessions["detector"]._model_path).name == "detector.onnx"
+    # A bundle exported in fp32 only: one clear error naming the command that adds the int8 graphs.
+    fp32_only = tmp_path / "fp32_only"
+    shutil.copytree(exported, fp32_only)
+    m = json.loads((fp32_only / "manifest.json").read_text())
+    m["exports"]["onnx"]["graphs"] = {k: v for k, v in m["exports"]["onnx"]["graphs"].items() if ".int8" not in k and ".qdq" not in k}
+    (fp32_only / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BackendUnavailableError, match="--precision int8"):
+        Pipeline.from_bundle(fp32_only, "ort", load_vlm_model=False, precision="int8")
 
 
 def test_bad_inputs_and_names(exported, pair):

@@ -254,4 +254,4 @@ def test_bench_reports_stages_and_overhead(assets, capsys):
     assert main(["--bundle", str(assets["bundle"]), "--image", str(assets["images"][0]), "--backend", "torch",
                  "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["pipeline"]["new_tokens"] == 2
+    assert out["pipeline"]["new_tokens"] == 2 and out["pipeline"]["precision"] == "fp32"

@@ -47,6 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hints", action="store_true", help="do not put detected names into the prompt")
     p.add_argument("--no-refine", action="store_true", help="do not refine the visual tokens with the adapter")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default: 96)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="graph precision: int8 uses the bundle's *.int8.onnx graphs (rtrt export --precision int8) "
+                        "or int8 TensorRT engines; fp16 needs TensorRT (default: fp32)")
     p.add_argument(
         "--on-engine-mismatch", default="rebuild", choices=["rebuild", "fallback", "fail"],
         help="what to do when a cached TensorRT engine was built for another GPU/TensorRT (default: rebuild)",
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = load_image(args.image)  # fail fast on a bad image before loading models
     pipe = Pipeline.from_bundle(
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
-        max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch,
+        max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
     )
     res = pipe(image, args.question, hints=not args.no_hints, refine=not args.no_refine)
     if args.viz:
