@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 from filelock import FileLock, Timeout
 
-from rtrt.runtime.bundle import atomic_write_json, sha256_file
+from rtrt.runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from rtrt.runtime.trt_engine import PlatformInfo, platform_info
 
 from .onnx_export import ExportError
@@ -156,16 +155,7 @@ class EngineCache:
             if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
                 raise ExportError(f"{final.name}: the builder returned no engine")
             atomic_write_json(final.with_suffix(".json"), key.to_dict())
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.root)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    _write_chunks(f, bytes(data))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(final, bytes(data), writer=lambda f, d: _write_chunks(f, d))  # late-bound: the crash test's seam
             _fsync_dir(self.root)
             return CacheResult(final, built=True, waited_s=waited)
         finally:

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 __all__ = ["sha256_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
 
@@ -26,20 +26,28 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, writer: Callable[[IO[bytes], bytes], Any] | None = None) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    ``writer(f, data)`` writes the bytes (default ``f.write(data)``); the temporary file is removed
+    if it raises.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            (writer or _write_all)(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_all(f: IO[bytes], data: bytes) -> None:
+    f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
