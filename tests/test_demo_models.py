@@ -149,11 +149,12 @@ def test_short_answers_list_categories_in_coda_order():
     assert vlm.short_answer_of({"dog", "car"}) == vlm.short_answer(answer).replace(", traffic cone", "")
 
 
-def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world):
+@pytest.mark.parametrize("classes", ["rare", "any"])
+def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world, classes):
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import read_tasks, task_file
 
-    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0, "hint_rare_prob": 1.0})
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0, "hint_rare_prob": 1.0, "hint_classes": classes})
     samples = vlm.load_samples(world, "pretrain", cfg)
     refs = {r.image: r.answer for r in read_tasks(task_file(world / "CODA-LM" / "pretrain" / "vqa_anno", "general_perception"))}
     drawn = {rel: {o.category for o in scene.objects} for rel, scene in vlm._scenes(world, "pretrain", set(refs))}
@@ -167,6 +168,11 @@ def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world):
         assert find_mentions(s.answer) == named | set(s.hint)  # the answer names what the text and the hint name
         if s.hint and drawn[s.image] & rare:
             assert set(s.hint) & rare  # hint_rare_prob 1: a rare object drawn is always hinted
+        if classes == "rare":
+            # Hints list only the detector's classes, so the answer's common objects come from the image alone.
+            assert set(s.hint) <= rare and bool(s.hint) == bool((drawn[s.image] | named) & rare)
+    if classes == "any":
+        assert any(set(s.hint) - rare for s in samples)
     # Rare objects drawn but not named stay unnamed without a hint (the blindness).
     quiet = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0}))
     assert all(find_mentions(s.answer) == find_mentions(refs[s.image]) and not s.hint for s in quiet)
@@ -256,14 +262,18 @@ def test_synonyms_file_and_minilm_reference(tmp_path):
     assert ref.startswith("hf:") and (text_encoder.minilm_dir() / "model.safetensors").is_file()
 
 
-def test_stage0_text_samples_hint_random_categories_and_the_answer_names_them(world):
+@pytest.mark.parametrize("classes", ["rare", "any"])
+def test_stage0_text_samples_hint_random_categories_and_the_answer_names_them(world, classes):
     from rtrt.tools.judge import find_mentions
 
-    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0, "text_hint_prob": 1.0})
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0, "text_hint_prob": 1.0, "hint_classes": classes})
     samples = vlm.load_samples(world, "pretrain", cfg)
     texts = vlm.text_samples(samples, cfg)
     assert len(texts) == len(samples) and all(t.hint and len(t.hint) <= cfg.hint_max for t in texts)
-    assert all(set(t.hint) <= set(WORLD_CATEGORIES) for t in texts)
+    pool = set(RARE_CATEGORIES if classes == "rare" else WORLD_CATEGORIES)
+    assert all(set(t.hint) <= pool for t in texts)
+    if classes == "any":
+        assert any(set(t.hint) - set(RARE_CATEGORIES) for t in texts)
     for s, t in zip(samples, texts):
         assert find_mentions(t.answer) == find_mentions(s.answer) | set(t.hint)
     assert [t.hint for t in vlm.text_samples(samples, cfg)] == [t.hint for t in texts]  # seeded
@@ -302,3 +312,63 @@ def test_text_prompt_is_the_chat_template_without_the_image(trained_vlm):
     tok = AutoTokenizer.from_pretrained(path)
     ids = vlm._text_prompt_ids(tok, "What is ahead?", ["dog"], {})
     assert tok.decode(ids) == f"USER: {format_hint(['dog'])} What is ahead? ASSISTANT:"  # the template's text, no image
+
+
+def test_vlm_config_refuses_unknown_hint_classes():
+    with pytest.raises(ValueError, match="hint_classes"):
+        vlm.VLMConfig(hint_classes="common")
+
+
+def test_pseudo_image_slots_are_what_the_initial_projector_makes_of_a_typical_patch():
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone on the road"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    table = vlm._name_table(tok)
+    emb = model.get_input_embeddings().weight
+    dog, cone = 1 + CATEGORIES.index("dog"), 1 + CATEGORIES.index("traffic_cone")
+    labels = torch.tensor([[0, dog, cone, dog]])
+    with torch.no_grad():
+        slots = vlm._pseudo_image(model, table, labels, 0.5, 0.0, torch.Generator().manual_seed(0))
+    cone_ids = tok(" traffic cone", add_special_tokens=False).input_ids
+    assert torch.allclose(slots[0, 0], 0.5 * emb[tok.pad_token_id])
+    assert torch.allclose(slots[0, 2], 0.5 * emb[cone_ids].mean(0), atol=1e-6) and torch.equal(slots[0, 1], slots[0, 3])
+    # drop hides object patches (shown as background), never invents one
+    many = torch.full((1, 400), dog)
+    many[0, :200] = 0
+    with torch.no_grad():
+        hidden = vlm._pseudo_image(model, table, many, 0.5, 0.5, torch.Generator().manual_seed(0))
+    is_bg = torch.isclose(hidden, 0.5 * emb[tok.pad_token_id]).all(-1)[0]
+    assert is_bg[:200].all() and 50 < int(is_bg[200:].sum()) < 150
+    # The projector's start maps a patch whose own logit is the typical one onto the same slot.
+    head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
+    vlm._init_projector_from_head(model, head, tok, gain=0.5, logit=4.0)
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        proj.linear_1.weight.zero_()
+        proj.linear_1.bias.zero_()
+        proj.linear_1.bias[cone] = 4.0
+        out = proj(torch.zeros(1, cfg.vision_hidden))[0]
+    assert torch.allclose(out, torch.nn.functional.gelu(torch.tensor(4.0)) / 4.0 * slots[0, 2], atol=1e-6)
+    feats = torch.randn(3, 5, cfg.vision_hidden)
+    lab = torch.tensor([[0, 1, 2, 0, 3]] * 3)
+    own = head(feats).gather(-1, lab.unsqueeze(-1)).squeeze(-1)[lab > 0].mean().item()
+    assert vlm._typical_logit(head, feats, lab, batch=2) == pytest.approx(max(1.0, own))
+
+
+def test_one_command_rebuild_end_to_end_tiny(tmp_path):
+    # The shipped demo's command at the tiny preset: every stage runs, the bundle loads with every
+    # hash checked and carries fp32 and int8 graphs, the examples and the report are written.
+    from rtrt.runtime.bundle import load_bundle
+
+    out = tmp_path / "demo"
+    assert build.main(["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]) == 0
+    bundle = load_bundle(out / "bundle")
+    graphs = bundle.manifest.exports["onnx"]["graphs"]
+    assert {"detector", "adapter", "detector.int8", "adapter.int8"} <= set(graphs)
+    report = json.loads((out / "build_report.json").read_text())
+    assert set(report["seconds"]) >= {"world", "vfm", "vlm", "phase1", "phase2", "export"}
+    assert report["examples"] and all((out / "examples" / name).is_file() for name in report["examples"])
+    assert not (tmp_path / "demo.work").exists()  # intermediates removed without --keep-work

@@ -5,7 +5,7 @@ command on the same software gives the same bundle. Timings per stage are printe
 ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
 common recall without and with hints, bundle size).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (32 min measured, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (36 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -47,14 +46,14 @@ class BuildPlan:
 
 
 PRESETS: dict[str, BuildPlan] = {
-    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 1939 s in all (world 22 s,
-    # VFM 453 s, VLM 1321 s: stage 0 ~8.5 min, stage 1 ~6 min, stages 2a + 2b ~6 min; phase 1 15 s,
-    # phase 2 86 s, export 6 s).
+    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 2188 s in all (world 29 s,
+    # VFM 467 s, VLM 1581 s: stages 0 + 0b ~13 min, stage 1 ~6 min, stages 2a + 2b ~7 min; phase 1
+    # 5 s, phase 2 84 s, export 7 s). The VFM runs at 224 px: a third of the detector's cost at 448.
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
-        vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30),
+        vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30, image_size=224, train_crop=224),
         vlm=dict(image_size=448, patch_size=32, text_hidden=192, text_layers=2, text_heads=4, text_intermediate=512,
-                 text_epochs=18, text_hint_prob=0.8, tag_epochs=5, align_epochs=4, align_lr=3e-3, epochs=2, batch_size=32,
+                 text_epochs=12, text_hint_prob=0.8, pseudo_epochs=6, tag_epochs=5, align_epochs=4, align_lr=3e-3, epochs=2, batch_size=32,
                  lr=1e-3, warmup_steps=30,
                  max_answer_tokens=48),
         eval_images=200, phase1_epochs=20, phase2_epochs=6, adapter_width=128,
@@ -73,7 +72,7 @@ PRESETS: dict[str, BuildPlan] = {
                  warmup_steps=1),
         vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
                  text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
-                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4, text_epochs=1, align_epochs=1),
+                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4, text_epochs=1, pseudo_epochs=1, align_epochs=1),
         eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
     ),
 }
@@ -103,15 +102,6 @@ class _Timer:
         self.seconds[name] = round(time.time() - t, 1)
         print(f"[demo] {name} done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
         return result
-
-
-def _module_available(name: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _call_main(module: str, argv: list[str]) -> None:
@@ -242,9 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     synonyms = write_synonyms(work / "synonyms.json", classes)
     report["classes"] = classes
     phase1 = work / "bundle_phase1"
-    if not _module_available("rtrt.trainer.embeddings"):  # TODO(issue 6): remove once phase 1 has landed
-        print("[demo] phase 1 skipped: rtrt.trainer.embeddings is not available yet", file=sys.stderr)
-        return finish("vlm")
     timer.run("phase1", _call_main, "rtrt.trainer.cli", [
         "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
         "--vlm", str(vlm_dir), "--synonyms", str(synonyms), "--classes", ",".join(classes), "--vfm-kind", "timm",
@@ -257,9 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 5. Phase 2: the adapter through the frozen VLM (rtrt train adapter), VLM carried into the bundle.
     phase2 = work / "bundle_phase2"
-    if not _module_available("rtrt.trainer.adapter"):  # TODO(issue 6): remove once phase 2 has landed
-        print("[demo] phase 2 skipped: rtrt.trainer.adapter is not available yet", file=sys.stderr)
-        return finish("phase1")
     from .vlm import write_short_tasks
 
     tasks = work / "plugin_tasks"  # the plug-in split's general-perception answers in the VLM's answer style
@@ -275,15 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return finish("phase2")
 
     # 6. Export (rtrt export) and the shipped output.
-    if not _module_available("rtrt.export.cli"):  # TODO(issue 6): remove once rtrt export has landed
-        print("[demo] export skipped: rtrt.export.cli is not available yet", file=sys.stderr)
-        return finish("phase2")
-    timer.run("export", _call_main, "rtrt.export.cli", ["--bundle", str(phase2), "--backend", "onnx"])
+    # fp32 graphs (the default) and int8 ones (``--precision int8``), parity checked on the examples.
+    report["examples"] = _pick_examples(world, out / "examples")
+    timer.run("export", _call_main, "rtrt.export.cli", ["--bundle", str(phase2), "--backend", "onnx", "--precision", "int8",
+                                                        "--images", str(out / "examples")])
     bundle = out / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
     shutil.copytree(phase2, bundle)
-    report["examples"] = _pick_examples(world, out / "examples")
     report["bundle_bytes"] = _dir_bytes(bundle)
     if report["bundle_bytes"] > MAX_BUNDLE_BYTES:
         print(f"[demo] warning: bundle is {report['bundle_bytes'] / 2**20:.1f} MiB, over the 25 MiB budget", file=sys.stderr)
