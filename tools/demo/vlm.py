@@ -468,10 +468,14 @@ def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: t
     """
     if hidden is None:
         hidden = _patch_tokens(model, pixel_values)
-    features = model.model.multi_modal_projector(hidden)
+    return _forward_with_visual(model, ids, mask, model.model.multi_modal_projector(hidden), labels), hidden
+
+
+def _forward_with_visual(model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor):
+    """The language model's forward with ``visual`` [B, T, D] in the image-token slots of ``ids``."""
     embeds = model.get_input_embeddings()(ids)
-    embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=mask, labels=labels), hidden
+    embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), visual.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
 @torch.no_grad()
@@ -587,9 +591,7 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
             if pseudo is not None:
                 table, patch_labels = pseudo
                 visual = _pseudo_image(model, table, patch_labels[[rows[j] for j in batch]], cfg.pseudo_gain, cfg.pseudo_drop, gen)
-                embeds = model.get_input_embeddings()(ids)
-                embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), visual.to(embeds.dtype))
-                result = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+                result = _forward_with_visual(model, ids, mask, visual, labels)
             elif features is None:
                 result = model(input_ids=ids, attention_mask=mask, labels=labels)
             else:
