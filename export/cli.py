@@ -181,7 +181,8 @@ def export_bundle(
             det = b.detector()
             refs["detector"] = DetectorGraph(vfm, det).eval()
             path = export_detector(copy.deepcopy(vfm), det, tmp / "detector.onnx", image_size=size, patch_size=m.vfm.patch_size, verbose=verbose)
-            pixels, sources["detector"] = parity_images(4, size, m.vfm.mean, m.vfm.std, images)
+            pixels, sources["detector"] = parity_images(4, size, m.vfm.mean, m.vfm.std, images,
+                                                         resample=m.vfm.resample, reducing_gap=m.vfm.reducing_gap)
             cases["detector"] = detector_cases(pixels, w, [(1, c), (2, max(1, c // 2)), (1, 1)])
             rep = check(cross_validate(torch_runner(refs["detector"], DETECTOR), ort_runner(path, DETECTOR), cases["detector"], tol["fp32"],
                                        spec=DETECTOR, graph="detector", precision="fp32", inputs=sources["detector"]))

@@ -230,18 +230,19 @@ def synthetic_scene(size: int, rng: np.random.Generator):
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"}
 
 
-def parity_images(n: int, size: int, mean, std, images_dir: str | os.PathLike | None = None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """``n`` preprocessed images [n, 3, size, size] and a description of their source."""
+def parity_images(n: int, size: int, mean, std, images_dir: str | os.PathLike | None = None, seed: int = 0, *,
+                  resample: str = "bicubic", reducing_gap: float | None = None) -> tuple[np.ndarray, str]:
+    """``n`` preprocessed images [n, 3, size, size] and a description of their source (``vfm_pixels``'s resize)."""
     from rtrt.runtime.image import load_image, vfm_pixels
 
     if images_dir:
         files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in _IMAGE_EXT)
         if files:
             picked = [files[i % len(files)] for i in range(n)]
-            px = vfm_pixels([load_image(p) for p in picked], size, mean, std)
+            px = vfm_pixels([load_image(p) for p in picked], size, mean, std, resample=resample, reducing_gap=reducing_gap)
             return px.numpy(), f"{min(n, len(files))} image(s) from {images_dir}"
     rng = np.random.default_rng(seed)
-    px = vfm_pixels([synthetic_scene(size, rng) for _ in range(n)], size, mean, std)
+    px = vfm_pixels([synthetic_scene(size, rng) for _ in range(n)], size, mean, std, resample=resample, reducing_gap=reducing_gap)
     return px.numpy(), "synthetic road scenes (no --images given)"
 
 

@@ -319,6 +319,8 @@ def make_backend(
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if on_engine_mismatch not in MISMATCH_POLICIES:
         raise InputError(f"on_engine_mismatch must be one of {', '.join(MISMATCH_POLICIES)}, not {on_engine_mismatch!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a positive integer (or None for every core), not {threads!r}")
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if name == "torch":

@@ -97,6 +97,15 @@ class VFMSpec:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
     dim: int = 384  # width of the patch tokens
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (depth, embed_dim, ...) for custom sizes
+    resample: str = "bicubic"  # Pillow filter of the resize to image_size (timm ``interpolation``, HF ``resample``)
+    reducing_gap: float | None = None  # Pillow's two-step resize (box reduction first); None: one exact pass
+
+    def __post_init__(self) -> None:
+        from .image import check_resize
+
+        if self.reducing_gap is not None:
+            self.reducing_gap = float(self.reducing_gap)
+        check_resize(self.resample, self.reducing_gap)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
-__all__ = ["ImageInput", "MAX_PIXELS", "load_image", "vfm_pixels"]
+__all__ = ["ImageInput", "MAX_PIXELS", "RESAMPLE", "load_image", "vfm_resize", "vfm_pixels", "spec_pixels"]
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -111,12 +111,60 @@ def load_image(src: ImageInput) -> Image.Image:
         raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__})") from None
 
 
-def vfm_pixels(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize to ``size`` x ``size`` (bicubic) and normalise: the VFM's input [B, 3, size, size] float32."""
-    m = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
-    s = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
-    out = []
-    for img in images:
-        a = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-        out.append(((a - m) / s).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
+# Pillow resampling filters by the names model configs use (timm ``interpolation``, HF ``resample``).
+RESAMPLE = {
+    "nearest": Image.NEAREST,
+    "box": Image.BOX,
+    "bilinear": Image.BILINEAR,
+    "hamming": Image.HAMMING,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+}
+
+
+def check_resize(resample: str, reducing_gap: float | None) -> None:
+    """Refuse an unknown filter or a ``reducing_gap`` below 1 with one line."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"unknown resample filter {resample!r}; choose from {', '.join(RESAMPLE)}")
+    if reducing_gap is not None and not reducing_gap >= 1.0:
+        raise ValueError(f"reducing_gap must be at least 1.0 (or None), got {reducing_gap!r}")
+
+
+def vfm_resize(img: Image.Image, size: int, resample: str = "bicubic", reducing_gap: float | None = None) -> Image.Image:
+    """``img`` resized to ``size`` x ``size`` RGB, as the VFM was trained.
+
+    ``reducing_gap`` is Pillow's two-step resize: first a box reduction by an integer factor
+    (as far as the gap allows), then ``resample``. ``None`` resamples in one exact pass; 2.0-3.0
+    is close to it and much faster on large camera frames; 1.0 reduces as far as possible (for an
+    exact 2x this is a box average).
+    """
+    check_resize(resample, reducing_gap)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img.resize((size, size), RESAMPLE[resample], reducing_gap=reducing_gap)
+
+
+def vfm_pixels(
+    images: Sequence[Image.Image],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    resample: str = "bicubic",
+    reducing_gap: float | None = None,
+) -> torch.Tensor:
+    """Resize (``vfm_resize``) and normalise: the VFM's input [B, 3, size, size] float32."""
+    std_ = np.asarray(std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std_)).reshape(1, 1, 3)
+    shift = (-np.asarray(mean, dtype=np.float32) / std_).reshape(1, 1, 3)
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, img in enumerate(images):
+        a = np.asarray(vfm_resize(img, size, resample, reducing_gap), dtype=np.float32)
+        out[i] = (a * scale + shift).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def spec_pixels(images: Sequence[Image.Image], spec, size: int | None = None) -> torch.Tensor:
+    """``vfm_pixels`` with everything taken from a ``VFMSpec`` (``size`` overrides its image size)."""
+    return vfm_pixels(images, int(size or spec.image_size), spec.mean, spec.std,
+                      resample=spec.resample, reducing_gap=spec.reducing_gap)

@@ -26,7 +26,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError, ModelMismatchError
-from .image import ImageInput, load_image, vfm_pixels
+from .image import ImageInput, load_image, spec_pixels
 from .modules import Detection, select_detections
 
 __all__ = ["DEFAULT_QUESTION", "DetectResult", "Result", "Pipeline"]
@@ -134,17 +134,21 @@ class Pipeline:
         max_new_tokens: int = 96,
         on_engine_mismatch: str = "rebuild",
         precision: str = "fp32",
+        threads: int | None = None,
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
         ``vlm`` overrides the VLM reference in the manifest (local directory or hub id).
         ``precision``: the graphs' precision (``fp32``, ``int8``: the bundle's ``*.int8.onnx`` graphs
         on ORT or int8 engines on TensorRT, ``fp16``: TensorRT), as ``make_backend`` takes it.
+        ``threads``: ONNX Runtime intra-op threads of the detector and adapter sessions (default: the
+        cores this process may use); the VLM uses torch's own setting.
         """
         from .backends import make_backend
 
         bundle = load_bundle(path)
-        be = make_backend(backend, bundle, device=device, precision=precision, on_engine_mismatch=on_engine_mismatch)
+        be = make_backend(backend, bundle, device=device, precision=precision, on_engine_mismatch=on_engine_mismatch,
+                          threads=threads)
         family = None
         if load_vlm_model:
             from .vlm import load_vlm
@@ -173,7 +177,7 @@ class Pipeline:
     def _detect_images(self, images, timer: _Timer) -> list[DetectResult]:
         with timer("detector"):
             spec = self.vfm_spec
-            pixels = vfm_pixels(images, self.image_size, spec.mean, spec.std)
+            pixels = spec_pixels(images, spec, self.image_size)
             out = self.backend.detect(pixels, self.W)
             scores, sim = _to_numpy(out[0]), _to_numpy(out[-1])
             g = self.image_size // spec.patch_size

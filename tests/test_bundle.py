@@ -148,6 +148,8 @@ def test_refuses_missing_manifest_and_bad_json(tmp_path):
         (lambda d: d["files"].pop("embeddings.safetensors"), "embeddings.safetensors: missing"),
         (lambda d: d["adapter"].update(d_model=7), "adapter d_model 7"),
         (lambda d: d["vlm"].update(hidden_size="x"), "malformed"),
+        (lambda d: d["vfm"].update(resample="sinc"), "malformed.*unknown resample filter 'sinc'"),
+        (lambda d: d["vfm"].update(reducing_gap=0.5), "malformed.*reducing_gap must be at least 1.0"),
     ],
 )
 def test_refuses_malformed_manifest(tmp_path, patch, msg):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from rtrt.runtime.errors import ImageError
-from rtrt.runtime.image import MAX_PIXELS, load_image, vfm_pixels
+from rtrt.runtime.image import MAX_PIXELS, load_image, vfm_pixels, vfm_resize
 
 
 def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -128,3 +128,39 @@ def test_vfm_pixels_normalises():
     x = vfm_pixels([img, img], 32, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     assert x.shape == (2, 3, 32, 32)
     assert np.allclose(x[0, 0].numpy(), 1.0) and np.allclose(x[0, 1].numpy(), -1.0)
+
+
+def test_vfm_resize_matches_pillow_and_its_reducing_gap():
+    a = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    img = Image.fromarray(a, "RGB")
+    exact = np.asarray(vfm_resize(img, 32))
+    assert np.array_equal(exact, np.asarray(img.resize((32, 32), Image.BICUBIC)))
+    # reducing_gap 1.0 on an exact 2x: Pillow's box reduction, which is not the bicubic pass
+    fast = np.asarray(vfm_resize(img, 32, "bicubic", 1.0))
+    assert np.array_equal(fast, np.asarray(img.reduce(2)))
+    assert not np.array_equal(fast, exact)
+    assert np.array_equal(np.asarray(vfm_resize(img, 32, "bilinear")), np.asarray(img.resize((32, 32), Image.BILINEAR)))
+    gray = vfm_resize(img.convert("L"), 16)
+    assert gray.mode == "RGB" and gray.size == (16, 16)
+
+
+@pytest.mark.parametrize("resample, gap, msg", [("sinc", None, "unknown resample filter"), ("bicubic", 0.5, "at least 1.0")])
+def test_vfm_resize_refuses_bad_settings(resample, gap, msg):
+    with pytest.raises(ValueError, match=msg):
+        vfm_resize(_rgb(), 8, resample, gap)
+
+
+def test_vfm_pixels_equals_the_plain_formula_and_follows_the_spec():
+    from rtrt.runtime.bundle import VFMSpec
+    from rtrt.runtime.image import spec_pixels
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8), "RGB")
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = vfm_pixels([img], 32, mean, std)
+    ref = (np.asarray(img.resize((32, 32), Image.BICUBIC), np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    np.testing.assert_allclose(x[0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    spec = VFMSpec("timm", "w.safetensors", image_size=32, mean=mean, std=std, reducing_gap=1.0)
+    y = spec_pixels([img], spec)
+    assert np.array_equal(y.numpy(), vfm_pixels([img], 32, mean, std, reducing_gap=1.0).numpy())
+    assert not np.array_equal(y.numpy(), x.numpy())
+    assert spec_pixels([img], spec, size=16).shape == (1, 3, 16, 16)

@@ -55,8 +55,10 @@ def test_transformers_dinov3_as_the_vfm(tmp_path):
     torch.manual_seed(0)
     DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                    image_size=64, patch_size=16, num_register_tokens=4)).save_pretrained(tmp_path / "dino")
+    (tmp_path / "dino" / "preprocessor_config.json").write_text('{"resample": 2, "image_mean": [0.5, 0.5, 0.5]}')
     spec = vfm_spec("transformers", str(tmp_path / "dino"), image_size=64)
     assert (spec.kind, spec.dim, spec.patch_size) == ("transformers", 32, 16)
+    assert (spec.resample, spec.reducing_gap, spec.mean) == ("bilinear", None, [0.5, 0.5, 0.5])  # read from its own config
     root = make_dataset(tmp_path / "data", n_images=1)
     ex = RegionFeatureExtractor(spec)
     assert ex.backbone.num_prefix_tokens == 5  # CLS + 4 registers dropped

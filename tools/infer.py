@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="graph precision: int8 uses the bundle's *.int8.onnx graphs (rtrt export --precision int8) "
                         "or int8 TensorRT engines; fp16 needs TensorRT (default: fp32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument(
         "--on-engine-mismatch", default="rebuild", choices=["rebuild", "fallback", "fail"],
         help="what to do when a cached TensorRT engine was built for another GPU/TensorRT (default: rebuild)",
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = Pipeline.from_bundle(
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
         max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
+        threads=args.threads,
     )
     res = pipe(image, args.question, hints=not args.no_hints, refine=not args.no_refine)
     if args.viz:

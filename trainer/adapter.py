@@ -6,6 +6,10 @@ runtime's own ``VLMFamily.forward`` (the path inference uses, not a copy). Each 
 CODA-LM task files is one sample: the family's chat template renders the question as at inference
 and the reference answer as the assistant turn that follows it.
 
+With ``hints="detector"`` (our addition; the paper trains without) every training prompt carries
+the hint sentence of the phase-1 bundle's own detector for that image, as ``rtrt infer`` with both
+remedies puts it, so the adapter learns in the configuration it runs in.
+
 Loss = autoregressive cross-entropy on the answer tokens (prompt and padding ignored)
      + ``w_reconstruction`` * mean squared distance between refined and original visual tokens.
 
@@ -41,6 +45,7 @@ from . import loop
 __all__ = ["AdapterTrainConfig", "QAPair", "read_qa_pairs", "answer_token_ids", "append_answers", "train_adapter"]
 
 TASK_NAMES = ("general_perception", "region_perception", "driving_suggestion")
+HINT_MODES = ("none", "detector")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class AdapterTrainConfig:
     width: int = 512  # adapter attention width
     heads: int = 8  # adapter attention heads
     w_reconstruction: float = 1.0  # weight of the reconstruction loss (refined tokens stay near the originals)
+    hints: str = "none"  # "none": prompts as in the task files (the paper); "detector": with the bundle detector's hint sentence
     max_answer_tokens: int = 256  # answers are cut to this many tokens
     epochs: int = 10  # passes over the QA pairs (the paper trains 10)
     batch_size: int = 8  # global batch (QA pairs per step over all processes)
@@ -185,11 +191,33 @@ def train_adapter(cfg: AdapterTrainConfig) -> Path:
         loop.teardown(d)
 
 
+def _detector_hints(source, pairs: list[QAPair], d: loop.Dist) -> list[list[str]]:
+    """The class names the bundle's detector puts into the prompt for each pair's image (each image once)."""
+    from tqdm import tqdm
+
+    from rtrt.runtime.backends import make_backend
+    from rtrt.runtime.image import spec_pixels
+    from rtrt.runtime.modules import select_detections
+
+    m = source.manifest
+    if m.detector is None or m.vfm is None:
+        raise InputError(f"{source.root}: --hints detector needs a bundle with a detector and its VFM (phase 1 writes both)")
+    backend = make_backend("torch", source, device=str(d.device))
+    names, found = m.class_names, {}
+    for p in tqdm(pairs, desc="detector hints", disable=not d.is_main, leave=False):
+        if p.image not in found:
+            out = backend.detect(spec_pixels([load_image(p.image)], m.vfm, backend.image_size))
+            found[p.image] = [x.name for x in select_detections(out.scores[0].cpu().numpy(), names, m.detector.top_k, m.detector.threshold)]
+    return [found[p.image] for p in pairs]
+
+
 def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     from rtrt.runtime.vlm import load_vlm
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.max_answer_tokens < 1:
         raise InputError("--epochs, --batch-size and --max-answer-tokens must be at least 1")
+    if cfg.hints not in HINT_MODES:
+        raise InputError(f"--hints must be one of {', '.join(HINT_MODES)}, not {cfg.hints!r}")
     source = load_bundle(cfg.bundle)
     weight = source.class_embeddings().weight.detach().to(d.device)
     pairs, tasks = read_qa_pairs(cfg.tasks, cfg.images, cfg.task_names)
@@ -216,6 +244,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         for m in vlm.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
+    hint_names = _detector_hints(source, pairs, d) if cfg.hints == "detector" else None
     tokenizer = vlm.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = [answer_token_ids(vlm, p.question, p.answer, cfg.max_answer_tokens) for p in pairs]
@@ -233,7 +262,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     net = d.wrap(adapter)
 
     def step(idx: list[int], global_count: int) -> dict[str, float]:
-        batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx])
+        batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx],
+                            None if hint_names is None else [hint_names[i] for i in idx])
         batch, labels = append_answers(batch, [answers[i] for i in idx], pad_id)
         if limit is not None and labels.shape[1] > limit:
             raise InputError(f"prompt + answer of {labels.shape[1]} tokens exceeds the VLM's {limit} positions; lower --max-answer-tokens")

@@ -66,6 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--vfm-arch", default="vit_small_patch16_dinov3", help="timm architecture of the VFM")
     e.add_argument("--vfm-kwargs", type=_json_object, default={}, help='timm overrides as JSON, e.g. \'{"depth": 2}\'')
     e.add_argument("--image-size", type=int, default=448, help="square VFM input side in pixels")
+    e.add_argument("--vfm-reducing-gap", type=float, default=None,
+                   help="resize in two steps (Pillow's reducing_gap: box reduction first) as the VFM was trained; "
+                        "faster on large frames (default: one exact pass)")
     e.add_argument("--carry-vfm", action="store_true", help="copy the VFM into the bundle instead of referencing its path")
     e.add_argument("--text-encoder", default="openclip:ViT-B-32", help="openclip:NAME, openclip:CONFIG.json or hf:PATH_OR_ID")
     e.add_argument("--text-weights", default="", help="open_clip checkpoint for an openclip: encoder (omit only in tests)")
@@ -77,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--ema", type=float, default=0.99, help="EMA momentum of W toward the batch's class centres (1: off)")
     e.add_argument("--w-contrastive", type=float, default=1.0, help="weight of the region-text contrastive loss")
     e.add_argument("--w-classification", type=float, default=1.0, help="weight of the classification losses against W")
+    e.add_argument("--w-detection", type=float, default=0.0,
+                   help="weight of the patch-cell detection loss (positives: cells in a region of a class; negatives: "
+                        "cells outside, other objects first), which calibrates the threshold (default: 0, off)")
+    e.add_argument("--negatives-per-image", type=int, default=16, help="background cells per image for --w-detection")
+    e.add_argument("--detection-temperature", type=float, default=0.05, help="scale of (cosine - threshold) in that loss")
     e.add_argument("--threshold", type=float, default=0.3, help="detector score threshold stored in the bundle")
     e.add_argument("--top-k", type=int, default=5, help="detector top-k stored in the bundle")
     _common(e, epochs=20, batch=64, lr=1e-3)
@@ -92,6 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--width", type=int, default=512, help="attention width of the adapter")
     a.add_argument("--heads", type=int, default=8, help="attention heads of the adapter")
     a.add_argument("--w-reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
+    a.add_argument("--hints", choices=("none", "detector"), default="none",
+                   help="detector: train with the bundle detector's hint sentence in every prompt, as inference with "
+                        "both remedies runs (default: none, the paper's recipe)")
     a.add_argument("--max-answer-tokens", type=int, default=256, help="answers are cut to this many tokens")
     a.add_argument("--bf16", action="store_true", help="VLM weights in bfloat16 and its forward under bfloat16 autocast (for GPUs)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute the VLM's layers in backward to save memory")

@@ -16,6 +16,14 @@ Loss, all in cosine space with one temperature:
 After every optimizer step W moves by an exponential moving average toward the batch's class
 centres (mean of the class's projected regions and its text prototype), with momentum ``ema``.
 
+Optional detection loss (``w_detection > 0``; our addition, the paper trains on regions only): the
+detector scores single patches at inference (max cosine over patches against the threshold), so
+phase 1 can also train on single patch cells, as the detector sees them: cells inside a region of
+a W class are positives of that class, up to ``negatives_per_image`` cells outside every such
+region (those on other objects first, then seeded random ones, images without a W class included)
+are negatives of every class. Each cell's cosines to W, minus ``threshold``, over
+``detection_temperature``, take a binary cross-entropy; positive and negative means count alike.
+
 Per-region terms are summed and divided by the global batch size, so gradients averaged by
 DistributedDataParallel equal those of one process with the same global batch.
 
@@ -42,7 +50,7 @@ from . import loop
 from .features import RegionFeatureExtractor, vfm_spec
 from .text import class_texts, load_text_encoder
 
-__all__ = ["EmbeddingsConfig", "EmbeddingModel", "RegionSet", "collect_regions", "train_embeddings", "default_cache_dir"]
+__all__ = ["EmbeddingsConfig", "EmbeddingModel", "RegionSet", "collect_regions", "detection_cells", "train_embeddings", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:
@@ -66,6 +74,7 @@ class EmbeddingsConfig:
     vfm_arch: str = "vit_small_patch16_dinov3"  # timm architecture (vfm_kind "timm")
     vfm_kwargs: dict = field(default_factory=dict)  # timm create_model overrides for custom sizes (depth, embed_dim, ...)
     image_size: int = 448  # square VFM input side; the detector sees images at this size too
+    vfm_reducing_gap: float | None = None  # Pillow two-step resize to image_size (as the VFM was trained); None: one exact pass
     carry_vfm: bool = False  # copy the VFM into the bundle (vfm/) instead of referencing it by path
     text_encoder: str = "openclip:ViT-B-32"  # openclip:NAME (or openclip:config.json) or hf:PATH_OR_ID
     text_weights: str = ""  # open_clip checkpoint file for an openclip: encoder; "" = random (tests only)
@@ -80,6 +89,9 @@ class EmbeddingsConfig:
     ema: float = 0.99  # momentum of the EMA update of W toward the batch's class centres; 1 = off
     w_contrastive: float = 1.0  # weight of the region-text contrastive loss
     w_classification: float = 1.0  # weight of the region and text classification losses against W
+    w_detection: float = 0.0  # weight of the patch-cell detection loss (0: off, the paper's recipe)
+    negatives_per_image: int = 16  # background patch cells per image for the detection loss
+    detection_temperature: float = 0.05  # scale of (cosine - threshold) in the detection loss
     threshold: float = 0.3  # detector: cosine score above which a class is reported (saved in the bundle)
     top_k: int = 5  # detector: at most this many classes go into the prompt (saved in the bundle)
     seed: int = 0  # seeds the projections' initialisation and every epoch's order
@@ -101,6 +113,7 @@ class RegionSet:
     names: list[str]  # class names (rows of W)
     requests: list[tuple[str, list[tuple[float, float, float, float]]]]  # (image path, boxes) per image
     labels: list[list[int]]  # class index of every box, per image
+    others: list[list[tuple[float, float, float, float]]] = field(default_factory=list)  # boxes of other categories, per image
 
 
 def _image_of(root: Path, annotation_name: str, image_path_for) -> str:
@@ -113,10 +126,13 @@ def _image_of(root: Path, annotation_name: str, image_path_for) -> str:
     return str(first)
 
 
-def collect_regions(annotations: str | os.PathLike, images: str | os.PathLike, classes: Sequence[str]) -> RegionSet:
+def collect_regions(annotations: str | os.PathLike, images: str | os.PathLike, classes: Sequence[str],
+                    include_empty: bool = False) -> RegionSet:
     """Regions of ``classes`` (all categories with regions when empty) from every annotation file.
 
-    An unknown category, in the data or in ``classes``, is a one-line error naming it.
+    ``include_empty`` keeps images without a region of ``classes`` too (no boxes; their other
+    objects' boxes are in ``others``). An unknown category, in the data or in ``classes``, is a
+    one-line error naming it.
     """
     from .coda import category_group, image_path_for, iter_annotations
 
@@ -127,13 +143,56 @@ def collect_regions(annotations: str | os.PathLike, images: str | os.PathLike, c
         raise InputError(f"{annotations}: no annotation files (*.json)")
     names = list(classes) or sorted({r.category_name for _, a in found for r in a.region_perception})
     index = {n: i for i, n in enumerate(names)}
-    requests, labels = [], []
+    requests, labels, others = [], [], []
     for path, ann in found:
         keep = [r for r in ann.region_perception if r.category_name in index]
-        if keep:
+        if keep or include_empty:
             requests.append((_image_of(Path(images), path.name, image_path_for), [tuple(r.box) for r in keep]))
             labels.append([index[r.category_name] for r in keep])
-    return RegionSet(names, requests, labels)
+            others.append([tuple(r.box) for r in ann.region_perception if r.category_name not in index])
+    return RegionSet(names, requests, labels, others)
+
+
+def _inside(cx: float, cy: float, box) -> bool:
+    x, y, w, h = box
+    return x <= cx < x + w and y <= cy < y + h
+
+
+def detection_cells(image_wh: tuple[int, int], grid: int, boxes, labels, others, negatives: int, seed: int):
+    """Patch cells of one image for the detection loss: ``(cell boxes, class index or -1)``.
+
+    A cell whose centre lies inside a box of ``boxes`` is a positive of that box's class (the cell
+    holding the box's centre when none does); up to ``negatives`` cells whose centres lie in no
+    such box are negatives (-1): those on ``others`` (other objects) first, then random ones drawn
+    with ``seed``.
+    """
+    import numpy as np
+
+    iw, ih = image_wh
+    cw, ch = iw / grid, ih / grid
+    cell = lambda r, c: (c * cw, r * ch, cw, ch)  # noqa: E731
+    centres = [((c + 0.5) * cw, (r + 0.5) * ch, r, c) for r in range(grid) for c in range(grid)]
+    out_boxes, out_labels, taken = [], [], set()
+    for box, lab in zip(boxes, labels):
+        hits = [(r, c) for cx, cy, r, c in centres if _inside(cx, cy, box)]
+        if not hits:
+            x, y, w, h = box
+            hits = [(min(grid - 1, int((y + h / 2) / ch)), min(grid - 1, int((x + w / 2) / cw)))]
+        for rc in hits:
+            if rc not in taken:
+                taken.add(rc)
+                out_boxes.append(cell(*rc))
+                out_labels.append(int(lab))
+    free = [(r, c) for cx, cy, r, c in centres if (r, c) not in taken and not any(_inside(cx, cy, b) for b in boxes)]
+    hard = [rc for rc in free if any(_inside((rc[1] + 0.5) * cw, (rc[0] + 0.5) * ch, b) for b in others)]
+    rng = np.random.default_rng(seed)
+    pick = [hard[i] for i in rng.permutation(len(hard))[:negatives]]
+    rest = [rc for rc in free if rc not in set(pick)]
+    pick += [rest[i] for i in rng.permutation(len(rest))[: max(0, negatives - len(pick))]]
+    for rc in pick:
+        out_boxes.append(cell(*rc))
+        out_labels.append(-1)
+    return out_boxes, out_labels
 
 
 class EmbeddingModel(nn.Module):
@@ -156,9 +215,27 @@ class EmbeddingModel(nn.Module):
         counts = torch.bincount(labels, minlength=c).clamp(min=1).unsqueeze(1).to(sums.dtype)
         self.embeddings.weight.copy_(sums / counts)
 
-    def forward(self, feats: torch.Tensor, labels: torch.Tensor, text_feats: torch.Tensor, text_owner: torch.Tensor):
+    def detection_loss(self, cells: torch.Tensor, cell_labels: torch.Tensor, threshold: float, temperature: float) -> torch.Tensor:
+        """Binary cross-entropy of every cell's (cosine to W - threshold) / temperature: a positive cell
+        (label >= 0) against its own class, a negative one (-1) against every class; the two means add."""
+        z = F.normalize(self.detector.proj(cells), dim=-1)
+        logits = (z @ F.normalize(self.embeddings.weight, dim=-1).T - threshold) / temperature
+        pos = cell_labels >= 0
+        loss = logits.new_zeros(())
+        if pos.any():
+            own = logits[pos].gather(1, cell_labels[pos].unsqueeze(1)).squeeze(1)
+            loss = loss + F.binary_cross_entropy_with_logits(own, torch.ones_like(own))
+        if (~pos).any():
+            neg = logits[~pos]
+            loss = loss + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+        return loss
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor, text_feats: torch.Tensor, text_owner: torch.Tensor,
+                cells: torch.Tensor | None = None, cell_labels: torch.Tensor | None = None,
+                threshold: float = 0.3, det_temperature: float = 0.05):
         """Per-region losses (contrastive [b], classification [b]), the text classification loss (scalar),
-        the normalised projected regions [b, D] and the class text prototypes [C, D]."""
+        the normalised projected regions [b, D], the class text prototypes [C, D] and, with ``cells``,
+        the detection loss (scalar; else None)."""
         c = self.embeddings.num_classes
         z = F.normalize(self.detector.proj(feats), dim=-1)
         u = F.normalize(self.text_proj(text_feats), dim=-1)
@@ -169,7 +246,8 @@ class EmbeddingModel(nn.Module):
         contrastive = F.cross_entropy(z @ protos.T / t, labels, reduction="none")
         cls_regions = F.cross_entropy(z @ w.T / t, labels, reduction="none")
         cls_texts = F.cross_entropy(u @ w.T / t, text_owner)
-        return contrastive, cls_regions, cls_texts, z, protos
+        det = None if cells is None else self.detection_loss(cells, cell_labels, threshold, det_temperature)
+        return contrastive, cls_regions, cls_texts, z, protos, det
 
 
 def _synonym_table(cfg: EmbeddingsConfig) -> dict[str, list[str]]:
@@ -178,6 +256,19 @@ def _synonym_table(cfg: EmbeddingsConfig) -> dict[str, list[str]]:
     from .synonyms import load_synonyms
 
     return load_synonyms(cfg.synonyms)
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """Width and height from the image header (None when it cannot be read: the extractor reports it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: load_image transposes these
+    except Exception:
+        return None
+    return (h, w) if rotated else (w, h)
 
 
 def train_embeddings(cfg: EmbeddingsConfig) -> Path:
@@ -195,24 +286,42 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--epochs and --batch-size must be at least 1")
     if not 0.0 <= cfg.ema <= 1.0:
         raise InputError(f"--ema must be in [0, 1], got {cfg.ema}")
+    if cfg.w_detection < 0 or cfg.negatives_per_image < 0 or cfg.detection_temperature <= 0:
+        raise InputError("--w-detection and --negatives-per-image must be >= 0, --detection-temperature > 0")
+    detect = cfg.w_detection > 0
     synonyms = _synonym_table(cfg)
-    regions = collect_regions(cfg.annotations, cfg.images, cfg.classes or sorted(synonyms))
+    regions = collect_regions(cfg.annotations, cfg.images, cfg.classes or sorted(synonyms), include_empty=detect)
     names = regions.names
 
     # Region features: each rank computes its share of the images into the shared cache, then
     # every rank reads all of them (cache hits), so every rank holds the same full feature table.
-    spec = vfm_spec(cfg.vfm_kind, cfg.vfm, cfg.vfm_arch, cfg.image_size, cfg.vfm_kwargs)
+    spec = vfm_spec(cfg.vfm_kind, cfg.vfm, cfg.vfm_arch, cfg.image_size, cfg.vfm_kwargs, reducing_gap=cfg.vfm_reducing_gap)
     extractor = RegionFeatureExtractor(spec, cache_dir=cfg.cache or None, batch_size=cfg.feature_batch, device=d.device)
+    requests, cell_labels_per_image = regions.requests, [[] for _ in regions.requests]
+    if detect:  # the patch cells of every image ride along with its regions: one VFM pass per image
+        grid = spec.image_size // spec.patch_size
+        requests = []
+        for i, ((path, boxes), labs, others) in enumerate(zip(regions.requests, regions.labels, regions.others)):
+            wh = _image_size(path)
+            cells, cell_labs = ([], []) if wh is None else detection_cells(
+                wh, grid, boxes, labs, others, cfg.negatives_per_image, seed=cfg.seed * 1_000_003 + i)
+            requests.append((path, list(boxes) + cells))
+            cell_labels_per_image[i] = cell_labs
     if d.distributed and cfg.cache:
-        extractor.extract(regions.requests[d.rank::d.world_size], skip_bad=True, progress=d.is_main)
+        extractor.extract(requests[d.rank::d.world_size], skip_bad=True, progress=d.is_main)
         d.barrier()
-    per_image, bad = extractor.extract(regions.requests, skip_bad=cfg.skip_bad, progress=d.is_main)
+    per_image, bad = extractor.extract(requests, skip_bad=cfg.skip_bad, progress=d.is_main)
     for reason in bad:
         d.log(f"skipped: {reason}")
     if all(f is None for f in per_image):
         raise InputError(f"{cfg.annotations}: no usable image left after skipping {len(bad)} bad ones")
-    feats = torch.cat([f for f in per_image if f is not None]).to(d.device)
-    labels = torch.tensor([c for f, ls in zip(per_image, regions.labels) if f is not None for c in ls], device=d.device)
+    kept = [(f, ls, cl) for f, ls, cl in zip(per_image, regions.labels, cell_labels_per_image) if f is not None]
+    feats = torch.cat([f[: len(ls)] for f, ls, _ in kept]).to(d.device)
+    labels = torch.tensor([c for _, ls, _ in kept for c in ls], device=d.device)
+    cells = torch.cat([f[len(ls):] for f, ls, _ in kept]).to(d.device) if detect else None
+    cell_labels = torch.tensor([c for _, _, cl in kept for c in cl], device=d.device, dtype=torch.long) if detect else None
+    if detect:
+        d.log(f"detection cells: {int((cell_labels >= 0).sum())} positive, {int((cell_labels < 0).sum())} negative")
     counts = torch.bincount(labels, minlength=len(names)).tolist()
     for name, n in zip(names, counts):
         if n == 0:
@@ -245,13 +354,31 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
     net = d.wrap(model)
     weight = model.embeddings.weight
 
+    pos_cells = torch.nonzero(cell_labels >= 0).flatten().cpu() if detect else None
+    neg_cells = torch.nonzero(cell_labels < 0).flatten().cpu() if detect else None
+
+    def pick_cells(idx: list[int]) -> torch.Tensor:
+        # As many positive cells as this batch has regions, four times as many negative ones (an image
+        # has far more background than object cells), drawn with a seed that depends only on the
+        # batch (so a resumed run draws the same cells).
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + sum(idx) * 7919 + len(idx))
+        n = len(idx)
+        parts = [pool[torch.randint(len(pool), (m,), generator=g)] for pool, m in ((pos_cells, n), (neg_cells, 4 * n)) if len(pool)]
+        return torch.cat(parts).to(d.device)
+
     def step(idx: list[int], global_count: int) -> dict[str, float]:
         ix = torch.tensor(idx, device=d.device, dtype=torch.long)
         y = labels[ix]
-        con, cls_r, cls_t, z, protos = net(feats[ix], y, text_feats, text_owner)
+        extra = {}
+        if detect:
+            cx = pick_cells(idx)
+            extra = dict(cells=cells[cx], cell_labels=cell_labels[cx], threshold=cfg.threshold, det_temperature=cfg.detection_temperature)
+        con, cls_r, cls_t, z, protos, det = net(feats[ix], y, text_feats, text_owner, **extra)
         # Sums over this rank's regions / global batch, times the world size that DDP's mean divides by.
         scale = d.world_size / global_count
         loss = (cfg.w_contrastive * con.sum() + cfg.w_classification * cls_r.sum()) * scale + cfg.w_classification * cls_t
+        if det is not None:
+            loss = loss + cfg.w_detection * det
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -267,10 +394,11 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
         n = max(len(idx), 1)
         return {
             "loss": (cfg.w_contrastive * con.sum().item() + cfg.w_classification * cls_r.sum().item()) / n
-            + cfg.w_classification * cls_t.item(),
+            + cfg.w_classification * cls_t.item() + (cfg.w_detection * det.item() if det is not None else 0.0),
             "contrastive": con.sum().item() / n,
             "cls_regions": cls_r.sum().item() / n,
             "cls_texts": cls_t.item(),
+            **({"detection": det.item()} if det is not None else {}),
         }
 
     history = loop.fit(

@@ -27,7 +27,7 @@ import torch
 
 from rtrt.runtime.bundle import VFMSpec, sha256_file
 from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
-from rtrt.runtime.image import load_image, vfm_pixels
+from rtrt.runtime.image import RESAMPLE, load_image, spec_pixels
 from rtrt.runtime.vfm import VFMBackbone, create_timm_vfm, load_vfm
 
 __all__ = ["POOLING", "Box", "vfm_spec", "model_key", "check_box", "box_weights", "RegionFeatureExtractor"]
@@ -40,8 +40,16 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
 
-def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs: dict[str, Any] | None = None) -> VFMSpec:
-    """The ``VFMSpec`` of a VFM (width, patch size, normalisation read from the model's own config).
+# Pillow's integer filter codes, as HF preprocessor_config.json writes ``resample``.
+_PIL_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs: dict[str, Any] | None = None,
+             *, reducing_gap: float | None = None) -> VFMSpec:
+    """The ``VFMSpec`` of a VFM (width, patch size, normalisation, resize filter read from the model's own config).
+
+    ``reducing_gap``: Pillow's two-step resize (``rtrt.runtime.image.vfm_resize``), when the VFM was
+    trained that way or the speed is worth the small difference; ``None`` resizes in one exact pass.
 
     ``kind`` is ``timm`` (``arch`` names the architecture, ``ref`` the weights file or directory, or a
     hub id) or ``transformers`` (``ref`` a ``save_pretrained`` directory or hub id).
@@ -56,7 +64,7 @@ def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs:
         return VFMSpec(
             kind="timm", ref=ref, arch=arch, image_size=image_size, patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
             mean=[float(v) for v in cfg.get("mean", IMAGENET_MEAN)], std=[float(v) for v in cfg.get("std", IMAGENET_STD)],
-            dim=int(model.embed_dim), kwargs=kwargs,
+            dim=int(model.embed_dim), kwargs=kwargs, resample=_resample_name(cfg.get("interpolation")), reducing_gap=reducing_gap,
         )
     if kind == "transformers":
         from transformers import AutoConfig
@@ -66,16 +74,24 @@ def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs:
             config = AutoConfig.from_pretrained(ref, local_files_only=local)
         except (OSError, ValueError) as e:
             raise InputError(f"{ref}: cannot read the VFM config ({str(e).splitlines()[0]})") from None
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std, resample = IMAGENET_MEAN, IMAGENET_STD, None
         pre = Path(ref) / "preprocessor_config.json"
         if pre.is_file():
             p = json.loads(pre.read_text(encoding="utf-8"))
-            mean, std = p.get("image_mean", mean), p.get("image_std", std)
+            mean, std, resample = p.get("image_mean", mean), p.get("image_std", std), p.get("resample")
         return VFMSpec(
             kind="transformers", ref=ref, image_size=image_size, patch_size=int(config.patch_size),
             mean=[float(v) for v in mean], std=[float(v) for v in std], dim=int(config.hidden_size),
+            resample=_resample_name(resample), reducing_gap=reducing_gap,
         )
     raise InputError(f"VFM kind {kind!r} is not supported (timm or transformers)")
+
+
+def _resample_name(value) -> str:
+    """A config's resize filter (timm name, HF Pillow code) as a ``RESAMPLE`` name; bicubic when absent or unknown."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _PIL_CODES.get(value, "bicubic")
+    return value if isinstance(value, str) and value in RESAMPLE else "bicubic"
 
 
 def model_key(backbone: VFMBackbone, spec: VFMSpec) -> str:
@@ -191,7 +207,7 @@ class RegionFeatureExtractor:
     @torch.no_grad()
     def _run(self, pending: list[tuple[int, str, Any, list[Box]]], out: list) -> None:
         images = [img for _, _, img, _ in pending]
-        pixels = vfm_pixels(images, self.spec.image_size, self.spec.mean, self.spec.std).to(self.device)
+        pixels = spec_pixels(images, self.spec).to(self.device)
         tokens = self.backbone(pixels).float().cpu()  # [B, P, dim]
         if tokens.shape[1] != self.grid * self.grid:
             raise ModelMismatchError(f"VFM gave {tokens.shape[1]} patch tokens, expected {self.grid}x{self.grid}")

@@ -43,6 +43,9 @@ class BuildPlan:
     phase1_epochs: int  # rtrt train embeddings --epochs
     phase2_epochs: int  # rtrt train adapter --epochs
     adapter_width: int  # rtrt train adapter --width
+    phase1_detection: float = 1.0  # rtrt train embeddings --w-detection (patch-cell detection loss; 0: off)
+    phase1_negatives: int = 64  # rtrt train embeddings --negatives-per-image
+    phase2_hints: str = "detector"  # rtrt train adapter --hints
 
 
 PRESETS: dict[str, BuildPlan] = {
@@ -236,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
         "--vlm", str(vlm_dir), "--synonyms", str(synonyms), "--classes", ",".join(classes), "--vfm-kind", "timm",
         "--vfm", str(work / "vfm" / "vfm.safetensors"), "--vfm-arch", spec.arch, "--vfm-kwargs", json.dumps(spec.kwargs),
-        "--image-size", str(spec.image_size), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
+        "--image-size", str(spec.image_size), *(["--vfm-reducing-gap", str(spec.reducing_gap)] if spec.reducing_gap else []), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
         "--epochs", str(plan.phase1_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase1), "--overwrite",
+        "--w-detection", str(plan.phase1_detection), "--negatives-per-image", str(plan.phase1_negatives),
     ])
     if args.stop_after == "phase1":
         return finish("phase1")
@@ -251,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timer.run("phase2", _call_main, "rtrt.trainer.cli", [
         "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), "--task", "general_perception",
         "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
-        "--max-answer-tokens", "48",
+        "--max-answer-tokens", "48", "--hints", plan.phase2_hints,
         "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
         "--overwrite",
     ])

@@ -52,6 +52,7 @@ class VFMConfig:
     embed_dim: int = 160  # token width (the detector's d_vfm)
     depth: int = 5  # transformer blocks
     num_heads: int = 4  # attention heads (embed_dim / num_heads must be a multiple of 4 for RoPE)
+    reducing_gap: float | None = None  # resize of the world's images to image_size (Pillow's two-step resize; None: one bicubic pass)
     init_values: float = 0.1  # LayerScale initial value (DINOv3's 1e-5 would keep the blocks near-off for a short schedule)
     scenes: int = 4000  # rendered training scenes
     epochs: int = 6  # passes over the scenes
@@ -84,14 +85,13 @@ def _world_config(world: Path):
 
 def _render(job) -> tuple[np.ndarray, np.ndarray]:
     """One training scene: uint8 image [S, S, 3] at the VFM's inference size and patch labels [G, G]."""
-    from PIL import Image
-
+    from rtrt.runtime.image import vfm_resize
     from rtrt.tools.world import WORLD_CATEGORIES, render_scene, sample_scene
 
-    wcfg, seed, index, size, patch = job
+    wcfg, seed, index, size, patch, reducing_gap = job
     rng = np.random.default_rng([seed, VFM_SEED_STREAM, index])
     scene = sample_scene(wcfg, rng)
-    img = render_scene(scene, rng, wcfg.noise).resize((size, size), Image.BICUBIC)
+    img = vfm_resize(render_scene(scene, rng, wcfg.noise), size, "bicubic", reducing_gap)  # as the runtime's vfm_pixels
     return np.asarray(img, dtype=np.uint8), _patch_labels(scene.objects, wcfg.width, wcfg.height, size // patch, WORLD_CATEGORIES)
 
 
@@ -123,7 +123,7 @@ def render_training_scenes(world: str | Path, cfg: VFMConfig, count: int | None 
     """``(images uint8 [N, S, S, 3], labels [N, G, G])`` of the VFM's balanced scene stream."""
     wcfg = dataclasses.replace(_world_config(Path(world)), rare_prob=cfg.rare_prob, max_rare=cfg.max_rare)
     n = cfg.scenes if count is None else count
-    jobs = [(wcfg, cfg.seed, offset + i, cfg.image_size, 16) for i in range(n)]
+    jobs = [(wcfg, cfg.seed, offset + i, cfg.image_size, 16, cfg.reducing_gap) for i in range(n)]
     pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
     try:
         it = pool.map(_render, jobs, chunksize=16) if pool else map(_render, jobs)
@@ -166,7 +166,7 @@ def vfm_spec(cfg: VFMConfig, ref: str = "vfm.safetensors"):
     from rtrt.runtime.bundle import VFMSpec
 
     return VFMSpec(kind="timm", ref=ref, arch=cfg.arch, image_size=cfg.image_size, patch_size=16,
-                   dim=cfg.embed_dim, kwargs=cfg.kwargs)
+                   dim=cfg.embed_dim, kwargs=cfg.kwargs, reducing_gap=cfg.reducing_gap)
 
 
 def train_vfm(world: str | Path, out: str | Path, cfg: VFMConfig, progress: bool = True) -> dict:
@@ -273,7 +273,7 @@ def _region_features(backbone, spec, world: Path, split: str, batch: int = 16) -
     """Mean patch token inside every region box of ``split`` (the patch under the box centre at least)."""
     from PIL import Image
 
-    from rtrt.runtime.image import vfm_pixels
+    from rtrt.runtime.image import spec_pixels
     from rtrt.trainer.coda import image_path_for, iter_annotations
 
     grid = spec.image_size // spec.patch_size
@@ -291,7 +291,7 @@ def _region_features(backbone, spec, world: Path, split: str, batch: int = 16) -
         chunk = paths[i : i + batch]
         ext = "." + wcfg.image_format
         imgs = [Image.open(world / p.replace(".jpg", ext)).convert("RGB") for p in chunk]
-        tokens = backbone(vfm_pixels(imgs, spec.image_size, spec.mean, spec.std))  # [B, P, D]
+        tokens = backbone(spec_pixels(imgs, spec))  # [B, P, D]
         tokens = tokens.view(len(chunk), grid, grid, -1)
         for b, p in enumerate(chunk):
             for (x, y, w, h), name in by_image[p]:
