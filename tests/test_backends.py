@@ -116,6 +116,19 @@ def test_bad_inputs_and_names(exported, pair):
         be.make_backend("ort", exported, precision="int4")
     with pytest.raises(InputError, match="on_engine_mismatch"):
         be.make_backend("trt", exported, on_engine_mismatch="ignore")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InputError, match="threads must be a positive integer"):
+            be.make_backend("ort", exported, threads=bad)
+
+
+def test_ort_threads_are_the_sessions_and_results_do_not_change(exported, pair):
+    _, ort_all = pair
+    one = be.make_backend("ort", exported, device="cpu", threads=1)
+    for s in one.sessions.values():
+        assert int(s.get_session_options().intra_op_num_threads) == 1
+    px = _pixels(exported, 2)
+    for a, b in zip(one.detect(px), ort_all.detect(px)):
+        assert torch.allclose(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=1e-5)
 
 
 def test_ort_needs_an_export(tmp_path):

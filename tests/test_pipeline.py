@@ -252,6 +252,7 @@ def test_bench_reports_stages_and_overhead(assets, capsys):
     assert r["overhead_ratio"] == pytest.approx((e["plugin"]["median"] - e["baseline"]["median"]) / e["baseline"]["median"])
     assert r["peak_rss_mb"] > 0
     assert main(["--bundle", str(assets["bundle"]), "--image", str(assets["images"][0]), "--backend", "torch",
-                 "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--json"]) == 0
+                 "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pipeline"]["new_tokens"] == 2 and out["pipeline"]["precision"] == "fp32"
+    assert out["pipeline"]["ort_threads"] == 1

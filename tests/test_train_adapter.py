@@ -211,3 +211,43 @@ def test_both_phases_on_the_procedural_world(env, tmp_path):
     tokens = load_vfm(p2.manifest.vfm, p2.resolve_ref)(torch.zeros(1, 3, 64, 64))
     scores, _ = p2.detector()(tokens, p2.class_embeddings().weight)
     assert scores.shape == (1, len(p2.class_names))
+
+
+def test_detector_hints_in_training_prompts(env, tmp_path, monkeypatch):
+    """--hints detector: every prompt carries the bundle detector's names for its image, as Pipeline.detect finds them."""
+    from rtrt.runtime.pipeline import Pipeline
+    from rtrt.trainer import adapter as adapter_mod
+
+    root, bundle, _, _ = env
+    seen = []
+    real = vlm_module.VLMFamily.prepare
+
+    def prepare(self, images, questions, hints=None):
+        seen.append(hints)
+        return real(self, images, questions, hints)
+
+    monkeypatch.setattr(vlm_module.VLMFamily, "prepare", prepare)
+    calls = {}
+    real_hints = adapter_mod._detector_hints
+
+    def hints(source, pairs, d):
+        calls["pairs"], calls["out"] = pairs, real_hints(source, pairs, d)
+        return calls["out"]
+
+    monkeypatch.setattr(adapter_mod, "_detector_hints", hints)
+    out = tmp_path / "hinted"
+    # threshold -1: the detector always names its top-k, so the prompts must carry them
+    b = tmp_path / "p1"
+    shutil.copytree(bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["detector"]["threshold"] = -1.0
+    (b / "manifest.json").write_text(json.dumps(m))
+    args = _args(env, out, "--hints", "detector", epochs=1)
+    args[args.index("--bundle") + 1] = str(b)
+    assert train_main(args) == 0
+    pipe = Pipeline.from_bundle(b, backend="torch", load_vlm_model=False)
+    for pair, names in zip(calls["pairs"], calls["out"]):
+        assert names and names == [d.name for d in pipe.detect(load_image(pair.image)).detections]
+    assert seen and all(h is not None and all(h) for h in seen)
+    cfg = load_bundle(out).manifest.training["adapter"]["config"]
+    assert cfg["hints"] == "detector"

@@ -198,3 +198,44 @@ def test_bad_inputs_fail_in_one_line_without_output(env, tmp_path, capsys):
             ann_path.write_text(json.dumps({"general_perception": {}, "region_perception": {"1": region}, "driving_suggestion": ""}))
         _fails(capsys, phase1_args(data, work, out, "--skip-bad"), needle)
     assert not out.exists()
+
+
+def test_detection_cells_positives_hard_negatives_then_random():
+    from rtrt.trainer.embeddings import detection_cells
+
+    # 64x64 image, 4x4 grid of 16-px cells. A class-0 box over cells (0,0),(0,1); a tiny class-1 box
+    # inside cell (3,3) whose centre no cell centre lies in; another object over cells (2,0),(2,1).
+    boxes, labels = [(0, 0, 32, 16), (50, 50, 4, 4)], [0, 1]
+    others = [(0, 32, 32, 16)]
+    cells, labs = detection_cells((64, 64), 4, boxes, labels, others, negatives=5, seed=0)
+    pos = {(c[1] // 16, c[0] // 16): l for c, l in zip(cells, labs) if l >= 0}
+    assert pos == {(0, 0): 0, (0, 1): 0, (3, 3): 1}
+    neg = [(c[1] // 16, c[0] // 16) for c, l in zip(cells, labs) if l < 0]
+    assert len(neg) == 5 and len(set(neg)) == 5 and not set(neg) & set(pos)
+    assert set(neg[:2]) == {(2, 0), (2, 1)}  # the other object's cells come first
+    assert all(c[2] == 16 and c[3] == 16 for c in cells)
+    again = detection_cells((64, 64), 4, boxes, labels, others, negatives=5, seed=0)
+    assert again == (cells, labs)
+    assert detection_cells((64, 64), 4, boxes, labels, others, negatives=5, seed=1)[0] != cells
+    every, _ = detection_cells((64, 64), 4, boxes, labels, others, negatives=100, seed=0)
+    assert len(every) == 16  # all cells: 3 positive, 13 negative
+
+
+def test_detection_loss_trains_and_separates_cells(env, tmp_path):
+    root, work, out = env
+    on = tmp_path / "det"
+    assert train_main(phase1_args(root, work, on, "--w-detection", "1.0", "--negatives-per-image", "8",
+                                  "--threshold", "0.3", epochs=4)) == 0
+    epochs = _epochs(on.with_name("det.metrics.jsonl"))
+    assert "detection" in epochs[0] and "detection" not in _epochs(out.with_name("base.metrics.jsonl"))[0]
+    assert epochs[-1]["detection"] < 0.8 * epochs[0]["detection"]
+    cfg = json.loads((on / "manifest.json").read_text())["training"]["embeddings"]["config"]
+    assert (cfg["w_detection"], cfg["negatives_per_image"]) == (1.0, 8)
+
+
+def test_detection_flags_are_checked(env, tmp_path, capsys):
+    root, work, _ = env
+    bad = tmp_path / "bad"
+    assert rtrt_main(["train", *phase1_args(root, work, bad, "--w-detection", "-1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--w-detection" in err[0] and not bad.exists()
