@@ -45,6 +45,22 @@ def test_ablation_writes_predictions_and_tables(setup, task):
     assert "rare" in scores["rows"]["baseline"]["rare_common"]
     md = (out / "scores.md").read_text()
     assert "| baseline |" in md and "| both |" in md
+    hinted = {k for k, e in scores["rows"].items() if "hints" in e}
+    if task == "general":
+        assert hinted == {"text_hints", "both"} and "detector hints on test" in md
+        assert scores["rows"]["both"]["hints"]["per_image"] == pytest.approx(
+            sum(len(json.loads(x)["hints"]) for x in (out / "both" / f"{coda_task}_answer.jsonl").read_text().splitlines()) / 3)
+    else:
+        assert not hinted
+
+
+def test_hint_quality_by_hand():
+    from rtrt.tools.eval import _hint_quality
+
+    q = _hint_quality([["dog", "tire"], [], ["dog"]], [["dog", "car"], ["tire"], ["barrier", "car"]], ["dog", "tire", "barrier"])
+    # tp: dog (image 1); fp: tire (1), dog (3); fn: tire (2), barrier (3); car is not a detector class
+    assert q["precision"] == pytest.approx(100 / 3) and q["recall"] == pytest.approx(100 / 3) and q["per_image"] == 1.0
+    assert _hint_quality([[]], [["car"]], ["dog"]) == {"precision": None, "recall": None, "per_image": 0.0}
 
 
 def test_missing_split_is_one_line_error(setup):

@@ -148,6 +148,8 @@ def run_eval(
         entry = {"groups": report.groups, "failed": len(getattr(report, "failed", []) or [])}
         if isinstance(judge, KeywordJudge):
             entry["rare_common"] = _rare_common(report, set(RARE_CATEGORIES), set(COMMON_CATEGORIES))
+        if row.hints and coda_task != "region_perception":
+            entry["hints"] = _hint_quality([p.extra["hints"] for p in preds], all_cats[: len(preds)], pipe.class_names)
         results["rows"][row.name] = entry
     bar.close()
     metrics = ("f1", "recall") if isinstance(judge, KeywordJudge) else ("score",)
@@ -163,12 +165,29 @@ def run_eval(
             md += "\n\n| row | rare | common |\n|---|---:|---:|\n" + "\n".join(
                 f"| {k} | {_fmt(v.get('rare'))} | {_fmt(v.get('common'))} |" for k, v in table_rows.items())
         tables[metric] = md
+    hinted = {k: e["hints"] for k, e in results["rows"].items() if "hints" in e}
+    if hinted:
+        tables["hints"] = "| row | hint precision | hint recall | hints per image |\n|---|---:|---:|---:|\n" + "\n".join(
+            f"| {k} | {_fmt(h['precision'])} | {_fmt(h['recall'])} | {h['per_image']:.2f} |" for k, h in hinted.items())
     results["tables"] = tables
     atomic_write_json(out / "scores.json", results)
-    text = "\n\n".join(f"### {coda_task} on {split}, {results['judge']} judge, {m}\n\n{t}" for m, t in tables.items())
+    text = "\n\n".join((f"### detector hints on {split}, against the detector's classes each annotation holds" if m == "hints"
+                         else f"### {coda_task} on {split}, {results['judge']} judge, {m}") + f"\n\n{t}" for m, t in tables.items())
     atomic_write_bytes(out / "scores.md", (text + "\n").encode())
     results["table"] = text
     return results
+
+
+def _hint_quality(hints: Sequence[Sequence[str]], present: Sequence[Sequence[str]], classes: Sequence[str]) -> dict:
+    """Micro precision and recall (0-100) of the hinted class names against the detector's classes
+    each image's annotation holds, and the mean number of hints per image."""
+    known = set(classes)
+    tp = fp = fn = 0
+    for h, cats in zip(hints, present):
+        h, truth = set(h), set(cats) & known
+        tp, fp, fn = tp + len(h & truth), fp + len(h - truth), fn + len(truth - h)
+    return {"precision": 100.0 * tp / (tp + fp) if tp + fp else None, "recall": 100.0 * tp / (tp + fn) if tp + fn else None,
+            "per_image": (tp + fp) / max(len(hints), 1)}
 
 
 def _fmt(v) -> str:
