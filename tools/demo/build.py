@@ -5,7 +5,7 @@ command on the same software gives the same bundle. Timings per stage are printe
 ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
 common recall without and with hints, bundle size).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (36 min measured, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (39 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
@@ -49,9 +49,10 @@ class BuildPlan:
 
 
 PRESETS: dict[str, BuildPlan] = {
-    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 2188 s in all (world 29 s,
-    # VFM 467 s, VLM 1581 s: stages 0 + 0b ~13 min, stage 1 ~6 min, stages 2a + 2b ~7 min; phase 1
-    # 5 s, phase 2 84 s, export 7 s). The VFM runs at 224 px: a third of the detector's cost at 448.
+    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 2316 s in all (world 27 s,
+    # VFM 519 s, VLM 1639 s: stages 0 + 0b ~13 min, stage 1 ~6 min, stages 2a + 2b ~7 min; phase 1
+    # 9 s with the detection loss, phase 2 98 s with detector hints, export 7 s). The VFM runs at
+    # 224 px: a third of the detector's cost at 448.
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30, image_size=224, train_crop=224),
