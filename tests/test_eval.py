@@ -69,3 +69,29 @@ def test_missing_split_is_one_line_error(setup):
         run_eval(bundle, root / "world", "general", root / "o", split="nosuch", pipeline=pipe)
     with pytest.raises(InputError, match="no general_perception questions"):
         run_eval(bundle, root / "world", "general", root / "o", split="val", pipeline=pipe)
+
+
+def test_default_data_is_the_demo_worlds_test_split(tmp_path, monkeypatch):
+    import dataclasses
+    import filecmp
+
+    from rtrt.tools.demo import build
+    from rtrt.tools.eval import demo_test_world
+    from rtrt.tools.world import main as world_main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(build.PRESETS, "full", dataclasses.replace(build.PRESETS["full"], test=3, size=96))
+    root = demo_test_world(progress=False)
+    assert root == tmp_path / "cache" / "rtrt" / "demo-world-test-seed0"
+    assert world_main(["--out", str(tmp_path / "w"), "--seed", "0", "--pretrain", "0", "--plugin", "0", "--val", "0",
+                       "--test", "3", "--size", "96", "--quiet"]) == 0
+    cmp = filecmp.dircmp(root, tmp_path / "w")
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files
+    for sub in ("test/images", "CODA-LM/test", "CODA-LM/test/vqa_anno"):
+        names = sorted(p.name for p in (root / sub).iterdir() if p.is_file())
+        assert names and filecmp.cmpfiles(root / sub, tmp_path / "w" / sub, names, shallow=False)[0] == names
+    stamp = (root / "world.json").stat().st_mtime_ns
+    assert demo_test_world(progress=False) == root and (root / "world.json").stat().st_mtime_ns == stamp  # reused
+    monkeypatch.setitem(build.PRESETS, "full", dataclasses.replace(build.PRESETS["full"], test=2, size=96))
+    demo_test_world(progress=False)  # another plan: regenerated
+    assert len(list((root / "test" / "images").iterdir())) == 2

@@ -1,6 +1,7 @@
 """``rtrt eval``: answer CODA-LM-format questions with a bundle and score them, optionally as the 4-way ablation.
 
-    rtrt eval --data WORLD --task general --ablation            # the embedded demo bundle
+    rtrt eval --task general --ablation                         # the demo bundle on the demo world's test split
+    rtrt eval --data WORLD --task general --ablation            # the embedded demo bundle on any world
     rtrt eval --bundle B --data CODA --split val --task region --judge openai --judge-url http://host/v1 --judge-model M
 
 Writes, under ``--out``: one CODA-LM-style prediction file per ablation row
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "run_eval", "parse_args", "main"]
+__all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "demo_test_world", "run_eval", "parse_args", "main"]
 
 # Short task names on the command line -> CODA-LM task names.
 TASK_NAMES = {"general": "general_perception", "region": "region_perception", "suggestion": "driving_suggestion"}
@@ -190,6 +191,31 @@ def _hint_quality(hints: Sequence[Sequence[str]], present: Sequence[Sequence[str
             "per_image": (tp + fp) / max(len(hints), 1)}
 
 
+def demo_test_world(seed: int = 0, progress: bool = True) -> Path:
+    """The demo build's test split (``rtrt world --seed S --pretrain 0 --plugin 0 --val 0 --test N``,
+    byte for byte the split the build evaluates), generated on first use under
+    ``$XDG_CACHE_HOME/rtrt/`` (``~/.cache/rtrt/``) and reused while its ``world.json`` matches."""
+    from dataclasses import asdict
+
+    from rtrt.tools.demo.build import PRESETS
+    from rtrt.tools.world import config_from_args, generate_world
+    from rtrt.tools.world import parse_args as world_args
+
+    plan = PRESETS["full"]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtrt"
+    root = base / f"demo-world-test-seed{seed}"
+    cfg = config_from_args(world_args(["--out", str(root), "--seed", str(seed), "--pretrain", "0", "--plugin", "0",
+                                       "--val", "0", "--test", str(plan.test), "--size", str(plan.size)]))
+    want = json.loads(json.dumps(asdict(cfg)))
+    try:
+        if json.loads((root / "world.json").read_text())["config"] == want:
+            return root
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    generate_world(cfg, root, overwrite=True, workers=2, progress=progress)
+    return root
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -197,7 +223,9 @@ def _fmt(v) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt eval", description="Answer CODA-LM-format questions with a bundle and score them.")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
-    p.add_argument("--data", required=True, help="dataset root in CODA-LM layout (the procedural world or CODA-LM itself)")
+    p.add_argument("--data", default=None,
+                   help="dataset root in CODA-LM layout (the procedural world or CODA-LM itself); default: the demo "
+                        "world's test split (seed 0, as the demo build), generated on first use into ~/.cache/rtrt/")
     p.add_argument("--split", default="test", help="split folder under CODA-LM/ (default: test)")
     p.add_argument("--task", default="general", choices=sorted(TASK_NAMES), help="question set (default: general)")
     p.add_argument("--ablation", action="store_true", help="run the four rows: baseline, +hints, +refine, +both")
@@ -232,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge = OpenAIJudge(OpenAIJudgeConfig(base_url=args.judge_url, model=args.judge_model,
                                               api_key=os.environ.get(args.judge_key_env)))
     rows = ABLATION_ROWS if args.ablation else (ABLATION_ROWS[-1],)
-    res = run_eval(args.bundle or default_bundle(), args.data, args.task, args.out, split=args.split, rows=rows,
+    data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
+    res = run_eval(args.bundle or default_bundle(), data, args.task, args.out, split=args.split, rows=rows,
                    judge=judge, backend=args.backend, limit=args.limit, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     print(res["table"])
