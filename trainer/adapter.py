@@ -192,22 +192,21 @@ def train_adapter(cfg: AdapterTrainConfig) -> Path:
 
 
 def _detector_hints(source, pairs: list[QAPair], d: loop.Dist) -> list[list[str]]:
-    """The class names the bundle's detector puts into the prompt for each pair's image (each image once)."""
+    """The class names the bundle's detector puts into the prompt for each pair's image (each image once),
+    through the runtime's own ``Pipeline.detect``."""
     from tqdm import tqdm
 
     from rtrt.runtime.backends import make_backend
-    from rtrt.runtime.image import spec_pixels
-    from rtrt.runtime.modules import select_detections
+    from rtrt.runtime.pipeline import Pipeline
 
     m = source.manifest
     if m.detector is None or m.vfm is None:
         raise InputError(f"{source.root}: --hints detector needs a bundle with a detector and its VFM (phase 1 writes both)")
-    backend = make_backend("torch", source, device=str(d.device))
-    names, found = m.class_names, {}
+    pipe = Pipeline(source, make_backend("torch", source, device=str(d.device)), device=str(d.device))
+    found: dict[str, list[str]] = {}
     for p in tqdm(pairs, desc="detector hints", disable=not d.is_main, leave=False):
         if p.image not in found:
-            out = backend.detect(spec_pixels([load_image(p.image)], m.vfm, backend.image_size))
-            found[p.image] = [x.name for x in select_detections(out.scores[0].cpu().numpy(), names, m.detector.top_k, m.detector.threshold)]
+            found[p.image] = [x.name for x in pipe.detect(load_image(p.image)).detections]
     return [found[p.image] for p in pairs]
 
 
