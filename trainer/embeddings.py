@@ -187,7 +187,8 @@ def detection_cells(image_wh: tuple[int, int], grid: int, boxes, labels, others,
     hard = [rc for rc in free if any(_inside((rc[1] + 0.5) * cw, (rc[0] + 0.5) * ch, b) for b in others)]
     rng = np.random.default_rng(seed)
     pick = [hard[i] for i in rng.permutation(len(hard))[:negatives]]
-    rest = [rc for rc in free if rc not in set(pick)]
+    picked = set(pick)
+    rest = [rc for rc in free if rc not in picked]
     pick += [rest[i] for i in rng.permutation(len(rest))[: max(0, negatives - len(pick))]]
     for rc in pick:
         out_boxes.append(cell(*rc))
