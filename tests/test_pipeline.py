@@ -250,6 +250,7 @@ def test_bench_reports_stages_and_overhead(assets, capsys):
     e = r["end_to_end_ms"]
     assert e["plugin"]["median"] > 0 and e["baseline"]["median"] > 0
     assert r["overhead_ratio"] == pytest.approx((e["plugin"]["median"] - e["baseline"]["median"]) / e["baseline"]["median"])
+    assert r["overhead_share"] == pytest.approx((e["plugin"]["median"] - e["baseline"]["median"]) / e["plugin"]["median"])
     assert r["peak_rss_mb"] > 0
     assert main(["--bundle", str(assets["bundle"]), "--image", str(assets["images"][0]), "--backend", "torch",
                  "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--json"]) == 0
