@@ -40,8 +40,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
 
-# Pillow's integer filter codes, as HF preprocessor_config.json writes ``resample``.
-_PIL_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# Pillow's integer filter codes (as HF preprocessor_config.json writes ``resample``) -> RESAMPLE names.
+_PIL_CODES = {int(code): name for name, code in RESAMPLE.items()}
 
 
 def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs: dict[str, Any] | None = None,
