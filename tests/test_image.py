@@ -159,6 +159,10 @@ def test_vfm_pixels_equals_the_plain_formula_and_follows_the_spec():
     x = vfm_pixels([img], 32, mean, std)
     ref = (np.asarray(img.resize((32, 32), Image.BICUBIC), np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
     np.testing.assert_allclose(x[0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    # Bit for bit the float32 x * (1 / (255 std)) - mean / std that trained the shipped bundles.
+    s32 = np.float32(std)
+    hwc = np.asarray(img.resize((32, 32), Image.BICUBIC), np.float32) * (1.0 / (255.0 * s32)) + (-np.float32(mean) / s32)
+    assert np.array_equal(x[0].numpy(), hwc.transpose(2, 0, 1))
     spec = VFMSpec("timm", "w.safetensors", image_size=32, mean=mean, std=std, reducing_gap=1.0)
     y = spec_pixels([img], spec)
     assert np.array_equal(y.numpy(), vfm_pixels([img], 32, mean, std, reducing_gap=1.0).numpy())
