@@ -225,10 +225,14 @@ class Pipeline:
         refine: bool = True,
         max_new_tokens: int | None = None,
         generate_kwargs: dict[str, Any] | None = None,
+        plugin: bool = True,
     ) -> list[Result]:
         """Answer several (image, question) pairs in one VLM batch (left padding, greedy).
 
         ``generate_kwargs`` go to ``generate`` as they are (e.g. ``min_new_tokens`` for benchmarks).
+        ``plugin=False`` is the frozen VLM alone through the same code path: no detector call, no
+        hint, no adapter (``detections`` and ``hints`` empty). Its answers equal
+        ``hints=False, refine=False``; it is what ``rtrt bench`` compares against.
         """
         if self.vlm is None:
             raise InputError("this pipeline was loaded without a VLM (load_vlm_model=False); use detect()")
@@ -247,6 +251,10 @@ class Pipeline:
         timer = _Timer()
         with timer("image_decode"):
             pil = [load_image(im) for im in images]
+        if not plugin:
+            with self._vlm_lock:
+                answers = self._answer(pil, qs, None, None, new_tokens, timer, generate_kwargs or {})
+            return [Result(a, [], [], dict(timer.ms), None) for a in answers]
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
         with self._vlm_lock:
@@ -261,7 +269,8 @@ class Pipeline:
         n = getattr(text, "max_position_embeddings", None)
         return int(n) if n else None
 
-    def _answer(self, pil, questions, hints, refine: bool, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
+    def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
+        """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all)."""
         ctx = self._context_length()
         if ctx is not None:
             # Cheap guard before tokenising: a token is at least one character of most text.
@@ -299,7 +308,8 @@ class Pipeline:
         t_end = time.perf_counter()
         if "vision_done" in marks:
             timer.ms["vision_tower"] = (marks["vision_done"] - t0) * 1e3
-            timer.ms["adapter"] = (marks["adapter_done"] - marks["vision_done"]) * 1e3
+            if refine is not None:
+                timer.ms["adapter"] = (marks["adapter_done"] - marks["vision_done"]) * 1e3
             start = marks["adapter_done"]
         else:
             start = t0

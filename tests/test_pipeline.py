@@ -56,6 +56,21 @@ def test_plugin_off_equals_stock_vlm(pipe, assets):
     assert res.hints == []
 
 
+def test_plugin_false_is_the_vlm_alone_without_a_detector_call(pipe, assets, monkeypatch):
+    img = assets["images"][0]
+    off = pipe(img, "what is ahead?", hints=False, refine=False)
+    calls = []
+    real = pipe.backend.detect
+    monkeypatch.setattr(pipe.backend, "detect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (alone,) = pipe.batch([img], ["what is ahead?"], plugin=False)
+    assert calls == []  # no detector work at all
+    assert alone.answer == off.answer
+    assert alone.detections == [] and alone.hints == [] and alone.similarity is None
+    assert "detector" not in alone.timings_ms and "adapter" not in alone.timings_ms
+    for stage in ("image_decode", "prompt_build", "vision_tower", "prefill", "decode_per_token"):
+        assert stage in alone.timings_ms
+
+
 def test_refine_changes_answer_path_and_hints_go_into_prompt(pipe, assets):
     img = assets["images"][0]
     res = pipe(img, "what is ahead?")

@@ -5,8 +5,10 @@
     rtrt bench --graphs                 # also the exported-graph benchmark (ORT vs eager, see export issue)
 
 The baseline is the same VLM answering the same frame without the plug-in (no detector, no hint,
-no adapter). Both sides generate exactly ``--new-tokens`` tokens (min = max), so the difference is
-the plug-in's cost and not a different answer length. Runs alternate (plug-in, baseline, plug-in,
+no adapter): ``Pipeline.batch(..., plugin=False)``, the same code path (image decode, prompt
+build, generate with the same per-token clock, detokenisation) less the plug-in's stages. Both
+sides generate exactly ``--new-tokens`` tokens (min = max), so the difference is the plug-in's
+cost and not a different answer length. Runs alternate (plug-in, baseline, plug-in,
 ...) so drift on a shared machine hits both alike. Reported: median and p95 per stage, end-to-end,
 the overhead ratio, and peak RSS.
 """
@@ -47,32 +49,22 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
     q = question or DEFAULT_QUESTION
     gen = {"min_new_tokens": new_tokens}
 
-    def plugin_run() -> tuple[float, dict]:
+    def run(plugin: bool) -> tuple[float, dict]:
         t0 = time.perf_counter()
         img = load_image(image)
-        res = pipe.batch([img], [q], max_new_tokens=new_tokens, generate_kwargs=gen)[0]
-        total = (time.perf_counter() - t0) * 1e3
-        stages = dict(res.timings_ms)
-        return total, stages
-
-    def baseline_run() -> float:
-        t0 = time.perf_counter()
-        img = load_image(image)
-        with torch.inference_mode():
-            batch = pipe.vlm.prepare([img], [q], None)
-            pipe.vlm.generate(batch, transform=None, max_new_tokens=new_tokens, **gen)
-        return (time.perf_counter() - t0) * 1e3
+        res = pipe.batch([img], [q], max_new_tokens=new_tokens, generate_kwargs=gen, plugin=plugin)[0]
+        return (time.perf_counter() - t0) * 1e3, dict(res.timings_ms)
 
     for _ in range(warmup):
-        plugin_run()
-        baseline_run()
-    plug, base, stages = [], [], {}
+        run(True)
+        run(False)
+    plug, base, stages, base_stages = [], [], {}, {}
     for _ in range(runs):
-        t, st = plugin_run()
-        plug.append(t)
-        for k, v in st.items():
-            stages.setdefault(k, []).append(v)
-        base.append(baseline_run())
+        for on, totals, per_stage in ((True, plug, stages), (False, base, base_stages)):
+            t, st = run(on)
+            totals.append(t)
+            for k, v in st.items():
+                per_stage.setdefault(k, []).append(v)
     p_med, b_med = statistics.median(plug), statistics.median(base)
     return {
         "bundle": str(bundle),
@@ -84,6 +76,7 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in stages.items()},
+        "baseline_stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in base_stages.items()},
         "end_to_end_ms": {"plugin": {"median": p_med, "p95": _pct(plug, 0.95)},
                           "baseline": {"median": b_med, "p95": _pct(base, 0.95)}},
         "overhead_ratio": (p_med - b_med) / b_med,  # on top of the VLM alone
@@ -96,12 +89,14 @@ def _table(r: dict) -> str:
     lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']} {r['precision']}, {r['runs']} runs, "
              f"{r['new_tokens']} new tokens, {r['threads']} torch threads, "
              f"{r.get('ort_threads') or 'all-core'} ORT threads", "",
-             "| stage | median ms | p95 ms |", "|---|---:|---:|"]
+             "| stage | median ms | p95 ms | without plug-in: median ms |", "|---|---:|---:|---:|"]
+    base = r.get("baseline_stages_ms", {})
     for k, v in r["stages_ms"].items():
-        lines.append(f"| {k} | {v['median']:.2f} | {v['p95']:.2f} |")
+        b = f"{base[k]['median']:.2f}" if k in base else "-"
+        lines.append(f"| {k} | {v['median']:.2f} | {v['p95']:.2f} | {b} |")
     e = r["end_to_end_ms"]
-    lines += [f"| **end-to-end with plug-in** | {e['plugin']['median']:.1f} | {e['plugin']['p95']:.1f} |",
-              f"| **end-to-end, same VLM without plug-in** | {e['baseline']['median']:.1f} | {e['baseline']['p95']:.1f} |",
+    lines += [f"| **end-to-end with plug-in** | {e['plugin']['median']:.1f} | {e['plugin']['p95']:.1f} | |",
+              f"| **end-to-end, same VLM without plug-in** | {e['baseline']['median']:.1f} | {e['baseline']['p95']:.1f} | |",
               "", f"plug-in overhead: {100 * r['overhead_ratio']:+.1f}% over the same VLM without it "
               f"({e['plugin']['median'] - e['baseline']['median']:.1f} ms, {100 * r['overhead_share']:.1f}% of the plug-in pipeline's "
               f"end-to-end time); peak RSS {r['peak_rss_mb']:.0f} MB"]
