@@ -95,3 +95,14 @@ def test_default_data_is_the_demo_worlds_test_split(tmp_path, monkeypatch):
     monkeypatch.setitem(build.PRESETS, "full", dataclasses.replace(build.PRESETS["full"], test=2, size=96))
     demo_test_world(progress=False)  # another plan: regenerated
     assert len(list((root / "test" / "images").iterdir())) == 2
+
+
+def test_precision_reaches_the_backend(setup):
+    from rtrt.runtime.errors import BackendUnavailableError
+    from rtrt.tools.eval import parse_args
+
+    root, bundle, _ = setup
+    assert parse_args(["--precision", "int8"]).precision == "int8" and parse_args([]).precision == "fp32"
+    # The tiny bundle has no exported graphs: an int8 ORT eval must ask for them, not fall back silently.
+    with pytest.raises(BackendUnavailableError, match="rtrt export .*--precision int8"):
+        run_eval(bundle, root / "world", "general", root / "o8", backend="ort", precision="int8", progress=False)

@@ -77,6 +77,7 @@ def run_eval(
     rows: Sequence[EvalRow] = (ABLATION_ROWS[-1],),
     judge=None,
     backend: str = "ort",
+    precision: str = "fp32",
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 96,
@@ -116,7 +117,7 @@ def run_eval(
     if not refs:
         raise InputError(f"{split_dir}: no {coda_task} questions")
     judge = judge or KeywordJudge()
-    pipe = pipeline or Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=max_new_tokens)
+    pipe = pipeline or Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=max_new_tokens, precision=precision)
 
     def image_of(i: int, rec: TaskRecord):
         img = load_image(data / rec.image)
@@ -125,7 +126,8 @@ def run_eval(
         return img
 
     out = Path(out_dir)
-    results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"), "rows": {}}
+    results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"),
+                     "backend": getattr(pipe.backend, "name", backend), "precision": precision, "rows": {}}
     tables = {}
     indexed = list(enumerate(refs))
     total = len(rows) * len(refs)
@@ -234,6 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-model", default=None, help="judge model name (openai judge)")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
     p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, help="images per VLM batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96)")
@@ -262,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = ABLATION_ROWS if args.ablation else (ABLATION_ROWS[-1],)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_eval(args.bundle or default_bundle(), data, args.task, args.out, split=args.split, rows=rows,
-                   judge=judge, backend=args.backend, limit=args.limit, batch_size=args.batch_size,
+                   judge=judge, backend=args.backend, precision=args.precision, limit=args.limit, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     print(res["table"])
     print(f"\npredictions and scores written to {args.out}")
