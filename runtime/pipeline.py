@@ -231,8 +231,9 @@ class Pipeline:
 
         ``generate_kwargs`` go to ``generate`` as they are (e.g. ``min_new_tokens`` for benchmarks).
         ``plugin=False`` is the frozen VLM alone through the same code path: no detector call, no
-        hint, no adapter (``detections`` and ``hints`` empty). Its answers equal
-        ``hints=False, refine=False``; it is what ``rtrt bench`` compares against.
+        hint, no adapter (``detections`` and ``hints`` empty; ``hints`` and ``refine`` are not
+        read). Its answers equal ``hints=False, refine=False``; it is what ``rtrt bench`` compares
+        against.
         """
         if self.vlm is None:
             raise InputError("this pipeline was loaded without a VLM (load_vlm_model=False); use detect()")
