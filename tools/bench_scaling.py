@@ -97,13 +97,11 @@ def scaled_bundle(demo: str | Path, vlm_dir: str | Path, out: str | Path, hidden
 
     from rtrt.runtime.bundle import VLMSpec, load_bundle, write_bundle
     from rtrt.runtime.modules import CrossAttentionAdapter, RareObjectDetector
-    from rtrt.runtime.vlm import load_vlm
 
     b = load_bundle(demo)
     m = b.manifest
-    if m.vfm is None or m.adapter is None:
-        raise ValueError(f"{demo}: needs a VFM and an adapter")
-    fam = load_vlm(vlm_dir)
+    if m.vfm is None or m.adapter is None or m.vlm is None:
+        raise ValueError(f"{demo}: needs a VFM, an adapter and a VLM")
     g = torch.Generator().manual_seed(seed)
     detector = RareObjectDetector(d_vfm=m.vfm.dim, d_llm=hidden, proj_hidden=0, threshold=-1.0, top_k=m.detector.top_k)
     adapter = CrossAttentionAdapter(hidden, width=m.adapter.width, heads=m.adapter.heads)
@@ -115,7 +113,9 @@ def scaled_bundle(demo: str | Path, vlm_dir: str | Path, out: str | Path, hidden
         adapter.gate.fill_(0.1)
     w = torch.randn(len(m.classes), hidden, generator=g)
     manifest = dataclasses.replace(
-        m, d_llm=hidden, vlm=VLMSpec("llava", str(Path(vlm_dir).resolve()), fam.hidden_size, fam.image_token_layout()),
+        # Only the language model changed: the demo's image-token layout still holds (the pipeline
+        # checks it against the loaded VLM), so the VLM is not loaded here just to read it.
+        m, d_llm=hidden, vlm=VLMSpec("llava", str(Path(vlm_dir).resolve()), hidden, dict(m.vlm.image_token_layout or {})),
         adapter=adapter.config, detector=detector.config, files={}, exports={},
         training={"note": "rtrt.tools.bench_scaling: random weights, for timing only", "seed": seed})
     write_bundle(out, manifest, {"embeddings.safetensors": {"W": w}, "adapter.safetensors": adapter.state_dict(),
