@@ -1,7 +1,6 @@
 """ONNX export of the two deployed graphs, made TensorRT-friendly and checked node by node.
 
-- ``export_detector``: DINOv3 backbone + ``RareObjectDetector`` + per-class max + descending sort +
-  similarity map (``rtrt.runtime.graphs.DetectorGraph``); inputs ``pixel_values [B, 3, S, S]`` and
+- ``export_detector``: DINOv3 backbone + ``RareObjectDetector`` + per-class max + similarity map (``rtrt.runtime.graphs.DetectorGraph``); inputs ``pixel_values [B, 3, S, S]`` and
   ``class_embeddings [C, D]``; B and C dynamic, the image side S fixed at export.
 - ``export_adapter``: ``CrossAttentionAdapter``; ``visual_tokens [B, N, D]``, ``class_embeddings
   [C, D]``; B, N and C dynamic.
@@ -19,9 +18,9 @@ TensorRT traps handled here:
   transformers DINOv3, frozen or not); ``freeze_rope`` makes that independent of the exporter's
   constant folding by replacing the RoPE module with the table precomputed for the export grid
   (the same numbers; parity is checked against the unpatched model).
-- Sorting: ``topk`` with a K equal to the dynamic class count becomes a ``TopK`` whose K is computed
-  at run time, which TensorRT's parser has refused; the graph sorts by rank instead
-  (``rtrt.runtime.graphs.sort_scores``).
+- Sorting: the graph returns the C class scores unsorted; the runtime ranks them on the host
+  (``select_detections``). A ``TopK`` with K equal to the dynamic class count has been refused by
+  TensorRT's parser, and a rank computation adds int64 Range/Equal/Where ops for no reader.
 - ``tensorrt_problems`` walks every node: no control flow (``If``/``Loop``/``Scan``), no sequence
   ops, no data-dependent shapes (``NonZero``/``Unique``), no ``TopK`` with a computed K, no float64,
   no custom domains, no subgraphs. The export refuses a graph with any of them.
