@@ -3,8 +3,8 @@
 ``make_backend(name, bundle, ...)`` returns a ``Backend`` with
 
 - ``detect(pixel_values [B, 3, S, S], class_embeddings [C, D] = bundle W) -> DetectOutput``
-  (``scores [B, C]``, ``topk_scores [B, C]``, ``topk_indices [B, C]``, ``similarity [B, C, P]``;
-  every class, sorted best first; cut at ``top_k``/threshold with ``select_detections``);
+  (``scores [B, C]``, ``similarity [B, C, P]``; ranked and cut at ``top_k``/threshold by
+  ``select_detections``);
 - ``refine(visual_tokens [B, N, D], class_embeddings [C, D] = bundle W) -> refined [B, N, D]``.
 
 Backends:
@@ -60,8 +60,6 @@ class DetectOutput(NamedTuple):
     """The detector graph's outputs, in ``rtrt.runtime.names.DETECTOR`` order."""
 
     scores: torch.Tensor  # [B, C] max cosine over patches
-    topk_scores: torch.Tensor  # [B, C] scores sorted descending
-    topk_indices: torch.Tensor  # [B, C] int64 class indices in that order (ties: lower index first)
     similarity: torch.Tensor  # [B, C, P] per-patch cosine map
 
 
