@@ -5,9 +5,13 @@
                 [--images DIR] [--cache-dir DIR]
 
 Steps (each printed with its time):
-1. ``detector.onnx`` (DINOv3 + detector + sort + similarity map) and ``adapter.onnx``, each walked
+1. ``detector.onnx`` (DINOv3 + detector + similarity map) and ``adapter.onnx``, each walked
    node by node for TensorRT-unfriendly constructs, then checked against the bundle's PyTorch
-   modules in ONNX Runtime at several (B, C) / (B, N, C) on real inputs (``rtrt.export.parity``).
+   modules in ONNX Runtime at several (B, C) / (B, N, C) on real inputs (``rtrt.export.parity``):
+   images from ``--images`` and, for the adapter, visual tokens captured from the bundle's own VLM
+   on those images (synthetic tokens when no VLM can be loaded).
+   ``reference.safetensors``: the first ``--reference-images`` images, those tokens and W, with the
+   PyTorch outputs for them, so that ``rtrt check`` can rerun every graph on the target machine.
 2. ``--precision int8``: ``detector.int8.onnx`` / ``adapter.int8.onnx`` (ORT int8 for CPUs,
    ``--int8-method dynamic`` by default, or ``static``) with their own parity and top-5 agreement; with ``--backend trt|both`` also the
    symmetric QDQ graphs ``*.qdq.onnx`` TensorRT builds int8 engines from.
@@ -43,11 +47,12 @@ from .parity import (
     TOLERANCES,
     ParityReport,
     Tolerance,
+    adapter_case_from_tokens,
     adapter_cases,
     cross_validate,
     detector_cases,
     ort_runner,
-    parity_images,
+    parity_pil_images,
     torch_runner,
 )
 from .quantize import METHODS, quantize_dynamic, quantize_static
@@ -93,6 +98,52 @@ def _trt_runner(engine, spec):
     return run
 
 
+def _capture_visual_tokens(b: Bundle, vlm_ref: str | None, images: list, log: Callable[[str], None]) -> tuple[np.ndarray | None, str]:
+    """Visual tokens [T, D] of ``images`` from the bundle's VLM (or ``vlm_ref``), in the order the pipeline
+    hands them to the adapter; ``(None, why)`` when no VLM can be loaded here."""
+    m = b.manifest
+    if vlm_ref is None and m.vlm is None:
+        return None, "the bundle names no VLM"
+    from rtrt.runtime.pipeline import DEFAULT_QUESTION
+    from rtrt.runtime.vlm import load_vlm
+
+    try:
+        ref = vlm_ref if vlm_ref is not None else b.resolve_ref(m.vlm.ref)
+        family = load_vlm(ref)
+        if int(family.hidden_size) != int(m.d_llm):
+            return None, f"the VLM's hidden size {family.hidden_size} is not the bundle's {m.d_llm}"
+        import torch
+
+        with torch.inference_mode():
+            tokens = family.visual_tokens(family.prepare(list(images), [DEFAULT_QUESTION] * len(images)))
+        return tokens.detach().float().cpu().numpy(), f"visual tokens of {len(images)} image(s) from the bundle's VLM ({family.name})"
+    except RtrtError as e:
+        log(f"      note: synthetic visual tokens for the adapter (cannot load the VLM: {e})")
+        return None, f"cannot load the VLM ({e})"
+
+
+def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dict[str, str]) -> dict:
+    """Write ``reference.safetensors``: every graph's reference feeds and PyTorch outputs; returns the manifest entry."""
+    from safetensors.numpy import save_file
+
+    from rtrt.runtime.check import REFERENCE_FORMAT, reference_key
+
+    specs = {"detector": DETECTOR, "adapter": ADAPTER}
+    tensors: dict[str, np.ndarray] = {}
+    meta = {"format": REFERENCE_FORMAT}
+    entry: dict = {"file": path.name, "format": REFERENCE_FORMAT, "graphs": {}}
+    for g, feeds in cases.items():
+        out = torch_runner(refs[g], specs[g])(feeds)
+        for n in specs[g].inputs:
+            tensors[reference_key(g, n)] = np.ascontiguousarray(feeds[n])
+        for n in specs[g].outputs:
+            tensors[reference_key(g, n)] = np.ascontiguousarray(out[n])
+        meta[f"{g}.inputs"] = sources[g]
+        entry["graphs"][g] = {"inputs": sources[g], "shapes": {n: list(np.shape(feeds[n])) for n in specs[g].inputs}}
+    save_file(tensors, str(path), metadata=meta)
+    return entry
+
+
 def _entry(path: Path, rep: ParityReport | None, **extra) -> dict:
     info = graph_info(path)
     d = {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, **dataclasses.asdict(info), **extra}
@@ -114,10 +165,15 @@ def export_bundle(
     max_batch: int = 4,
     cache_dir: str | Path | None = None,
     workspace_gb: float = 4.0,
+    vlm: str | None = None,
+    reference_images: int = 2,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Export ``bundle`` (see the module docstring); returns the exports written to its manifest.
+
+    ``vlm``: the VLM whose visual tokens feed the adapter's parity and reference cases (default: the
+    bundle's own). ``reference_images``: how many parity images go into ``reference.safetensors``.
 
     Raises ``ExportError`` (nothing written) when a parity report fails or a step breaks, and
     ``BackendUnavailableError`` before any work when ``backend`` needs TensorRT and it is missing.
@@ -129,6 +185,8 @@ def export_bundle(
         raise ExportError(f"--int8-method {int8_method!r}: choose from {', '.join(METHODS)}")
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"--backend {backend!r}: choose from {', '.join(BACKEND_CHOICES)}")
+    if not 1 <= int(reference_images) <= 4:
+        raise ExportError(f"--reference-images {reference_images}: choose 1 to 4 (they are stored in the bundle)")
     want_trt = backend in ("trt", "both")
     if want_trt:
         from rtrt.runtime.trt_engine import tensorrt_status
@@ -153,8 +211,11 @@ def export_bundle(
     import torch
 
     from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
+    from rtrt.runtime.image import vfm_pixels
     from rtrt.runtime.vfm import load_vfm
 
+    # The same images feed the detector's parity, the VLM that gives the adapter real tokens, and the reference.
+    pil_images, pil_source = parity_pil_images(4, size, images)
     w = b.class_embeddings().weight.detach().float().numpy()
     c = len(w)
     graphs_with = [g for g, ok in (("detector", has_det), ("adapter", has_ad)) if ok]
@@ -167,6 +228,8 @@ def export_bundle(
     sources: dict[str, str] = {}
     files: dict[str, Path] = {}
     engines: dict[str, dict] = {}
+    reference: dict[str, dict] = {}  # graph -> the feeds stored in reference.safetensors
+    calibration: dict[str, list] = {}  # graph -> the feeds static int8 ranges are calibrated on
 
     def check(rep: ParityReport) -> ParityReport:
         log(f"      {rep.summary()}")
@@ -181,9 +244,12 @@ def export_bundle(
             det = b.detector()
             refs["detector"] = DetectorGraph(vfm, det).eval()
             path = export_detector(copy.deepcopy(vfm), det, tmp / "detector.onnx", image_size=size, patch_size=m.vfm.patch_size, verbose=verbose)
-            pixels, sources["detector"] = parity_images(4, size, m.vfm.mean, m.vfm.std, images,
-                                                         resample=m.vfm.resample, reducing_gap=m.vfm.reducing_gap)
-            cases["detector"] = detector_cases(pixels, w, [(1, c), (2, max(1, c // 2)), (1, 1)])
+            pixels = vfm_pixels(pil_images, size, m.vfm.mean, m.vfm.std, resample=m.vfm.resample,
+                                reducing_gap=m.vfm.reducing_gap).numpy()
+            sources["detector"] = pil_source
+            reference["detector"] = detector_cases(pixels, w, [(reference_images, c)])[0]
+            cases["detector"] = [reference["detector"]] + detector_cases(pixels, w, [(1, c), (2, max(1, c // 2)), (1, 1)])
+            calibration["detector"] = cases["detector"]
             rep = check(cross_validate(torch_runner(refs["detector"], DETECTOR), ort_runner(path, DETECTOR), cases["detector"], tol["fp32"],
                                        spec=DETECTOR, graph="detector", precision="fp32", inputs=sources["detector"]))
             graphs["detector"] = _entry(path, rep, image_size=size)
@@ -194,8 +260,17 @@ def export_bundle(
             prog.step(f"adapter.onnx: d_model {m.adapter.d_model}, width {m.adapter.width}, {m.adapter.heads} heads")
             refs["adapter"] = AdapterGraph(b.adapter()).eval()
             path = export_adapter(b.adapter(), tmp / "adapter.onnx", verbose=verbose)
-            cases["adapter"] = adapter_cases(w, [(1, n_opt, c), (2, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
-            sources["adapter"] = "synthetic visual tokens around the bundle's W (no VLM at export time)"
+            tokens, why = _capture_visual_tokens(b, vlm, pil_images[:reference_images], log)
+            synthetic = adapter_cases(w, [(2, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
+            if tokens is not None:
+                reference["adapter"] = adapter_case_from_tokens(tokens, w)
+                sources["adapter"] = f"{why}, on {pil_source}"
+                calibration["adapter"] = [reference["adapter"]]  # int8 ranges from real tokens only
+            else:
+                reference["adapter"] = adapter_cases(w, [(1, n_opt, c)])[0]
+                sources["adapter"] = f"synthetic visual tokens around the bundle's W ({why})"
+                calibration["adapter"] = [reference["adapter"]] + synthetic
+            cases["adapter"] = [reference["adapter"]] + synthetic
             rep = check(cross_validate(torch_runner(refs["adapter"], ADAPTER), ort_runner(path, ADAPTER), cases["adapter"], tol["fp32"],
                                        spec=ADAPTER, graph="adapter", precision="fp32", inputs=sources["adapter"]))
             graphs["adapter"] = _entry(path, rep)
@@ -206,7 +281,7 @@ def export_bundle(
             for g in graphs_with:
                 if int8_method == "static":
                     prog.step(f"{g}.int8.onnx: ONNX Runtime static int8 (QDQ, u8 activations calibrated on the parity inputs)")
-                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx", cases[g])
+                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx", calibration[g])
                 else:
                     prog.step(f"{g}.int8.onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
                     q = quantize_dynamic(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx")
@@ -217,7 +292,7 @@ def export_bundle(
                 prog.done()
                 if want_trt:
                     prog.step(f"{g}.qdq.onnx: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
-                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.qdq.onnx", cases[g], symmetric=True)
+                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.qdq.onnx", calibration[g], symmetric=True)
                     rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
                                                spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
                     graphs[f"{g}.qdq"] = _entry(q, rep, method="static-symmetric-qdq")
@@ -243,6 +318,8 @@ def export_bundle(
         if failures:
             raise ExportError("parity outside tolerance, nothing was written: " + "; ".join(failures))
 
+        files["reference.safetensors"] = tmp / "reference.safetensors"
+        reference_entry = _reference_file(files["reference.safetensors"], refs, reference, sources)
         prog.step(f"writing {len(files)} file(s) into {b.root}")
         exports = {
             "onnx": {
@@ -253,7 +330,8 @@ def export_bundle(
                 "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "versions": _versions(),
                 "graphs": graphs,
-            }
+            },
+            "reference": reference_entry,
         }
         shas = {e["sha256"] for e in graphs.values()}
         kept = {k: v for k, v in (m.exports.get("engines") or {}).items() if v.get("onnx_sha256") in shas}
@@ -286,6 +364,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the TensorRT profiles accept (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache (default $RTRT_ENGINE_CACHE or ~/.cache/rtrt/engines)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default %(default)s)")
+    p.add_argument("--vlm", default=None,
+                   help="VLM (local directory) whose visual tokens feed the adapter's parity and reference cases (default: the bundle's)")
+    p.add_argument("--reference-images", type=int, default=2,
+                   help="how many parity images (and their VLM tokens) are stored in reference.safetensors for rtrt check (1-4, default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the exports written to the manifest as JSON on stdout")
     p.add_argument("--verbose", action="store_true", help="show the torch exporter's own output")
     p.add_argument("--debug", action="store_true", help="print a traceback on errors")
@@ -312,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_batch=args.max_batch,
             cache_dir=args.cache_dir,
             workspace_gb=args.workspace_gb,
+            vlm=args.vlm,
+            reference_images=args.reference_images,
             verbose=args.verbose,
         )
     except RtrtError as e:

@@ -34,6 +34,10 @@ _EXPORTS = {
     "ModelMismatchError": "errors",
     "EngineMismatchError": "errors",
     "BackendUnavailableError": "errors",
+    "ParityError": "errors",
+    "check_bundle": "check",
+    "CheckReport": "check",
+    "machine_info": "machine",
 }
 
 __all__ = sorted(_EXPORTS)

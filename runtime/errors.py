@@ -13,6 +13,7 @@ __all__ = [
     "ModelMismatchError",
     "EngineMismatchError",
     "BackendUnavailableError",
+    "ParityError",
 ]
 
 
@@ -42,3 +43,7 @@ class EngineMismatchError(RtrtError):
 
 class BackendUnavailableError(RtrtError):
     """The requested backend (trt, ort provider, CUDA) is not usable on this machine."""
+
+
+class ParityError(RtrtError):
+    """A graph's outputs on this machine differ from the bundle's reference outputs beyond tolerance."""
