@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, load_bundle
+from .devices import check_device
 from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from .graphs import AdapterGraph, DetectorGraph
 from .names import ADAPTER, DETECTOR
-from .trt_engine import TrtEngine, platform_info, tensorrt_status
+from .trt_engine import TrtEngine, default_cache_dir, platform_info, tensorrt_status
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +48,9 @@ __all__ = [
     "OrtBackend",
     "TrtBackend",
     "make_backend",
+    "available_backends",
+    "precision_support",
+    "check_precision",
     "ort_providers",
     "engine_mismatch",
 ]
@@ -74,6 +78,8 @@ class Backend:
     """Common input checks and defaults; subclasses implement ``_detect``/``_refine``."""
 
     name = "base"
+    precision = "fp32"  # the graphs' precision this backend runs (set per instance by ORT and TensorRT)
+    providers: list[str] = []  # ONNX Runtime execution providers the sessions use ([] for torch and trt)
 
     def __init__(self, bundle: Bundle, image_size: int):
         self.bundle = bundle
@@ -145,17 +151,31 @@ class TorchBackend(Backend):
             return self._adapter(v.to(self.device), w.to(self.device))
 
 
+ORT_TRT_CACHE = "ort-trt"  # folder of the engine cache root holding the ORT TensorRT EP's engines and timing cache
+
+
 def ort_providers(device: str | None = None, precision: str = "fp32", cache_dir: str | os.PathLike | None = None) -> list:
-    """TensorRT EP -> CUDA EP -> CPU EP, those this onnxruntime has; ``device="cpu"`` keeps CPU only."""
+    """TensorRT EP -> CUDA EP -> CPU EP, those this onnxruntime has; ``device="cpu"`` keeps CPU only.
+
+    The TensorRT EP caches its engines and its timing cache in ``<cache_dir>/ort-trt``
+    (``cache_dir`` default: ``$RTRT_ENGINE_CACHE`` or ``~/.cache/rtrt/engines``), never in the
+    current directory (the EP's default), which may be read-only or shared.
+    """
     import onnxruntime as ort
 
     have = set(ort.get_available_providers())
     out: list = []
     if device != "cpu":
         if "TensorrtExecutionProvider" in have:
-            opts: dict[str, Any] = {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True}
-            if cache_dir:
-                opts["trt_engine_cache_path"] = str(cache_dir)
+            folder = Path(cache_dir if cache_dir else default_cache_dir()) / ORT_TRT_CACHE
+            folder.mkdir(parents=True, exist_ok=True)
+            opts: dict[str, Any] = {
+                "trt_fp16_enable": precision == "fp16",
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(folder),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(folder),
+            }
             out.append(("TensorrtExecutionProvider", opts))
         if "CUDAExecutionProvider" in have:
             out.append("CUDAExecutionProvider")
@@ -191,7 +211,8 @@ class OrtBackend(Backend):
         so.log_severity_level = 3
         # The VLM runs in torch right after the detector: idle ORT workers must not spin on its cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.providers = ort_providers(device, precision, cache_dir)
+        self.precision = precision
+        requested = ort_providers(device, precision, cache_dir)
         self.sessions: dict[str, Any] = {}
         for graph, present in (("detector", self.has_detector), ("adapter", self.has_adapter)):
             if not present:
@@ -200,9 +221,15 @@ class OrtBackend(Backend):
             if entry is None:
                 hint = " --precision int8" if suffix else ""
                 raise BackendUnavailableError(f"{bundle.root}: no exported {graph}{suffix} graph; run `rtrt export --bundle {bundle.root}{hint}`")
-            self.sessions[graph] = ort.InferenceSession(str(bundle.path(entry["file"])), so, providers=self.providers)
+            self.sessions[graph] = ort.InferenceSession(str(bundle.path(entry["file"])), so, providers=requested)
         self.has_detector = "detector" in self.sessions
         self.has_adapter = "adapter" in self.sessions
+        # What the sessions really registered (ORT drops an EP that fails to load with a warning only).
+        self.providers = list(dict.fromkeys(p for sess in self.sessions.values() for p in sess.get_providers()))
+        if precision == "fp16" and "TensorrtExecutionProvider" not in self.providers:
+            raise BackendUnavailableError(
+                f"precision 'fp16' is not available with the ort backend: onnxruntime's TensorRT execution provider "
+                f"did not load (the sessions use {', '.join(self.providers) or 'none'})")
 
     @staticmethod
     def _np(t: torch.Tensor) -> np.ndarray:
@@ -255,17 +282,115 @@ class TrtBackend(Backend):
         return out[ADAPTER.outputs[0]].to(dtype)
 
 
+def _present_graphs(bundle: Bundle) -> list[str]:
+    m = bundle.manifest
+    return [g for g, present in (("detector", m.detector is not None and m.vfm is not None), ("adapter", m.adapter is not None)) if present]
+
+
+def available_backends() -> list[str]:
+    """The backends this machine can run (``trt`` needs TensorRT and a CUDA GPU)."""
+    return ["torch", "ort"] + ([] if tensorrt_status() else ["trt"])
+
+
+def precision_support(
+    name: str, bundle: Bundle, device: str | None = None, *, platform=None, on_engine_mismatch: str = "rebuild"
+) -> dict[str, str | None]:
+    """The precision/backend matrix, in one place: each of ``PRECISIONS`` -> None when backend
+    ``name`` can run it for ``bundle`` on ``device`` here, else why not (one clause).
+
+    - ``torch``: fp32 only (the bundle's modules run in float32);
+    - ``ort``: fp32 / int8 when the bundle has the exported graphs (``*.int8.onnx`` for int8); fp16
+      only through onnxruntime's TensorRT execution provider on a CUDA device (its CPU and CUDA
+      providers would run the fp32 graphs and call it fp16);
+    - ``trt``: a precision whose engines the bundle records for this TensorRT and GPU (``platform``,
+      default: this machine's), or, with ``on_engine_mismatch="rebuild"``, that can be built from
+      the bundle's ONNX (int8 from the ``*.qdq`` graphs) by the ``rtrt.export`` builder.
+    """
+    graphs = _present_graphs(bundle)
+    root = bundle.root
+    if name == "torch":
+        return {p: None if p == "fp32" else "it runs the bundle's modules in fp32" for p in PRECISIONS}
+    if name == "ort":
+        import onnxruntime as ort
+
+        out: dict[str, str | None] = {}
+        for p, suffix, hint in (("fp32", "", ""), ("int8", ".int8", " --precision int8")):
+            missing = [g + suffix for g in graphs if _onnx_entry(bundle, g + suffix) is None]
+            out[p] = f"the bundle has no exported {missing[0]} graph; run `rtrt export --bundle {root}{hint}`" if missing else None
+        dev = None if device is None else torch.device(device)
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            out["fp16"] = "fp16 runs only through onnxruntime's TensorRT execution provider, which this onnxruntime lacks"
+        elif (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
+            where = f"not {dev}" if dev is not None and dev.type != "cuda" else "and this machine has none"
+            out["fp16"] = f"fp16 runs only through onnxruntime's TensorRT execution provider on a CUDA device, {where}"
+        else:
+            out["fp16"] = out["fp32"]
+        return {p: out[p] for p in PRECISIONS}
+    if name != "trt":
+        raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if platform is None:
+        reason = tensorrt_status()
+        if reason:
+            return {p: f"trt backend unavailable: {reason}" for p in PRECISIONS}
+        platform = platform_info(None if device in (None, "cpu") else torch.device(device).index)
+    from importlib.util import find_spec
+
+    engines_meta = bundle.manifest.exports.get("engines") or {}
+    can_build = on_engine_mismatch == "rebuild" and find_spec("rtrt.export") is not None
+    out = {}
+    for p in PRECISIONS:
+        out[p] = None
+        for g in graphs:
+            entry = engines_meta.get(f"{g}.{p}")
+            source = entry.get("source_graph", g) if entry else (g + ".qdq" if p == "int8" else g)
+            why = engine_mismatch(entry, bundle, source, platform)
+            if why is None or (can_build and _onnx_entry(bundle, source) is not None):
+                continue
+            if can_build:
+                why += f" and no exported {source} graph to build one from"
+            elif on_engine_mismatch == "rebuild":
+                why += " and the engine builder (rtrt.export) is not installed"
+            out[p] = f"{g}.{p} engine: {why}"
+            break
+    return out
+
+
+def check_precision(name: str, bundle: Bundle, precision: str, device: str | None = None, **kw) -> None:
+    """``BackendUnavailableError`` naming the precisions that are available when ``precision`` is not
+    (``precision_support``'s matrix; ``kw`` as it takes them)."""
+    support = precision_support(name, bundle, device, **kw)
+    why = support[precision]
+    if why is not None:
+        avail = [p for p, w in support.items() if w is None]
+        raise BackendUnavailableError(
+            f"precision {precision!r} is not available with the {name} backend: {why} (available: {', '.join(avail) or 'none'})")
+
+
+def _make_ort(bundle: Bundle, device, precision: str, threads, cache_dir, fallback_from: str | None = None) -> "OrtBackend":
+    """An ``OrtBackend`` once the matrix allows ``precision``; ``fallback_from``: why trt was left."""
+    try:
+        check_precision("ort", bundle, precision, device)
+    except BackendUnavailableError as e:
+        if fallback_from is None:
+            raise
+        raise BackendUnavailableError(f"{fallback_from}, and the ort fallback cannot run it: {e}") from None
+    return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+
+
 def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, threads, cache_dir) -> Backend:
     reason = tensorrt_status()
     if reason:
         if on_engine_mismatch == "fallback":
             warnings.warn(f"trt backend unavailable ({reason}); falling back to ort", RuntimeWarning, stacklevel=3)
-            return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
-        raise BackendUnavailableError(f"trt backend unavailable: {reason}")
+            return _make_ort(bundle, device, precision, threads, cache_dir, f"trt backend unavailable ({reason})")
+        raise BackendUnavailableError(f"trt backend unavailable: {reason} (available backends: {', '.join(available_backends())})")
     dev = torch.device(device) if device not in (None, "cpu") else torch.device("cuda")
     if dev.type != "cuda":
         raise BackendUnavailableError(f"trt backend runs on CUDA devices, not {dev}")
     plat = platform_info(dev.index)
+    if on_engine_mismatch == "rebuild":
+        # Refuse a precision that has no engine and cannot be built before building the other graph's.
+        check_precision("trt", bundle, precision, str(dev), platform=plat, on_engine_mismatch="rebuild")
     engines_meta = bundle.manifest.exports.get("engines") or {}
     onnx_meta = bundle.manifest.exports.get("onnx") or {}
     image_size = int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0))
@@ -283,14 +408,16 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
                 raise EngineMismatchError(f"{name} engine: {why}")
             if on_engine_mismatch == "fallback":
                 warnings.warn(f"{name} engine: {why}; falling back to the ort backend", RuntimeWarning, stacklevel=3)
-                return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+                return _make_ort(bundle, device, precision, threads, cache_dir, f"{name} engine: {why}")
             # rebuild: the builder lives with the exporter; imported only on this path.
             from rtrt.export.trt_build import build_bundle_engine
 
             warnings.warn(f"{name} engine: {why}; building a matching engine (this takes minutes once)", RuntimeWarning, stacklevel=3)
             path, _ = build_bundle_engine(bundle, graph, precision, cache_dir=cache_dir)
         engines[graph] = TrtEngine(path, device=dev.index)
-    return TrtBackend(bundle, engines, image_size)
+    backend = TrtBackend(bundle, engines, image_size)
+    backend.precision = precision
+    return backend
 
 
 def make_backend(
@@ -305,7 +432,11 @@ def make_backend(
 ) -> Backend:
     """The backend ``name`` (``BACKENDS``) over ``bundle`` (a ``Bundle`` or its directory).
 
-    ``device``: ``"cpu"``/``"cuda[:i]"``; None picks each backend's natural device.
+    ``device``: ``"cpu"``/``"cuda[:i]"``; None picks each backend's natural device. A device this
+    machine lacks is refused (``check_device``), as is a precision the backend cannot run here
+    (``precision_support``: torch fp32 only; ORT int8 needs the int8 graphs and fp16 the TensorRT
+    EP on a GPU; TensorRT an engine of that precision or the means to build one), each with a
+    ``BackendUnavailableError`` naming what is available, never a silent fp32 run.
     ``precision``: ``fp32``/``fp16``/``int8``; ORT uses int8 graphs for ``int8`` (fp16 only via the
     TensorRT EP); TensorRT picks the engine of that precision. ``threads``: ORT intra-op threads
     (default: the cores this process may use). ``cache_dir``: engine cache for rebuilds and the
@@ -319,10 +450,13 @@ def make_backend(
         raise InputError(f"on_engine_mismatch must be one of {', '.join(MISMATCH_POLICIES)}, not {on_engine_mismatch!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer (or None for every core), not {threads!r}")
+    dev = check_device(device)
+    device = None if dev is None else "cpu" if dev.type == "cpu" else str(dev)  # "cpu:0" -> "cpu" for ort_providers
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if name == "torch":
+        check_precision("torch", bundle, precision, device)
         return TorchBackend(bundle, device=device)
     if name == "ort":
-        return OrtBackend(bundle, device=device, precision=precision, threads=threads, cache_dir=cache_dir)
+        return _make_ort(bundle, device, precision, threads, cache_dir)
     return _make_trt(bundle, device, precision, on_engine_mismatch, threads, cache_dir)

@@ -58,6 +58,9 @@ class Result:
     hints: list[str]  # class names put into the prompt ([] when hints are off)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
     similarity: np.ndarray | None = None  # [C, gh, gw], as in DetectResult
+    backend: str | None = None  # backend that ran the detector/adapter ("ort" after a trt->ort fallback); None: plugin=False
+    precision: str | None = None  # the graphs' precision that ran (None: plugin=False)
+    providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers used ([] for torch/trt)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rtrt infer --json`` object."""
@@ -65,6 +68,9 @@ class Result:
             "answer": self.answer,
             "detections": [{"name": d.name, "score": round(float(d.score), 6)} for d in self.detections],
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "backend": self.backend,
+            "precision": self.precision,
+            "providers": list(self.providers),
         }
 
 
@@ -135,6 +141,7 @@ class Pipeline:
         on_engine_mismatch: str = "rebuild",
         precision: str = "fp32",
         threads: int | None = None,
+        verify: bool = False,
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
@@ -143,12 +150,23 @@ class Pipeline:
         on ORT or int8 engines on TensorRT, ``fp16``: TensorRT), as ``make_backend`` takes it.
         ``threads``: ONNX Runtime intra-op threads of the detector and adapter sessions (default: the
         cores this process may use); the VLM uses torch's own setting.
+        A ``device`` this machine lacks, or a precision the backend cannot run here, is refused with
+        ``BackendUnavailableError`` naming what is available (never a silent fp32/CPU run).
+        ``verify=True`` reruns the loaded backend's graphs on the reference inputs the bundle carries
+        (what ``rtrt check`` does for every backend) before anything else is loaded, and raises
+        ``ParityError`` when one differs from the reference on this machine.
         """
         from .backends import make_backend
+        from .devices import check_device
 
+        check_device(device)  # before anything is loaded: no VLM or bundle read for a GPU that is not there
         bundle = load_bundle(path)
         be = make_backend(backend, bundle, device=device, precision=precision, on_engine_mismatch=on_engine_mismatch,
                           threads=threads)
+        if verify:
+            from .check import verify_backend
+
+            verify_backend(bundle, be, getattr(be, "precision", precision))
         family = None
         if load_vlm_model:
             from .vlm import load_vlm
@@ -260,8 +278,10 @@ class Pipeline:
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
         with self._vlm_lock:
             answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {})
+        ran = self.describe()
         return [
-            Result(a, r.detections, h, dict(timer.ms), r.similarity) for a, r, h in zip(answers, dets, hint_names)
+            Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]))
+            for a, r, h in zip(answers, dets, hint_names)
         ]
 
     def _context_length(self) -> int | None:
@@ -324,11 +344,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     def describe(self) -> dict[str, Any]:
-        """What is loaded, for logs and ``rtrt infer --json``."""
+        """What is loaded and what actually runs (``backend`` is "ort" after a trt->ort fallback;
+        ``providers``: the ONNX Runtime execution providers its sessions use), for logs, ``rtrt bench``
+        and ``rtrt eval``."""
         m = self.bundle.manifest
+        be = self.backend
         return {
             "bundle": str(self.bundle.root),
-            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "backend": getattr(be, "name", type(be).__name__),
+            "precision": getattr(be, "precision", "fp32"),
+            "providers": list(getattr(be, "providers", None) or []),
+            "device": str(self.device),
             "classes": len(m.classes),
             "vlm": None if self.vlm is None else getattr(self.vlm, "name", "?"),
         }

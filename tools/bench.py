@@ -37,15 +37,20 @@ def _peak_rss_mb() -> float:
 
 def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort", runs: int = 10,
                    warmup: int = 2, new_tokens: int = 32, question: str | None = None, precision: str = "fp32",
-                   threads: int | None = None) -> dict:
-    """Measure the plug-in pipeline and the plain VLM on one frame; returns a JSON-able dict."""
+                   threads: int | None = None, device: str = "cpu") -> dict:
+    """Measure the plug-in pipeline and the plain VLM on one frame; returns a JSON-able dict.
+
+    ``backend``, ``precision`` and ``providers`` in it are what ran (``Pipeline.describe()``: "ort"
+    after a trt->ort fallback), not what was asked for."""
     import torch
 
     from rtrt.runtime.image import load_image
     from rtrt.runtime.pipeline import DEFAULT_QUESTION, Pipeline
 
     torch.set_num_threads(torch.get_num_threads())
-    pipe = Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=new_tokens, precision=precision, threads=threads)
+    pipe = Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=new_tokens, precision=precision, threads=threads,
+                                device=device)
+    ran = pipe.describe()
     q = question or DEFAULT_QUESTION
     gen = {"min_new_tokens": new_tokens}
 
@@ -69,8 +74,10 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
     return {
         "bundle": str(bundle),
         "image": str(image),
-        "backend": backend,
-        "precision": precision,
+        "backend": ran["backend"],
+        "precision": ran["precision"],
+        "providers": ran["providers"],
+        "device": ran["device"],
         "ort_threads": threads,
         "runs": runs,
         "new_tokens": new_tokens,
@@ -86,7 +93,9 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
 
 
 def _table(r: dict) -> str:
-    lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']} {r['precision']}, {r['runs']} runs, "
+    providers = f" ({', '.join(r['providers'])})" if r.get("providers") else ""
+    lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']} {r['precision']}{providers} on "
+             f"{r.get('device', 'cpu')}, {r['runs']} runs, "
              f"{r['new_tokens']} new tokens, {r['threads']} torch threads, "
              f"{r.get('ort_threads') or 'all-core'} ORT threads", "",
              "| stage | median ms | p95 ms | without plug-in: median ms |", "|---|---:|---:|---:|"]
@@ -110,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
+    p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument("--runs", type=int, default=10, help="measured runs of each side (default: 10)")
@@ -136,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = ex[0]
     report = {"pipeline": bench_pipeline(bundle, image, backend=args.backend, runs=args.runs,
                                          warmup=args.warmup, new_tokens=args.new_tokens, precision=args.precision,
-                                         threads=args.threads)}
+                                         threads=args.threads, device=args.device)}
     if args.graphs:
         from rtrt.tools import bench_export
 

@@ -78,13 +78,17 @@ def run_eval(
     judge=None,
     backend: str = "ort",
     precision: str = "fp32",
+    device: str = "cpu",
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 96,
     progress: bool = True,
     pipeline=None,
 ) -> dict:
-    """Predict and judge; returns ``{"rows": {row: {"groups": ..., "rare_common": ...}}, "table": md}``."""
+    """Predict and judge; returns ``{"rows": {row: {"groups": ..., "rare_common": ...}}, "table": md}``.
+
+    ``backend``/``precision``/``device`` build the pipeline unless ``pipeline`` is given; scores.json
+    records what ran (``Pipeline.describe()``: backend, precision, ONNX Runtime providers)."""
     from tqdm import tqdm
 
     from rtrt.runtime.bundle import atomic_write_bytes, atomic_write_json
@@ -117,7 +121,9 @@ def run_eval(
     if not refs:
         raise InputError(f"{split_dir}: no {coda_task} questions")
     judge = judge or KeywordJudge()
-    pipe = pipeline or Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=max_new_tokens, precision=precision)
+    pipe = pipeline or Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=max_new_tokens, precision=precision,
+                                            device=device)
+    ran = pipe.describe()
 
     def image_of(i: int, rec: TaskRecord):
         img = load_image(data / rec.image)
@@ -127,7 +133,8 @@ def run_eval(
 
     out = Path(out_dir)
     results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"),
-                     "backend": getattr(pipe.backend, "name", backend), "precision": precision, "rows": {}}
+                     "backend": ran["backend"], "precision": ran["precision"], "providers": ran["providers"],
+                     "device": ran["device"], "rows": {}}
     tables = {}
     indexed = list(enumerate(refs))
     total = len(rows) * len(refs)
@@ -238,6 +245,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
+    p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, help="images per VLM batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96)")
@@ -264,10 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge = OpenAIJudge(OpenAIJudgeConfig(base_url=args.judge_url, model=args.judge_model,
                                               api_key=os.environ.get(args.judge_key_env)))
     rows = ABLATION_ROWS if args.ablation else (ABLATION_ROWS[-1],)
+    from rtrt.runtime.pipeline import Pipeline
+
+    bundle = args.bundle or default_bundle()
+    # Loaded before the data (which may be generated, ~30 s): a missing device or precision fails first.
+    pipe = Pipeline.from_bundle(bundle, backend=args.backend, max_new_tokens=args.max_new_tokens, precision=args.precision,
+                                device=args.device)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
-    res = run_eval(args.bundle or default_bundle(), data, args.task, args.out, split=args.split, rows=rows,
-                   judge=judge, backend=args.backend, precision=args.precision, limit=args.limit, batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    res = run_eval(bundle, data, args.task, args.out, split=args.split, rows=rows, judge=judge, limit=args.limit,
+                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe)
     print(res["table"])
     print(f"\npredictions and scores written to {args.out}")
     return 0

@@ -41,15 +41,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
     p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id)")
-    p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument("--json", action="store_true", help="print one JSON object {answer, detections, timings_ms}")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the VLM (and ONNX Runtime's GPU providers when not cpu), e.g. cpu or cuda:0; "
+                        "one that is not on this machine is refused (default: cpu)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object {answer, detections, timings_ms, backend, precision, providers}")
     p.add_argument("--viz", default=None, metavar="OUT.png", help="write the detector heatmap with names and scores")
     p.add_argument("--no-hints", action="store_true", help="do not put detected names into the prompt")
     p.add_argument("--no-refine", action="store_true", help="do not refine the visual tokens with the adapter")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default: 96)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="graph precision: int8 uses the bundle's *.int8.onnx graphs (rtrt export --precision int8) "
-                        "or int8 TensorRT engines; fp16 needs TensorRT (default: fp32)")
+                        "or int8 TensorRT engines; fp16 needs TensorRT (the engines or onnxruntime's TensorRT provider "
+                        "on a GPU); one the backend cannot run here is refused, never run as fp32 (default: fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument(
