@@ -13,27 +13,41 @@ Layout::
 
 Loading verifies the schema and the hash of every listed file and refuses, with a one-line
 ``BundleError`` naming the file, anything missing, altered, of a newer schema, or outside the
-bundle directory. Writing is atomic: a new bundle is built in a temporary sibling directory
-and renamed into place; files added to an existing bundle are each written to a temporary
-name and renamed, and the manifest, written last the same way, is the commit point.
-Weights are safetensors only; nothing here can unpickle.
+bundle directory.
+
+Model references (``manifest.vlm.ref``, ``manifest.vfm.ref``) cannot point elsewhere by accident
+(``Bundle.resolve_ref``): a reference is a path carried inside the bundle, an absolute local path
+(allowed, e.g. a model kept on the vehicle's disk; the bundle's hashes do not cover it), or a hub id
+``org/name`` pinned to a 40-hex commit (the spec's ``revision``). Anything else, a relative path
+not carried in the bundle, ``..``, a hub id without a pinned revision, is refused.
+
+Writing is crash-safe at every step (``rtrt.runtime.fileio``): ``write_bundle`` builds the whole
+bundle in a temporary sibling directory, manifest last; ``Bundle.add_files`` builds the complete
+new version the same way (unchanged files hard-linked where the filesystem allows); either then
+swaps it with the old directory in one atomic step and deletes the old version. A crash at any
+point leaves the old bundle or the new one at the path. Where the OS cannot swap directories
+(``fileio.replace_dir``), a crash between its two renames leaves no directory at the path, and
+``load_bundle`` says which ``mv`` restores it. Weights are safetensors only; nothing here can
+unpickle.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .errors import BundleError
-from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from . import fileio as _fio
+from .errors import BundleError, InputError
+from .fileio import atomic_write_bytes, atomic_write_json, sha256_file  # re-exported; writes below go through _fio
 from .modules import AdapterConfig, ClassEmbeddings, CrossAttentionAdapter, DetectorConfig, RareObjectDetector
 
 __all__ = [
@@ -51,10 +65,17 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "check_relpath",
+    "check_revision",
+    "split_pinned",
+    "pinned_source",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+# A hub repository id ``org/name`` (no ``..``, no leading dot or dash) and a pinned git commit.
+_HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def _rtrt_version() -> str:
@@ -79,9 +100,13 @@ class VLMSpec:
     """The frozen VLM the adapter was trained for."""
 
     family: str  # "llava" | "qwen2_5_vl" | "internvl"
-    ref: str  # "vlm" (carried, relative to the bundle), a hub id, or an absolute path
+    ref: str  # "vlm" (carried, relative to the bundle), a hub id "org/name" (needs revision), or an absolute path
     hidden_size: int  # language-model hidden size; must equal the adapter's d_model
     image_token_layout: dict[str, Any] = field(default_factory=dict)  # from VLMFamily.image_token_layout()
+    revision: str | None = None  # hub commit (40 hex) a hub-id ref is pinned to; None for carried and absolute refs
+
+    def __post_init__(self) -> None:
+        check_revision(self.revision)
 
 
 @dataclass
@@ -89,7 +114,7 @@ class VFMSpec:
     """The vision foundation model (DINOv3) whose patch tokens feed the detector."""
 
     kind: str  # "timm" or "transformers"
-    ref: str  # carried directory/file relative to the bundle, hub id, or absolute path
+    ref: str  # carried directory/file relative to the bundle, hub id "org/name" (needs revision), or absolute path
     arch: str = ""  # timm architecture name (kind "timm"), e.g. "vit_small_patch16_dinov3"
     image_size: int = 448  # square input side in pixels
     patch_size: int = 16  # pixels per patch side
@@ -99,10 +124,12 @@ class VFMSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (depth, embed_dim, ...) for custom sizes
     resample: str = "bicubic"  # Pillow filter of the resize to image_size (timm ``interpolation``, HF ``resample``)
     reducing_gap: float | None = None  # Pillow's two-step resize (box reduction first); None: one exact pass
+    revision: str | None = None  # hub commit (40 hex) a hub-id ref is pinned to; None for carried and absolute refs
 
     def __post_init__(self) -> None:
         from .image import check_resize
 
+        check_revision(self.revision)
         if self.reducing_gap is not None:
             self.reducing_gap = float(self.reducing_gap)
         check_resize(self.resample, self.reducing_gap)
@@ -205,6 +232,51 @@ def check_relpath(rel: str) -> PurePosixPath:
     return p
 
 
+def check_revision(revision: object) -> None:
+    """A pinned hub revision is None or a 40-hex commit sha; else ValueError (a malformed manifest)."""
+    if revision is not None and not (isinstance(revision, str) and _COMMIT.match(revision)):
+        raise ValueError(f"revision {revision!r} is not a 40-hex commit sha")
+
+
+def split_pinned(ref: str) -> tuple[str, str | None]:
+    """``"org/name@<rev>"`` -> ``("org/name", "<rev>")``; anything else (a path, an unpinned id) -> ``(ref, None)``."""
+    name, sep, rev = ref.rpartition("@")
+    if sep and _HUB_ID.match(name):
+        return name, rev
+    return ref, None
+
+
+def pinned_source(ref: str | os.PathLike, revision: str | None = None, *, error: type[Exception] = InputError,
+                  what: str = "model") -> tuple[str, str | None]:
+    """Where a model named on a command line (or by ``Bundle.resolve_ref``) is loaded from: ``(source, revision)``.
+
+    - ``org/name@<commit>``, or ``org/name`` with ``revision``: a hub id pinned to a 40-hex commit ->
+      ``("org/name", commit)``; always the hub, even if a folder of that name exists here.
+    - an existing local path -> ``(path, None)``: loaded offline.
+
+    Anything else, an unpinned hub id (there is no network here to resolve a branch to a commit),
+    a malformed revision, a path that does not exist, is a one-line ``error``.
+    """
+    ref = os.fspath(ref)
+    name, at = split_pinned(ref)
+    if at is not None and revision is not None and at != revision:
+        raise error(f"{ref}: two different revisions given ({at} and {revision})")
+    revision = at if at is not None else revision
+    if revision is not None:
+        if not _HUB_ID.match(name):
+            raise error(f"{ref}: a hub revision is given but {name!r} is not a hub id org/name")
+        if not (isinstance(revision, str) and _COMMIT.match(revision)):
+            raise error(f"{ref}: hub revision {revision!r} is not a 40-hex commit sha; pin the {what} as {name}@<commit sha>")
+        return name, revision
+    path = Path(ref).expanduser()
+    if path.exists():
+        return str(path), None
+    if _HUB_ID.match(ref):
+        raise error(f"{ref}: no such local path, and as a hub id it has no pinned revision; "
+                    f"pass {ref}@<40-hex commit sha> (a branch cannot be resolved offline)")
+    raise error(f"{ref}: {what} not found")
+
+
 class Bundle:
     """A loaded, verified bundle. Build it with ``load_bundle``."""
 
@@ -228,14 +300,52 @@ class Bundle:
     def has(self, rel: str) -> bool:
         return rel in self.manifest.files
 
-    def resolve_ref(self, ref: str) -> str:
-        """A model reference: a carried path (inside the bundle) becomes absolute; hub ids and absolute paths pass."""
+    def resolve_ref(self, ref: str, revision: str | None = None) -> str:
+        """Where to load a model reference of this bundle from; anything that could point elsewhere is a ``BundleError``.
+
+        - a path carried in the bundle (a listed file, or a folder of listed files) -> its absolute path;
+        - an absolute local path -> unchanged (a model kept outside the bundle; not covered by its hashes);
+        - a hub id ``org/name`` pinned to a 40-hex commit (``revision``, else the ``revision`` the manifest
+          records beside this ref in ``vlm``/``vfm``) -> ``"org/name@<commit>"``, which ``load_vlm`` and
+          ``load_vfm`` load at exactly that commit.
+
+        Refused: a relative path not carried in the bundle (it would open relative to the current
+        directory), ``..``, a hub id without a pinned revision (whatever the hub holds today).
+        """
+        if not isinstance(ref, str) or not ref:
+            raise BundleError(f"{ref!r}: empty model reference in {MANIFEST_NAME}")
         if os.path.isabs(ref):
             return ref
-        prefix = ref.rstrip("/") + "/"
-        if ref in self.manifest.files or any(k.startswith(prefix) for k in self.manifest.files):
-            return str(self.root / ref)
-        return ref  # hub id
+        name, at = split_pinned(ref)
+        if at is None:
+            rel = ref.rstrip("/")
+            try:
+                check_relpath(rel)
+            except BundleError:
+                raise BundleError(f"{ref}: model reference leaves the bundle; carry the model in it "
+                                  "(--carry-vlm/--carry-vfm) or give an absolute path or a pinned hub id") from None
+            if rel in self.manifest.files or any(k.startswith(rel + "/") for k in self.manifest.files):
+                return str(self.root / rel)
+            if revision is None:
+                revision = self._recorded_revision(ref)
+        elif revision is not None and revision != at:
+            raise BundleError(f"{ref}: two different revisions ({at} and {revision})")
+        pinned = at if at is not None else revision
+        if _HUB_ID.match(name) and pinned is not None:
+            if not _COMMIT.match(pinned):
+                raise BundleError(f"{ref}: hub revision {pinned!r} is not a 40-hex commit sha; pin it to a commit")
+            return f"{name}@{pinned}"
+        if _HUB_ID.match(ref):
+            raise BundleError(f"{ref}: not carried in the bundle, and as a hub id it has no pinned revision; record the "
+                              "40-hex commit (vlm/vfm revision, e.g. train with --vlm org/name@<commit>) or carry the model")
+        raise BundleError(f"{ref}: model reference is neither carried in the bundle, an absolute path, nor a pinned "
+                          "hub id org/name; carry the model in the bundle (--carry-vlm/--carry-vfm)")
+
+    def _recorded_revision(self, ref: str) -> str | None:
+        for spec in (self.manifest.vlm, self.manifest.vfm):
+            if spec is not None and spec.ref == ref and spec.revision is not None:
+                return spec.revision
+        return None
 
     def tensors(self, rel: str) -> dict[str, torch.Tensor]:
         try:
@@ -271,20 +381,36 @@ class Bundle:
     def add_files(self, files: Mapping[str, bytes | os.PathLike | str], exports: Mapping[str, Any] | None = None) -> None:
         """Add or replace files (bytes, or a path to copy) and merge ``exports`` into the manifest.
 
-        Each file lands atomically; the manifest, rewritten last, is the commit point, so a crash
-        leaves the previous bundle valid (at worst with an unlisted stray file).
+        The complete new version is built in a temporary sibling directory (every file of the old
+        one hard-linked where the filesystem allows, else copied; the new files; the manifest last)
+        and swapped with the old directory in one atomic step (``fileio.replace_dir``), so a crash
+        at any point leaves the old bundle or the new one at ``root``. ``root`` stays the path
+        of the bundle, and ``manifest`` changes only once the new version is in place.
         """
-        for rel, src in files.items():
+        for rel in files:
             check_relpath(rel)
-            dst = self.root / rel
-            if isinstance(src, (bytes, bytearray)):
-                atomic_write_bytes(dst, bytes(src))
-            else:
-                _atomic_copy(Path(src), dst)
-            self.manifest.files[rel] = FileEntry(sha256_file(dst), dst.stat().st_size)
-        if exports:
-            self.manifest.exports.update(exports)
-        atomic_write_json(self.root / MANIFEST_NAME, self.manifest.to_dict())
+            if rel == MANIFEST_NAME:
+                raise BundleError(f"{rel}: the manifest is written by the bundle itself, not added as a file")
+        manifest = copy.deepcopy(self.manifest)
+        target = Path(os.path.realpath(self.root))  # a symlinked bundle keeps its link; its target is replaced
+        tmp = _fio.make_temp_dir(target, ".partial")
+        try:
+            _fio.copy_tree(target, tmp, link=True, skip=lambda rel: rel == MANIFEST_NAME or rel in files)
+            for rel, src in files.items():
+                dst = tmp / rel
+                if isinstance(src, (bytes, bytearray)):
+                    _fio.atomic_write_bytes(dst, bytes(src))
+                else:
+                    _fio.atomic_copy_file(Path(src), dst)
+                manifest.files[rel] = FileEntry(sha256_file(dst), dst.stat().st_size)
+            if exports:
+                manifest.exports.update(exports)
+            _fio.atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+            _fio.replace_dir(tmp, target)
+        except BaseException:
+            _fio.remove_tree(tmp)  # the unfinished new version, or (after a swap) the old one
+            raise
+        self.manifest = manifest
 
 
 def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], rel: str) -> None:
@@ -295,23 +421,11 @@ def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], rel: st
         raise BundleError(f"{rel}: does not fit the manifest's shapes ({first})") from None
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read and verify a bundle directory; every problem is a one-line ``BundleError``."""
     root = Path(path)
     if not root.is_dir():
-        raise BundleError(f"{root}: bundle directory not found")
+        raise BundleError(f"{root}: bundle directory not found{_recovery_hint(root)}")
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing")
@@ -350,6 +464,20 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     return Bundle(root, manifest)
 
 
+def _recovery_hint(root: Path) -> str:
+    """Where no directory is at ``root`` but an interrupted overwrite left a complete, verified version beside it: the ``mv``."""
+    if os.path.lexists(root):
+        return ""
+    for candidate in _fio.interrupted_versions(root):
+        try:
+            load_bundle(candidate, verify=True)
+        except BundleError:
+            continue
+        return (f"; an interrupted overwrite left a complete version beside it: "
+                f"mv {shlex.quote(str(candidate))} {shlex.quote(str(root))}")
+    return ""
+
+
 def write_bundle(
     out_dir: str | os.PathLike,
     manifest: Manifest,
@@ -362,39 +490,30 @@ def write_bundle(
 
     ``tensors``: file name -> state dict (saved as safetensors). ``files``: bundle name -> source
     file to copy. ``dirs``: bundle folder -> source directory copied whole (a carried VLM or VFM).
-    The manifest's ``files`` is filled here. Nothing appears at ``out_dir`` unless all succeeds.
+    The manifest's ``files`` is filled here. Everything is written in a temporary sibling directory,
+    manifest last, then put at ``out_dir`` in one atomic step (``fileio.replace_dir``: an existing
+    bundle is swapped out and deleted), so a crash at any point leaves the old bundle or the new one.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    for rel in [*tensors, *(files or {}), *(dirs or {})]:
+        check_relpath(rel)
+    tmp = _fio.make_temp_dir(out, ".partial")
     try:
         for rel, state in tensors.items():
-            check_relpath(rel)
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(dst))
+            _fio.atomic_write_bytes(tmp / rel, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
         for rel, src in (files or {}).items():
-            check_relpath(rel)
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
+            _fio.atomic_copy_file(src, tmp / rel)
         for rel, src in (dirs or {}).items():
-            check_relpath(rel)
-            shutil.copytree(src, tmp / rel, symlinks=False)
+            _fio.copy_tree(src, tmp / rel)
         manifest = dataclasses.replace(manifest, files={})
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = f.relative_to(tmp).as_posix()
             manifest.files[rel] = FileEntry(sha256_file(f), f.stat().st_size)
-        atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _fio.atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+        _fio.replace_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fio.remove_tree(tmp)  # the unfinished new version, or (after a swap) the old one
         raise
     return load_bundle(out)

@@ -143,6 +143,8 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool = Fa
     path relative to ``src``.
     """
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src}: not a directory")
     for folder, dirs, names in os.walk(src, followlinks=not link):
         here = Path(folder)
         if link:  # a symlinked folder is not walked into; link the symlink itself
