@@ -2,19 +2,19 @@
 
 Two sources are supported, both offline when the files are local: a timm DINOv3 (``Eva``
 with RoPE, e.g. ``vit_small_patch16_dinov3``) from a safetensors file, and a transformers
-``DINOv3ViTModel`` from a ``save_pretrained`` directory. timm is imported only when a timm
-VFM is actually loaded, so ``import rtrt.runtime`` stays light.
+``DINOv3ViTModel`` from a ``save_pretrained`` directory. A hub id is loaded only pinned to a
+40-hex commit (``org/name@<commit>`` or ``VFMSpec.revision``), and only its safetensors weights.
+timm is imported only when a timm VFM is actually loaded, so ``import rtrt.runtime`` stays light.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .bundle import VFMSpec
+from .bundle import VFMSpec, pinned_source
 from .errors import BundleError, ModelMismatchError
 
 __all__ = ["VFMBackbone", "load_vfm", "create_timm_vfm"]
@@ -46,39 +46,54 @@ def create_timm_vfm(arch: str, image_size: int, **kwargs) -> nn.Module:
     return timm.create_model(arch, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
 def load_vfm(spec: VFMSpec, resolve: Callable[[str], str] = lambda r: r) -> VFMBackbone:
-    """Build the VFM named by ``spec``; ``resolve`` maps a carried reference to a local path."""
-    ref = resolve(spec.ref)
+    """Build the VFM named by ``spec``; ``resolve`` maps a carried reference to a local path.
+
+    A hub id (``org/name`` with ``spec.revision``, or ``org/name@<commit>`` from ``Bundle.resolve_ref``)
+    is loaded at that commit; an unpinned one is refused (``rtrt.runtime.bundle.pinned_source``).
+    """
+    if spec.kind not in ("timm", "transformers"):
+        raise BundleError(f"VFM kind {spec.kind!r} is not supported (timm or transformers)")
+    source, revision = pinned_source(resolve(spec.ref), spec.revision, error=BundleError, what="VFM weights")
     if spec.kind == "timm":
         from safetensors.torch import load_file
 
         model = create_timm_vfm(spec.arch, spec.image_size, **spec.kwargs)
-        path = Path(ref)
-        if path.is_dir():
-            path = path / "model.safetensors"
-        if path.is_file():
-            state = load_file(str(path))
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise BundleError(f"{spec.ref}: weights do not fit timm {spec.arch} ({str(e).splitlines()[0]})") from None
-        elif os.path.isabs(ref) or ref.startswith("."):
-            raise BundleError(f"{spec.ref}: VFM weights not found")
-        else:  # hub id, e.g. "timm/vit_small_patch16_dinov3.lvd1689m"
-            import timm
+        if revision is not None:  # e.g. "timm/vit_small_patch16_dinov3.lvd1689m": its safetensors file at that commit
+            from huggingface_hub import hf_hub_download
 
-            model = timm.create_model(f"hf-hub:{ref}", pretrained=True, img_size=spec.image_size, num_classes=0)
+            try:
+                path = Path(hf_hub_download(source, "model.safetensors", revision=revision))
+            except Exception as e:
+                raise BundleError(f"{source}@{revision}: cannot fetch model.safetensors ({_one_line(e)})") from None
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "model.safetensors"
+            if not path.is_file():
+                raise BundleError(f"{spec.ref}: VFM weights not found (a timm VFM needs model.safetensors)")
+        state = load_file(str(path))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"{spec.ref}: weights do not fit timm {spec.arch} ({str(e).splitlines()[0]})") from None
         prefix = int(getattr(model, "num_prefix_tokens", 1))
         dim = int(model.embed_dim)
-    elif spec.kind == "transformers":
+    else:
         from transformers import DINOv3ViTModel
 
-        local = os.path.isdir(ref)
-        model = DINOv3ViTModel.from_pretrained(ref, local_files_only=local)
+        try:
+            model = DINOv3ViTModel.from_pretrained(source, revision=revision, local_files_only=revision is None,
+                                                   use_safetensors=True)
+        except OSError as e:  # e.g. only a pytorch_model.bin: rtrt never unpickles weights
+            raise BundleError(f"{spec.ref}: cannot load the VFM's safetensors weights (safetensors are required; "
+                              f"{_one_line(e)})") from None
         prefix = 1 + int(getattr(model.config, "num_register_tokens", 0))
         dim = int(model.config.hidden_size)
-    else:
-        raise BundleError(f"VFM kind {spec.kind!r} is not supported (timm or transformers)")
     if dim != spec.dim:
         raise ModelMismatchError(f"VFM {spec.ref} gives {dim}-wide patch tokens, the bundle expects {spec.dim}")
     model.eval().requires_grad_(False)

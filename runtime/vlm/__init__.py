@@ -1,8 +1,8 @@
 """The frozen VLMs rtrt plugs into: family detection, loading, and the per-family wrappers.
 
-``load_vlm(ref)`` loads a local directory (offline) or a hub id with its processor, detects the
-family from the config and returns a ``VLMFamily`` whose model is in eval mode with every
-parameter frozen. Supported: LLaVA-1.5, Qwen2.5-VL, InternVL3 (``-hf`` checkpoints).
+``load_vlm(ref)`` loads a local directory (offline) or a hub id pinned to a commit with its
+processor, detects the family from the config and returns a ``VLMFamily`` whose model is in eval
+mode with every parameter frozen. Weights are safetensors only. Supported: LLaVA-1.5, Qwen2.5-VL, InternVL3 (``-hf`` checkpoints).
 """
 from __future__ import annotations
 
@@ -50,18 +50,23 @@ def detect_family(config) -> type[VLMFamily]:
     )
 
 
-def load_vlm(ref: str | Path, *, dtype=None, device="cpu") -> VLMFamily:
-    """Load a VLM and its processor from a local directory (offline) or a hub id; frozen, eval mode.
+def load_vlm(ref: str | Path, *, dtype=None, device="cpu", revision: str | None = None) -> VLMFamily:
+    """Load a VLM and its processor from a local directory (offline) or a pinned hub id; frozen, eval mode.
 
-    ``dtype``: a ``torch.dtype`` (or ``"auto"``), ``None`` for transformers' default.
-    Remote code is never run.
+    ``ref``: a local directory, or a hub id pinned to a 40-hex commit, ``org/name@<commit>`` (what
+    ``Bundle.resolve_ref`` returns) or ``org/name`` with ``revision``; an unpinned hub id is an
+    ``InputError``. ``dtype``: a ``torch.dtype`` (or ``"auto"``), ``None`` for transformers' default.
+    Only safetensors weights are loaded (a checkpoint with only ``pytorch_model.bin`` is refused);
+    remote code is never run.
     """
     import transformers
 
-    path = Path(ref).expanduser()
-    local = path.is_dir()
-    source = str(path) if local else str(ref)
-    common = {"local_files_only": local, "trust_remote_code": False}
+    from ..bundle import pinned_source
+
+    source, revision = pinned_source(ref, revision, what="VLM")
+    if revision is None and not Path(source).is_dir():
+        raise InputError(f"{source}: a VLM is a model directory, not a file")
+    common = {"local_files_only": revision is None, "trust_remote_code": False, "revision": revision}
     try:
         config = transformers.AutoConfig.from_pretrained(source, **common)
     except ValueError as err:  # an unknown model_type (e.g. remote-code InternVL) or remote code required
@@ -69,9 +74,17 @@ def load_vlm(ref: str | Path, *, dtype=None, device="cpu") -> VLMFamily:
     except OSError as err:
         raise InputError(f"cannot find a VLM at {source}: {_one_line(err)}") from err
     family = detect_family(config)
+    weights = getattr(config, "transformers_weights", None)  # a config may name its weights file; safetensors only
+    if weights and not str(weights).endswith((".safetensors", ".safetensors.index.json")):
+        raise InputError(f"{source}: config names weights {weights!r}; rtrt loads safetensors weights only")
     model_kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        model = getattr(transformers, family.model_class).from_pretrained(source, config=config, **model_kwargs, **common)
+        model = getattr(transformers, family.model_class).from_pretrained(
+            source, config=config, use_safetensors=True, **model_kwargs, **common)
+    except OSError as err:  # e.g. only a pytorch_model.bin: rtrt never unpickles weights
+        raise InputError(f"cannot load the VLM's safetensors weights at {source} (safetensors are required): "
+                         f"{_one_line(err)}") from None
+    try:
         processor = transformers.AutoProcessor.from_pretrained(source, **common)
     except OSError as err:
         raise InputError(f"cannot load the VLM at {source}: {_one_line(err)}") from err
