@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from rtrt.trainer.coda import (
     save_annotation,
     write_tasks,
 )
+from rtrt.runtime.fileio import make_temp_dir, replace_dir
 
 __all__ = [
     "COMMON_CATEGORIES",
@@ -1141,7 +1141,7 @@ def generate_world(
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(out, ".tmp")
     summary = WorldSummary(out, {}, {}, {}, {})
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
@@ -1189,13 +1189,7 @@ def generate_world(
             "named": summary.named,
         }
         atomic_write_text(tmp / "world.json", json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "prev")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # an existing folder is swapped out in one atomic step, then deleted
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from rtrt.runtime.bundle import VLMSpec, load_bundle, write_bundle
+from rtrt.runtime.bundle import VLMSpec, load_bundle, split_pinned, write_bundle
 from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
 from rtrt.runtime.image import load_image
 from rtrt.runtime.modules import CrossAttentionAdapter
@@ -294,19 +294,20 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         keep = ["embeddings.safetensors", "detector.safetensors"] + [k for k in m.files if k.startswith("vfm/")]
         copies = {k: str(source.root / k) for k in keep if k in m.files}
         dirs: dict[str, str] = {}
-        ref = cfg.vlm
+        ref, revision = split_pinned(cfg.vlm)  # a hub VLM: "org/name" and the commit load_vlm fetched
         if cfg.carry_vlm:
-            if not Path(cfg.vlm).is_dir():
+            if revision is not None or not Path(cfg.vlm).is_dir():
                 raise InputError(f"--carry-vlm needs a local VLM directory, got {cfg.vlm!r}")
             dirs["vlm"], ref = str(Path(cfg.vlm).resolve()), "vlm"
-        elif Path(cfg.vlm).is_dir():
+        elif revision is None and Path(cfg.vlm).is_dir():
             ref = str(Path(cfg.vlm).resolve())
         provenance = {"config": config, "world_size": d.world_size, "history": history, "tasks": tasks,
                       "qa_pairs": len(pairs), "skipped_images": bad, "source_bundle": str(source.root.resolve()),
                       "gate": float(torch.tanh(adapter.gate).item())}
         manifest = replace(
             m,
-            vlm=VLMSpec(family=vlm.name, ref=ref, hidden_size=vlm.hidden_size, image_token_layout=vlm.image_token_layout()),
+            vlm=VLMSpec(family=vlm.name, ref=ref, hidden_size=vlm.hidden_size, image_token_layout=vlm.image_token_layout(),
+                        revision=revision),
             adapter=adapter.config,
             exports={},
             training={**m.training, "adapter": provenance},

@@ -4,7 +4,11 @@
 ``AdapterConfig`` fields (see those for every default and its meaning). One process::
 
     rtrt train embeddings --annotations ROOT/CODA-LM/Train --images ROOT --d-llm 4096 --vfm W.safetensors --out B1
-    rtrt train adapter --bundle B1 --vlm llava-hf/llava-1.5-7b-hf --tasks ROOT/CODA-LM/Train/vqa_anno --images ROOT --out B2
+    rtrt train adapter --bundle B1 --vlm llava-hf/llava-1.5-7b-hf@<commit> --tasks ROOT/CODA-LM/Train/vqa_anno --images ROOT --out B2
+
+A model given as a hub id is pinned to a commit, ``org/name@<40-hex commit sha>``: the bundle records
+that revision and every later load fetches exactly it (a bare ``org/name`` is refused: nothing here
+resolves a branch to a commit). Local paths need no revision; weights are safetensors only.
 
 Several processes (DistributedDataParallel; gloo on CPU, nccl on GPU)::
 
@@ -58,11 +62,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--images", required=True, help="dataset root the annotation's image paths are relative to")
     size = e.add_mutually_exclusive_group(required=True)
     size.add_argument("--d-llm", type=int, help="hidden size of the target VLM's language model (width of W)")
-    size.add_argument("--vlm", help="read the hidden size from this VLM's config (local dir or hub id; no weights loaded)")
+    size.add_argument("--vlm", help="read the hidden size from this VLM's config (local dir, or hub id pinned as "
+                                    "org/name@<40-hex commit>; no weights loaded)")
     e.add_argument("--synonyms", default="", help="synonyms JSON from 'rtrt synonyms' (class -> list of strings)")
     e.add_argument("--classes", default="", help="comma-separated classes of W (default: the synonyms file's, else all in the data)")
     e.add_argument("--vfm-kind", choices=("timm", "transformers"), default="timm", help="where the DINOv3 comes from")
-    e.add_argument("--vfm", required=True, help="VFM weights: timm safetensors file/dir, transformers dir, or a hub id")
+    e.add_argument("--vfm", required=True, help="VFM weights: timm safetensors file/dir, transformers dir, or a hub id "
+                                                "pinned as org/name@<40-hex commit> (recorded as the bundle's vfm revision)")
     e.add_argument("--vfm-arch", default="vit_small_patch16_dinov3", help="timm architecture of the VFM")
     e.add_argument("--vfm-kwargs", type=_json_object, default={}, help='timm overrides as JSON, e.g. \'{"depth": 2}\'')
     e.add_argument("--image-size", type=int, default=448, help="square VFM input side in pixels")
@@ -92,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = sub.add_parser("adapter", help="phase 2: the cross-attention adapter through the frozen VLM",
                        description="Phase 2: the cross-attention adapter, trained through the frozen VLM.")
     a.add_argument("--bundle", required=True, help="phase-1 bundle (W)")
-    a.add_argument("--vlm", required=True, help="the frozen VLM: local directory or hub id")
+    a.add_argument("--vlm", required=True, help="the frozen VLM: local directory, or hub id pinned as "
+                                                "org/name@<40-hex commit> (recorded as the bundle's vlm revision)")
     a.add_argument("--tasks", required=True, help="directory of the CODA-LM task files (<task>.jsonl)")
     a.add_argument("--images", required=True, help="dataset root the task files' image paths are relative to")
     a.add_argument("--task", action="append", choices=("general_perception", "region_perception", "driving_suggestion"),
@@ -120,8 +127,11 @@ def vlm_hidden_size(ref: str) -> int:
     """Hidden size of a VLM's language model, read from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
+    from rtrt.runtime.bundle import pinned_source
+
+    source, revision = pinned_source(ref, what="VLM")
     try:
-        config = AutoConfig.from_pretrained(ref, local_files_only=os.path.isdir(ref))
+        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=revision is None)
     except (OSError, ValueError) as e:
         raise InputError(f"{ref}: cannot read the VLM config ({str(e).splitlines()[0]})") from None
     return int(config.get_text_config().hidden_size)

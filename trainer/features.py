@@ -18,14 +18,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from rtrt.runtime.bundle import VFMSpec, sha256_file
+from rtrt.runtime.bundle import VFMSpec, pinned_source, sha256_file
+from rtrt.runtime.fileio import atomic_write_bytes
 from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
 from rtrt.runtime.image import RESAMPLE, load_image, spec_pixels
 from rtrt.runtime.vfm import VFMBackbone, create_timm_vfm, load_vfm
@@ -52,9 +52,14 @@ def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs:
     trained that way or the speed is worth the small difference; ``None`` resizes in one exact pass.
 
     ``kind`` is ``timm`` (``arch`` names the architecture, ``ref`` the weights file or directory, or a
-    hub id) or ``transformers`` (``ref`` a ``save_pretrained`` directory or hub id).
+    hub id) or ``transformers`` (``ref`` a ``save_pretrained`` directory or hub id). A hub id must be
+    pinned, ``org/name@<40-hex commit>``: the spec's ``ref`` is then ``org/name`` and its ``revision``
+    the commit; a bare ``org/name`` (that is not a local path) is an ``InputError``.
     """
     kwargs = dict(kwargs or {})
+    source, revision = pinned_source(ref, what="VFM")
+    if revision is not None:
+        ref = source
     if kind == "timm":
         if not arch:
             raise InputError("a timm VFM needs --vfm-arch (e.g. vit_small_patch16_dinov3)")
@@ -62,25 +67,24 @@ def vfm_spec(kind: str, ref: str, arch: str = "", image_size: int = 448, kwargs:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         patch = model.patch_embed.patch_size
         return VFMSpec(
-            kind="timm", ref=ref, arch=arch, image_size=image_size, patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+            kind="timm", ref=ref, revision=revision, arch=arch, image_size=image_size, patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
             mean=[float(v) for v in cfg.get("mean", IMAGENET_MEAN)], std=[float(v) for v in cfg.get("std", IMAGENET_STD)],
             dim=int(model.embed_dim), kwargs=kwargs, resample=_resample_name(cfg.get("interpolation")), reducing_gap=reducing_gap,
         )
     if kind == "transformers":
         from transformers import AutoConfig
 
-        local = os.path.isdir(ref)
         try:
-            config = AutoConfig.from_pretrained(ref, local_files_only=local)
+            config = AutoConfig.from_pretrained(ref, revision=revision, local_files_only=revision is None)
         except (OSError, ValueError) as e:
             raise InputError(f"{ref}: cannot read the VFM config ({str(e).splitlines()[0]})") from None
         mean, std, resample = IMAGENET_MEAN, IMAGENET_STD, None
         pre = Path(ref) / "preprocessor_config.json"
-        if pre.is_file():
+        if revision is None and pre.is_file():  # a hub VFM keeps the ImageNet defaults (nothing fetched for them)
             p = json.loads(pre.read_text(encoding="utf-8"))
             mean, std, resample = p.get("image_mean", mean), p.get("image_std", std), p.get("resample")
         return VFMSpec(
-            kind="transformers", ref=ref, image_size=image_size, patch_size=int(config.patch_size),
+            kind="transformers", ref=ref, revision=revision, image_size=image_size, patch_size=int(config.patch_size),
             mean=[float(v) for v in mean], std=[float(v) for v in std], dim=int(config.hidden_size),
             resample=_resample_name(resample), reducing_gap=reducing_gap,
         )
@@ -189,20 +193,14 @@ class RegionFeatureExtractor:
         if path is None:
             return
         from filelock import FileLock
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             merged, _ = self._read_cache(image_sha)
             merged.update({k: v.contiguous() for k, v in feats.items()})
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                save_file(merged, tmp, metadata={"width": str(image_wh[0]), "height": str(image_wh[1]), "model": self.key})
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            meta = {"width": str(image_wh[0]), "height": str(image_wh[1]), "model": self.key}
+            atomic_write_bytes(path, save(merged, metadata=meta))
 
     @torch.no_grad()
     def _run(self, pending: list[tuple[int, str, Any, list[Box]]], out: list) -> None:

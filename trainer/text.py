@@ -8,7 +8,8 @@ Two kinds of encoder, chosen by a reference string:
   (tests). ``openclip:/path/to/config.json`` registers a custom model config first (tiny towers).
 - ``hf:PATH_OR_ID`` — any transformers text encoder (a sentence-transformers model such as
   all-MiniLM-L6-v2 is a transformers model plus mean pooling): mean of the last hidden states over
-  the real tokens; a CLIP-style model with ``get_text_features`` uses that instead.
+  the real tokens; a CLIP-style model with ``get_text_features`` uses that instead. A hub id is
+  pinned to a commit, ``hf:org/name@<40-hex commit>``; weights are safetensors only.
 
 Features come back L2-normalised, one row per text. ``key`` identifies the encoder and its weights
 for the training provenance.
@@ -16,7 +17,6 @@ for the training provenance.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -73,11 +73,18 @@ def _openclip(name: str, weights: str | None, device: torch.device) -> TextEncod
 def _hf(ref: str, device: torch.device) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer
 
-    local = os.path.isdir(ref)
+    from rtrt.runtime.bundle import pinned_source
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local)
-        model = AutoModel.from_pretrained(ref, local_files_only=local).to(device).eval()
-    except (OSError, ValueError) as e:
+        source, revision = pinned_source(ref, what="text encoder")  # a hub id only as org/name@<commit>
+    except InputError as e:
+        raise InputError(f"cannot load a transformers text encoder: {e}") from None
+    local = revision is None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local)
+        model = AutoModel.from_pretrained(source, revision=revision, local_files_only=local,
+                                          use_safetensors=True).to(device).eval()
+    except (OSError, ValueError) as e:  # includes a model with only a pytorch_model.bin: safetensors only
         raise InputError(f"{ref}: cannot load a transformers text encoder ({str(e).splitlines()[0]})") from None
 
     def encode(texts: list[str]) -> torch.Tensor:
