@@ -202,3 +202,137 @@ def test_no_pickle_in_the_package():
                 if re.search(pat, text):
                     hits.append(f"{f.name}: {pat}")
     assert hits == []
+
+
+# ---- issue 15: references that cannot point elsewhere, pinned hub revisions, safetensors only ----
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _with_refs(tmp_path, vlm_ref, vfm_ref="vfm", vlm_rev=None, vfm_rev=None, carry=True):
+    """A bundle carrying vfm/model.safetensors (when ``carry``) whose manifest names the given references."""
+    b, *_ = _make(tmp_path)
+    if carry:
+        b.add_files({"vfm/model.safetensors": b"weights"})
+    d = _manifest(b)
+    d["vlm"].update(ref=vlm_ref, revision=vlm_rev)
+    d["vfm"].update(ref=vfm_ref, revision=vfm_rev)
+    _write_manifest(b, d)
+    return load_bundle(b.root, verify=False)
+
+
+def test_resolve_ref_carried_absolute_and_pinned(tmp_path):
+    b = _with_refs(tmp_path, "some-org/some-vlm", vlm_rev=SHA)
+    assert b.resolve_ref("vfm") == str(b.root / "vfm")  # a carried folder
+    assert b.resolve_ref("vfm/model.safetensors") == str(b.root / "vfm/model.safetensors")  # a carried file
+    # An absolute path is allowed as it is (a model kept outside the bundle; its hashes do not cover it).
+    assert b.resolve_ref("/opt/models/llava") == "/opt/models/llava"
+    # A hub id loads at the commit the manifest records beside it, or the one written into the reference.
+    assert b.resolve_ref("some-org/some-vlm") == f"some-org/some-vlm@{SHA}"
+    assert b.resolve_ref(f"other/model@{SHA}") == f"other/model@{SHA}"
+    assert b.resolve_ref("other/model", revision=SHA) == f"other/model@{SHA}"
+
+
+@pytest.mark.parametrize("ref, msg", [
+    ("models/llava", "as a hub id it has no pinned revision"),  # relative, not carried: no cwd lookup
+    ("llava-local", "neither carried in the bundle, an absolute path, nor a pinned hub id"),
+    ("../vlm", "leaves the bundle"),
+    ("vfm/../../vlm", "leaves the bundle"),
+    ("some-org/some-vlm", "as a hub id it has no pinned revision"),  # no revision recorded
+    ("some-org/some-vlm@main", "is not a 40-hex commit"),  # a branch moves
+    (f"some-org/some-vlm@{SHA[:12]}", "is not a 40-hex commit"),
+    ("", "empty model reference"),
+])
+def test_resolve_ref_refuses_what_could_point_elsewhere(tmp_path, ref, msg, monkeypatch):
+    b = _with_refs(tmp_path, "some-org/some-vlm")
+    # even a folder of that name in the current directory is not taken
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llava").mkdir(parents=True)
+    (tmp_path / "llava-local").mkdir()
+    with pytest.raises(BundleError, match=msg) as e:
+        b.resolve_ref(ref)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["vlm", "vfm"])
+def test_manifest_with_a_malformed_revision_is_refused(tmp_path, where):
+    b, *_ = _make(tmp_path)
+    d = _manifest(b)
+    d[where]["revision"] = "main"
+    _write_manifest(b, d)
+    with pytest.raises(BundleError, match="malformed.*'main' is not a 40-hex commit sha"):
+        load_bundle(b.root)
+
+
+def test_manifest_without_revision_still_loads(tmp_path):
+    b, *_ = _make(tmp_path)
+    d = _manifest(b)
+    del d["vlm"]["revision"], d["vfm"]["revision"]  # bundles written before the field
+    _write_manifest(b, d)
+    m = load_bundle(b.root).manifest
+    assert m.vlm.revision is None and m.vfm.revision is None
+
+
+def test_loaders_refuse_unpinned_hub_ids(tmp_path, monkeypatch):
+    from rtrt.runtime import InputError
+    from rtrt.runtime.vfm import load_vfm
+    from rtrt.runtime.vlm import load_vlm
+    from rtrt.trainer.cli import vlm_hidden_size
+
+    monkeypatch.chdir(tmp_path)
+    for bad, msg in [("llava-hf/llava-1.5-7b-hf", "no pinned revision"), ("llava-hf/llava-1.5-7b-hf@main", "not a 40-hex"),
+                     ("no-such-dir", "VLM not found")]:
+        with pytest.raises(InputError, match=msg):
+            load_vlm(bad)
+        with pytest.raises(InputError, match=msg):
+            vlm_hidden_size(bad)
+    for kind in ("timm", "transformers"):
+        spec = VFMSpec(kind, "timm/vit_small_patch16_dinov3.lvd1689m", "vit_small_patch16_dinov3", 64, 16, dim=384)
+        with pytest.raises(BundleError, match="no pinned revision"):
+            load_vfm(spec)
+    with pytest.raises(BundleError, match="malformed"):
+        Manifest.from_dict({**_manifest_dict_minimal(), "vfm": {"kind": "timm", "ref": "a/b", "revision": "v1.0"}})
+
+
+def _manifest_dict_minimal():
+    return {"schema_version": SCHEMA_VERSION, "classes": [{"name": "x"}], "d_llm": 4}
+
+
+def test_trainer_records_the_pinned_revision_of_a_hub_vfm():
+    from rtrt.runtime import InputError
+    from rtrt.trainer.features import vfm_spec
+
+    kw = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    spec = vfm_spec("timm", f"timm/vit_small_patch16_dinov3.lvd1689m@{SHA}", "vit_tiny_patch16_dinov3_qkvb", 64, kw)
+    assert (spec.ref, spec.revision) == ("timm/vit_small_patch16_dinov3.lvd1689m", SHA)
+    with pytest.raises(InputError, match="no pinned revision"):
+        vfm_spec("timm", "timm/vit_small_patch16_dinov3.lvd1689m", "vit_tiny_patch16_dinov3_qkvb", 64, kw)
+
+
+def test_models_without_safetensors_are_refused(tmp_path):
+    """A model folder whose config is valid but whose weights are not safetensors: one line, never unpickled."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from rtrt.runtime import InputError
+    from rtrt.runtime.vfm import load_vfm
+    from rtrt.runtime.vlm import load_vlm
+    from rtrt.tools.tiny_vlm import build_tiny_vlm
+
+    vlm = build_tiny_vlm("llava", tmp_path / "vlm")
+    assert load_vlm(vlm).hidden_size > 0  # it loads as saved (safetensors)
+    (vlm / "model.safetensors").unlink()
+    (vlm / "pytorch_model.bin").write_bytes(b"not a pickle: never opened")
+    with pytest.raises(InputError, match=r"safetensors are required.*no file named model\.safetensors") as e:
+        load_vlm(vlm)
+    assert "\n" not in str(e.value)
+
+    dino = tmp_path / "dino"
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=64, patch_size=16)).save_pretrained(dino)
+    spec = VFMSpec("transformers", str(dino), image_size=64, dim=32)
+    assert load_vfm(spec)(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 32)
+    (dino / "model.safetensors").unlink()
+    (dino / "pytorch_model.bin").write_bytes(b"not a pickle: never opened")
+    with pytest.raises(BundleError, match="safetensors are required") as e:
+        load_vfm(spec)
+    assert "\n" not in str(e.value)
