@@ -30,22 +30,14 @@ from typing import Any, Callable, Mapping
 from filelock import FileLock, Timeout
 
 from rtrt.runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from rtrt.runtime.trt_engine import PlatformInfo, platform_info
+# default_cache_dir lives in the runtime (the ORT TensorRT EP's cache uses it too); re-exported here.
+from rtrt.runtime.trt_engine import PlatformInfo, default_cache_dir, platform_info
 
 from .onnx_export import ExportError
 
 __all__ = ["EngineKey", "CacheResult", "EngineCache", "engine_key", "default_cache_dir"]
 
 _CHUNK = 1 << 20
-
-
-def default_cache_dir() -> Path:
-    """``$RTRT_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/rtrt/engines`` (``~/.cache/rtrt/engines``)."""
-    env = os.environ.get("RTRT_ENGINE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rtrt" / "engines"
 
 
 def _canonical_profile(profile: Mapping[str, Any]) -> dict[str, list[list[int]]]:

@@ -2,22 +2,25 @@
 
 Shared by the runtime's ``trt`` backend and the exporter's engine cache (which keys engines by the
 same ``platform_info``). ``tensorrt`` is imported inside functions only, so importing this module
-costs nothing on a machine without it. The TensorRT 10 tensor API is used (``set_tensor_address``
-+ ``execute_async_v3``); inputs and outputs are torch tensors on the engine's GPU, bound by their
-data pointers, so nothing is copied through the host.
+costs nothing on a machine without it. The tensor API of TensorRT 10, unchanged in 11, is used
+(``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3``; 11 removed the weak-typing
+builder APIs, not these); inputs and outputs are torch tensors on the engine's GPU, bound by their
+data pointers, so nothing is copied through the host. Engines of fp16 graphs keep fp32 inputs and
+outputs (``rtrt.export.fp16``); the dtype table below maps whatever the engine declares.
 """
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from .errors import BackendUnavailableError, EngineMismatchError
 
-__all__ = ["PlatformInfo", "tensorrt_status", "import_tensorrt", "platform_info", "TrtEngine"]
+__all__ = ["PlatformInfo", "default_cache_dir", "tensorrt_status", "import_tensorrt", "platform_info", "TrtEngine"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,19 @@ class PlatformInfo:
 
     def to_dict(self) -> dict[str, str]:
         return {"trt_version": self.trt_version, "gpu_name": self.gpu_name, "compute_capability": self.compute_capability}
+
+
+def default_cache_dir() -> Path:
+    """Root of the local TensorRT caches: ``$RTRT_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/rtrt/engines`` (``~/.cache/rtrt/engines``).
+
+    rtrt's own engines (``rtrt.export.engine_cache``) live directly in it, ONNX Runtime's
+    TensorRT EP's engines and timing cache in its ``ort-trt`` folder (``rtrt.runtime.backends``).
+    """
+    env = os.environ.get("RTRT_ENGINE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rtrt" / "engines"
 
 
 def tensorrt_status() -> str | None:
@@ -61,17 +77,27 @@ def platform_info(device: int | None = None) -> PlatformInfo:
     return PlatformInfo(str(trt.__version__), torch.cuda.get_device_name(dev), f"{major}.{minor}")
 
 
+# TensorRT ``DataType`` aliases on the module (10 and 11 both) -> torch dtype; looked up by name
+# because a version may lack some (fp8 since 8.6, int64 since 10; 11 adds sub-byte types torch
+# cannot hold, which an engine of rtrt's graphs never has at its inputs or outputs).
+_TRT_TO_TORCH = (
+    ("float32", "float32"),
+    ("float16", "float16"),
+    ("bfloat16", "bfloat16"),
+    ("int32", "int32"),
+    ("int64", "int64"),
+    ("int8", "int8"),
+    ("uint8", "uint8"),
+    ("bool", "bool"),
+    ("fp8", "float8_e4m3fn"),
+)
+
+
 def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int8: torch.int8,
-        trt.bool: torch.bool,
-    }
-    for name, td in (("int64", torch.int64), ("bfloat16", torch.bfloat16), ("uint8", torch.uint8)):
-        if hasattr(trt, name):
-            table[getattr(trt, name)] = td
+    table = {}
+    for trt_name, torch_name in _TRT_TO_TORCH:
+        if hasattr(trt, trt_name) and hasattr(torch, torch_name):
+            table[getattr(trt, trt_name)] = getattr(torch, torch_name)
     if dt not in table:
         raise BackendUnavailableError(f"TensorRT tensor type {dt} has no torch equivalent")
     return table[dt]
