@@ -55,6 +55,9 @@ def test_export_writes_graphs_and_parity_reports(exported: Path):
     for name in ("detector", "adapter"):
         assert graphs[name]["parity"]["passed"], graphs[name]["parity"]["failures"]
         assert graphs[name]["problems"] == []
+        # A parity report is a fact about one machine: it says which.
+        machine = graphs[name]["parity"]["machine"]
+        assert machine["cpu"] and machine["arch"] and isinstance(machine["isa"], list) and machine["onnxruntime"]
     assert max(graphs["detector"]["parity"]["max_abs_error"].values()) <= 1e-4
     assert graphs["detector"]["parity"]["topk_agreement"] == 1.0
     assert graphs["detector"]["inputs"]["pixel_values"] == ["batch", 3, 64, 64]
