@@ -85,6 +85,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, writer: Callable[[I
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask),
+        # so a bundle copied to a vehicle is readable by the service that runs it.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             (writer or _write_all)(f, data)
             f.flush()
@@ -93,6 +96,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, writer: Callable[[I
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux (reading it with os.umask briefly changes it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_all(f: IO[bytes], data: bytes) -> None:
@@ -160,7 +176,9 @@ def make_temp_dir(target: str | os.PathLike, suffix: str = ".partial") -> Path:
     """A new empty directory ``.NAME.<random><suffix>`` beside ``target`` (same filesystem, so renames are atomic)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; once swapped in it is the bundle directory
+    return tmp
 
 
 def _fsync_dir(path: Path) -> None:

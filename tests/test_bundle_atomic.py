@@ -292,3 +292,19 @@ def test_replace_dir_puts_the_old_version_back_when_the_second_rename_fails(tmp_
         fileio.replace_dir(new, old)
     assert (old / "f").read_text() == "old" and (new / "f").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.x.partial", "d"]
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """A bundle is copied to a vehicle and read by its service user: files 0666 and folders 0777 minus the umask."""
+    import os
+
+    from rtrt.runtime import fileio
+
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write_bytes(tmp_path / "f.bin", b"x")
+        d = fileio.make_temp_dir(tmp_path / "b")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+    assert d.stat().st_mode & 0o777 == 0o755
