@@ -30,4 +30,17 @@ class InternVLFamily(VLMFamily):
         grid = (size[0] // patch[0]) * (size[1] // patch[1])
         # Tiles are dynamic, so only the count per tile is fixed: the patch grid after pixel shuffle.
         tokens_per_tile = int(grid * config.downsample_ratio**2)
-        return {**super().image_token_layout(), "tokens_per_tile": tokens_per_tile}
+        layout = {**super().image_token_layout(), "tokens_per_tile": tokens_per_tile}
+        # The processor's tiling bounds decide how many tiles (and tokens) one image can give.
+        proc = getattr(self.processor, "image_processor", None)
+        if proc is not None:
+            tile = getattr(proc, "size", None) or {}
+            hw = [tile.get(k) if isinstance(tile, dict) else getattr(tile, k, None) for k in ("height", "width")]
+            if all(v is not None for v in hw):
+                layout["tile_size"] = [int(v) for v in hw]
+            for key in ("min_patches", "max_patches"):
+                if getattr(proc, key, None) is not None:
+                    layout[key] = int(getattr(proc, key))
+            if getattr(proc, "crop_to_patches", None) is not None:
+                layout["crop_to_patches"] = bool(proc.crop_to_patches)
+        return layout

@@ -27,8 +27,15 @@ class Qwen2_5_VLFamily(VLMFamily):
 
     def image_token_layout(self) -> dict:
         vision = self.model.config.vision_config
-        # One token per merge x merge block of patch x patch pixels; the count follows the resolution.
-        return {**super().image_token_layout(), "patch_size": vision.patch_size, "spatial_merge_size": vision.spatial_merge_size}
+        # One token per merge x merge block of patch x patch pixels; the count follows the resolution,
+        # which the processor resizes into [min_pixels, max_pixels] (bounds of the engines' profiles).
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None) or {}
+        bounds = {}
+        for key, field_ in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = size.get(field_) if isinstance(size, dict) else getattr(size, field_, None)
+            if value is not None:
+                bounds[key] = int(value)
+        return {**super().image_token_layout(), "patch_size": vision.patch_size, "spatial_merge_size": vision.spatial_merge_size, **bounds}
 
     def mm_token_type_ids(self, batch) -> torch.Tensor:
         """1 at image tokens, 0 elsewhere, as the processor builds it; rebuilt from ``input_ids``
