@@ -56,7 +56,8 @@ from .parity import (
     torch_runner,
 )
 from .quantize import METHODS, quantize_dynamic, quantize_static
-from .trt_build import PRECISIONS, build_engine, dim_ranges
+from .fp16 import FP32_OPS, convert_to_fp16
+from .trt_build import PRECISIONS, build_engine, dim_ranges, source_graph
 
 __all__ = ["export_bundle", "parse_args", "main"]
 
@@ -206,7 +207,8 @@ def export_bundle(
     if m.vfm is not None and size % m.vfm.patch_size:
         raise ExportError(f"--image-size {size} is not a multiple of the VFM patch size {m.vfm.patch_size}")
     fam = family or (m.vlm.family if m.vlm else None)
-    ranges = dim_ranges(fam, size, len(m.classes), max_batch)
+    # Per-graph (min, opt, max) from the bundle's image-token layout (rtrt.runtime.profiles).
+    ranges = dim_ranges(m.vlm.image_token_layout if m.vlm else None, len(m.classes), max_batch, fam)
 
     import torch
 
@@ -256,12 +258,13 @@ def export_bundle(
             files["detector.onnx"] = path
             prog.done()
         if has_ad:
-            n_lo, n_opt, _ = ranges["num_tokens"]
+            n_lo, n_opt, _ = ranges["adapter"]["num_tokens"]
             prog.step(f"adapter.onnx: d_model {m.adapter.d_model}, width {m.adapter.width}, {m.adapter.heads} heads")
             refs["adapter"] = AdapterGraph(b.adapter()).eval()
             path = export_adapter(b.adapter(), tmp / "adapter.onnx", verbose=verbose)
             tokens, why = _capture_visual_tokens(b, vlm, pil_images[:reference_images], log)
-            synthetic = adapter_cases(w, [(2, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
+            # Batch 1 only: the adapter is always called with one row of all images' tokens (ADAPTER_CALL).
+            synthetic = adapter_cases(w, [(1, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
             if tokens is not None:
                 reference["adapter"] = adapter_case_from_tokens(tokens, w)
                 sources["adapter"] = f"{why}, on {pil_source}"
@@ -298,13 +301,23 @@ def export_bundle(
                     graphs[f"{g}.qdq"] = _entry(q, rep, method="static-symmetric-qdq")
                     files[q.name] = q
                     prog.done()
+        if want_trt and precision == "fp16":
+            # TensorRT >= 11 builds fp16 only from an fp16 graph; written on 10 too, so that the
+            # bundle can be rebuilt on 11 (on_engine_mismatch="rebuild"). Checked in ORT CPU.
+            for g in graphs_with:
+                log(f"      {g}.fp16.onnx: fp16 graph for strongly typed TensorRT (fp32 inputs/outputs; {', '.join(FP32_OPS)} in fp32)")
+                q = convert_to_fp16(tmp / f"{g}.onnx", tmp / f"{g}.fp16.onnx")
+                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["fp16"],
+                                           spec=specs[g], graph=g, precision="fp16", inputs=sources[g]))
+                graphs[f"{g}.fp16"] = _entry(q, rep, method="onnxruntime float16, fp32 inputs/outputs, fp32 " + "/".join(FP32_OPS))
+                files[q.name] = q
         if want_trt and not failures:
             from rtrt.runtime.trt_engine import TrtEngine
 
             for g in graphs_with:
-                source = f"{g}.qdq" if precision == "int8" else g
+                source = source_graph(g, precision)  # the graph itself, <g>.fp16 on TensorRT >= 11, or <g>.qdq
                 prog.step(f"engines/{g}.{precision}.engine: TensorRT from {graphs[source]['file']}")
-                epath, meta = build_engine(tmp / graphs[source]["file"], g, precision, graphs[source]["inputs"], ranges,
+                epath, meta = build_engine(tmp / graphs[source]["file"], g, precision, graphs[source]["inputs"], ranges[g],
                                            cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
                 meta["source_graph"] = source
                 ref_gpu = refs[g].to("cuda")

@@ -1,41 +1,53 @@
-"""TensorRT 10 engines from the exported ONNX graphs, with the Python builder API (no trtexec).
+"""TensorRT 10 and 11 engines from the exported ONNX graphs, with the Python builder API (no trtexec).
 
 ``EngineBuilder.build(onnx_path, profile, precision)`` parses the ONNX (every parser error is
-collected and reported before it fails), sets the precision flags (fp16; int8 on an explicitly
-quantised QDQ graph, with fp16 allowed for the layers left in float), adds one optimisation
-profile derived from the graph's dynamic axes, reuses and updates a timing cache, and returns the
-serialized engine. It warns when the GPU has no fast fp16 (or int8) and the flag was asked for.
+collected and reported before it fails), configures precision the way the installed TensorRT
+wants it (``TrtFlavor``), adds one optimisation profile derived from the graph's dynamic axes,
+reuses and updates a timing cache, and returns the serialized engine.
+
+TensorRT 10 and 11 differ in one place, ``TrtFlavor.of(trt)``:
+
+- TensorRT 10 (weakly typed): ``create_network(0)``; fp16 sets ``BuilderFlag.FP16`` on the fp32
+  graph; int8 sets ``FP16`` + ``INT8`` on the Q/DQ graph ``<graph>.qdq.onnx`` (scales from its
+  Q/DQ nodes; no calibrator).
+- TensorRT >= 11 (strongly typed; the precision flags and ``platform_has_fast_fp16`` are gone):
+  ``create_network(1 << STRONGLY_TYPED)`` (ignored but accepted by 11, where strong typing is
+  always on), no precision flag; fp16 is built from the fp16 graph ``<graph>.fp16.onnx``
+  (``rtrt.export.fp16``), int8 from the Q/DQ graph. An fp32 graph asked to give fp16 is refused.
+- Both: fp32 clears ``BuilderFlag.TF32`` (on by default; it would break the 1e-4 fp32 parity).
 
 Profiles (``derive_profile``): every input dimension the ONNX declares dynamic is looked up in
-``rtrt.runtime.names`` (``DETECTOR``/``ADAPTER`` dynamic axes) to get its symbol, and the symbol's
-(min, opt, max) comes from ``dim_ranges``: batch from ``max_batch``, classes around the bundle's
-C, visual tokens from the VLM family (LLaVA-1.5: 576; Qwen2.5-VL: 4..16384 with opt at the
-image size; InternVL3: 256 per 448 tile, up to 13 tiles). ``build_bundle_engine`` ties it
-together for a bundle through the content-keyed ``EngineCache``; ``rtrt export --backend trt`` and
-the runtime's ``on_engine_mismatch="rebuild"`` both call it. ``tensorrt`` is imported inside
-functions only.
+``rtrt.runtime.names`` (``DETECTOR``/``ADAPTER`` dynamic axes) to get its symbol; the symbol's
+(min, opt, max) comes from ``dim_ranges`` = ``rtrt.runtime.profiles.graph_ranges``: per graph,
+from the bundle's image-token layout (``ADAPTER_CALL``: the adapter sees one row of all images'
+tokens), its classes and ``max_batch``. ``build_bundle_engine`` ties it together for a bundle
+through the content-keyed ``EngineCache``; ``rtrt export --backend trt`` and the runtime's
+``on_engine_mismatch="rebuild"`` both call it. ``tensorrt`` is imported inside functions only.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock
 
-from rtrt.runtime.bundle import atomic_write_bytes
+from rtrt.runtime.fileio import atomic_write_bytes
 from rtrt.runtime.names import ADAPTER, DETECTOR, GraphSpec
+from rtrt.runtime.profiles import graph_ranges
 from rtrt.runtime.trt_engine import import_tensorrt, platform_info
 
 from .engine_cache import EngineCache, engine_key
+from .fp16 import float16_kinds
 from .onnx_export import ExportError
 
 __all__ = [
     "PRECISIONS",
-    "VLM_TOKEN_RANGES",
+    "TrtFlavor",
+    "source_graph",
     "dim_ranges",
     "derive_profile",
     "gpu_has_fast_fp16",
@@ -46,36 +58,70 @@ __all__ = [
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
-# Visual tokens per image, (min, max), by VLM family; the opt comes from the image size.
-VLM_TOKEN_RANGES: dict[str, tuple[int, int]] = {
-    "llava": (576, 576),  # LLaVA-1.5: 24x24 patches of a 336 px CLIP, always 576
-    "qwen2_5_vl": (4, 16384),  # one token per 28x28 px; processor min 56x56 px, max 12.8 Mpx
-    "internvl": (256, 256 * 13),  # 256 per 448 px tile, up to 12 tiles + a thumbnail
-}
+
+@dataclass(frozen=True)
+class TrtFlavor:
+    """How the installed TensorRT makes a network and an engine of a precision (see the module docstring)."""
+
+    major: int  # TensorRT major version
+    strongly_typed: bool  # precision comes from the graph's types (>= 11), not from builder flags
+
+    @classmethod
+    def of(cls, trt) -> "TrtFlavor":
+        """The flavour of the ``tensorrt`` module ``trt``."""
+        try:
+            major = int(str(trt.__version__).split(".")[0])
+        except ValueError:
+            raise ExportError(f"cannot read the TensorRT version {trt.__version__!r}") from None
+        if major < 10:
+            raise ExportError(f"TensorRT {trt.__version__} is too old: rtrt builds with TensorRT 10 or 11")
+        return cls(major=major, strongly_typed=major >= 11)
+
+    def source_suffix(self, precision: str) -> str:
+        """Which exported graph an engine of ``precision`` is built from: "", ".fp16" or ".qdq"."""
+        if precision == "int8":
+            return ".qdq"
+        if precision == "fp16" and self.strongly_typed:
+            return ".fp16"
+        return ""
+
+    def network_flags(self, trt) -> int:
+        """The ``create_network`` argument."""
+        if not self.strongly_typed:
+            return 0  # explicit batch is the only mode since TensorRT 10
+        flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+        return 0 if flag is None else 1 << int(flag)
+
+    def builder_flags(self, precision: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(``BuilderFlag`` names to set, names to clear where the flag exists) for ``precision``."""
+        clear = ("TF32",) if precision == "fp32" else ()
+        if self.strongly_typed or precision == "fp32":
+            return (), clear
+        return (("FP16",) if precision == "fp16" else ("FP16", "INT8")), clear
+
+    def check_graph(self, onnx_path: str | os.PathLike, precision: str) -> None:
+        """``ExportError`` when the graph at ``onnx_path`` cannot give ``precision`` on this TensorRT."""
+        name = Path(onnx_path).name
+        if precision == "int8" and "qdq" not in float16_kinds(onnx_path):
+            raise ExportError(f"{name}: an int8 engine needs a Q/DQ graph (<graph>.qdq.onnx from `rtrt export --precision int8 --backend trt`); this one has no QuantizeLinear/DequantizeLinear")
+        if precision == "fp16" and self.strongly_typed and "fp16" not in float16_kinds(onnx_path):
+            raise ExportError(f"{name}: TensorRT {self.major} is strongly typed and builds fp16 only from an fp16 graph (<graph>.fp16.onnx from `rtrt export --precision fp16 --backend trt`); this graph is fp32")
 
 
-def _opt_tokens(family: str | None, image_size: int) -> int:
-    if family == "llava":
-        return 576
-    if family == "qwen2_5_vl":
-        return max(4, (image_size // 28) ** 2)
-    if family == "internvl":
-        tiles = math.ceil(image_size / 448) ** 2
-        return 256 * (tiles + (1 if tiles > 1 else 0))
-    return 576
+def source_graph(graph: str, precision: str, trt=None) -> str:
+    """Name of the exported graph ("adapter", "adapter.fp16", "adapter.qdq") an engine is built from here."""
+    return graph + TrtFlavor.of(trt if trt is not None else import_tensorrt()).source_suffix(precision)
 
 
-def dim_ranges(family: str | None, image_size: int, num_classes: int, max_batch: int = 4) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of every symbolic dimension in ``rtrt.runtime.names``."""
-    lo, hi = VLM_TOKEN_RANGES.get(family or "", (1, 4096))
-    opt = min(max(_opt_tokens(family, image_size), lo), hi)
-    c = max(1, int(num_classes))
-    return {
-        "batch": (1, 1, max(1, int(max_batch))),
-        "num_classes": (1, c, max(c, 256)),
-        "num_tokens": (lo, opt, hi),
-        "num_patches": (1, (image_size // 16) ** 2, (image_size // 16) ** 2),
-    }
+def dim_ranges(
+    layout: Mapping[str, Any] | None, num_classes: int, max_batch: int = 4, family: str | None = None
+) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """{"detector": ranges, "adapter": ranges}: (min, opt, max) of every symbolic dimension per graph.
+
+    ``layout``: the bundle's ``manifest.vlm.image_token_layout`` (None for a bundle without a VLM);
+    ``family`` overrides its family. See ``rtrt.runtime.profiles``.
+    """
+    return graph_ranges(layout, num_classes, max_batch, family)
 
 
 def derive_profile(
@@ -109,7 +155,10 @@ def gpu_has_fast_fp16(builder=None) -> bool:
             pass
     import torch
 
-    major, minor = torch.cuda.get_device_capability()
+    try:
+        major, minor = torch.cuda.get_device_capability()
+    except Exception:  # no CUDA device to ask: nothing to warn about
+        return True
     return (major, minor) >= (5, 3) and (major, minor) != (6, 1)  # consumer Pascal runs fp16 at 1/64
 
 
@@ -152,9 +201,11 @@ class EngineBuilder:
         if precision not in PRECISIONS:
             raise ExportError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
         trt = import_tensorrt()
+        flavor = TrtFlavor.of(trt)
+        flavor.check_graph(onnx_path, precision)
         logger = trt.Logger(trt.Logger.VERBOSE if self.verbose else trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        network = builder.create_network(flavor.network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = [_format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -167,16 +218,16 @@ class EngineBuilder:
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gb * (1 << 30)))
-        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # TF32 (on by default) would break fp32 parity at 1e-4
-        if precision in ("fp16", "int8"):
-            if not gpu_has_fast_fp16(builder):
-                warnings.warn("this GPU has no fast fp16; an fp16 engine may be slower than fp32", RuntimeWarning, stacklevel=2)
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            if hasattr(builder, "platform_has_fast_int8") and not builder.platform_has_fast_int8:
-                warnings.warn("this GPU has no fast int8", RuntimeWarning, stacklevel=2)
-            config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
+        if precision in ("fp16", "int8") and not gpu_has_fast_fp16(builder):
+            warnings.warn("this GPU has no fast fp16; an fp16 engine may be slower than fp32", RuntimeWarning, stacklevel=2)
+        if precision == "int8" and hasattr(builder, "platform_has_fast_int8") and not builder.platform_has_fast_int8:
+            warnings.warn("this GPU has no fast int8", RuntimeWarning, stacklevel=2)
+        set_flags, clear_flags = flavor.builder_flags(precision)
+        for name in clear_flags:
+            if hasattr(trt.BuilderFlag, name):  # TF32 (on by default) would break fp32 parity at 1e-4
+                config.clear_flag(getattr(trt.BuilderFlag, name))
+        for name in set_flags:
+            config.set_flag(getattr(trt.BuilderFlag, name))
 
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():
@@ -191,7 +242,8 @@ class EngineBuilder:
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
-        self.log(f"TensorRT {trt.__version__}: building {Path(onnx_path).name} ({precision}); profile {dict(profile)}")
+        typing = "strongly typed" if flavor.strongly_typed else "flags " + ("+".join(set_flags) or "none")
+        self.log(f"TensorRT {trt.__version__}: building {Path(onnx_path).name} ({precision}, {typing}); profile {dict(profile)}")
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ExportError(f"{Path(onnx_path).name}: TensorRT failed to build the engine (see the TensorRT log above)")
@@ -215,8 +267,11 @@ def build_engine(
     """Load or build the engine of one exported graph through the ``EngineCache``.
 
     ``input_dims``: the ONNX inputs' dims (``GraphInfo.inputs``; symbols where dynamic).
+    ``ranges``: this graph's entry of ``dim_ranges`` (the whole ``dim_ranges`` result is accepted too).
     Returns the cached engine's path and its manifest entry (key, platform, profile).
     """
+    if isinstance(ranges.get(graph), Mapping):
+        ranges = ranges[graph]
     spec = DETECTOR if graph == "detector" else ADAPTER
     profile = derive_profile(input_dims, spec, ranges)
     plat = platform_info()
@@ -250,19 +305,20 @@ def build_bundle_engine(
 ) -> tuple[Path, dict]:
     """``build_engine`` for the ``graph`` ("detector"/"adapter") exported into ``bundle``.
 
-    The source is the ONNX recorded in ``manifest.exports["onnx"]`` (for int8 the symmetric QDQ
-    variant ``<graph>.qdq``); ranges come from the bundle's VLM family, image size and classes.
+    The source is the ONNX recorded in ``manifest.exports["onnx"]`` that this TensorRT builds the
+    precision from (``source_graph``: the graph itself, ``<graph>.fp16`` on TensorRT >= 11, or
+    ``<graph>.qdq`` for int8); ranges come from the bundle's image-token layout and classes.
     """
     graphs = (bundle.manifest.exports.get("onnx") or {}).get("graphs", {})
-    source = f"{graph}.qdq" if precision == "int8" else graph
+    source = source_graph(graph, precision)
     entry = graphs.get(source)
     if entry is None:
-        hint = " --precision int8 --backend trt" if precision == "int8" else ""
+        hint = f" --precision {precision} --backend trt" if source != graph else ""
         raise ExportError(f"{bundle.root}: no exported {source} graph to build from; run `rtrt export --bundle {bundle.root}{hint}`")
     m = bundle.manifest
+    layout = m.vlm.image_token_layout if m.vlm else None
     fam = family or (m.vlm.family if m.vlm else None)
-    image_size = int((m.exports.get("onnx") or {}).get("image_size") or (m.vfm.image_size if m.vfm else 448))
-    ranges = dim_ranges(fam, image_size, len(m.classes), max_batch)
+    ranges = dim_ranges(layout, len(m.classes), max_batch, fam)[graph]
     path, meta = build_engine(bundle.path(entry["file"]), graph, precision, entry["inputs"], ranges, cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
     meta["source_graph"] = source
     return path, meta
