@@ -54,12 +54,44 @@ __all__ = [
 
 
 def torch_runner(module: torch.nn.Module, spec: GraphSpec, device: str = "cpu") -> Runner:
-    """A ``Runner`` over a PyTorch graph module (the reference)."""
+    """A ``Runner`` over a PyTorch graph module (the reference).
+
+    On a CUDA device the reference runs in IEEE fp32: TF32 (matmuls and cuDNN) is switched off for
+    each call and restored afterwards, or an fp32 engine would be held to 1e-4 against a TF32
+    reference that is itself ~1e-3 off.
+    """
+
+    def strict_fp32():
+        # torch >= 2.9 has per-backend ``fp32_precision`` and refuses a mix with the legacy
+        # ``allow_tf32`` flags, so the new API is used where it exists; returns the undo.
+        cudnn = torch.backends.cudnn
+        new = [o for o in (torch.backends.cuda.matmul, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
+               if o is not None and hasattr(o, "fp32_precision")]
+        if new:
+            saved = [(o, "fp32_precision", o.fp32_precision) for o in new]
+            value = "ieee"
+        else:
+            saved = [(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32),
+                     (cudnn, "allow_tf32", cudnn.allow_tf32)]
+            value = False
+        for o, attr, _ in saved:
+            setattr(o, attr, value)
+
+        def restore():
+            for o, attr, old in reversed(saved):
+                setattr(o, attr, old)
+
+        return restore
 
     def run(feeds: Feeds) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.asarray(feeds[n])).to(device) for n in spec.inputs]
-        with torch.inference_mode():
-            out = module(*args)
+        restore = strict_fp32() if any(a.is_cuda for a in args) else None
+        try:
+            with torch.inference_mode():
+                out = module(*args)
+        finally:
+            if restore is not None:
+                restore()
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.detach().cpu().numpy() for n, o in zip(spec.outputs, out)}
 
