@@ -198,9 +198,18 @@ def test_mismatch_fail_and_fallback(with_engine, fake_trt, monkeypatch, other, n
     monkeypatch.setattr(be, "platform_info", lambda device=None: other)
     with pytest.raises(EngineMismatchError, match=needle):
         be.make_backend("trt", with_engine, precision="fp16", on_engine_mismatch="fail")
+    # ORT on this CPU cannot run fp16: the fallback says so instead of silently running fp32.
     with pytest.warns(RuntimeWarning, match="falling back to the ort backend"):
-        backend = be.make_backend("trt", with_engine, precision="fp16", on_engine_mismatch="fallback")
-    assert isinstance(backend, be.OrtBackend) and not fake_trt  # the stale engine was never deserialized
+        with pytest.raises(BackendUnavailableError, match="fp16"):
+            be.make_backend("trt", with_engine, precision="fp16", on_engine_mismatch="fallback")
+    # An fp32 engine falls back to ORT's fp32 graphs.
+    b = load_bundle(with_engine)
+    engines = {k.replace(".fp16", ".fp32"): dict(v, file=v["file"].replace(".fp16", ".fp32")) for k, v in b.manifest.exports["engines"].items()}
+    b.add_files({e["file"]: b"not a real engine" for e in engines.values()}, exports={"engines": engines})
+    with pytest.warns(RuntimeWarning, match="falling back to the ort backend"):
+        backend = be.make_backend("trt", with_engine, precision="fp32", on_engine_mismatch="fallback")
+    assert isinstance(backend, be.OrtBackend) and backend.precision == "fp32"
+    assert not fake_trt  # the stale engines were never deserialized
 
 
 def test_mismatch_rebuild(with_engine, fake_trt, monkeypatch, tmp_path):
