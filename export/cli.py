@@ -131,7 +131,7 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
 
     specs = {"detector": DETECTOR, "adapter": ADAPTER}
     tensors: dict[str, np.ndarray] = {}
-    meta = {"format": REFERENCE_FORMAT}
+    meta = {}
     entry: dict = {"file": path.name, "format": REFERENCE_FORMAT, "graphs": {}}
     for g, feeds in cases.items():
         out = torch_runner(refs[g], specs[g])(feeds)
@@ -139,9 +139,11 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
             tensors[reference_key(g, n)] = np.ascontiguousarray(feeds[n])
         for n in specs[g].outputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(out[n])
-        meta[f"{g}.inputs"] = sources[g]
+        meta[g] = sources[g]
         entry["graphs"][g] = {"inputs": sources[g], "shapes": {n: list(np.shape(feeds[n])) for n in specs[g].inputs}}
-    save_file(tensors, str(path), metadata=meta)
+    # One metadata key holding sorted JSON: safetensors writes a metadata map in no fixed order,
+    # and the shipped bundle must rebuild byte for byte.
+    save_file(tensors, str(path), metadata={"rtrt": json.dumps({"format": REFERENCE_FORMAT, "inputs": meta}, sort_keys=True)})
     return entry
 
 
@@ -267,7 +269,7 @@ def export_bundle(
             synthetic = adapter_cases(w, [(1, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
             if tokens is not None:
                 reference["adapter"] = adapter_case_from_tokens(tokens, w)
-                sources["adapter"] = f"{why}, on {pil_source}"
+                sources["adapter"] = f"{why}, on the first {reference_images} of {pil_source}"
                 calibration["adapter"] = [reference["adapter"]]  # int8 ranges from real tokens only
             else:
                 reference["adapter"] = adapter_cases(w, [(1, n_opt, c)])[0]

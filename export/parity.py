@@ -162,7 +162,8 @@ def parity_pil_images(n: int, size: int, images_dir: str | os.PathLike | None = 
         files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in _IMAGE_EXT)
         if files:
             picked = [files[i % len(files)] for i in range(n)]
-            return [load_image(p) for p in picked], f"{min(n, len(files))} image(s) from {images_dir}"
+            names = ", ".join(p.name for p in files[: min(n, len(files))])
+            return [load_image(p) for p in picked], f"{min(n, len(files))} image(s) ({names})"
     rng = np.random.default_rng(seed)
     return [synthetic_scene(size, rng) for _ in range(n)], "synthetic road scenes (no --images given)"
 

@@ -16,6 +16,7 @@ the same tolerance, the same top-k agreement, the machine recorded beside the nu
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -63,12 +64,14 @@ def load_reference(bundle) -> dict[str, dict[str, Any]]:
     path = bundle.path(REFERENCE_FILE)
     try:
         with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get("rtrt", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise BundleError(f"{REFERENCE_FILE}: cannot read safetensors ({e})") from None
-    if meta.get("format") != REFERENCE_FORMAT:
-        raise BundleError(f"{REFERENCE_FILE}: format {meta.get('format')!r}, this rtrt reads {REFERENCE_FORMAT!r}")
+        raise BundleError(f"{REFERENCE_FILE}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != REFERENCE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{REFERENCE_FILE}: format {got!r}, this rtrt reads {REFERENCE_FORMAT!r}")
+    sources = meta.get("inputs") if isinstance(meta.get("inputs"), dict) else {}
     out: dict[str, dict[str, Any]] = {}
     for graph, spec in SPECS.items():
         names = list(spec.inputs) + list(spec.outputs)
@@ -81,7 +84,7 @@ def load_reference(bundle) -> dict[str, dict[str, Any]]:
         out[graph] = {
             "feeds": {n: tensors[reference_key(graph, n)] for n in spec.inputs},
             "outputs": {n: tensors[reference_key(graph, n)] for n in spec.outputs},
-            "inputs": meta.get(f"{graph}.inputs", ""),
+            "inputs": str(sources.get(graph, "")),
         }
     return out
 

@@ -162,3 +162,16 @@ def test_adapter_reference_uses_the_bundles_own_vlm(tmp_path):
     assert np.array_equal(ref["feeds"]["visual_tokens"][0], want)
     report = check_bundle(bundle)
     assert report.passed, report.table()
+
+
+def test_reference_file_is_byte_reproducible(tmp_path):
+    """Two exports of the same bundle write the same reference bytes (the demo rebuild ships byte for byte)."""
+    from rtrt.export.cli import main as export_main
+
+    digests = []
+    for name in ("a", "b"):
+        bundle = make_tiny_bundle(tmp_path / name, with_detector=False)
+        with redirect_stdout(io.StringIO()):
+            assert export_main(["--bundle", str(bundle)]) == 0
+        digests.append(load_bundle(bundle).manifest.files[REFERENCE_FILE].sha256)
+    assert digests[0] == digests[1]
