@@ -5,6 +5,8 @@
   a zero-initialised gate makes an untrained adapter exactly the identity.
 - ``RareObjectDetector``: VFM patch tokens -> projection into the LLM space -> cosine with every
   row of W -> per-class score (max over patches), plus the per-patch similarity map.
+- ``locate``: where a detected class is: its box and peak in the input image's pixels, read off
+  that class's similarity map (numpy only; ``select_detections`` calls it).
 
 Shapes B (batch), N (visual tokens) and C (classes) are dynamic everywhere, so the same module
 serves LLaVA's fixed 576 tokens, Qwen2.5-VL's resolution-dependent token count and any class set.
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +31,17 @@ __all__ = [
     "CrossAttentionAdapter",
     "RareObjectDetector",
     "select_detections",
+    "locate",
+    "BOX_CUT",
+    "BOX_UPSAMPLE",
     "display_name",
 ]
+
+# How a detection's box is read off its class's similarity map (see ``locate``). Chosen on the demo
+# test split (tools/bench_boxes.py) for the best mean IoU with the annotated box, and confirmed on a
+# world of another seed; the measured alternatives are in the README.
+BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
+BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)
 
 
 def display_name(name: str) -> str:
@@ -59,11 +71,28 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected rare class."""
+    """One detected rare class, and where it is."""
 
     name: str  # class name as in the bundle (``traffic_cone``)
     score: float  # max cosine similarity over patches, in [-1, 1]
     index: int = field(default=-1, compare=False)  # row of W
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 in input-image pixels (None: no map given)
+    peak: tuple[float, float] | None = None  # x, y of the map's peak in input-image pixels (None: no map given)
+
+    @property
+    def label(self) -> str:
+        """The name as people read it (``garbage bag``): what the text output and the picture print."""
+        return display_name(self.name)
+
+    def to_dict(self) -> dict:
+        """``{"name", "label", "score", "box", "peak"}``, as ``rtrt infer --json`` prints it."""
+        return {
+            "name": self.name,
+            "label": self.label,
+            "score": round(float(self.score), 6),
+            "box": None if self.box is None else [round(float(v), 2) for v in self.box],
+            "peak": None if self.peak is None else [round(float(v), 2) for v in self.peak],
+        }
 
 
 class Projection(nn.Module):
@@ -183,13 +212,106 @@ class RareObjectDetector(nn.Module):
         return scores, similarity
 
 
-def select_detections(scores, names: Sequence[str], top_k: int, threshold: float) -> list[Detection]:
+def select_detections(
+    scores,
+    names: Sequence[str],
+    top_k: int,
+    threshold: float,
+    similarity=None,
+    image_size: tuple[int, int] | None = None,
+) -> list[Detection]:
     """Top-k classes of one image whose score is above ``threshold``, best first.
 
     ``scores`` is a 1-D array-like [C]. Ties break by class index so the result is deterministic.
+    With ``similarity`` [C, gh, gw] (the per-patch map) and ``image_size`` (width, height of the
+    input image) every detection also gets its ``box`` and ``peak`` (``locate``).
     """
     vals = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
     if len(vals) != len(names):
         raise ValueError(f"{len(vals)} scores for {len(names)} classes")
     order = sorted(range(len(vals)), key=lambda i: (-vals[i], i))
-    return [Detection(names[i], vals[i], i) for i in order[: max(top_k, 0)] if vals[i] > threshold]
+    chosen = [i for i in order[: max(top_k, 0)] if vals[i] > threshold]
+    if similarity is None or image_size is None:
+        return [Detection(names[i], vals[i], i) for i in chosen]
+    sim = similarity.detach().float().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
+    if sim.ndim != 3 or sim.shape[0] != len(names):
+        raise ValueError(f"similarity of shape {sim.shape} is not [{len(names)}, gh, gw]")
+    out = []
+    for i in chosen:
+        box, peak = locate(sim[i], image_size[0], image_size[1])
+        out.append(Detection(names[i], vals[i], i, box, peak))
+    return out
+
+
+def _upsample(m: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling by ``factor`` per side, each patch's value at its centre, edges clamped.
+
+    Fine cell k of an axis has its centre at patch coordinate (k + 0.5) / factor - 0.5 (the
+    half-pixel convention of ``align_corners=False``), so the fine grid tiles the image exactly.
+    """
+    gh, gw = m.shape
+
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0.0, n - 1)
+        lo = np.floor(c).astype(np.intp)
+        return lo, np.minimum(lo + 1, n - 1), c - lo
+
+    y0, y1, wy = axis(gh)
+    x0, x1, wx = axis(gw)
+    wy, wx = wy[:, None], wx[None, :]
+    top = m[y0][:, x0] * (1 - wx) + m[y0][:, x1] * wx
+    bottom = m[y1][:, x0] * (1 - wx) + m[y1][:, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def locate(
+    similarity,
+    width: int,
+    height: int,
+    *,
+    cut: float = BOX_CUT,
+    upsample: int = BOX_UPSAMPLE,
+    level: float | None = None,
+) -> tuple[tuple[float, float, float, float], tuple[float, float]]:
+    """Box [x0, y0, x1, y1] and peak [x, y] of one class, in input-image pixels, from its map [gh, gw].
+
+    The map is upsampled (``upsample`` times per side, bilinear; 1 keeps the patch grid), its peak
+    cell found (first in row-major order on ties), and the 4-connected region around the peak of
+    cells at or above ``median + cut * (peak - median)`` grown; the box is that region's extent.
+    The VFM sees the whole image resized to S x S, so cell (i, j) of an n x m grid covers input
+    pixels x in [j * width / m, (j + 1) * width / m) and y in [i * height / n, (i + 1) * height / n);
+    the peak is its cell's centre. ``level`` replaces the relative cut by a fixed cosine (e.g. the
+    decision threshold; measured worse, kept for comparison). Numpy only, deterministic, cheap
+    (a 14 x 14 map: 56 x 56 cells).
+    """
+    m = np.asarray(similarity, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"a similarity map must be 2-D [gh, gw], got shape {m.shape}")
+    if upsample < 1:
+        raise ValueError(f"upsample must be at least 1, got {upsample}")
+    m = np.where(np.isfinite(m), m, -1.0)  # cosines lie in [-1, 1]: a non-finite value counts as the lowest
+    if upsample > 1:
+        m = _upsample(m, upsample)
+    gh, gw = m.shape
+    pi, pj = divmod(int(np.argmax(m)), gw)
+    top = float(m[pi, pj])
+    med = float(np.median(m))
+    level = min(med + cut * (top - med) if level is None else float(level), top)  # min: the peak is always in
+    mask = m >= level
+    region = np.zeros_like(mask)
+    region[pi, pj] = True
+    while True:  # grow the 4-connected region inside the mask until it stops changing
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, region):
+            break
+        region = grown
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    sx, sy = width / gw, height / gh
+    box = (float(cols[0] * sx), float(rows[0] * sy), float((cols[-1] + 1) * sx), float((rows[-1] + 1) * sy))
+    return box, (float((pj + 0.5) * sx), float((pi + 0.5) * sy))

@@ -48,6 +48,13 @@ class DetectResult:
     similarity: np.ndarray  # [C, gh, gw] per-patch cosine map, for visualisation
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
 
+    def to_dict(self) -> dict[str, Any]:
+        """Detections (``{"name", "label", "score", "box", "peak"}`` each) and timings, as JSON."""
+        return {
+            "detections": [d.to_dict() for d in self.detections],
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+        }
+
 
 @dataclass
 class Result:
@@ -66,7 +73,7 @@ class Result:
         """The ``rtrt infer --json`` object."""
         return {
             "answer": self.answer,
-            "detections": [{"name": d.name, "score": round(float(d.score), 6)} for d in self.detections],
+            "detections": [d.to_dict() for d in self.detections],  # name, label, score, box, peak
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "backend": self.backend,
             "precision": self.precision,
@@ -202,10 +209,12 @@ class Pipeline:
             cfg = self.detector_cfg
             results = []
             for i in range(len(images)):
-                dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.threshold)
                 s = sim[i]
                 if s.shape[-1] == g * g:
                     s = s.reshape(s.shape[0], g, g)
+                # Boxes are in the input image's pixels: the VFM saw the whole image resized to S x S.
+                dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.threshold,
+                                         s if s.ndim == 3 else None, images[i].size)
                 results.append(DetectResult(dets, scores[i], s))
         return results
 

@@ -81,7 +81,7 @@ def test_refine_changes_answer_path_and_hints_go_into_prompt(pipe, assets):
     d = res.to_dict()
     assert set(d) == {"answer", "detections", "timings_ms", "backend", "precision", "providers"}
     assert (d["backend"], d["precision"], d["providers"]) == ("torch", "fp32", [])
-    assert all(set(x) == {"name", "score"} for x in d["detections"])
+    assert all(set(x) == {"name", "label", "score", "box", "peak"} for x in d["detections"])
 
 
 def test_same_frame_same_answer(pipe, assets):
