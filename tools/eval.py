@@ -146,7 +146,7 @@ def run_eval(
             answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine)
             for (_, rec), res in zip(chunk, answers):
                 preds.append(TaskRecord(rec.question_id, rec.image, rec.question, res.answer,
-                                        {"hints": res.hints, "detections": [[d.name, round(d.score, 4)] for d in res.detections]}))
+                                        {"hints": res.hints, "detections": [d.to_dict() for d in res.detections]}))
             bar.update(len(chunk))
             bar.set_postfix(row=row.name)
         lines = "".join(json.dumps({"question_id": p.question_id, "image": p.image, "question": p.question,
