@@ -22,7 +22,7 @@ from rtrt.runtime import load_bundle, select_detections
 from rtrt.runtime import backends as be
 from rtrt.runtime.errors import BackendUnavailableError, EngineMismatchError, InputError
 from rtrt.runtime.trt_engine import PlatformInfo, tensorrt_status
-from tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
+from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

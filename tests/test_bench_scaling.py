@@ -8,8 +8,8 @@ from PIL import Image
 from rtrt.runtime.bundle import VLMSpec, load_bundle
 from rtrt.runtime.vlm import load_vlm
 from rtrt.tools.bench_scaling import LMSize, _lm_params, bench_scaling, main, parse_sizes, scaled_vlm
-from rtrt.tools.tiny_vlm import build_tiny_vlm
-from tiny_bundle import make_tiny_bundle
+from fixtures.tiny_vlm import build_tiny_vlm
+from fixtures.tiny_bundle import make_tiny_bundle
 
 
 def test_parse_sizes():

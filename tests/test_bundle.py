@@ -316,7 +316,7 @@ def test_models_without_safetensors_are_refused(tmp_path):
     from rtrt.runtime import InputError
     from rtrt.runtime.vfm import load_vfm
     from rtrt.runtime.vlm import load_vlm
-    from rtrt.tools.tiny_vlm import build_tiny_vlm
+    from fixtures.tiny_vlm import build_tiny_vlm
 
     vlm = build_tiny_vlm("llava", tmp_path / "vlm")
     assert load_vlm(vlm).hidden_size > 0  # it loads as saved (safetensors)

@@ -19,7 +19,7 @@ from rtrt.runtime.errors import BackendUnavailableError, BundleError, ParityErro
 from rtrt.runtime.machine import machine_info
 from rtrt.runtime.pipeline import Pipeline
 from rtrt.tools.cli import main as rtrt_main
-from tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
+from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_adapter_reference_uses_the_bundles_own_vlm(tmp_path):
     """With a loadable VLM the adapter's reference tokens are the VLM's own, in the pipeline's call shape."""
     from rtrt.export.cli import main as export_main
     from rtrt.runtime.vlm import load_vlm
-    from rtrt.tools.tiny_vlm import build_tiny_vlm
+    from fixtures.tiny_vlm import build_tiny_vlm
 
     vlm_dir = build_tiny_vlm("llava", tmp_path / "vlm", seed=0)
     fam = load_vlm(vlm_dir)

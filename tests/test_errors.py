@@ -23,7 +23,7 @@ from rtrt.runtime.pipeline import Pipeline
 from rtrt.runtime.trt_engine import PlatformInfo, tensorrt_status
 from rtrt.tools.cli import main
 from rtrt.tools.infer import default_bundle, example_images
-from tiny_bundle import make_tiny_bundle
+from fixtures.tiny_bundle import make_tiny_bundle
 
 DEMO = default_bundle()
 AVAIL = f"(available: {', '.join(available_devices())})"

@@ -10,9 +10,9 @@ from rtrt.runtime.errors import InputError
 from rtrt.runtime.pipeline import Pipeline
 from rtrt.runtime.vlm import load_vlm
 from rtrt.tools.eval import ABLATION_ROWS, run_eval
-from rtrt.tools.tiny_vlm import build_tiny_vlm
+from fixtures.tiny_vlm import build_tiny_vlm
 from rtrt.tools.world import WorldConfig, generate_world
-from tiny_bundle import make_tiny_bundle
+from fixtures.tiny_bundle import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

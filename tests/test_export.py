@@ -19,7 +19,7 @@ from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
 from rtrt.runtime.names import ADAPTER, DETECTOR
 from rtrt.runtime.trt_engine import tensorrt_status
 from rtrt.runtime.vfm import load_vfm
-from tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
+from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from rtrt.runtime import BundleError, InputError, ModelMismatchError
 from rtrt.runtime.bundle import VLMSpec, load_bundle
 from rtrt.runtime.pipeline import DEFAULT_QUESTION, Pipeline
 from rtrt.runtime.vlm import load_vlm
-from rtrt.tools.tiny_vlm import build_tiny_vlm
-from tiny_bundle import make_tiny_bundle
+from fixtures.tiny_vlm import build_tiny_vlm
+from fixtures.tiny_bundle import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Phase 2 (``rtrt train adapter``) on tiny random VLMs (``rtrt.tools.tiny_vlm``) and a tiny generated dataset.
+"""Phase 2 (``rtrt train adapter``) on tiny random VLMs (``tests/fixtures/tiny_vlm.py``) and a tiny generated dataset.
 
 Shows: the losses go down; every VLM parameter is bit-identical before and after training (hash
 of the very model the trainer used); the adapter's gradient is non-zero while the VLM's is absent
@@ -20,10 +20,10 @@ from rtrt.runtime import load_bundle
 from rtrt.runtime.image import load_image
 from rtrt.runtime.modules import CrossAttentionAdapter
 from rtrt.tools.cli import main as rtrt_main
-from rtrt.tools.tiny_vlm import build_tiny_vlm
+from fixtures.tiny_vlm import build_tiny_vlm
 from rtrt.trainer.adapter import answer_token_ids, append_answers
 from rtrt.trainer.cli import main as train_main
-from train_data import make_dataset, phase1_args, tasks_dir
+from fixtures.train_data import make_dataset, phase1_args, tasks_dir
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def _fails(capsys, args, *needles):
 
 
 def test_bad_inputs_fail_in_one_line_without_output(env, tmp_path, capsys):
-    import tiny_bundle
+    from fixtures import tiny_bundle
 
     root, _, _, _ = env
     out = tmp_path / "out"

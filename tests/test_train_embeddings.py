@@ -24,7 +24,7 @@ from rtrt.tools.cli import main as rtrt_main
 from rtrt.trainer.cli import main as train_main
 from rtrt.trainer.coda import CodaAnnotation, RegionItem, save_annotation
 from rtrt.trainer.features import RegionFeatureExtractor
-from train_data import annotations_dir, make_dataset, phase1_args
+from fixtures.train_data import annotations_dir, make_dataset, phase1_args
 
 # 1 vs 2 processes differ only in the order of floating-point sums (seen: ~1e-7 after 4 epochs).
 TORCHRUN_ATOL = 1e-5

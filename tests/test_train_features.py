@@ -8,7 +8,7 @@ from PIL import Image
 from rtrt.runtime.errors import ImageError, InputError
 from rtrt.runtime.image import load_image, vfm_pixels
 from rtrt.trainer.features import RegionFeatureExtractor, box_weights, check_box, vfm_spec
-from train_data import VFM_ARCH, VFM_KWARGS, make_dataset, tiny_vfm
+from fixtures.train_data import VFM_ARCH, VFM_KWARGS, make_dataset, tiny_vfm
 
 
 @pytest.fixture(scope="module")

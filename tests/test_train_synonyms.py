@@ -12,7 +12,7 @@ import pytest
 from rtrt.runtime.errors import InputError
 from rtrt.tools.cli import main as rtrt_main
 from rtrt.trainer.synonyms import load_synonyms, parse_variants, variant_counts
-from train_data import annotations_dir, make_dataset
+from fixtures.train_data import annotations_dir, make_dataset
 
 
 class Server:

@@ -7,7 +7,7 @@ import torch
 from rtrt.runtime.errors import InputError
 from rtrt.trainer.features import RegionFeatureExtractor, vfm_spec
 from rtrt.trainer.text import class_texts, load_text_encoder
-from train_data import make_dataset, tiny_clip_config
+from fixtures.train_data import make_dataset, tiny_clip_config
 
 
 def test_class_texts_put_the_name_first_and_drop_duplicates():

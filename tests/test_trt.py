@@ -29,7 +29,7 @@ from rtrt.export.parity import TOLERANCES, parity_images, torch_runner
 from rtrt.runtime import load_bundle
 from rtrt.runtime.names import ADAPTER, DETECTOR
 from rtrt.runtime.trt_engine import tensorrt_status
-from tiny_bundle import exported_tiny_bundle
+from fixtures.tiny_bundle import exported_tiny_bundle
 
 TRT_REASON = tensorrt_status()
 requires_trt = pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")

@@ -4,7 +4,7 @@ Every backend's adapter is called once per VLM batch with ALL visual tokens of t
 row, ``[1, T_total, D]`` (``rtrt.runtime.names.ADAPTER_CALL``), and TensorRT engines are built for
 the (min, opt, max) that ``rtrt.runtime.profiles`` derives from the bundle's image-token layout
 (``rtrt.export.trt_build.dim_ranges`` + ``derive_profile``, as ``rtrt export --backend trt``
-does). These tests run the real ``Pipeline`` with tiny VLMs of every family (``tools/tiny_vlm``)
+does). These tests run the real ``Pipeline`` with tiny VLMs of every family (``tests/fixtures/tiny_vlm.py``)
 at batch 1..MAX_BATCH, record what it passes to the backend, and check that every call lies inside
 the profile, and that one image more, or a processor that allows bigger images than the bundle
 records, lies outside (so the check can fail). ``image_tokens`` is compared with the families'
@@ -26,8 +26,8 @@ from rtrt.runtime.profiles import (FAMILY_DEFAULTS, TYPICAL_IMAGE_HW, adapter_ra
                                    token_bounds)
 from rtrt.runtime.vlm import load_vlm
 from rtrt.tools.infer import default_bundle
-from rtrt.tools.tiny_vlm import build_tiny_vlm
-from tiny_bundle import make_tiny_bundle
+from fixtures.tiny_vlm import build_tiny_vlm
+from fixtures.tiny_bundle import make_tiny_bundle
 
 MAX_BATCH = 3
 QUESTION = "What is in the image?"

@@ -1,4 +1,4 @@
-"""Tests of ``rtrt.runtime.vlm`` on tiny random VLMs of every family (``rtrt.tools.tiny_vlm``).
+"""Tests of ``rtrt.runtime.vlm`` on tiny random VLMs of every family (``tests/fixtures/tiny_vlm.py``).
 
 Each family is built once per module, saved with ``save_pretrained`` and loaded back from disk
 through ``load_vlm``. A batch of two images of different sizes with questions of different
@@ -27,7 +27,7 @@ from PIL import Image
 from rtrt.runtime.errors import InputError, ModelMismatchError
 from rtrt.runtime.modules import CrossAttentionAdapter
 from rtrt.runtime.vlm import FAMILIES, HINT_TEMPLATE, VLMFamily, detect_family, format_hint, load_vlm
-from rtrt.tools import tiny_vlm
+from fixtures import tiny_vlm
 
 FAMILY_NAMES = list(FAMILIES)
 QUESTIONS = ["What is in the image?", "Describe the traffic scene and any traffic cone on the road, please."]

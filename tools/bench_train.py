@@ -7,8 +7,8 @@ own. Models are random (nothing is downloaded) but of the real shapes where it m
 - phase 1: timm DINOv3 ViT-S/16 at 448 px, the open_clip ViT-B-32 text tower, W of width 4096
   (LLaVA-1.5-7B's hidden size). Reported: region-feature extraction (images/s, regions/s; the
   VFM forward dominates) and training on the cached features (regions/s).
-- phase 2: a LLaVA with the tiny vision tower of ``rtrt.tools.tiny_vlm`` and a Llama language model
-  scaled to ``--llm-hidden`` x ``--llm-layers`` (or any local VLM with ``--vlm``). Reported: QA
+- phase 2: the demo bundle's LLaVA (vision tower, processor, tokenizer) with a random Llama language
+  model of ``--llm-hidden`` x ``--llm-layers`` (as ``bench_scaling`` builds it; or any local VLM with ``--vlm``). Reported: QA
   pairs/s of adapter training through the frozen VLM.
 
 Training throughput counts every epoch but the first (which pays for warm-up). Run::
@@ -106,23 +106,11 @@ def bench_phase1(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def scaled_llava(out: Path, hidden: int, layers: int) -> Path:
-    """``rtrt.tools.tiny_vlm``'s LLaVA with its language model widened to ``hidden`` and ``layers`` deep (random weights)."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """The demo bundle's LLaVA (its vision tower, processor and tokenizer) with a random language model ``hidden`` wide and ``layers`` deep."""
+    from rtrt.tools.bench_scaling import LMSize, scaled_vlm
+    from rtrt.tools.infer import default_bundle
 
-    from rtrt.tools.tiny_vlm import build_tiny_vlm
-
-    path = build_tiny_vlm("llava", out)
-    config = LlavaConfig.from_pretrained(path)
-    text = config.text_config
-    heads = max(1, hidden // 64)
-    text.hidden_size, text.num_hidden_layers, text.intermediate_size = hidden, layers, int(hidden * 8 / 3)
-    text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, heads, hidden // heads
-    # HF's usual 0.02 (tiny_vlm's 0.3 suits 64-wide test models, not a wide one: it saturates the logits).
-    text.initializer_range = config.initializer_range = 0.02
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    return path
+    return scaled_vlm(default_bundle() / "vlm", out, LMSize(hidden, layers))
 
 
 def bench_phase2(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=448, help="VFM input side")
     p.add_argument("--text-encoder", default="openclip:ViT-B-32", help="text encoder reference (random weights)")
     p.add_argument("--d-llm", type=int, default=4096, help="width of W in phase 1")
-    p.add_argument("--vlm", default="", help="a local VLM directory for phase 2 (default: a scaled tiny LLaVA)")
+    p.add_argument("--vlm", default="", help="a local VLM directory for phase 2 (default: the demo LLaVA with a random --llm-hidden x --llm-layers language model)")
     p.add_argument("--llm-hidden", type=int, default=512, help="hidden size of the scaled LLaVA's language model")
     p.add_argument("--llm-layers", type=int, default=4, help="decoder layers of the scaled LLaVA's language model")
     p.add_argument("--phase2-epochs", type=int, default=2, help="phase-2 epochs")

@@ -4,7 +4,7 @@
 
 ctest runs this first (FIXTURES_SETUP); ``tests/cpp/test_rtrt.cpp`` then checks that the C++ API
 gives what is written here. Without ``--bundle`` the bundle is the tiny test bundle
-(``tests/tiny_bundle.py``) with a tiny random LLaVA (``rtrt.tools.tiny_vlm``), built in well under a
+(``tests/fixtures/tiny_bundle.py``) with a tiny random LLaVA (``tests/fixtures/tiny_vlm.py``), built in well under a
 minute with nothing downloaded (and exported with ``rtrt export`` for ``--backend ort|trt``). Images: the shipped examples (``tools/assets/examples/*.png``) when
 there are any, else two generated road-like scenes; each is written as PNG and as binary PPM.
 
@@ -59,11 +59,11 @@ def write_ppm(path: Path, img: Image.Image) -> None:
 
 def tiny_bundle(out: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny_bundle import make_tiny_bundle
+    from fixtures.tiny_bundle import make_tiny_bundle
+    from fixtures.tiny_vlm import build_tiny_vlm
 
     from rtrt.runtime.bundle import VLMSpec
     from rtrt.runtime.vlm import load_vlm
-    from rtrt.tools.tiny_vlm import build_tiny_vlm
 
     vlm_dir = build_tiny_vlm("llava", out / "tiny_llava")
     family = load_vlm(vlm_dir)

@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["SPECIAL_TOKENS", "IMAGE_TOKEN", "train_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "IMAGE_TOKEN", "LLAVA_CHAT_TEMPLATE", "train_tokenizer"]
 
 # In id order: Llama's three at 0-2, then LLaVA's image token and the pad token.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 IMAGE_TOKEN = "<image>"
+
+# LLaVA-1.5 (llava-hf/llava-1.5-7b-hf): images first, then the text of the turn, "ASSISTANT:" to answer.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2):
@@ -28,8 +40,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from rtrt.tools.tiny_vlm import LLAVA_CHAT_TEMPLATE
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
