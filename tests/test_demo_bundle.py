@@ -28,7 +28,7 @@ def _jpgs():
 
 def test_demo_bundle_is_shipped_complete_and_within_budget():
     from rtrt.runtime.bundle import load_bundle
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
 
     bundle = load_bundle(BUNDLE)  # verifies every file's sha256
     files = [p for p in BUNDLE.rglob("*") if p.is_file()]

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rtrt.tools.demo import build, text_encoder, tokenizer, vfm, vlm
-from rtrt.tools.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, WorldObject, generate_world
+from rtrt.tools.demo import build, presets, text_encoder, tokenizer, vfm, vlm
+from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, WorldObject, generate_world
 
-TINY_VLM = dict(vlm.VLMConfig(**build.PRESETS["tiny"].vlm).__dict__)
-TINY_VFM = dict(vfm.VFMConfig(**build.PRESETS["tiny"].vfm, workers=1).__dict__)
+TINY_VLM = dict(vlm.VLMConfig(**presets.PRESETS["tiny"].vlm).__dict__)
+TINY_VFM = dict(vfm.VFMConfig(**presets.PRESETS["tiny"].vfm, workers=1).__dict__)
 
 
 @pytest.fixture(autouse=True)
@@ -224,7 +224,7 @@ def test_full_preset_fits_the_bundle_budget():
     from rtrt.runtime.vfm import create_timm_vfm
     from transformers import LlavaForConditionalGeneration
 
-    plan = build.PRESETS["full"]
+    plan = presets.PRESETS["full"]
     vcfg = vlm.VLMConfig(**plan.vlm)
     fcfg = vfm.VFMConfig(**plan.vfm)
     with torch.device("meta"):
@@ -236,11 +236,11 @@ def test_full_preset_fits_the_bundle_budget():
     d = vcfg.text_hidden
     plugin = (4 * d * plan.adapter_width + fcfg.embed_dim * d) * 4 * 2
     total = 2 * vlm_params + 6 * vfm_params + plugin
-    assert total + 2 * 2**20 <= build.MAX_BUNDLE_BYTES, f"{total / 2**20:.1f} MiB of models"
+    assert total + 2 * 2**20 <= presets.MAX_BUNDLE_BYTES, f"{total / 2**20:.1f} MiB of models"
 
 
 def test_presets_are_valid_configs():
-    for plan in build.PRESETS.values():
+    for plan in presets.PRESETS.values():
         vlm.VLMConfig(**plan.vlm)
         vfm.VFMConfig(**plan.vfm)
         assert plan.size >= 32 and plan.test > 0 and plan.plugin > 0
@@ -250,7 +250,7 @@ def test_presets_are_valid_configs():
 @pytest.mark.skipif(not text_encoder.DEMO_SYNONYMS, reason="no synonyms")
 def test_synonyms_file_and_minilm_reference(tmp_path):
     from rtrt.trainer.synonyms import load_synonyms
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
 
     assert set(text_encoder.DEMO_SYNONYMS) == set(RARE_CATEGORIES)
     path = text_encoder.write_synonyms(tmp_path / "syn.json", ["dog", "tire"])

@@ -267,7 +267,7 @@ def test_bench_header_and_json_report_what_ran(capsys):
 
 
 def test_eval_scores_json_records_what_ran(tmp_path, capsys):
-    from rtrt.tools.world import WorldConfig, generate_world
+    from rtrt.tools.demo.world import WorldConfig, generate_world
 
     generate_world(WorldConfig(seed=3, pretrain=0, plugin=0, val=0, test=1, width=96, height=96), tmp_path / "w", progress=False)
     code, out, err = _run(["eval", "--data", str(tmp_path / "w"), "--limit", "1", "--max-new-tokens", "2", "--quiet",

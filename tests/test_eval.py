@@ -11,7 +11,7 @@ from rtrt.runtime.pipeline import Pipeline
 from rtrt.runtime.vlm import load_vlm
 from rtrt.tools.eval import ABLATION_ROWS, run_eval
 from fixtures.tiny_vlm import build_tiny_vlm
-from rtrt.tools.world import WorldConfig, generate_world
+from rtrt.tools.demo.world import WorldConfig, generate_world
 from fixtures.tiny_bundle import make_tiny_bundle
 
 
@@ -75,12 +75,12 @@ def test_default_data_is_the_demo_worlds_test_split(tmp_path, monkeypatch):
     import dataclasses
     import filecmp
 
-    from rtrt.tools.demo import build
+    from rtrt.tools.demo import presets
     from rtrt.tools.eval import demo_test_world
-    from rtrt.tools.world import main as world_main
+    from rtrt.tools.demo.world import main as world_main
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setitem(build.PRESETS, "full", dataclasses.replace(build.PRESETS["full"], test=3, size=96))
+    monkeypatch.setitem(presets.PRESETS, "full", dataclasses.replace(presets.PRESETS["full"], test=3, size=96))
     root = demo_test_world(progress=False)
     assert root == tmp_path / "cache" / "rtrt" / "demo-world-test-seed0"
     assert world_main(["--out", str(tmp_path / "w"), "--seed", "0", "--pretrain", "0", "--plugin", "0", "--val", "0",
@@ -92,7 +92,7 @@ def test_default_data_is_the_demo_worlds_test_split(tmp_path, monkeypatch):
         assert names and filecmp.cmpfiles(root / sub, tmp_path / "w" / sub, names, shallow=False)[0] == names
     stamp = (root / "world.json").stat().st_mtime_ns
     assert demo_test_world(progress=False) == root and (root / "world.json").stat().st_mtime_ns == stamp  # reused
-    monkeypatch.setitem(build.PRESETS, "full", dataclasses.replace(build.PRESETS["full"], test=2, size=96))
+    monkeypatch.setitem(presets.PRESETS, "full", dataclasses.replace(presets.PRESETS["full"], test=2, size=96))
     demo_test_world(progress=False)  # another plan: regenerated
     assert len(list((root / "test" / "images").iterdir())) == 2
 

@@ -188,7 +188,7 @@ def test_build_items_pairs_by_question_id():
 
 
 def test_cli_keyword_on_a_world_split(tmp_path, capsys):
-    from rtrt.tools.world import WorldConfig, generate_world
+    from rtrt.tools.demo.world import WorldConfig, generate_world
 
     generate_world(WorldConfig(seed=2, pretrain=0, plugin=0, val=4, test=0, width=96, height=96, rare_prob=1.0), tmp_path / "w", progress=False)
     split = tmp_path / "w" / "CODA-LM" / "val"

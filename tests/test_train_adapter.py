@@ -182,8 +182,8 @@ def test_bad_inputs_fail_in_one_line_without_output(env, tmp_path, capsys):
 
 
 def test_both_phases_on_the_procedural_world(env, tmp_path):
-    """The trainers read what ``rtrt.tools.world`` writes (CODA-LM layout, region images with boxes)."""
-    from rtrt.tools.world import WorldConfig, generate_world
+    """The trainers read what ``rtrt.tools.demo.world`` writes (CODA-LM layout, region images with boxes)."""
+    from rtrt.tools.demo.world import WorldConfig, generate_world
 
     _, _, vlm, work = env
     root = tmp_path / "world"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rtrt.tools import world
+from rtrt.tools.demo import world
 from rtrt.tools.judge import find_mentions
-from rtrt.tools.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, generate_world
+from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, generate_world
 from rtrt.trainer import coda
 
 SMALL = dict(pretrain=4, plugin=3, val=2, test=2, width=96, height=80)

@@ -51,7 +51,7 @@ def _scene_boxes(root: Path, split: str) -> dict[str, list[tuple[str, list[float
     """image stem -> [(category, [x0, y0, x1, y1])] of every object the generator drew."""
     import numpy as np
 
-    from rtrt.tools.world import SPLITS, WorldConfig, sample_scene
+    from rtrt.tools.demo.world import SPLITS, WorldConfig, sample_scene
 
     cfg = WorldConfig(**json.loads((root / "world.json").read_text())["config"])
     out = {}

@@ -1,7 +1,7 @@
 """Training benchmark (not a test): phase-1 and phase-2 throughput and peak memory on this machine.
 
 Both phases run through the trainers' own entry points (``train_embeddings``, ``train_adapter``)
-on a procedural world split (``rtrt.tools.world``), each in a fresh process so its peak RSS is its
+on a procedural world split (``rtrt.tools.demo.world``), each in a fresh process so its peak RSS is its
 own. Models are random (nothing is downloaded) but of the real shapes where it matters:
 
 - phase 1: timm DINOv3 ViT-S/16 at 448 px, the open_clip ViT-B-32 text tower, W of width 4096
@@ -42,7 +42,7 @@ def _peak_rss_mb() -> float:
 
 
 def _world(work: Path, images: int) -> Path:
-    from rtrt.tools.world import WorldConfig, generate_world
+    from rtrt.tools.demo.world import WorldConfig, generate_world
 
     root = work / "world"
     if not root.exists():

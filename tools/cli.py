@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rtrt.tools.bench", "benchmark per-stage latency and the plug-in's overhead"),
     "train": ("rtrt.trainer.cli", "train class embeddings (phase 1) or the adapter (phase 2)"),
     "synonyms": ("rtrt.trainer.synonyms", "generate per-class synonyms from an OpenAI-compatible endpoint"),
-    "world": ("rtrt.tools.world", "generate the procedural rare-object driving world (CODA-LM format)"),
+    "world": ("rtrt.tools.demo.world", "generate the procedural rare-object driving world (CODA-LM format)"),
     "eval": ("rtrt.tools.eval", "evaluate a bundle on CODA-LM-format data, with the four-way ablation"),
 }
 

@@ -96,7 +96,7 @@ def run_eval(
     from rtrt.runtime.image import load_image
     from rtrt.runtime.pipeline import Pipeline
     from rtrt.tools.judge import KeywordJudge, build_items, score_table
-    from rtrt.tools.world import COMMON_CATEGORIES, RARE_CATEGORIES
+    from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
     from rtrt.trainer.coda import (
         TaskRecord,
         draw_region_box,
@@ -206,9 +206,9 @@ def demo_test_world(seed: int = 0, progress: bool = True) -> Path:
     ``$XDG_CACHE_HOME/rtrt/`` (``~/.cache/rtrt/``) and reused while its ``world.json`` matches."""
     from dataclasses import asdict
 
-    from rtrt.tools.demo.build import PRESETS
-    from rtrt.tools.world import config_from_args, generate_world
-    from rtrt.tools.world import parse_args as world_args
+    from rtrt.tools.demo.presets import PRESETS
+    from rtrt.tools.demo.world import config_from_args, generate_world
+    from rtrt.tools.demo.world import parse_args as world_args
 
     plan = PRESETS["full"]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtrt"

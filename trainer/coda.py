@@ -15,7 +15,7 @@ under the dataset root), and three task files of JSON lines with ``question_id``
 red, width 2. Region scores are reported per evaluation group (vehicle, vru, ...); the
 category -> group table lives here and only here (``EVAL_GROUPS``, ``category_group``).
 
-The procedural world (``rtrt.tools.world``) writes this same format with the writers below, so
+The procedural world (``rtrt.tools.demo.world``) writes this same format with the writers below, so
 one reader and one evaluator serve both the world and the real CODA-LM. Every format problem
 raises ``CodaFormatError`` with a one-line message that names the file.
 """

@@ -23,63 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["PRESETS", "BuildPlan", "parse_args", "main"]
+from rtrt.tools.demo.presets import MAX_BUNDLE_BYTES, PRESETS
 
-MAX_BUNDLE_BYTES = 25 * 1024 * 1024  # the bundle ships in the repository
-
-
-@dataclasses.dataclass
-class BuildPlan:
-    """Sizes of one rebuild; ``PRESETS`` holds the shipped one and a small one."""
-
-    pretrain: int  # world pretrain images (the VLM's data)
-    plugin: int  # world plug-in training images (phase 1 and 2)
-    val: int  # world validation images
-    test: int  # world test images
-    size: int  # world image side in pixels
-    vfm: dict  # VFMConfig overrides
-    vlm: dict  # VLMConfig overrides
-    eval_images: int  # test images for the base VLM's recall (0: all)
-    phase1_epochs: int  # rtrt train embeddings --epochs
-    phase2_epochs: int  # rtrt train adapter --epochs
-    adapter_width: int  # rtrt train adapter --width
-    phase1_detection: float = 1.0  # rtrt train embeddings --w-detection (patch-cell detection loss; 0: off)
-    phase1_negatives: int = 64  # rtrt train embeddings --negatives-per-image
-    phase2_hints: str = "detector"  # rtrt train adapter --hints
-
-
-PRESETS: dict[str, BuildPlan] = {
-    # The shipped demo: sized for <= 60 minutes on 2 CPU cores; measured 2316 s in all (world 27 s,
-    # VFM 519 s, VLM 1639 s: stages 0 + 0b ~13 min, stage 1 ~6 min, stages 2a + 2b ~7 min; phase 1
-    # 9 s with the detection loss, phase 2 98 s with detector hints, export 7 s). The VFM runs at
-    # 224 px: a third of the detector's cost at 448.
-    "full": BuildPlan(
-        pretrain=4000, plugin=600, val=100, test=200, size=448,
-        vfm=dict(scenes=3000, epochs=8, lr=2e-3, warmup_steps=30, image_size=224, train_crop=224),
-        vlm=dict(image_size=448, patch_size=32, text_hidden=192, text_layers=2, text_heads=4, text_intermediate=512,
-                 text_epochs=12, text_hint_prob=0.8, pseudo_epochs=6, tag_epochs=5, align_epochs=4, align_lr=3e-3, epochs=2, batch_size=32,
-                 lr=1e-3, warmup_steps=30,
-                 max_answer_tokens=48),
-        eval_images=200, phase1_epochs=20, phase2_epochs=6, adapter_width=128,
-    ),
-    # End to end in about 5 minutes; the models are weak, the numbers only show that every stage runs.
-    "small": BuildPlan(
-        pretrain=800, plugin=120, val=30, test=40, size=448,
-        vfm=dict(scenes=400, epochs=3, lr=2e-3, warmup_steps=10),
-        vlm=dict(tag_epochs=2, epochs=1, batch_size=32, max_answer_tokens=48, warmup_steps=10),
-        eval_images=40, phase1_epochs=5, phase2_epochs=1, adapter_width=128,
-    ),
-    # Seconds: tiny models on a tiny world, for the tests.
-    "tiny": BuildPlan(
-        pretrain=8, plugin=6, val=2, test=4, size=96,
-        vfm=dict(scenes=8, epochs=1, embed_dim=32, depth=1, num_heads=2, image_size=64, train_crop=32, batch_size=4,
-                 warmup_steps=1),
-        vlm=dict(epochs=1, image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
-                 text_layers=1, text_heads=2, text_intermediate=64, vocab_size=400, batch_size=4, warmup_steps=1,
-                 max_answer_tokens=32, tag_epochs=1, tag_batch_size=4, text_epochs=1, pseudo_epochs=1, align_epochs=1),
-        eval_images=2, phase1_epochs=1, phase2_epochs=1, adapter_width=16,
-    ),
-}
+__all__ = ["parse_args", "main"]
 
 
 def _seed_everything(seed: int, threads: int) -> None:
@@ -118,7 +64,7 @@ def _call_main(module: str, argv: list[str]) -> None:
 
 def _rare_classes_with_regions(annotations: Path) -> list[str]:
     """The world's rare categories that have at least one region in ``annotations`` (the rows of W)."""
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.trainer.coda import iter_annotations
 
     seen = {r.category_name for _, ann in iter_annotations(annotations) for r in ann.region_perception}
@@ -136,7 +82,7 @@ def _dir_bytes(path: Path) -> int:
 def _pick_examples(world: Path, out: Path, count: int = 4) -> list[str]:
     """Copy the first test images whose annotation names rare objects (most distinct rare kinds first)."""
     from rtrt.tools.judge import find_mentions
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.trainer.coda import read_tasks, task_file
 
     records = read_tasks(task_file(world / "CODA-LM" / "test" / "vqa_anno", "general_perception"))
@@ -192,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 1. The world (CODA-LM layout).
     world = work / "world"
-    timer.run("world", _call_main, "rtrt.tools.world", [
+    timer.run("world", _call_main, "rtrt.tools.demo.world", [
         "--out", str(world), "--seed", str(args.seed), "--pretrain", str(plan.pretrain), "--plugin", str(plan.plugin),
         "--val", str(plan.val), "--test", str(plan.test), "--size", str(plan.size), "--workers", str(args.threads), "--overwrite",
         *([] if progress else ["--quiet"]),

@@ -2,7 +2,7 @@
 
 It stands in for a foundation model that has seen everything: unlike the VLM's pretraining text,
 its training signal covers every category equally. Scenes come straight from the world generator
-(``rtrt.tools.world.sample_scene`` / ``render_scene``, a seed stream of its own, every image holding
+(``rtrt.tools.demo.world.sample_scene`` / ``render_scene``, a seed stream of its own, every image holding
 rare objects) with every object's box, named or not. The objective is per-patch classification
 (background or one of the world's categories; a patch takes the front-most object whose box covers
 its centre, a box smaller than a patch marks the patch holding its centre).
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 __all__ = ["VFMConfig", "VFM_SEED_STREAM", "render_training_scenes", "train_vfm", "vfm_spec", "load_demo_vfm", "probe_vfm"]
 
-# The world's splits use streams 0-3 (``rtrt.tools.world.SPLITS``); the VFM's scenes use this one.
+# The world's splits use streams 0-3 (``rtrt.tools.demo.world.SPLITS``); the VFM's scenes use this one.
 VFM_SEED_STREAM = 7
 
 
@@ -76,7 +76,7 @@ class VFMConfig:
 
 
 def _world_config(world: Path):
-    from rtrt.tools.world import WorldConfig
+    from rtrt.tools.demo.world import WorldConfig
 
     meta = json.loads((world / "world.json").read_text())
     fields = {f.name for f in dataclasses.fields(WorldConfig)}
@@ -86,7 +86,7 @@ def _world_config(world: Path):
 def _render(job) -> tuple[np.ndarray, np.ndarray]:
     """One training scene: uint8 image [S, S, 3] at the VFM's inference size and patch labels [G, G]."""
     from rtrt.runtime.image import vfm_resize
-    from rtrt.tools.world import WORLD_CATEGORIES, render_scene, sample_scene
+    from rtrt.tools.demo.world import WORLD_CATEGORIES, render_scene, sample_scene
 
     wcfg, seed, index, size, patch, reducing_gap = job
     rng = np.random.default_rng([seed, VFM_SEED_STREAM, index])
@@ -174,7 +174,7 @@ def train_vfm(world: str | Path, out: str | Path, cfg: VFMConfig, progress: bool
     from safetensors.torch import save_file
 
     from rtrt.runtime.vfm import create_timm_vfm
-    from rtrt.tools.world import WORLD_CATEGORIES
+    from rtrt.tools.demo.world import WORLD_CATEGORIES
 
     out = Path(out)
     t0 = time.time()
@@ -304,7 +304,7 @@ def _region_features(backbone, spec, world: Path, split: str, batch: int = 16) -
 
 def probe_vfm(backbone, spec, world: str | Path, train_split: str = "plugin", test_split: str = "test", epochs: int = 300) -> dict:
     """Linear-probe and nearest-class-mean accuracy (0-100) of box-pooled patch tokens on held-out regions."""
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
 
     world = Path(world)
     xtr, ntr = _region_features(backbone, spec, world, train_split)

@@ -175,7 +175,7 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
     pretraining texts do, so the model learns to follow hints and stays blind without them.
     """
     from rtrt.tools.judge import find_mentions
-    from rtrt.tools.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.trainer.coda import read_tasks, task_file
 
     world = Path(world)
@@ -299,7 +299,7 @@ def text_samples(samples: Sequence[Sample], cfg: VLMConfig) -> list[Sample]:
     learns to use a hint (as a text-pretrained LLM can) before it ever sees an image.
     """
     from rtrt.tools.judge import find_mentions
-    from rtrt.tools.world import RARE_CATEGORIES, WORLD_CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES
 
     rng = random.Random(cfg.seed + 1)
     pool = list(RARE_CATEGORIES if cfg.hint_classes == "rare" else WORLD_CATEGORIES)
@@ -367,7 +367,7 @@ def _scenes(world: Path, split: str, images):
     index])``), so the scene comes back exactly; it is checked against its annotation (every
     region box must be an object of the same category).
     """
-    from rtrt.tools.world import SPLITS, sample_scene
+    from rtrt.tools.demo.world import SPLITS, sample_scene
     from rtrt.trainer.coda import image_path_for, iter_annotations
 
     from .vfm import _world_config
@@ -763,7 +763,7 @@ def evaluate_recall(
 
     from rtrt.runtime.vlm import load_vlm
     from rtrt.tools.judge import find_mentions
-    from rtrt.tools.world import COMMON_CATEGORIES, RARE_CATEGORIES
+    from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
     from rtrt.trainer.coda import read_tasks, task_file
 
     if hints not in ("none", "rare"):

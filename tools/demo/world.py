@@ -21,7 +21,7 @@ Output is built in a temporary folder next to ``--out`` and renamed into place a
 
 Run::
 
-    python -m rtrt.tools.world --out data/world --seed 0 --pretrain 2000 --plugin 300
+    python -m rtrt.tools.demo.world --out data/world --seed 0 --pretrain 2000 --plugin 300
 """
 from __future__ import annotations
 
