@@ -148,16 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          warmup=args.warmup, new_tokens=args.new_tokens, precision=args.precision,
                                          threads=args.threads, device=args.device)}
     if args.graphs:
-        from rtrt.tools import bench_export
+        from rtrt.tools.benchmarks import graphs as graph_bench
 
-        report["graphs"] = bench_export.run_benchmark()
+        report["graphs"] = graph_bench.run_benchmark()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(_table(report["pipeline"]))
         if "graphs" in report:
             print()
-            print(bench_export.format_table(report["graphs"]))
+            print(graph_bench.format_table(report["graphs"]))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""python -m rtrt.tools.bench_scaling on a tiny LLaVA and a tiny bundle (the torch backend: no export)."""
+"""python -m rtrt.tools.benchmarks.scaling on a tiny LLaVA and a tiny bundle (the torch backend: no export)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from PIL import Image
 
 from rtrt.runtime.bundle import VLMSpec, load_bundle
 from rtrt.runtime.vlm import load_vlm
-from rtrt.tools.bench_scaling import LMSize, _lm_params, bench_scaling, main, parse_sizes, scaled_vlm
+from rtrt.tools.benchmarks.scaling import LMSize, _lm_params, bench_scaling, main, parse_sizes, scaled_vlm
 from fixtures.tiny_vlm import build_tiny_vlm
 from fixtures.tiny_bundle import make_tiny_bundle
 

@@ -8,13 +8,13 @@ own. Models are random (nothing is downloaded) but of the real shapes where it m
   (LLaVA-1.5-7B's hidden size). Reported: region-feature extraction (images/s, regions/s; the
   VFM forward dominates) and training on the cached features (regions/s).
 - phase 2: the demo bundle's LLaVA (vision tower, processor, tokenizer) with a random Llama language
-  model of ``--llm-hidden`` x ``--llm-layers`` (as ``bench_scaling`` builds it; or any local VLM with ``--vlm``). Reported: QA
+  model of ``--llm-hidden`` x ``--llm-layers`` (as ``rtrt.tools.benchmarks.scaling`` builds it; or any local VLM with ``--vlm``). Reported: QA
   pairs/s of adapter training through the frozen VLM.
 
 Training throughput counts every epoch but the first (which pays for warm-up). Run::
 
-    python -m rtrt.tools.bench_train                 # defaults: 16 images, a few minutes on 2 CPU cores
-    python -m rtrt.tools.bench_train --json bench.json --images 32
+    python -m rtrt.tools.benchmarks.training                 # defaults: 16 images, a few minutes on 2 CPU cores
+    python -m rtrt.tools.benchmarks.training --json bench.json --images 32
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def bench_phase1(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def scaled_llava(out: Path, hidden: int, layers: int) -> Path:
     """The demo bundle's LLaVA (its vision tower, processor and tokenizer) with a random language model ``hidden`` wide and ``layers`` deep."""
-    from rtrt.tools.bench_scaling import LMSize, scaled_vlm
+    from rtrt.tools.benchmarks.scaling import LMSize, scaled_vlm
     from rtrt.tools.infer import default_bundle
 
     return scaled_vlm(default_bundle() / "vlm", out, LMSize(hidden, layers))
@@ -155,7 +155,7 @@ def _child(fn: Callable[[Path, argparse.Namespace], dict], work: Path, args: arg
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rtrt.tools.bench_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.benchmarks.training", description=__doc__.split("\n\n")[0])
     p.add_argument("--phase", choices=("1", "2", "all"), default="all", help="which phase(s) to measure")
     p.add_argument("--images", type=int, default=16, help="images in the world's plug-in split")
     p.add_argument("--epochs", type=int, default=20, help="phase-1 epochs (the paper's 20)")

@@ -1,6 +1,6 @@
 """Benchmark of the exported graphs on this CPU: PyTorch eager vs ORT fp32 vs ORT int8, in one run.
 
-    python -m rtrt.tools.bench_export [--json] [--iters 20] [--image-size 448] [--threads N]
+    python -m rtrt.tools.benchmarks.graphs [--json] [--iters 20] [--image-size 448] [--threads N]
     (also ``rtrt bench --graphs``, which calls ``run_benchmark`` and ``format_table``)
 
 Graphs, at the shapes the export issue names:
@@ -314,7 +314,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rtrt bench-export", description="PyTorch eager vs ORT fp32 vs ORT int8 for the detector and adapter graphs.")
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.benchmarks.graphs", description="PyTorch eager vs ORT fp32 vs ORT int8 for the detector and adapter graphs.")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a markdown table")
     p.add_argument("--iters", type=int, default=20, help="timed rounds per engine (adapter: 3x) (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default %(default)s)")

@@ -1,7 +1,7 @@
 """The plug-in's overhead against bigger language models: timing only, random weights.
 
-    python -m rtrt.tools.bench_scaling                                 # demo VFM, LMs 192x2 (the demo's), 512x4, 1024x8
-    python -m rtrt.tools.bench_scaling --sizes 192x2,768x12 --runs 5 --precision int8 --json
+    python -m rtrt.tools.benchmarks.scaling                                 # demo VFM, LMs 192x2 (the demo's), 512x4, 1024x8
+    python -m rtrt.tools.benchmarks.scaling --sizes 192x2,768x12 --runs 5 --precision int8 --json
 
 The demo bundle's VLM is a 2.8 M-parameter toy, so the plug-in (a DINOv3 pass, the adapter, ~23
 hint tokens) is a large share of its answer. This script keeps everything of the demo but the
@@ -75,7 +75,7 @@ def scaled_vlm(src: str | Path, out: str | Path, size: LMSize, seed: int = 0) ->
     src, out = Path(src), Path(out)
     config = AutoConfig.from_pretrained(src, local_files_only=True)
     if config.model_type != "llava":
-        raise ValueError(f"{src}: bench_scaling rebuilds LLaVA VLMs, this is {config.model_type!r}")
+        raise ValueError(f"{src}: the scaling benchmark rebuilds LLaVA VLMs, this is {config.model_type!r}")
     tc = config.text_config
     tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size = size.hidden, size.layers, size.intermediate
     tc.num_attention_heads = tc.num_key_value_heads = size.heads
@@ -117,7 +117,7 @@ def scaled_bundle(demo: str | Path, vlm_dir: str | Path, out: str | Path, hidden
         # checks it against the loaded VLM), so the VLM is not loaded here just to read it.
         m, d_llm=hidden, vlm=VLMSpec("llava", str(Path(vlm_dir).resolve()), hidden, dict(m.vlm.image_token_layout or {})),
         adapter=adapter.config, detector=detector.config, files={}, exports={},
-        training={"note": "rtrt.tools.bench_scaling: random weights, for timing only", "seed": seed})
+        training={"note": "rtrt.tools.benchmarks.scaling: random weights, for timing only", "seed": seed})
     write_bundle(out, manifest, {"embeddings.safetensors": {"W": w}, "adapter.safetensors": adapter.state_dict(),
                                  "detector.safetensors": detector.state_dict()},
                  files={k: str(b.root / k) for k in m.files if k == m.vfm.ref or k.startswith(m.vfm.ref.rstrip("/") + "/")},
@@ -188,7 +188,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rtrt.tools.bench_scaling",
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.benchmarks.scaling",
                                 description="Plug-in overhead against bigger (random-weight) language models.")
     p.add_argument("--sizes", default="192x2,512x4,1024x8", help="language models as HIDDENxLAYERS, comma-separated")
     p.add_argument("--bundle", default=None, help="bundle whose VFM, classes and VLM (vision tower, tokenizer) to keep (default: the demo)")
@@ -209,10 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sizes = parse_sizes(args.sizes)
     except ValueError as e:
-        print(f"rtrt bench_scaling: {e}", file=sys.stderr)
+        print(f"python -m rtrt.tools.benchmarks.scaling: {e}", file=sys.stderr)
         return 2
     if args.runs < 1 or args.new_tokens < 1:
-        print("rtrt bench_scaling: --runs and --new-tokens must be at least 1", file=sys.stderr)
+        print("python -m rtrt.tools.benchmarks.scaling: --runs and --new-tokens must be at least 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="rtrt-scaling-") as tmp:
         rows = bench_scaling(sizes, args.work or tmp, demo=args.bundle, image=args.image, runs=args.runs,
