@@ -2,7 +2,7 @@
 
 Plug-in modules (``ClassEmbeddings``, ``CrossAttentionAdapter``, ``RareObjectDetector``), the
 bundle format (``load_bundle``, ``write_bundle``), image decoding, the frozen-VLM families and
-the ``Pipeline``. Names are imported on first use (PEP 562), so ``import rtrt.runtime.errors``
+the ``Pipeline``, and ``version()``. Names are imported on first use (PEP 562), so ``import rtrt.runtime.errors``
 does not load torch; importing this package never imports timm, open_clip, onnx or rtrt.trainer.
 """
 from __future__ import annotations
@@ -40,7 +40,18 @@ _EXPORTS = {
     "machine_info": "machine",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "version"])
+
+
+def version() -> str:
+    """The installed rtrt distribution's version (``rtrt --version``, the C++ API's ``rtrt::version()``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("rtrt")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
 
 
 def __getattr__(name: str):

@@ -98,7 +98,7 @@ def test_json_fields():
 
 def test_demo_bundle_box_holds_the_single_object_of_a_generated_scene():
     from rtrt.runtime import Pipeline
-    from rtrt.tools.infer import default_bundle
+    from rtrt.runtime.assets import default_bundle
     from rtrt.tools.demo.world import WorldConfig, render_scene, sample_scene
 
     # One rare object (a barrier) on an empty road, drawn by the world generator at 640 x 480:

@@ -1,4 +1,4 @@
-"""The shipped demo bundle (``tools/assets/demo_bundle``, built by ``python -m rtrt.tools.demo.build``).
+"""The shipped demo bundle (``runtime/assets/demo_bundle``, built by ``python -m rtrt.tools.demo.build``).
 
 It loads with every hash checked, fits the 25 MiB budget, is the default of ``rtrt infer``, and
 answers a shipped example scene the same way twice; hints and refinement change the prompt and the
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from rtrt.tools.infer import default_bundle, example_images
+from rtrt.runtime.assets import default_bundle, example_images
 
 BUNDLE = default_bundle()
 

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from rtrt.runtime.assets import default_bundle, example_images
 from rtrt.runtime.backends import make_backend, precision_support
 from rtrt.runtime.bundle import load_bundle
 from rtrt.runtime.devices import available_devices, check_device
@@ -22,7 +23,6 @@ from rtrt.runtime.errors import BackendUnavailableError, InputError
 from rtrt.runtime.pipeline import Pipeline
 from rtrt.runtime.trt_engine import PlatformInfo, tensorrt_status
 from rtrt.tools.cli import main
-from rtrt.tools.infer import default_bundle, example_images
 from fixtures.tiny_bundle import make_tiny_bundle
 
 DEMO = default_bundle()

@@ -18,6 +18,7 @@ from PIL import Image
 
 import rtrt.export.trt_build as tb
 from rtrt.runtime import ModelMismatchError
+from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.backends import make_backend
 from rtrt.runtime.bundle import VLMSpec, load_bundle
 from rtrt.runtime.names import ADAPTER, ADAPTER_CALL, DETECTOR
@@ -25,7 +26,6 @@ from rtrt.runtime.pipeline import Pipeline
 from rtrt.runtime.profiles import (FAMILY_DEFAULTS, TYPICAL_IMAGE_HW, adapter_ranges, detector_ranges, image_tokens,
                                    token_bounds)
 from rtrt.runtime.vlm import load_vlm
-from rtrt.tools.infer import default_bundle
 from fixtures.tiny_vlm import build_tiny_vlm
 from fixtures.tiny_bundle import make_tiny_bundle
 

@@ -133,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from rtrt.runtime.errors import InputError
-    from rtrt.tools.infer import default_bundle, example_images
+    from rtrt.runtime.assets import default_bundle, example_images
 
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bundle:
         bundle = Path(args.bundle)
     else:
-        from rtrt.tools.infer import default_bundle
+        from rtrt.runtime.assets import default_bundle
 
         bundle = default_bundle()
     report = check_bundle(bundle, args.backend, args.precision, device=args.device, threads=args.threads,

@@ -15,6 +15,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from rtrt.runtime import version
+
 __all__ = ["COMMANDS", "main", "version"]
 
 # command -> (module with main(argv), one-line help)
@@ -28,15 +30,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("rtrt.tools.demo.world", "generate the procedural rare-object driving world (CODA-LM format)"),
     "eval": ("rtrt.tools.eval", "evaluate a bundle on CODA-LM-format data, with the four-way ablation"),
 }
-
-
-def version() -> str:
-    try:
-        from importlib.metadata import version as _v
-
-        return _v("rtrt")
-    except Exception:
-        return "0.0.0+unknown"
 
 
 def _usage() -> str:

@@ -257,7 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from rtrt.runtime.errors import InputError
-    from rtrt.tools.infer import default_bundle
+    from rtrt.runtime.assets import default_bundle
 
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be at least 1")

@@ -15,23 +15,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import InputError
 from rtrt.runtime.modules import display_name
 
-__all__ = ["default_bundle", "example_images", "parse_args", "main"]
-
-_ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-def default_bundle() -> Path:
-    """The demo bundle shipped inside the package (the default of ``--bundle``)."""
-    return _ASSETS / "demo_bundle"
-
-
-def example_images() -> list[Path]:
-    """Example scene images shipped beside the demo bundle."""
-    folder = _ASSETS / "examples"
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
+__all__ = ["parse_args", "main"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
 ctest runs this first (FIXTURES_SETUP); ``tests/cpp/test_rtrt.cpp`` then checks that the C++ API
 gives what is written here. Without ``--bundle`` the bundle is the tiny test bundle
 (``tests/fixtures/tiny_bundle.py``) with a tiny random LLaVA (``tests/fixtures/tiny_vlm.py``), built in well under a
-minute with nothing downloaded (and exported with ``rtrt export`` for ``--backend ort|trt``). Images: the shipped examples (``tools/assets/examples/*.png``) when
+minute with nothing downloaded (and exported with ``rtrt export`` for ``--backend ort|trt``). Images: the shipped examples (``runtime/assets/examples/*.png``) when
 there are any, else two generated road-like scenes; each is written as PNG and as binary PPM.
 
 ``expected.txt`` is one record per line, fields separated by spaces, every string hex-encoded
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             export_bundle(bundle, backend="onnx" if args.backend == "ort" else "trt", log=lambda msg: None)
 
-    examples = sorted((REPO / "tools" / "assets" / "examples").glob("*.png"))[:2]
+    examples = sorted((REPO / "runtime" / "assets" / "examples").glob("*.png"))[:2]
     images = []
     for i in range(2):
         src = Image.open(examples[i]).convert("RGB") if i < len(examples) else synthetic_scene(i)

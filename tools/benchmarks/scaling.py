@@ -133,7 +133,7 @@ def bench_scaling(sizes: Sequence[LMSize], work: str | Path, *, demo: str | Path
 
     from rtrt.export.cli import export_bundle
     from rtrt.tools.bench import bench_pipeline
-    from rtrt.tools.infer import default_bundle, example_images
+    from rtrt.runtime.assets import default_bundle, example_images
 
     demo = Path(demo) if demo else default_bundle()
     image = Path(image) if image else example_images()[0]

@@ -108,7 +108,7 @@ def bench_phase1(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 def scaled_llava(out: Path, hidden: int, layers: int) -> Path:
     """The demo bundle's LLaVA (its vision tower, processor and tokenizer) with a random language model ``hidden`` wide and ``layers`` deep."""
     from rtrt.tools.benchmarks.scaling import LMSize, scaled_vlm
-    from rtrt.tools.infer import default_bundle
+    from rtrt.runtime.assets import default_bundle
 
     return scaled_vlm(default_bundle() / "vlm", out, LMSize(hidden, layers))
 

@@ -320,7 +320,7 @@ Image load_image(const std::string& path) {
 }
 
 std::string default_bundle() {
-  return with_python([] { return py::str(py::module_::import("rtrt.tools.infer").attr("default_bundle")()).cast<std::string>(); });
+  return with_python([] { return py::str(py::module_::import("rtrt.runtime.assets").attr("default_bundle")()).cast<std::string>(); });
 }
 
 std::string default_question() {
@@ -328,7 +328,7 @@ std::string default_question() {
 }
 
 std::string version() {
-  return with_python([] { return py::module_::import("rtrt.tools.cli").attr("version")().cast<std::string>(); });
+  return with_python([] { return py::module_::import("rtrt.runtime").attr("version")().cast<std::string>(); });
 }
 
 // ------------------------------------------------------------------ PPM / PGM (no Python)
