@@ -41,6 +41,7 @@ import numpy as np
 from rtrt.runtime.bundle import Bundle, load_bundle, sha256_file
 from rtrt.runtime.errors import BackendUnavailableError, RtrtError
 from rtrt.runtime.names import ADAPTER, DETECTOR
+from rtrt.runtime.trt_build import PRECISIONS, build_engine, dim_ranges, source_graph
 
 from .onnx_export import OPSET, ExportError, export_adapter, export_detector, graph_info
 from .parity import (
@@ -57,7 +58,6 @@ from .parity import (
 )
 from .quantize import METHODS, quantize_dynamic, quantize_static
 from .fp16 import FP32_OPS, convert_to_fp16
-from .trt_build import PRECISIONS, build_engine, dim_ranges, source_graph
 
 __all__ = ["export_bundle", "parse_args", "main"]
 

@@ -24,7 +24,7 @@ from rtrt.runtime.fileio import atomic_write_bytes
 
 from .onnx_export import ExportError
 
-__all__ = ["FP32_OPS", "convert_to_fp16", "float16_kinds"]
+__all__ = ["FP32_OPS", "convert_to_fp16"]
 
 # Ops kept in fp32 besides the converter's DEFAULT_OP_BLOCK_LIST (why: see the module docstring).
 FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax", "ReduceL2")
@@ -74,28 +74,3 @@ def _toposort(graph) -> None:
         c.CopyFrom(n)
     del graph.node[:]
     graph.node.extend(copies)
-
-
-def float16_kinds(path: str | os.PathLike) -> set[str]:
-    """What reduced precision the ONNX graph at ``path`` carries: ``{"fp16", "qdq"}``, either or none.
-
-    ``fp16``: any fp16 initializer, graph input/output or Cast to fp16; ``qdq``: any
-    QuantizeLinear/DequantizeLinear node. The TensorRT builder uses it to refuse a graph that
-    cannot give the precision asked for.
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
-    half = onnx.TensorProto.FLOAT16
-    kinds: set[str] = set()
-    if any(t.data_type == half for t in g.initializer) or any(
-        v.type.tensor_type.elem_type == half for v in (*g.input, *g.output, *g.value_info)
-    ):
-        kinds.add("fp16")
-    for node in g.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            kinds.add("qdq")
-        elif node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute):
-            kinds.add("fp16")
-    return kinds

@@ -14,11 +14,11 @@ Backends:
 - ``trt``: native TensorRT engines recorded in the bundle's ``manifest.exports["engines"]``, run on
   torch CUDA tensors (no host copy). An engine whose TensorRT version, GPU or source ONNX differs
   from this machine's is detected before it is deserialized, and ``on_engine_mismatch`` decides:
-  ``rebuild`` (default: build a matching engine into the local engine cache; needs the
-  ``rtrt.export`` builder, imported only then), ``fallback`` (warn and return an ``ort`` backend),
+  ``rebuild`` (default: build a matching engine into the local engine cache with
+  ``rtrt.runtime.trt_build``, imported only then; it needs the ``onnx`` package), ``fallback`` (warn and return an ``ort`` backend),
   ``fail`` (``EngineMismatchError``).
 
-Importing this module imports neither ``onnx``, ``tensorrt`` nor ``rtrt.export``/``rtrt.trainer``;
+Importing this module imports neither ``onnx``, ``tensorrt`` nor the engine builder;
 ``onnxruntime`` and ``tensorrt`` are imported when their backend is made.
 """
 from __future__ import annotations
@@ -304,7 +304,7 @@ def precision_support(
       providers would run the fp32 graphs and call it fp16);
     - ``trt``: a precision whose engines the bundle records for this TensorRT and GPU (``platform``,
       default: this machine's), or, with ``on_engine_mismatch="rebuild"``, that can be built from
-      the bundle's ONNX (int8 from the ``*.qdq`` graphs) by the ``rtrt.export`` builder.
+      the bundle's ONNX (int8 from the ``*.qdq`` graphs) by ``rtrt.runtime.trt_build``.
     """
     graphs = _present_graphs(bundle)
     root = bundle.root
@@ -336,7 +336,8 @@ def precision_support(
     from importlib.util import find_spec
 
     engines_meta = bundle.manifest.exports.get("engines") or {}
-    can_build = on_engine_mismatch == "rebuild" and find_spec("rtrt.export") is not None
+    # The builder reads each graph's precision with the onnx package (in the trt and export extras).
+    can_build = on_engine_mismatch == "rebuild" and find_spec("onnx") is not None
     out = {}
     for p in PRECISIONS:
         out[p] = None
@@ -349,7 +350,7 @@ def precision_support(
             if can_build:
                 why += f" and no exported {source} graph to build one from"
             elif on_engine_mismatch == "rebuild":
-                why += " and the engine builder (rtrt.export) is not installed"
+                why += " and the engine builder needs the onnx package (pip install onnx) to rebuild it"
             out[p] = f"{g}.{p} engine: {why}"
             break
     return out
@@ -409,8 +410,8 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
             if on_engine_mismatch == "fallback":
                 warnings.warn(f"{name} engine: {why}; falling back to the ort backend", RuntimeWarning, stacklevel=3)
                 return _make_ort(bundle, device, precision, threads, cache_dir, f"{name} engine: {why}")
-            # rebuild: the builder lives with the exporter; imported only on this path.
-            from rtrt.export.trt_build import build_bundle_engine
+            # rebuild: the builder is imported only on this path.
+            from .trt_build import build_bundle_engine
 
             warnings.warn(f"{name} engine: {why}; building a matching engine (this takes minutes once)", RuntimeWarning, stacklevel=3)
             path, _ = build_bundle_engine(bundle, graph, precision, cache_dir=cache_dir)

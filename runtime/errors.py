@@ -12,6 +12,7 @@ __all__ = [
     "InputError",
     "ModelMismatchError",
     "EngineMismatchError",
+    "EngineBuildError",
     "BackendUnavailableError",
     "ParityError",
 ]
@@ -39,6 +40,10 @@ class ModelMismatchError(RtrtError):
 
 class EngineMismatchError(RtrtError):
     """A cached TensorRT engine was built for another TensorRT version or GPU."""
+
+
+class EngineBuildError(RtrtError):
+    """A TensorRT engine cannot be built: a graph TensorRT cannot parse or cannot give the precision, no range for a dynamic axis, the build failed or timed out."""
 
 
 class BackendUnavailableError(RtrtError):

@@ -38,7 +38,7 @@ class PlatformInfo:
 def default_cache_dir() -> Path:
     """Root of the local TensorRT caches: ``$RTRT_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/rtrt/engines`` (``~/.cache/rtrt/engines``).
 
-    rtrt's own engines (``rtrt.export.engine_cache``) live directly in it, ONNX Runtime's
+    rtrt's own engines (``rtrt.runtime.engine_cache``) live directly in it, ONNX Runtime's
     TensorRT EP's engines and timing cache in its ``ort-trt`` folder (``rtrt.runtime.backends``).
     """
     env = os.environ.get("RTRT_ENGINE_CACHE")

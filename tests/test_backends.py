@@ -213,7 +213,7 @@ def test_mismatch_fail_and_fallback(with_engine, fake_trt, monkeypatch, other, n
 
 
 def test_mismatch_rebuild(with_engine, fake_trt, monkeypatch, tmp_path):
-    import rtrt.export.trt_build as tb
+    import rtrt.runtime.trt_build as tb
 
     monkeypatch.setattr(be, "platform_info", lambda device=None: PlatformInfo("10.11.0", "NVIDIA H100", "9.0"))
     built = []

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rtrt.export.engine_cache import EngineCache, engine_key
-from rtrt.export.onnx_export import ExportError
+from rtrt.runtime.engine_cache import EngineCache, engine_key
+from rtrt.runtime.errors import EngineBuildError
 from rtrt.runtime.trt_engine import PlatformInfo
 
 PLAT = PlatformInfo(trt_version="10.9.0", gpu_name="NVIDIA Orin", compute_capability="8.7")
@@ -83,7 +83,7 @@ def test_builder_failure_leaves_nothing(onnx_file: Path, tmp_path: Path):
     with pytest.raises(RuntimeError):
         cache.load_or_build(key, broken)
     assert cache.get(key) is None and not list(cache.root.glob(".*.tmp"))
-    with pytest.raises(ExportError, match="no engine"):
+    with pytest.raises(EngineBuildError, match="no engine"):
         cache.load_or_build(key, lambda: b"")
     assert cache.load_or_build(key, lambda: ENGINE).built  # the lock was released
 
@@ -92,7 +92,7 @@ _CRASH = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    import rtrt.export.engine_cache as ec
+    import rtrt.runtime.engine_cache as ec
     from rtrt.runtime.trt_engine import PlatformInfo
 
     def half_then_die(f, data):  # the process dies mid-write: no exception handler runs
@@ -123,7 +123,7 @@ def test_crash_mid_write_never_leaves_a_partial_engine(onnx_file: Path, tmp_path
 _RACER = textwrap.dedent(
     """
     import json, sys, time
-    import rtrt.export.engine_cache as ec
+    import rtrt.runtime.engine_cache as ec
     from rtrt.runtime.trt_engine import PlatformInfo
 
     root, onnx, log, go, ready = sys.argv[1:6]
@@ -208,5 +208,5 @@ def test_lock_timeout_is_an_error(onnx_file: Path, tmp_path: Path):
     key = engine_key(onnx_file, "fp16", PROFILE, PLAT)
     cache.root.mkdir(parents=True)
     with FileLock(str(cache.path_for(key)) + ".lock"):
-        with pytest.raises(ExportError, match="timed out"):
+        with pytest.raises(EngineBuildError, match="timed out"):
             cache.load_or_build(key, lambda: ENGINE)

@@ -22,12 +22,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import rtrt.export.trt_build as tb
-from rtrt.export.fp16 import FP32_OPS, convert_to_fp16, float16_kinds
-from rtrt.export.onnx_export import ExportError
+import rtrt.runtime.trt_build as tb
+from rtrt.export.fp16 import FP32_OPS, convert_to_fp16
 from rtrt.export.parity import TOLERANCES, parity_images, torch_runner
 from rtrt.runtime import load_bundle
+from rtrt.runtime.errors import EngineBuildError
 from rtrt.runtime.names import ADAPTER, DETECTOR
+from rtrt.runtime.trt_build import float16_kinds
 from rtrt.runtime.trt_engine import tensorrt_status
 from fixtures.tiny_bundle import exported_tiny_bundle
 
@@ -61,7 +62,7 @@ def test_profile_from_onnx_dynamic_axes(exported):
     assert ad["visual_tokens"] == ((1, 4, 64), (1, 1196, 64), (1, 2 * 16384, 64))
     # TensorRT reports dynamic dims as -1: the symbol comes from rtrt.runtime.names.
     assert tb.derive_profile({"visual_tokens": [-1, -1, 64], "class_embeddings": [-1, 64]}, ADAPTER, ranges["adapter"]) == ad
-    with pytest.raises(ExportError, match="no range"):
+    with pytest.raises(EngineBuildError, match="no range"):
         tb.derive_profile({"x": [-1, 3]}, ADAPTER, ranges["adapter"])
 
 
@@ -233,7 +234,7 @@ def test_builder_reports_every_parser_error(monkeypatch, graphs):
     trt, _ = _fake_trt(parse_ok=False)
     monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
     lines = []
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(EngineBuildError) as e:
         tb.EngineBuilder(log=lines.append).build(graphs["fp32"], PROFILE, "fp16")
     assert "3 error(s)" in str(e.value) and "\n" not in str(e.value)
     for i in range(3):
@@ -259,7 +260,7 @@ def test_trt10_sets_precision_flags_and_is_weakly_typed(monkeypatch, graphs, tmp
         _, rec = _build(monkeypatch, graphs["qdq"], "int8", fast_fp16=False)
     assert rec.flags == {"FP16", "INT8"} and rec.network_flags == 0
 
-    with pytest.raises(ExportError, match="Q/DQ"):  # int8 needs the Q/DQ graph on every version
+    with pytest.raises(EngineBuildError, match="Q/DQ"):  # int8 needs the Q/DQ graph on every version
         _build(monkeypatch, graphs["fp32"], "int8")
 
 
@@ -279,7 +280,7 @@ def test_trt11_refuses_fp16_from_an_fp32_graph(monkeypatch, graphs):
     """Control flow only: strongly typed TensorRT cannot make fp16 out of an fp32 graph; one line, before building."""
     trt, rec = _fake_trt(version="11.0.0")
     monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
-    with pytest.raises(ExportError, match="strongly typed") as e:
+    with pytest.raises(EngineBuildError, match="strongly typed") as e:
         tb.EngineBuilder(log=lambda m: None).build(graphs["fp32"], PROFILE, "fp16")
     assert "\n" not in str(e.value) and "adapter.onnx" in str(e.value) and rec.built == 0
 
@@ -289,14 +290,14 @@ def test_source_graph_by_version():
     ten, eleven = _fake_trt()[0], _fake_trt(version="11.1.0")[0]
     assert [tb.source_graph("adapter", p, ten) for p in ("fp32", "fp16", "int8")] == ["adapter", "adapter", "adapter.qdq"]
     assert [tb.source_graph("adapter", p, eleven) for p in ("fp32", "fp16", "int8")] == ["adapter", "adapter.fp16", "adapter.qdq"]
-    with pytest.raises(ExportError, match="too old"):
+    with pytest.raises(EngineBuildError, match="too old"):
         tb.source_graph("adapter", "fp16", _fake_trt(version="8.6.1")[0])
 
 
 def test_builder_refuses_profile_for_other_inputs(monkeypatch, graphs):
     trt, _ = _fake_trt(inputs=(("pixel_values", (-1, 3, 64, 64)),))
     monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
-    with pytest.raises(ExportError, match="do not match"):
+    with pytest.raises(EngineBuildError, match="do not match"):
         tb.EngineBuilder(log=lambda m: None).build(graphs["fp32"], PROFILE, "fp16")
 
 

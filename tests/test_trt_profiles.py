@@ -3,7 +3,7 @@
 Every backend's adapter is called once per VLM batch with ALL visual tokens of the batch in one
 row, ``[1, T_total, D]`` (``rtrt.runtime.names.ADAPTER_CALL``), and TensorRT engines are built for
 the (min, opt, max) that ``rtrt.runtime.profiles`` derives from the bundle's image-token layout
-(``rtrt.export.trt_build.dim_ranges`` + ``derive_profile``, as ``rtrt export --backend trt``
+(``rtrt.runtime.trt_build.dim_ranges`` + ``derive_profile``, as ``rtrt export --backend trt``
 does). These tests run the real ``Pipeline`` with tiny VLMs of every family (``tests/fixtures/tiny_vlm.py``)
 at batch 1..MAX_BATCH, record what it passes to the backend, and check that every call lies inside
 the profile, and that one image more, or a processor that allows bigger images than the bundle
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import rtrt.export.trt_build as tb
+import rtrt.runtime.trt_build as tb
 from rtrt.runtime import ModelMismatchError
 from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.backends import make_backend

@@ -29,13 +29,11 @@ from typing import Any, Callable, Mapping
 
 from filelock import FileLock, Timeout
 
-from rtrt.runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-# default_cache_dir lives in the runtime (the ORT TensorRT EP's cache uses it too); re-exported here.
-from rtrt.runtime.trt_engine import PlatformInfo, default_cache_dir, platform_info
+from .errors import EngineBuildError
+from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from .trt_engine import PlatformInfo, default_cache_dir, platform_info
 
-from .onnx_export import ExportError
-
-__all__ = ["EngineKey", "CacheResult", "EngineCache", "engine_key", "default_cache_dir"]
+__all__ = ["EngineKey", "CacheResult", "EngineCache", "engine_key"]
 
 _CHUNK = 1 << 20
 
@@ -136,7 +134,7 @@ class EngineCache:
         try:
             lock.acquire()
         except Timeout:
-            raise ExportError(f"{final.name}: timed out after {self.lock_timeout:.0f} s waiting for another build") from None
+            raise EngineBuildError(f"{final.name}: timed out after {self.lock_timeout:.0f} s waiting for another build") from None
         try:
             waited = time.monotonic() - t0
             if final.is_file():  # built by whoever held the lock before us
@@ -145,7 +143,7 @@ class EngineCache:
                 stale.unlink(missing_ok=True)
             data = build()
             if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-                raise ExportError(f"{final.name}: the builder returned no engine")
+                raise EngineBuildError(f"{final.name}: the builder returned no engine")
             atomic_write_json(final.with_suffix(".json"), key.to_dict())
             atomic_write_bytes(final, bytes(data), writer=lambda f, d: _write_chunks(f, d))  # late-bound: the crash test's seam
             _fsync_dir(self.root)

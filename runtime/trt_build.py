@@ -23,6 +23,10 @@ from the bundle's image-token layout (``ADAPTER_CALL``: the adapter sees one row
 tokens), its classes and ``max_batch``. ``build_bundle_engine`` ties it together for a bundle
 through the content-keyed ``EngineCache``; ``rtrt export --backend trt`` and the runtime's
 ``on_engine_mismatch="rebuild"`` both call it. ``tensorrt`` is imported inside functions only.
+
+The builder lives in the runtime because building an engine for this GPU is a deployment-time job
+(a vehicle rebuilds a mismatched engine on its first start); the exporter imports it from here.
+Only ``float16_kinds`` (which precision an ONNX graph carries) needs the ``onnx`` package.
 """
 from __future__ import annotations
 
@@ -35,14 +39,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock
 
-from rtrt.runtime.fileio import atomic_write_bytes
-from rtrt.runtime.names import ADAPTER, DETECTOR, GraphSpec
-from rtrt.runtime.profiles import graph_ranges
-from rtrt.runtime.trt_engine import import_tensorrt, platform_info
-
 from .engine_cache import EngineCache, engine_key
-from .fp16 import float16_kinds
-from .onnx_export import ExportError
+from .errors import EngineBuildError
+from .fileio import atomic_write_bytes
+from .names import ADAPTER, DETECTOR, GraphSpec
+from .profiles import graph_ranges
+from .trt_engine import import_tensorrt, platform_info
 
 __all__ = [
     "PRECISIONS",
@@ -51,6 +53,7 @@ __all__ = [
     "dim_ranges",
     "derive_profile",
     "gpu_has_fast_fp16",
+    "float16_kinds",
     "EngineBuilder",
     "build_engine",
     "build_bundle_engine",
@@ -72,9 +75,9 @@ class TrtFlavor:
         try:
             major = int(str(trt.__version__).split(".")[0])
         except ValueError:
-            raise ExportError(f"cannot read the TensorRT version {trt.__version__!r}") from None
+            raise EngineBuildError(f"cannot read the TensorRT version {trt.__version__!r}") from None
         if major < 10:
-            raise ExportError(f"TensorRT {trt.__version__} is too old: rtrt builds with TensorRT 10 or 11")
+            raise EngineBuildError(f"TensorRT {trt.__version__} is too old: rtrt builds with TensorRT 10 or 11")
         return cls(major=major, strongly_typed=major >= 11)
 
     def source_suffix(self, precision: str) -> str:
@@ -100,12 +103,37 @@ class TrtFlavor:
         return (("FP16",) if precision == "fp16" else ("FP16", "INT8")), clear
 
     def check_graph(self, onnx_path: str | os.PathLike, precision: str) -> None:
-        """``ExportError`` when the graph at ``onnx_path`` cannot give ``precision`` on this TensorRT."""
+        """``EngineBuildError`` when the graph at ``onnx_path`` cannot give ``precision`` on this TensorRT."""
         name = Path(onnx_path).name
         if precision == "int8" and "qdq" not in float16_kinds(onnx_path):
-            raise ExportError(f"{name}: an int8 engine needs a Q/DQ graph (<graph>.qdq.onnx from `rtrt export --precision int8 --backend trt`); this one has no QuantizeLinear/DequantizeLinear")
+            raise EngineBuildError(f"{name}: an int8 engine needs a Q/DQ graph (<graph>.qdq.onnx from `rtrt export --precision int8 --backend trt`); this one has no QuantizeLinear/DequantizeLinear")
         if precision == "fp16" and self.strongly_typed and "fp16" not in float16_kinds(onnx_path):
-            raise ExportError(f"{name}: TensorRT {self.major} is strongly typed and builds fp16 only from an fp16 graph (<graph>.fp16.onnx from `rtrt export --precision fp16 --backend trt`); this graph is fp32")
+            raise EngineBuildError(f"{name}: TensorRT {self.major} is strongly typed and builds fp16 only from an fp16 graph (<graph>.fp16.onnx from `rtrt export --precision fp16 --backend trt`); this graph is fp32")
+
+
+def float16_kinds(path: str | os.PathLike) -> set[str]:
+    """What reduced precision the ONNX graph at ``path`` carries: ``{"fp16", "qdq"}``, either or none.
+
+    ``fp16``: any fp16 initializer, graph input/output or Cast to fp16; ``qdq``: any
+    QuantizeLinear/DequantizeLinear node. The TensorRT builder uses it to refuse a graph that
+    cannot give the precision asked for.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    half = onnx.TensorProto.FLOAT16
+    kinds: set[str] = set()
+    if any(t.data_type == half for t in g.initializer) or any(
+        v.type.tensor_type.elem_type == half for v in (*g.input, *g.output, *g.value_info)
+    ):
+        kinds.add("fp16")
+    for node in g.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            kinds.add("qdq")
+        elif node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute):
+            kinds.add("fp16")
+    return kinds
 
 
 def source_graph(graph: str, precision: str, trt=None) -> str:
@@ -139,7 +167,7 @@ def derive_profile(
                 continue
             sym = spec.dynamic_axes.get(name, {}).get(axis) or (d if isinstance(d, str) else None)
             if sym not in ranges:
-                raise ExportError(f"input {name} axis {axis} is dynamic but has no range (symbol {sym!r})")
+                raise EngineBuildError(f"input {name} axis {axis} is dynamic but has no range (symbol {sym!r})")
             a, b, c = ranges[sym]
             lo.append(a), opt.append(b), hi.append(c)
         profile[name] = (tuple(lo), tuple(opt), tuple(hi))
@@ -199,7 +227,7 @@ class EngineBuilder:
     def build(self, onnx_path: str | os.PathLike, profile: Mapping[str, tuple], precision: str = "fp16") -> bytes:
         """Serialized engine for ``onnx_path`` with one optimisation ``profile`` ({input: (min, opt, max)})."""
         if precision not in PRECISIONS:
-            raise ExportError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+            raise EngineBuildError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
         trt = import_tensorrt()
         flavor = TrtFlavor.of(trt)
         flavor.check_graph(onnx_path, precision)
@@ -211,10 +239,10 @@ class EngineBuilder:
             errors = [_format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
             for e in errors:
                 self.log(f"TensorRT ONNX parser: {e}")
-            raise ExportError(f"{Path(onnx_path).name}: TensorRT could not parse the ONNX ({len(errors)} error(s)): " + " | ".join(errors))
+            raise EngineBuildError(f"{Path(onnx_path).name}: TensorRT could not parse the ONNX ({len(errors)} error(s)): " + " | ".join(errors))
         names = {network.get_input(i).name for i in range(network.num_inputs)}
         if names != set(profile):
-            raise ExportError(f"{Path(onnx_path).name}: network inputs {sorted(names)} do not match the profile's {sorted(profile)}")
+            raise EngineBuildError(f"{Path(onnx_path).name}: network inputs {sorted(names)} do not match the profile's {sorted(profile)}")
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gb * (1 << 30)))
@@ -246,7 +274,7 @@ class EngineBuilder:
         self.log(f"TensorRT {trt.__version__}: building {Path(onnx_path).name} ({precision}, {typing}); profile {dict(profile)}")
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise ExportError(f"{Path(onnx_path).name}: TensorRT failed to build the engine (see the TensorRT log above)")
+            raise EngineBuildError(f"{Path(onnx_path).name}: TensorRT failed to build the engine (see the TensorRT log above)")
         if self.timing_cache is not None and lock is not None:
             with lock:  # several builds may share one timing cache
                 atomic_write_bytes(self.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -314,7 +342,7 @@ def build_bundle_engine(
     entry = graphs.get(source)
     if entry is None:
         hint = f" --precision {precision} --backend trt" if source != graph else ""
-        raise ExportError(f"{bundle.root}: no exported {source} graph to build from; run `rtrt export --bundle {bundle.root}{hint}`")
+        raise EngineBuildError(f"{bundle.root}: no exported {source} graph to build from; run `rtrt export --bundle {bundle.root}{hint}`")
     m = bundle.manifest
     layout = m.vlm.image_token_layout if m.vlm else None
     fam = family or (m.vlm.family if m.vlm else None)
