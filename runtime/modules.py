@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # How a detection's box is read off its class's similarity map (see ``locate``). Chosen on the demo
-# test split (tools/bench_boxes.py) for the best mean IoU with the annotated box, and confirmed on a
+# test split (tools/benchmarks/boxes.py) for the best mean IoU with the annotated box, and confirmed on a
 # world of another seed; the measured alternatives are in the README.
 BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
 BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)

@@ -11,8 +11,8 @@ The shipped rule (``BOX_CUT``, ``BOX_UPSAMPLE``) is measured together with the a
 chosen from (relative cuts, the decision threshold as a fixed cut, the patch grid without
 upsampling)::
 
-    python -m rtrt.tools.bench_boxes                       # the demo test split (demo_test_world())
-    python -m rtrt.tools.bench_boxes --world data/world7   # any generated world (its test split)
+    python -m rtrt.tools.benchmarks.boxes                       # the demo test split (demo_test_world())
+    python -m rtrt.tools.benchmarks.boxes --world data/world7   # any generated world (its test split)
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _table(results: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m rtrt.tools.bench_boxes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rtrt.tools.benchmarks.boxes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", default=None, help="a generated world's root (default: the demo test split, generated on first use)")
     ap.add_argument("--split", default="test", help="split of the world to measure (default: test)")
     ap.add_argument("--bundle", default=None, help="bundle to run (default: the shipped demo bundle)")
