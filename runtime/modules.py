@@ -66,8 +66,30 @@ class DetectorConfig:
     d_vfm: int  # width of the VFM's patch tokens (384 for DINOv3 ViT-S)
     d_llm: int  # width of W (the LLM hidden size)
     proj_hidden: int = 0  # hidden width of the projection MLP; 0 means a single linear layer
-    threshold: float = 0.3  # cosine score above which a class is reported
+    threshold: float = 0.3  # cosine score above which a class is reported (without calibration)
     top_k: int = 5  # at most this many classes are reported (and put into the prompt)
+    # Calibration (``rtrt calibrate``, fitted on a held-out split); all None: the raw threshold above.
+    score_mean: list[float] | None = None  # per class: mean of its score over the calibration images
+    score_std: list[float] | None = None  # per class: standard deviation of its score there
+    z_threshold: float | None = None  # a class is reported when (score - mean) / std exceeds this
+
+    @property
+    def calibrated(self) -> bool:
+        return self.score_mean is not None and self.score_std is not None and self.z_threshold is not None
+
+    def decision_scores(self, scores) -> np.ndarray:
+        """What the decision compares with its threshold: z-scores when calibrated, else the raw scores."""
+        s = np.asarray(scores, dtype=np.float64)
+        if not self.calibrated:
+            return s
+        mean, std = np.asarray(self.score_mean, dtype=np.float64), np.asarray(self.score_std, dtype=np.float64)
+        if mean.shape != s.shape[-1:] or std.shape != s.shape[-1:]:
+            raise ValueError(f"calibration has {mean.shape[0]} classes, the scores {s.shape[-1]}")
+        return (s - mean) / np.maximum(std, 1e-6)
+
+    @property
+    def decision_threshold(self) -> float:
+        return float(self.z_threshold) if self.calibrated else float(self.threshold)
 
 
 @dataclass(frozen=True)
@@ -220,18 +242,24 @@ def select_detections(
     threshold: float,
     similarity=None,
     image_size: tuple[int, int] | None = None,
+    rank_by=None,
 ) -> list[Detection]:
     """Top-k classes of one image whose score is above ``threshold``, best first.
 
     ``scores`` is a 1-D array-like [C]. Ties break by class index so the result is deterministic.
+    ``rank_by`` [C] (e.g. a calibrated detector's z-scores, ``DetectorConfig.decision_scores``)
+    replaces the scores for the ranking and the threshold; detections still carry the raw score.
     With ``similarity`` [C, gh, gw] (the per-patch map) and ``image_size`` (width, height of the
     input image) every detection also gets its ``box`` and ``peak`` (``locate``).
     """
     vals = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
     if len(vals) != len(names):
         raise ValueError(f"{len(vals)} scores for {len(names)} classes")
-    order = sorted(range(len(vals)), key=lambda i: (-vals[i], i))
-    chosen = [i for i in order[: max(top_k, 0)] if vals[i] > threshold]
+    key = vals if rank_by is None else [float(v) for v in (rank_by.tolist() if hasattr(rank_by, "tolist") else rank_by)]
+    if len(key) != len(names):
+        raise ValueError(f"{len(key)} ranking values for {len(names)} classes")
+    order = sorted(range(len(key)), key=lambda i: (-key[i], i))
+    chosen = [i for i in order[: max(top_k, 0)] if key[i] > threshold]
     if similarity is None or image_size is None:
         return [Detection(names[i], vals[i], i) for i in chosen]
     sim = similarity.detach().float().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)

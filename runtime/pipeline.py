@@ -213,8 +213,10 @@ class Pipeline:
                 if s.shape[-1] == g * g:
                     s = s.reshape(s.shape[0], g, g)
                 # Boxes are in the input image's pixels: the VFM saw the whole image resized to S x S.
-                dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.threshold,
-                                         s if s.ndim == 3 else None, images[i].size)
+                # A calibrated detector ranks and thresholds per-class z-scores (rtrt calibrate).
+                dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.decision_threshold,
+                                         s if s.ndim == 3 else None, images[i].size,
+                                         rank_by=cfg.decision_scores(scores[i]) if cfg.calibrated else None)
                 results.append(DetectResult(dets, scores[i], s))
         return results
 

@@ -23,6 +23,7 @@ __all__ = ["COMMANDS", "main", "version"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("rtrt.tools.infer", "answer a question about an image with the plug-in (detections, answer, timings)"),
     "export": ("rtrt.export.cli", "export the detector and adapter of a bundle to ONNX / TensorRT with parity checks"),
+    "calibrate": ("rtrt.tools.calibrate", "fit per-class hint decisions on a held-out split and write them into a bundle"),
     "check": ("rtrt.tools.check", "rerun a bundle's graphs on every backend here against its reference outputs (exit 1 on a failure)"),
     "bench": ("rtrt.tools.bench", "benchmark per-stage latency and the plug-in's overhead"),
     "train": ("rtrt.trainer.cli", "train class embeddings (phase 1) or the adapter (phase 2)"),

@@ -1,0 +1,91 @@
+"""Calibrated hints (issue 14, item 4): per-class z-scores, stored in the manifest and applied by the runtime."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures.tiny_bundle import make_tiny_bundle
+from rtrt.runtime import load_bundle
+from rtrt.runtime.modules import DetectorConfig, select_detections
+from rtrt.runtime.pipeline import Pipeline
+from rtrt.tools.calibrate import fit_calibration, hint_quality
+from rtrt.tools.cli import main as rtrt_main
+from rtrt.tools.demo.world import WorldConfig, generate_world
+
+
+def test_decision_uses_z_scores_and_a_threshold_that_applies():
+    names = ["a", "b", "c"]
+    cfg = DetectorConfig(8, 8, threshold=0.3, top_k=2, score_mean=[0.5, 0.1, 0.4], score_std=[0.1, 0.1, 0.05], z_threshold=1.0)
+    assert cfg.calibrated and cfg.decision_threshold == 1.0
+    scores = np.array([0.55, 0.25, 0.52])  # raw: a first; z: a 0.5, b 1.5, c 2.4
+    dets = select_detections(scores, names, cfg.top_k, cfg.decision_threshold, rank_by=cfg.decision_scores(scores))
+    assert [d.name for d in dets] == ["c", "b"]  # a is above the raw threshold but below its own z threshold
+    assert dets[0].score == pytest.approx(0.52)  # detections keep the raw score
+    # Every class at its mean: nothing is hinted, although every raw score is above 0.3.
+    mean = np.array(cfg.score_mean)
+    assert select_detections(mean, names, 2, cfg.decision_threshold, rank_by=cfg.decision_scores(mean)) == []
+    plain = DetectorConfig(8, 8)
+    assert not plain.calibrated and np.array_equal(plain.decision_scores(scores), scores)
+    with pytest.raises(ValueError, match="calibration has 3 classes"):
+        cfg.decision_scores(np.zeros(4))
+
+
+def test_fit_picks_the_best_f1_and_respects_given_values():
+    rng = np.random.default_rng(0)
+    present = [{i % 3} if i % 4 else set() for i in range(60)]
+    scores = rng.normal(0.4, 0.02, (60, 3))
+    for i, p in enumerate(present):
+        for c in p:
+            scores[i, c] += 0.1  # present classes score higher, each by its own offset
+    fit = fit_calibration(scores, present, top_k=3)
+    assert fit["quality"]["f1"] == 100.0 and fit["top_k"] == 1
+    assert fit["quality"]["no_hint_when_nothing_rare"] == 100.0
+    fixed = fit_calibration(scores, present, z=0.0, max_hints=3)
+    assert fixed["z_threshold"] == 0.0 and fixed["top_k"] == 3 and fixed["quality"]["f1"] < 100.0
+    assert hint_quality([[0], []], [{0}, set()]) == {"precision": 100.0, "recall": 100.0, "f1": 100.0, "per_image": 0.5,
+                                                       "no_hint_when_nothing_rare": 100.0}
+
+
+@pytest.fixture(scope="module")
+def world_and_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    generate_world(WorldConfig(seed=5, pretrain=0, plugin=0, val=6, test=0, width=96, height=96), root / "world", progress=False)
+    return root / "world", make_tiny_bundle(root / "bundle")
+
+
+def test_rtrt_calibrate_writes_the_manifest_and_the_pipeline_applies_it(world_and_bundle, tmp_path, capsys):
+    world, src = world_and_bundle
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--split", "val", "--dry-run", "--json", "--backend", "torch"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["written"] is False and dry["images"] == 6 and not load_bundle(bundle).manifest.detector.calibrated
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--z", "0.5", "--max-hints", "2", "--backend", "torch"]) == 0
+    cfg = load_bundle(bundle).manifest.detector  # hashes verify: the update was one atomic bundle version
+    assert cfg.calibrated and cfg.z_threshold == 0.5 and cfg.top_k == 2 and len(cfg.score_mean) == len(cfg.score_std) == 8
+    # Applied: on a constructed image whose every score sits at the class mean, nothing is hinted.
+    pipe = Pipeline.from_bundle(bundle, "torch", load_vlm_model=False)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    res = pipe.detect(image)
+    at_mean = load_bundle(bundle)
+    at_mean.manifest.detector = dataclasses.replace(cfg, score_mean=[float(v) for v in res.scores])
+    at_mean.add_files({})
+    assert Pipeline.from_bundle(bundle, "torch", load_vlm_model=False).detect(image).detections == []
+    # A class below its threshold is never hinted, whatever its raw score.
+    z = pipe.detector_cfg.decision_scores(res.scores)
+    hinted = {d.name for d in res.detections}
+    assert all(z[i] > 0.5 for i, n in enumerate(pipe.class_names) if n in hinted) and len(hinted) <= 2
+
+
+def test_bad_calibrate_arguments_exit_2(world_and_bundle, capsys):
+    world, bundle = world_and_bundle
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--z", "high"]) == 2
+    assert "--z" in capsys.readouterr().err
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--split", "nope"]) == 2
+    assert "no CODA-LM split" in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""``rtrt calibrate``: per-class hint decisions fitted on a held-out split, written into the bundle.
+
+    rtrt calibrate --bundle B --data WORLD --split val             # fit, report, write
+    rtrt calibrate --bundle B --data WORLD --split val --dry-run   # report only
+
+The detector's raw cosine scores are not comparable across classes (on the demo bundle absent
+classes score 0.48 on average, so the 0.3 threshold never applies and every image gets ``top_k``
+hints). Calibration standardises each class's score by its mean and standard deviation over the
+split's images, and a class is hinted when its z-score exceeds one threshold, at most ``k`` per
+image, best z first (``rtrt.runtime.modules.select_detections``). ``--z`` and ``--max-hints``
+default to ``auto``: the pair with the best micro hint F1 against the detector's classes each
+image's annotation holds, on this split. Fit on a split you do not report (val), then measure on
+another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
+``detector`` section in one atomic bundle update.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["fit_calibration", "hint_quality", "parse_args", "main"]
+
+_Z_GRID = tuple(round(0.1 * i, 1) for i in range(0, 41))  # 0.0 .. 4.0
+
+
+def hint_quality(hinted: Sequence[Sequence[int]], present: Sequence[set[int]]) -> dict[str, float]:
+    """Micro precision, recall and F1 (0-100) of hinted class indices, and the share of images
+    without any rare class that get no hint."""
+    tp = fp = fn = 0
+    empty_ok = empty = 0
+    for h, truth in zip(hinted, present):
+        h = set(h)
+        tp, fp, fn = tp + len(h & truth), fp + len(h - truth), fn + len(truth - h)
+        if not truth:
+            empty += 1
+            empty_ok += not h
+    p = 100.0 * tp / (tp + fp) if tp + fp else 0.0
+    r = 100.0 * tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "per_image": (tp + fp) / max(len(hinted), 1), "no_hint_when_nothing_rare": 100.0 * empty_ok / empty if empty else None}
+
+
+def _hinted(z: np.ndarray, threshold: float, k: int) -> list[list[int]]:
+    out = []
+    for row in z:
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        out.append([i for i in order[:k] if row[i] > threshold])
+    return out
+
+
+def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float | None = None, max_hints: int | None = None,
+                    top_k: int = 5) -> dict:
+    """Per-class mean/std of ``scores`` [N, C] and the (z threshold, k) with the best hint F1 (or the given ones)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mean = scores.mean(axis=0)
+    std = np.maximum(scores.std(axis=0), 1e-6)
+    zs = (scores - mean) / std
+    ks = [max_hints] if max_hints else list(range(1, max(top_k, 1) + 1))
+    thresholds = [z] if z is not None else list(_Z_GRID)
+    best = None
+    for k in ks:
+        for t in thresholds:
+            q = hint_quality(_hinted(zs, t, k), present)
+            key = (q["f1"], q["precision"], -k, t)
+            if best is None or key > best[0]:
+                best = (key, t, k, q)
+    _, t, k, q = best
+    return {"score_mean": [float(v) for v in mean], "score_std": [float(v) for v in std], "z_threshold": float(t),
+            "top_k": int(k), "quality": q}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rtrt calibrate", description=__doc__.split("\n")[0].strip("`"))
+    p.add_argument("--bundle", required=True, help="bundle directory to calibrate (its manifest's detector section is updated)")
+    p.add_argument("--data", required=True, help="dataset root in CODA-LM layout (e.g. a world from rtrt world)")
+    p.add_argument("--split", default="val", help="split folder under CODA-LM/ to fit on (default: val; never the split you report)")
+    p.add_argument("--z", default="auto", help="z-score threshold, or auto: the best hint F1 on the split (default: auto)")
+    p.add_argument("--max-hints", default="auto", help="at most this many hints per image, or auto (1 to the bundle's top_k; default: auto)")
+    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="detector backend (default: ort)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per detector call (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the fit and its hint quality without writing the bundle")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from rtrt.runtime.errors import InputError
+    from rtrt.runtime.image import load_image
+    from rtrt.runtime.pipeline import Pipeline
+    from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
+
+    def number(value: str, kind, name: str):
+        if value == "auto":
+            return None
+        try:
+            v = kind(value)
+        except ValueError:
+            raise InputError(f"{name} must be a number or auto, not {value!r}") from None
+        if kind is int and v < 1:
+            raise InputError(f"{name} must be at least 1")
+        return v
+
+    z = number(args.z, float, "--z")
+    k = number(args.max_hints, int, "--max-hints")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    split_dir = Path(args.data) / "CODA-LM" / args.split
+    if not split_dir.is_dir():
+        raise InputError(f"{split_dir}: no CODA-LM split {args.split!r} under {args.data}")
+    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, load_vlm_model=False)
+    names = pipe.class_names
+    refs = read_tasks(task_file(split_dir / "vqa_anno", "general_perception"))
+    anns = [a for _, a in iter_annotations(split_dir)]
+    if not refs or len(refs) != len(anns):
+        raise InputError(f"{split_dir}: {len(refs)} general questions for {len(anns)} annotations")
+    present = [{names.index(r.category_name) for r in a.region_perception if r.category_name in names} for a in anns]
+    scores = []
+    for i in tqdm(range(0, len(refs), args.batch_size), desc="detector", disable=not sys.stderr.isatty(), leave=False):
+        chunk = refs[i: i + args.batch_size]
+        for res in pipe.detect_batch([load_image(Path(args.data) / r.image) for r in chunk]):
+            scores.append(np.asarray(res.scores, dtype=np.float64))
+    fit = fit_calibration(np.stack(scores), present, z=z, max_hints=k, top_k=pipe.detector_cfg.top_k)
+    before = hint_quality(_hinted(np.stack(scores), pipe.detector_cfg.threshold, pipe.detector_cfg.top_k), present)
+    result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
+              "hints_before": before, "hints_after": fit["quality"], "written": not args.dry_run}
+    if not args.dry_run:
+        b = pipe.bundle
+        b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=fit["score_mean"], score_std=fit["score_std"],
+                                                  z_threshold=fit["z_threshold"], top_k=fit["top_k"])
+        b.manifest.training["calibration"] = {"data": str(args.data), "split": args.split, "images": len(scores),
+                                              "hints_after": fit["quality"]}
+        b.add_files({})  # rewrites the manifest in one atomic bundle update
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    q0, q1 = before, fit["quality"]
+    print(f"fitted on {len(scores)} images of {args.split}: z > {fit['z_threshold']:.1f}, at most {fit['top_k']} hint(s)")
+    for label, q in (("before (raw threshold)", q0), ("after (calibrated)", q1)):
+        empty = "-" if q["no_hint_when_nothing_rare"] is None else f"{q['no_hint_when_nothing_rare']:.0f}%"
+        print(f"  {label:<22} precision {q['precision']:.1f}  recall {q['recall']:.1f}  F1 {q['f1']:.1f}  "
+              f"hints/image {q['per_image']:.2f}  no hint when nothing rare {empty}")
+    print(f"{'(dry run, nothing written)' if args.dry_run else 'written to ' + str(pipe.bundle.root / 'manifest.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
