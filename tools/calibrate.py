@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         b = pipe.bundle
         b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=fit["score_mean"], score_std=fit["score_std"],
                                                   z_threshold=fit["z_threshold"], top_k=fit["top_k"])
-        b.manifest.training["calibration"] = {"data": str(args.data), "split": args.split, "images": len(scores),
+        b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
                                               "hints_after": fit["quality"]}
         b.add_files({})  # rewrites the manifest in one atomic bundle update
     if args.json:
