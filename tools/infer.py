@@ -1,11 +1,17 @@
-"""``rtrt infer``: answer a question about one image with the plug-in, from the command line.
+"""``rtrt infer``: answer a question about images with the plug-in, from the command line.
 
     rtrt infer --image scene.png                       # the embedded demo bundle
-    rtrt infer --image scene.png --bundle B --json     # one JSON object for machines
-    rtrt infer --image scene.png --viz heat.png        # detector heatmap for a person
+    rtrt infer --image a.jpg b.jpg --json              # one JSON line per image, in the order given
+    rtrt infer --image DIR --json                      # a folder's images, in name order
+    rtrt infer --image scene.png --viz out.png         # each detection's box, label and score drawn on the image
+    rtrt infer --image scene.png --viz out.png --viz-class stroller   # ... over that class's similarity map
+    rtrt infer --image scene.png --warmup 3            # timings of a warm pipeline
 
-Bad input prints one line naming the problem and exits with code 2 (``rtrt --debug infer``
-shows the traceback).
+The models load once for all images. Bad input prints one line naming the problem and exits with
+code 2 (``rtrt --debug infer`` shows the traceback); a bad image stops a single-image run before
+any model loads. In a run over several images a bad one does not stop the others: it prints one
+line naming it on stderr (and, with ``--json``, an ``{"image", "error"}`` line in its place), and
+the run exits with code 2 at the end.
 """
 from __future__ import annotations
 
@@ -16,15 +22,18 @@ from pathlib import Path
 from typing import Sequence
 
 from rtrt.runtime.assets import default_bundle
-from rtrt.runtime.errors import InputError
-from rtrt.runtime.modules import display_name
+from rtrt.runtime.errors import ImageError, InputError
 
-__all__ = ["parse_args", "main"]
+__all__ = ["IMAGE_SUFFIXES", "image_paths", "parse_args", "main"]
+
+# Files of a folder given to --image that are read as images (a file named directly is always tried).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt infer", description=__doc__.split("\n")[0].strip("`"))
-    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--image", required=True, nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...) or folders (their images in name order); the models load once")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
     p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
@@ -33,8 +42,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch device for the VLM (and ONNX Runtime's GPU providers when not cpu), e.g. cpu or cuda:0; "
                         "one that is not on this machine is refused (default: cpu)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object {answer, detections, timings_ms, backend, precision, providers}")
-    p.add_argument("--viz", default=None, metavar="OUT.png", help="write the detector heatmap with names and scores")
+                   help="print one JSON line per image {image, answer, detections, timings_ms, warmup, backend, "
+                        "precision, providers}; each detection {name, label, score, box, peak}")
+    p.add_argument("--viz", default=None, metavar="OUT.png",
+                   help="write a picture with each detection's box, label and score; with several images, an existing "
+                        "folder that gets IMAGE_STEM.viz.png per image (a missing folder is refused, never created)")
+    p.add_argument("--viz-class", default=None, metavar="NAME",
+                   help="also blend this class's similarity map under the boxes (machine name or label, e.g. garbage_bag)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed calls on the first image before the reported ones, so timings are warm (default: 0)")
     p.add_argument("--no-hints", action="store_true", help="do not put detected names into the prompt")
     p.add_argument("--no-refine", action="store_true", help="do not refine the visual tokens with the adapter")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default: 96)")
@@ -48,41 +64,122 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--on-engine-mismatch", default="rebuild", choices=["rebuild", "fallback", "fail"],
         help="what to do when a cached TensorRT engine was built for another GPU/TensorRT (default: rebuild)",
     )
+    p.add_argument("--verbose", action="store_true",
+                   help="let third-party libraries print their logs, warnings and progress bars (rtrt silences them)")
     return p.parse_args(argv)
+
+
+def image_paths(items: Sequence[str]) -> list[Path]:
+    """The images ``--image`` names: files as given, each folder's image files in name order."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise InputError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _viz_targets(viz: str, images: Sequence[Path]) -> list[Path]:
+    """Where each image's picture goes: ``viz`` itself for one image, ``viz/STEM.viz.png`` when it is a folder."""
+    target = Path(viz)
+    if target.is_dir():
+        paths = [target / f"{p.stem}.viz.png" for p in images]
+        seen: set[Path] = set()
+        for p, img in zip(paths, images):
+            if p in seen:
+                raise InputError(f"--viz {viz}: two images would both write {p.name} (the second is {img})")
+            seen.add(p)
+        return paths
+    if len(images) > 1:
+        raise InputError(f"--viz {viz}: {len(images)} images need an existing folder for their pictures")
+    if not target.parent.is_dir():
+        raise InputError(f"--viz {viz}: folder {target.parent} does not exist")
+    return [target]
+
+
+def _print_text(res, warmup: int) -> None:
+    print(res.answer)
+    print()
+    if res.detections:
+        print("rare objects:")
+        for d in res.detections:
+            where = "" if d.box is None else " at [" + ", ".join(f"{v:.0f}" for v in d.box) + "]"
+            print(f"  {d.label} ({d.score:.2f}){where}")
+    else:
+        print("rare objects: none above threshold")
+    warm = f", after {warmup} warm-up call{'s' if warmup != 1 else ''}" if warmup else ""
+    print(f"timings (ms{warm}): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_ms.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
+    if args.warmup < 0:
+        raise InputError("--warmup must be at least 0")
+    if args.viz_class is not None and args.viz is None:
+        raise InputError("--viz-class needs --viz OUT.png")
+    paths = image_paths(args.image)
+    viz = _viz_targets(args.viz, paths) if args.viz else [None] * len(paths)
     bundle = Path(args.bundle) if args.bundle else default_bundle()
     from rtrt.runtime.image import load_image
     from rtrt.runtime.pipeline import Pipeline
 
-    image = load_image(args.image)  # fail fast on a bad image before loading models
+    heat = None
+    if args.viz_class is not None:  # refused before the models load: the manifest names the classes
+        from rtrt.runtime.bundle import load_bundle
+        from rtrt.tools.viz import class_index
+
+        heat = class_index(args.viz_class, load_bundle(bundle, verify=False).manifest.class_names)
+    several = len(paths) > 1
+    first = None if several else load_image(paths[0])  # one image: fail fast on it before loading models
     pipe = Pipeline.from_bundle(
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
         max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
         threads=args.threads,
     )
-    res = pipe(image, args.question, hints=not args.no_hints, refine=not args.no_refine)
-    if args.viz:
-        from rtrt.tools.viz import save_viz
+    options = {"hints": not args.no_hints, "refine": not args.no_refine}
+    failed = 0
+    warm = args.warmup == 0
+    if several:
+        from tqdm import tqdm
 
-        save_viz(args.viz, image, res.similarity, res.detections, pipe.detector_cfg.threshold)
-    if args.json:
-        print(json.dumps(res.to_dict()))
-        return 0
-    print(res.answer)
-    print()
-    if res.detections:
-        print("rare objects: " + ", ".join(f"{display_name(d.name)} ({d.score:.2f})" for d in res.detections))
+        # A bar only for a person watching: never into a log or a pipe (a successful run's stderr stays empty).
+        items = tqdm(paths, unit="image", disable=not sys.stderr.isatty())
     else:
-        print("rare objects: none above threshold")
-    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_ms.items()))
-    if args.viz:
-        print(f"heatmap written to {args.viz}")
-    return 0
+        items = paths
+    for k, (path, out) in enumerate(zip(items, viz)):
+        try:
+            image = first if first is not None else load_image(path)
+        except ImageError as e:
+            failed += 1
+            print(f"rtrt infer: error: {e}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+            continue
+        if not warm:  # untimed calls on the first good image
+            for _ in range(args.warmup):
+                pipe(image, args.question, **options)
+            warm = True
+        res = pipe(image, args.question, **options)
+        if out is not None:
+            from rtrt.tools.viz import save_viz
+
+            save_viz(out, image, res.detections, res.similarity, heat)
+        if args.json:
+            print(json.dumps({"image": str(path), **res.to_dict(), "warmup": args.warmup}), flush=True)
+            continue
+        if several:
+            print(f"\n== {path} ==" if k else f"== {path} ==")
+        _print_text(res, args.warmup)
+        if out is not None:
+            print(f"picture written to {out}")
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":
