@@ -1,4 +1,4 @@
-"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> bundle.
+"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> calibration -> bundle.
 
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
 command on the same software gives the same bundle. Timings per stage are printed and written to
@@ -214,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["examples"] = _pick_examples(world, out / "examples")
     timer.run("export", _call_main, "rtrt.export.cli", ["--bundle", str(phase2), "--backend", "onnx", "--precision", "int8",
                                                         "--images", str(out / "examples")])
+    # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
+    # world's val split (never on test), so an image gets only the classes that stand out for it.
+    timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val"])
     bundle = out / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
