@@ -1,13 +1,42 @@
-"""ONNX graph input/output names and dynamic axes, defined once.
+"""Names defined once: ONNX graph inputs/outputs and dynamic axes, artifact file names, backends and precisions.
 
-The exporter, the runtime backends and the TensorRT engine builder all read
-these, so a renamed tensor cannot silently disconnect one of them.
+The exporter, the runtime backends, the TensorRT engine builder and the commands all read these,
+so a renamed tensor or file cannot silently disconnect one of them. A bundle's exported files::
+
+    detector.onnx, adapter.onnx             fp32 graphs                          onnx_file(g)
+    <graph>.int8.onnx                       ORT int8 for CPUs                    onnx_file(g, "int8")
+    <graph>.qdq.onnx                        symmetric Q/DQ int8 for TensorRT     onnx_file(g, "qdq")
+    <graph>.fp16.onnx                       fp16 for strongly typed TensorRT     onnx_file(g, "fp16")
+    engines/<graph>.<precision>.engine      TensorRT engines                     engine_file(g, p)
+    reference.safetensors                   reference inputs/outputs (rtrt check) REFERENCE_FILE
+
+and the keys they are recorded under in ``manifest.exports`` (``rtrt.runtime.exports``):
+``graph_key(g, variant)`` in ``onnx.graphs`` ("detector", "detector.int8"), ``engine_name(g, p)``
+in ``engines`` ("detector.fp16"). The module imports nothing heavy: commands read the constants
+at ``--help`` time.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GraphSpec", "ADAPTER", "ADAPTER_CALL", "DETECTOR"]
+__all__ = [
+    "GraphSpec",
+    "ADAPTER",
+    "ADAPTER_CALL",
+    "DETECTOR",
+    "GRAPHS",
+    "BACKENDS",
+    "PRECISIONS",
+    "MISMATCH_POLICIES",
+    "VARIANTS",
+    "REFERENCE_FILE",
+    "graph_key",
+    "onnx_file",
+    "engine_name",
+    "engine_file",
+    "ort_variant",
+    "source_graph",
+]
 
 
 @dataclass(frozen=True)
@@ -53,3 +82,50 @@ DETECTOR = GraphSpec(
         "similarity": {0: "batch", 1: "num_classes", 2: "num_patches"},
     },
 )
+
+
+GRAPHS = ("detector", "adapter")  # the exported graphs, in the order rtrt export writes them
+BACKENDS = ("torch", "ort", "trt")  # rtrt.runtime.backends.make_backend names
+PRECISIONS = ("fp32", "fp16", "int8")  # what a backend runs the graphs at
+MISMATCH_POLICIES = ("rebuild", "fallback", "fail")  # what the trt backend does with an engine built elsewhere
+# Exported variants of a graph beside its fp32 one ("" = fp32): ORT int8 for CPUs, symmetric Q/DQ
+# int8 that TensorRT builds int8 engines from, fp16 that strongly typed TensorRT builds fp16 from.
+VARIANTS = ("", "int8", "qdq", "fp16")
+REFERENCE_FILE = "reference.safetensors"  # reference feeds and PyTorch outputs that rtrt check reruns
+
+
+def graph_key(graph: str, variant: str = "") -> str:
+    """Key of an exported graph in ``manifest.exports.onnx.graphs``: ``detector``, ``detector.int8``."""
+    if graph not in GRAPHS or variant not in VARIANTS:
+        raise ValueError(f"no exported graph {graph!r} variant {variant!r}")
+    return f"{graph}.{variant}" if variant else graph
+
+
+def onnx_file(graph: str, variant: str = "") -> str:
+    """Bundle file of an exported graph: ``detector.onnx``, ``adapter.qdq.onnx``."""
+    return graph_key(graph, variant) + ".onnx"
+
+
+def engine_name(graph: str, precision: str) -> str:
+    """Key of a TensorRT engine in ``manifest.exports.engines``: ``detector.fp16``."""
+    if graph not in GRAPHS or precision not in PRECISIONS:
+        raise ValueError(f"no engine for graph {graph!r} at precision {precision!r}")
+    return f"{graph}.{precision}"
+
+
+def engine_file(graph: str, precision: str) -> str:
+    """Bundle file of a TensorRT engine: ``engines/detector.fp16.engine``."""
+    return f"engines/{engine_name(graph, precision)}.engine"
+
+
+def ort_variant(precision: str) -> str:
+    """The graph variant ONNX Runtime runs for ``precision``: int8 graphs for int8, else the fp32
+    graph (fp16 on ORT is the TensorRT execution provider's flag over the fp32 graph)."""
+    return "int8" if precision == "int8" else ""
+
+
+def source_graph(graph: str, precision: str, strongly_typed: bool) -> str:
+    """Key of the exported graph a TensorRT engine of ``precision`` is built from: int8 from the Q/DQ
+    graph, fp16 from the fp16 graph where TensorRT is strongly typed (>= 11), else the fp32 graph."""
+    variant = "qdq" if precision == "int8" else "fp16" if precision == "fp16" and strongly_typed else ""
+    return graph_key(graph, variant)

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from rtrt.runtime.names import BACKENDS, PRECISIONS
+
 __all__ = ["bench_pipeline", "parse_args", "main"]
 
 
@@ -116,8 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt bench", description="Per-stage latency and the plug-in's overhead, side by side.")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
     p.add_argument("--image", default=None, help="image to answer (default: the first shipped example)")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--threads", type=int, default=None,

@@ -19,22 +19,21 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["parse_args", "main"]
+from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS
 
-_BACKENDS = ("torch", "ort", "trt")
-_PRECISIONS = ("fp32", "fp16", "int8")
+__all__ = ["parse_args", "main"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt check", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
-    p.add_argument("--backend", choices=_BACKENDS, action="append", default=None,
+    p.add_argument("--backend", choices=BACKENDS, action="append", default=None,
                    help="check only this backend (repeatable; default: every backend available on this machine)")
-    p.add_argument("--precision", choices=_PRECISIONS, action="append", default=None,
+    p.add_argument("--precision", choices=PRECISIONS, action="append", default=None,
                    help="check only this precision (repeatable; default: every precision the bundle carries)")
     p.add_argument("--device", default=None, help="device for every backend, e.g. cpu or cuda:0 (default: torch/ORT on the CPU, TensorRT on the GPU)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core this process may use)")
-    p.add_argument("--on-engine-mismatch", default="rebuild", choices=["rebuild", "fallback", "fail"],
+    p.add_argument("--on-engine-mismatch", default="rebuild", choices=MISMATCH_POLICIES,
                    help="a recorded TensorRT engine built for another GPU/TensorRT: rebuild it here (default), fall back to ort, or fail")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of the table")
     return p.parse_args(argv)

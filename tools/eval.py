@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from rtrt.runtime.names import BACKENDS, PRECISIONS
+
 __all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "demo_test_world", "run_eval", "parse_args", "main"]
 
 # Short task names on the command line -> CODA-LM task names.
@@ -242,8 +244,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (openai judge)")
     p.add_argument("--judge-model", default=None, help="judge model name (openai judge)")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")

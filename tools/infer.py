@@ -23,6 +23,7 @@ from typing import Sequence
 
 from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import ImageError, InputError
+from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS
 
 __all__ = ["IMAGE_SUFFIXES", "image_paths", "parse_args", "main"]
 
@@ -36,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="image files (PNG, JPEG, ...) or folders (their images in name order); the models load once")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="detector/adapter backend (default: ort)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the VLM (and ONNX Runtime's GPU providers when not cpu), e.g. cpu or cuda:0; "
@@ -54,14 +55,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hints", action="store_true", help="do not put detected names into the prompt")
     p.add_argument("--no-refine", action="store_true", help="do not refine the visual tokens with the adapter")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default: 96)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision: int8 uses the bundle's *.int8.onnx graphs (rtrt export --precision int8) "
                         "or int8 TensorRT engines; fp16 needs TensorRT (the engines or onnxruntime's TensorRT provider "
                         "on a GPU); one the backend cannot run here is refused, never run as fp32 (default: fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument(
-        "--on-engine-mismatch", default="rebuild", choices=["rebuild", "fallback", "fail"],
+        "--on-engine-mismatch", default="rebuild", choices=MISMATCH_POLICIES,
         help="what to do when a cached TensorRT engine was built for another GPU/TensorRT (default: rebuild)",
     )
     p.add_argument("--verbose", action="store_true",
