@@ -1,9 +1,13 @@
 """The small, documented set of exceptions the rtrt runtime raises.
 
 Every message is one line that names the problem (and the file, where there is
-one), so a CLI can print it as is and a perception stack can log it.
+one), so a CLI can print it as is and a perception stack can log it; ``run_cli`` is how every
+command does.
 """
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 __all__ = [
     "RtrtError",
@@ -15,6 +19,7 @@ __all__ = [
     "EngineBuildError",
     "BackendUnavailableError",
     "ParityError",
+    "run_cli",
 ]
 
 
@@ -52,3 +57,32 @@ class BackendUnavailableError(RtrtError):
 
 class ParityError(RtrtError):
     """A graph's outputs on this machine differ from the bundle's reference outputs beyond tolerance."""
+
+
+def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> int:
+    """Run a command's ``main()`` and return its exit code, with the errors every rtrt command prints the same way.
+
+    An ``RtrtError`` prints ``"<prog>: error: <message>"`` (one line) on stderr -> 2; Ctrl-C prints
+    ``"<prog>: interrupted"`` -> 130; a missing module (a dependency of an extra, or a command this
+    build lacks) prints one line naming it -> 2. ``debug``: errors are raised instead, with their
+    traceback.
+    """
+    try:
+        return int(main() or 0)
+    except RtrtError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:
+        if debug:
+            raise
+        top = (e.name or "").split(".")[0]
+        if top == "rtrt":
+            print(f"{prog}: error: this command is not available in this build ({e.name})", file=sys.stderr)
+        else:
+            print(f"{prog}: error: missing dependency {top!r}; install the matching extra, e.g. pip install 'rtrt[dev]'", file=sys.stderr)
+        return 2

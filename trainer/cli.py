@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Sequence
 
-from rtrt.runtime.errors import InputError, RtrtError
+from rtrt.runtime.errors import InputError, run_cli
 
 __all__ = ["main", "parse_args", "embeddings_config", "adapter_config", "vlm_hidden_size"]
 
@@ -171,8 +171,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # torchrun -m rtrt.trainer.cli ...: the same one-line errors as the rtrt console script.
-    try:
-        sys.exit(main())
-    except RtrtError as e:
-        print(f"rtrt train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli("rtrt train", main))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rtrt.runtime.bundle import atomic_write_json
-from rtrt.runtime.errors import InputError, RtrtError
+from rtrt.runtime.errors import InputError, run_cli
 from rtrt.runtime.modules import display_name
 
 __all__ = ["load_synonyms", "variant_counts", "chat_url", "ask_variants", "parse_variants", "main", "parse_args"]
@@ -192,8 +192,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RtrtError as e:
-        print(f"rtrt synonyms: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli("rtrt synonyms", main))
