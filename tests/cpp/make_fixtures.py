@@ -9,8 +9,12 @@ minute with nothing downloaded (and exported with ``rtrt export`` for ``--backen
 there are any, else two generated road-like scenes; each is written as PNG and as binary PPM.
 
 ``expected.txt`` is one record per line, fields separated by spaces, every string hex-encoded
-(answers of a random model may hold any character). The expected values are computed by the
-Python API exactly as ``rtrt infer`` calls it (image given as a path), in this separate process.
+(answers of a random model may hold any character), every float as Python's repr (it round-trips).
+The expected values are computed by the Python API exactly as ``rtrt infer`` calls it (image given
+as a path), in this separate process. The ``Options`` records (precision, threads) load the shipped
+demo bundle, whose int8 graphs the tiny bundle lacks; the ``verify`` records a copy of the bundle whose
+reference outputs are shifted, so that ``verify=True`` fails on it (or, for a bundle without reference
+data, the error that says so).
 """
 from __future__ import annotations
 
@@ -34,8 +38,20 @@ ANSWER_CASES = (
 )
 
 
+# ONNX Runtime threads of the Options records: fixed, so both processes sum in the same order.
+OPTION_THREADS = 1
+
+
 def hexs(s: str) -> str:
     return s.encode("utf-8").hex() or "-"
+
+
+def detection_fields(d) -> str:
+    """score index name label x0 y0 x1 y1 px py: what test_rtrt.cpp compares, floats exactly."""
+    if d.box is None or d.peak is None:
+        raise AssertionError(f"the runtime gave detection {d.name} no box or peak")
+    coords = " ".join(repr(float(v)) for v in (*d.box, *d.peak))
+    return f"{float(d.score)!r} {d.index} {hexs(d.name)} {hexs(d.label)} {coords}"
 
 
 def synthetic_scene(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
@@ -82,6 +98,55 @@ def error_message(fn) -> str:
     raise AssertionError(f"{fn} did not raise an RtrtError")
 
 
+def option_records(image: Path) -> list[str]:
+    """Options that must reach Pipeline.from_bundle: precision and threads, on the demo bundle's ORT graphs."""
+    from rtrt.runtime.assets import default_bundle
+    from rtrt.runtime.pipeline import Pipeline
+
+    demo = Path(default_bundle())
+    lines = [f"demo {hexs(str(demo))} {OPTION_THREADS}"]
+    for precision in ("fp32", "int8"):
+        pipe = Pipeline.from_bundle(demo, "ort", load_vlm_model=False, precision=precision, threads=OPTION_THREADS)
+        lines.append(f"oprecision {hexs(precision)} {hexs(','.join(pipe.describe()['providers']))}")
+        lines += [f"odetect {detection_fields(d)}" for d in pipe.detect(image).detections]
+    # The CPU has no TensorRT EP: fp16 on ORT is refused. A bad thread count is refused by the runtime.
+    fp16 = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, precision="fp16"))
+    threads = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, threads=-1))
+    return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}"]
+
+
+def verify_records(bundle: Path, out: Path, backend: str) -> list[str]:
+    """verify=True: the bundle loads (or fails for want of reference data); a copy with shifted reference
+    scores raises ParityError. Each record: bundle, then the error's type and message, or - - when it loads."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    from rtrt.runtime.bundle import load_bundle
+    from rtrt.runtime.check import REFERENCE_FILE
+    from rtrt.runtime.errors import RtrtError
+    from rtrt.runtime.pipeline import Pipeline
+
+    def outcome(path: Path) -> str:
+        try:
+            Pipeline.from_bundle(path, backend, load_vlm_model=False, verify=True)
+        except RtrtError as e:
+            return f"verify {hexs(str(path))} {hexs(type(e).__name__)} {hexs(str(e))}"
+        return f"verify {hexs(str(path))} - -"
+
+    lines = [outcome(bundle)]
+    if load_bundle(bundle).has(REFERENCE_FILE):
+        shifted = out / "shifted_reference_bundle"
+        shutil.copytree(bundle, shifted, symlinks=True)
+        b = load_bundle(shifted)
+        with safe_open(str(b.path(REFERENCE_FILE)), framework="np") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors["detector.scores"] = tensors["detector.scores"] + np.float32(0.01)
+        b.add_files({REFERENCE_FILE: save(tensors, metadata=meta)})  # re-hashed: the bundle itself stays valid
+        lines.append(outcome(shifted))
+    return lines
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="fixture directory (replaced)")
@@ -121,13 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for png, ppm in images:
         lines.append(f"image {hexs(str(png))} {hexs(str(ppm))}")
         for d in pipe.detect(png).detections:  # a path, as rtrt infer passes it
-            lines.append(f"detect {d.score!r} {d.index} {hexs(d.name)}")
+            lines.append(f"detect {detection_fields(d)}")
         for cid, q, hints, refine, n in ANSWER_CASES:
             res = pipe(png, q, hints=hints, refine=refine, max_new_tokens=n or None)
             lines.append(f"case {hexs(cid)} {hexs(q) if q is not None else '*'} {int(hints)} {int(refine)} {n}")
             lines.append(f"answer {hexs(res.answer)}")
             lines += [f"hint {hexs(h)}" for h in res.hints]
-            lines += [f"adetect {d.score!r} {d.index} {hexs(d.name)}" for d in res.detections]
+            lines += [f"adetect {detection_fields(d)}" for d in res.detections]
             lines.append(f"timings {' '.join(hexs(k) for k in res.timings_ms)}")
 
     # Bad inputs: the C++ side must throw rtrt::Error with these very messages.
@@ -154,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = out / "no_such_bundle"
     lines.append(f"tampered {hexs(str(missing))} "
                  f"{hexs(error_message(lambda: Pipeline.from_bundle(missing, backend=args.backend)))}")
+
+    lines += option_records(images[0][0])
+    lines += verify_records(bundle, out, args.backend)
 
     (out / "expected.txt").write_text("\n".join(lines) + "\n")
     print(f"fixtures in {out}: bundle {bundle}, backend {args.backend}, {len(images)} images")

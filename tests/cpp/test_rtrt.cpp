@@ -1,13 +1,15 @@
 // ctest tests of the rtrt C++ API against the Python API's output on the same inputs.
 //
-//     rtrt_tests TEST FIXTURE_DIR      TEST: load | detect | answer | bad_image | tampered_bundle | threads | host_python
+//     rtrt_tests TEST FIXTURE_DIR
+//     TEST: load | detect | answer | bad_image | tampered_bundle | threads | host_python | options | verify
 //
 // FIXTURE_DIR is written by tests/cpp/make_fixtures.py (ctest runs it first): a bundle, images as
 // PNG and PPM, and expected.txt with what the Python API returned for them in another process.
-// Detections and answers must be equal, not close: both sides run the same Python code.
+// Detections (name, label, score, index, box, peak) and answers must be equal, not close: both
+// sides run the same Python code; the C++ box and peak are Python's doubles rounded to float.
 #include <rtrt/rtrt.hpp>
 
-#include <pybind11/embed.h>  // host_python only: this test plays a host that already runs Python
+#include <pybind11/embed.h>  // host_python: a host that already runs Python; options: a look at the ORT sessions
 
 #include <algorithm>
 #include <atomic>
@@ -62,17 +64,42 @@ struct ImageCase {
   std::vector<Case> cases;
 };
 
+// What Pipeline.from_bundle(demo bundle, "ort", precision=..., threads=...) detected on the first image.
+struct PrecisionCase {
+  std::string precision, providers;
+  std::vector<rtrt::Detection> detections;
+};
+
+// Pipeline.from_bundle(bundle, verify=True): the error's Python type and message, empty when it loads.
+struct VerifyCase {
+  std::string bundle, python_type, message;
+};
+
 struct Expected {
   std::string dir, bundle, backend, empty_image, empty_question;
   std::vector<std::string> classes;
   std::vector<ImageCase> images;
   std::vector<std::pair<std::string, std::string>> bad_images, bad_bundles;  // path, message
+  std::string demo_bundle, fp16_unavailable, bad_threads;
+  int option_threads = 0;
+  std::vector<PrecisionCase> precisions;
+  std::vector<VerifyCase> verify;
 };
 
+// score index name label x0 y0 x1 y1 px py (floats as Python's repr: stod gives the same double).
 rtrt::Detection parse_detection(std::istringstream& in) {
-  std::string score, index, name;
-  in >> score >> index >> name;
-  return {unhex(name), std::stod(score), std::stoi(index)};
+  std::string score, index, name, label;
+  in >> score >> index >> name >> label;
+  rtrt::Detection d;
+  d.name = unhex(name);
+  d.label = unhex(label);
+  d.score = std::stod(score);
+  d.index = std::stoi(index);
+  std::string v;
+  for (auto& x : d.box) in >> v, x = static_cast<float>(std::stod(v));
+  for (auto& x : d.peak) in >> v, x = static_cast<float>(std::stod(v));
+  if (!in) throw Failure("expected.txt: a detection record is incomplete");
+  return d;
 }
 
 Expected read_expected(const std::string& dir) {
@@ -120,6 +147,19 @@ Expected read_expected(const std::string& dir) {
       in >> a, e.empty_question = unhex(a);
     } else if (key == "tampered") {
       in >> a >> b, e.bad_bundles.emplace_back(unhex(a), unhex(b));
+    } else if (key == "demo") {
+      in >> a >> e.option_threads, e.demo_bundle = unhex(a);
+    } else if (key == "oprecision") {
+      in >> a >> b, e.precisions.push_back({unhex(a), unhex(b), {}});
+    } else if (key == "odetect") {
+      e.precisions.back().detections.push_back(parse_detection(in));
+    } else if (key == "ofp16") {
+      in >> a, e.fp16_unavailable = unhex(a);
+    } else if (key == "othreads") {
+      in >> a, e.bad_threads = unhex(a);
+    } else if (key == "verify") {
+      std::string c;
+      in >> a >> b >> c, e.verify.push_back({unhex(a), unhex(b), unhex(c)});
     }
   }
   CHECK(!e.images.empty() && !e.classes.empty(), "expected.txt is incomplete");
@@ -131,14 +171,20 @@ std::string show(const std::vector<rtrt::Detection>& d) {
   std::ostringstream os;
   os.precision(17);
   os << "[";
-  for (const auto& x : d) os << " " << x.name << "#" << x.index << "=" << x.score;
+  for (const auto& x : d) {
+    os << " " << x.name << "(" << x.label << ")#" << x.index << "=" << x.score << " box";
+    for (float v : x.box) os << " " << v;
+    os << " peak " << x.peak[0] << " " << x.peak[1] << ";";
+  }
   return os.str() + " ]";
 }
 
 bool same(const std::vector<rtrt::Detection>& a, const std::vector<rtrt::Detection>& b) {
   if (a.size() != b.size()) return false;
   for (std::size_t i = 0; i < a.size(); ++i)
-    if (a[i].name != b[i].name || a[i].index != b[i].index || a[i].score != b[i].score) return false;
+    if (a[i].name != b[i].name || a[i].label != b[i].label || a[i].index != b[i].index || a[i].score != b[i].score ||
+        a[i].box != b[i].box || a[i].peak != b[i].peak)
+      return false;
   return true;
 }
 
@@ -304,6 +350,85 @@ void test_threads(const Expected& e) {
   std::cout << calls << " concurrent calls from " << kThreads << " threads equal the serial results\n";
 }
 
+// Options reach Pipeline.from_bundle: precision picks the graphs, threads the ONNX Runtime sessions,
+// and what this machine cannot run is refused with the runtime's one-line message.
+void test_options(const Expected& e) {
+  CHECK(e.precisions.size() == 2 && !e.demo_bundle.empty(), "expected.txt has no Options records");
+  CHECK(e.demo_bundle == rtrt::default_bundle(), "the fixtures' demo bundle is not rtrt::default_bundle()");
+  const rtrt::Image img = rtrt::load_image(e.images[0].png);
+  std::vector<std::vector<rtrt::Detection>> got;
+  for (const auto& pc : e.precisions) {
+    rtrt::Options o;
+    o.precision = pc.precision;
+    o.threads = e.option_threads;
+    o.load_vlm = false;
+    rtrt::Pipeline pipe(e.demo_bundle, o);
+    auto info = pipe.describe();
+    CHECK(info["precision"] == pc.precision && info["providers"] == pc.providers,
+          pc.precision << ": describe() says " << info["precision"] << " on " << info["providers"]);
+    got.push_back(pipe.detect(img));
+    CHECK(!pc.detections.empty(), pc.precision << ": the demo bundle detects nothing on " << e.images[0].png);
+    check_detections(got.back(), pc.detections, "precision " + pc.precision);
+  }
+  // int8 ran the int8 graphs: same classes and places here, other scores (fp32 and int8 differ in the last bits).
+  CHECK(!same(got[0], got[1]), "fp32 and int8 detections are identical: the int8 graphs did not run");
+
+  rtrt::Options fp16;
+  fp16.precision = "fp16";
+  fp16.load_vlm = false;
+  auto err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, fp16); }, "fp16 on ORT CPU");
+  CHECK(err.kind() == rtrt::ErrorKind::BackendUnavailable && err.what() == e.fp16_unavailable,
+        "fp16: '" << err.what() << "' != Python's '" << e.fp16_unavailable << "'");
+  rtrt::Options bad_threads;
+  bad_threads.threads = -1;
+  bad_threads.load_vlm = false;
+  err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, bad_threads); }, "threads -1");
+  CHECK(err.kind() == rtrt::ErrorKind::Input && err.what() == e.bad_threads, "threads -1: " << err.what());
+
+  // The thread count arrives in ONNX Runtime: the one live Python Pipeline's sessions use it.
+  rtrt::Options three;
+  three.threads = 3;
+  three.load_vlm = false;
+  rtrt::Pipeline pipe(e.demo_bundle, three);
+  namespace py = pybind11;
+  py::gil_scoped_acquire gil;
+  py::object cls = py::module_::import("rtrt.runtime.pipeline").attr("Pipeline");
+  py::module_ gc = py::module_::import("gc");
+  gc.attr("collect")();  // the pipelines above are gone, cycles included
+  std::vector<py::object> live;
+  for (auto o : gc.attr("get_objects")())
+    if (py::isinstance(o, cls)) live.push_back(py::reinterpret_borrow<py::object>(o));
+  CHECK(live.size() == 1, live.size() << " Python pipelines alive, want the one of this rtrt::Pipeline");
+  int sessions = 0;
+  for (auto kv : live[0].attr("backend").attr("sessions").cast<py::dict>()) {
+    const int n = kv.second.attr("get_session_options")().attr("intra_op_num_threads").cast<int>();
+    CHECK(n == 3, py::str(kv.first).cast<std::string>() << " session runs " << n << " threads, not 3");
+    ++sessions;
+  }
+  CHECK(sessions == 2, "want the detector and adapter sessions, got " << sessions);
+}
+
+// Options::verify reruns the graphs on the bundle's reference data before anything else is loaded.
+void test_verify(const Expected& e) {
+  CHECK(!e.verify.empty(), "expected.txt has no verify records");
+  for (const auto& vc : e.verify) {
+    rtrt::Options o;
+    o.backend = e.backend;
+    o.load_vlm = false;
+    rtrt::Pipeline plain(vc.bundle, o);  // without verify nothing is rerun: every one of them loads
+    o.verify = true;
+    if (vc.message.empty()) {
+      rtrt::Pipeline checked(vc.bundle, o);
+      CHECK(checked.class_names() == e.classes, vc.bundle << ": verified pipeline has other classes");
+      continue;
+    }
+    auto err = expect_error([&] { rtrt::Pipeline p(vc.bundle, o); }, vc.bundle + " with verify");
+    CHECK(err.python_type() == vc.python_type && err.what() == vc.message,
+          vc.bundle << ": " << err.python_type() << " '" << err.what() << "' != Python's " << vc.python_type << " '" << vc.message << "'");
+    if (vc.python_type == "ParityError") CHECK(err.kind() == rtrt::ErrorKind::Parity, vc.bundle << ": wrong kind");
+  }
+}
+
 // A host that runs Python itself (its own interpreter, its own venv) and then uses librtrt.
 void test_host_python(const Expected& e) {
   namespace py = pybind11;
@@ -340,7 +465,8 @@ int main(int argc, char** argv) {
       {"load", test_load},           {"detect", test_detect},
       {"answer", test_answer},       {"bad_image", test_bad_image},
       {"tampered_bundle", test_tampered_bundle}, {"threads", test_threads},
-      {"host_python", test_host_python},
+      {"host_python", test_host_python},         {"options", test_options},
+      {"verify", test_verify},
   };
   for (const auto& [name, fn] : tests) {
     if (name != test) continue;

@@ -1,7 +1,8 @@
 // rtrt_cpp_demo: answer a question about one image through the rtrt C++ API (like `rtrt infer`).
 //
-//     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--vlm REF]
-//                   [--device cpu|cuda:0] [--max-new-tokens N] [--no-hints] [--no-refine]
+//     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]
+//                   [--threads N] [--verify] [--vlm REF] [--device cpu|cuda:0] [--max-new-tokens N]
+//                   [--no-hints] [--no-refine]
 //
 // IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
 // other format (PNG, JPEG, ...; decoded by the runtime exactly as `rtrt infer` does).
@@ -12,6 +13,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
+#include <iomanip>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -19,19 +22,27 @@
 namespace {
 
 const char* kUsage =
-    "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--vlm REF]\n"
-    "                     [--device DEV] [--max-new-tokens N] [--no-hints] [--no-refine]\n";
+    "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]\n"
+    "                     [--threads N] [--verify] [--vlm REF] [--device DEV] [--max-new-tokens N]\n"
+    "                     [--no-hints] [--no-refine]\n";
+
+// The whole argument must be a number ("3x" is refused, not read as 3).
+int to_int(const std::string& flag, const std::string& v) {
+  try {
+    std::size_t used = 0;
+    const int n = std::stoi(v, &used);
+    if (used == v.size()) return n;
+  } catch (const std::exception&) {
+  }
+  std::cerr << "rtrt_cpp_demo: error: " << flag << " must be an integer, got " << v << "\n";
+  std::exit(2);
+}
 
 std::string lower_ext(const std::string& path) {
   const auto dot = path.rfind('.');
   std::string ext = dot == std::string::npos ? "" : path.substr(dot + 1);
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
   return ext;
-}
-
-std::string display_name(std::string name) {  // as rtrt.runtime.modules.display_name
-  std::replace(name.begin(), name.end(), '_', ' ');
-  return name;
 }
 
 }  // namespace
@@ -59,18 +70,18 @@ int main(int argc, char** argv) {
       has_question = true;
     } else if (a == "--backend") {
       options.backend = value("--backend");
+    } else if (a == "--precision") {
+      options.precision = value("--precision");
+    } else if (a == "--threads") {
+      options.threads = to_int("--threads", value("--threads"));
+    } else if (a == "--verify") {
+      options.verify = true;
     } else if (a == "--vlm") {
       options.vlm = value("--vlm");
     } else if (a == "--device") {
       options.device = value("--device");
     } else if (a == "--max-new-tokens") {
-      const std::string v = value("--max-new-tokens");
-      try {
-        options.max_new_tokens = std::stoi(v);
-      } catch (const std::exception&) {
-        std::cerr << "rtrt_cpp_demo: error: --max-new-tokens must be an integer, got " << v << "\n";
-        return 2;
-      }
+      options.max_new_tokens = to_int("--max-new-tokens", value("--max-new-tokens"));
     } else if (a == "--no-hints") {
       call.hints = false;
     } else if (a == "--no-refine") {
@@ -102,13 +113,14 @@ int main(int argc, char** argv) {
     if (res.detections.empty()) {
       std::cout << "rare objects: none above threshold\n";
     } else {
-      std::cout << "rare objects: ";
-      for (std::size_t i = 0; i < res.detections.size(); ++i) {
-        char score[32];
-        std::snprintf(score, sizeof score, "%.2f", res.detections[i].score);
-        std::cout << (i ? ", " : "") << display_name(res.detections[i].name) << " (" << score << ")";
+      // One per line: label, score, box [x0, y0, x1, y1] and peak (x, y) in the image's pixels.
+      std::cout << "rare objects:\n";
+      for (const auto& d : res.detections) {
+        char where[128];
+        std::snprintf(where, sizeof where, "%.2f  box [%.0f, %.0f, %.0f, %.0f]  peak (%.0f, %.0f)", d.score, d.box[0],
+                      d.box[1], d.box[2], d.box[3], d.peak[0], d.peak[1]);
+        std::cout << "  " << std::left << std::setw(16) << d.label << " " << where << "\n";
       }
-      std::cout << "\n";
     }
     // Stages in pipeline order (as rtrt infer prints them), then any others.
     std::vector<std::string> order = {"image_decode", "detector", "prompt_build", "vision_tower", "adapter",

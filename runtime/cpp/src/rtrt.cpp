@@ -119,7 +119,9 @@ PyApi& api() {  // GIL held
       {errors.attr("InputError"), ErrorKind::Input},
       {errors.attr("ModelMismatchError"), ErrorKind::ModelMismatch},
       {errors.attr("EngineMismatchError"), ErrorKind::EngineMismatch},
+      {errors.attr("EngineBuildError"), ErrorKind::EngineBuild},
       {errors.attr("BackendUnavailableError"), ErrorKind::BackendUnavailable},
+      {errors.attr("ParityError"), ErrorKind::Parity},
       {errors.attr("RtrtError"), ErrorKind::Rtrt},
   };
   a->format_exception = py::module_::import("traceback").attr("format_exception");
@@ -196,9 +198,34 @@ py::array image_view(const std::uint8_t* rgb, int width, int height, std::size_t
   return view;
 }
 
-std::vector<Detection> to_detections(const py::handle& list) {
+// The runtime's coordinates are Python floats (doubles); float keeps a pixel position to well under 1/100 px.
+template <std::size_t N>
+std::array<float, N> to_coords(const py::handle& d, const char* field) {  // GIL held
+  py::object v = d.attr(field);
+  if (v.is_none())
+    throw Error(ErrorKind::Python, "", "unexpected result from the Python runtime: detection " +
+                                           d.attr("name").cast<std::string>() + " has no " + field);
+  const auto xs = v.cast<std::vector<double>>();
+  if (xs.size() != N)
+    throw Error(ErrorKind::Python, "", std::string("unexpected result from the Python runtime: ") + field + " of " +
+                                           std::to_string(xs.size()) + " numbers");
+  std::array<float, N> out{};
+  for (std::size_t i = 0; i < N; ++i) out[i] = static_cast<float>(xs[i]);
+  return out;
+}
+
+std::vector<Detection> to_detections(const py::handle& list) {  // GIL held
   std::vector<Detection> out;
-  for (auto d : list) out.push_back({d.attr("name").cast<std::string>(), d.attr("score").cast<double>(), d.attr("index").cast<int>()});
+  for (auto d : list) {
+    Detection x;
+    x.name = d.attr("name").cast<std::string>();
+    x.label = d.attr("label").cast<std::string>();
+    x.score = d.attr("score").cast<double>();
+    x.index = d.attr("index").cast<int>();
+    x.box = to_coords<4>(d, "box");
+    x.peak = to_coords<2>(d, "peak");
+    out.push_back(std::move(x));
+  }
   return out;
 }
 
@@ -241,7 +268,9 @@ Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std:
     return api().pipeline_cls.attr("from_bundle")(
         bundle_dir, "backend"_a = o.backend, "vlm"_a = o.vlm.empty() ? py::object(py::none()) : py::str(o.vlm),
         "load_vlm_model"_a = o.load_vlm, "device"_a = o.device, "max_new_tokens"_a = o.max_new_tokens,
-        "on_engine_mismatch"_a = o.on_engine_mismatch);
+        "on_engine_mismatch"_a = o.on_engine_mismatch, "precision"_a = o.precision,
+        "threads"_a = o.threads == 0 ? py::object(py::none()) : py::object(py::int_(o.threads)),  // < 0: the runtime refuses it
+        "verify"_a = o.verify);
   });
 }
 
@@ -308,8 +337,15 @@ std::map<std::string, std::string> Pipeline::describe() const {
   check_loaded(impl_ != nullptr);
   return with_python([&] {
     std::map<std::string, std::string> out;
-    for (auto item : impl_->pipe.attr("describe")().cast<py::dict>())
-      out[py::str(item.first)] = py::str(item.second);
+    for (auto item : impl_->pipe.attr("describe")().cast<py::dict>()) {
+      std::string value;
+      if (py::isinstance<py::list>(item.second) || py::isinstance<py::tuple>(item.second)) {
+        for (auto x : item.second) value += (value.empty() ? "" : ",") + py::str(x).cast<std::string>();
+      } else {
+        value = py::str(item.second);
+      }
+      out[py::str(item.first)] = value;
+    }
     return out;
   });
 }

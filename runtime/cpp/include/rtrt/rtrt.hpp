@@ -4,7 +4,7 @@
 //     rtrt::Pipeline pipe("path/to/bundle", "ort");              // loads everything once
 //     auto dets = pipe.detect(rgb, width, height);                // packed RGB8, row-major
 //     rtrt::Answer a = pipe.answer(rgb, width, height, "Is the road blocked?");
-//     // a.answer, a.detections[i].name / .score, a.timings_ms["detector"]
+//     // a.answer, a.detections[i].label / .score / .box, a.timings_ms["detector"]
 //
 // librtrt embeds the Python runtime (rtrt.runtime.pipeline.Pipeline), so a C++ call and
 // `rtrt infer` run one implementation and give identical results. Errors the runtime raises
@@ -21,6 +21,7 @@
 // This header exposes no Python or pybind11 type.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -39,7 +40,8 @@ namespace rtrt {
 
 // Which RtrtError subclass a Python exception was; Python means an unexpected Python exception
 // (a bug or a broken installation), whose message is "TypeName: first line".
-enum class ErrorKind { Bundle, Image, Input, ModelMismatch, EngineMismatch, BackendUnavailable, Rtrt, Python };
+// Parity: Options::verify found a graph whose outputs differ from the bundle's reference here.
+enum class ErrorKind { Bundle, Image, Input, ModelMismatch, EngineMismatch, EngineBuild, BackendUnavailable, Parity, Rtrt, Python };
 
 // Everything rtrt throws. what() is one line, the message of the Python exception as is.
 class RTRT_API Error : public std::runtime_error {
@@ -57,11 +59,16 @@ class RTRT_API Error : public std::runtime_error {
   std::string traceback_;
 };
 
-// One detected rare class.
+// One detected rare class and where it is (rtrt.runtime.modules.Detection). Coordinates are in
+// the input image's pixels (x right, y down, origin at the top-left corner), as Python's doubles
+// rounded to float; every detection of a Pipeline has them.
 struct Detection {
-  std::string name;  // class name as in the bundle ("traffic_cone")
-  double score = 0;  // max cosine similarity over the image's patches, in [-1, 1]
-  int index = -1;    // row of W (class index in the bundle)
+  std::string name;             // class name as in the bundle ("traffic_cone")
+  std::string label;            // the name as people read it ("traffic cone"), as `rtrt infer` prints it
+  double score = 0;             // max cosine similarity over the image's patches, in [-1, 1]
+  int index = -1;               // row of W (class index in the bundle)
+  std::array<float, 4> box{};   // x0, y0, x1, y1: the region of the class's similarity map around its peak
+  std::array<float, 2> peak{};  // x, y: centre of the patch where the class scored highest
 };
 
 // The answer to one (image, question).
@@ -72,9 +79,15 @@ struct Answer {
   std::map<std::string, double> timings_ms;  // per stage: image_decode, detector, vision_tower, adapter, prefill, decode, ...
 };
 
-// How a Pipeline is loaded (Pipeline.from_bundle's arguments).
+// How a Pipeline is loaded: Pipeline.from_bundle's arguments, each passed through as is, so the
+// runtime checks them and refuses what this machine cannot run (ErrorKind::BackendUnavailable,
+// ErrorKind::Input) with the message `rtrt infer` prints. The VLM backend (the whole VLM exported
+// to ONNX/TensorRT) will join these fields when the runtime has it.
 struct Options {
   std::string backend = "ort";              // "ort", "trt" or "torch" (detector/adapter backend)
+  std::string precision = "fp32";           // graphs' precision: "fp32", "fp16" (TensorRT, ORT's TensorRT EP) or "int8" (int8 graphs/engines)
+  int threads = 0;                          // ONNX Runtime intra-op threads of the detector/adapter; 0: every core this process may use
+  bool verify = false;                      // rerun the backend's graphs on the bundle's reference inputs first (ErrorKind::Parity)
   std::string vlm;                          // override the bundle's VLM (local directory or hub id); empty: the bundle's
   std::string device = "cpu";               // torch device of the VLM, e.g. "cpu", "cuda:0"
   int max_new_tokens = 96;                  // default answer length limit in tokens
@@ -123,7 +136,8 @@ class RTRT_API Pipeline {
 
   // The bundle's class names, in the order of W (Detection::index indexes this).
   std::vector<std::string> class_names() const;
-  // What is loaded: bundle, backend, classes, vlm (Pipeline.describe()), as strings.
+  // What is loaded and runs (Pipeline.describe()): bundle, backend, precision, providers (comma-
+  // separated ONNX Runtime execution providers), device, classes, vlm, as strings.
   std::map<std::string, std::string> describe() const;
 
  private:
