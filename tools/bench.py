@@ -1,6 +1,6 @@
 """``rtrt bench``: per-stage latency of the pipeline and the plug-in's overhead, side by side in one run.
 
-    rtrt bench                          # the embedded demo bundle and its first example image
+    rtrt bench                          # the embedded demo bundle on scene_1.jpg, the README's bench image
     rtrt bench --bundle B --image I --runs 20 --json
     rtrt bench --graphs                 # also the exported-graph benchmark (ORT vs eager, see export issue)
 
@@ -25,7 +25,21 @@ from typing import Sequence
 
 from rtrt.runtime.names import BACKENDS, PRECISIONS
 
-__all__ = ["bench_pipeline", "parse_args", "main"]
+__all__ = ["DEFAULT_EXAMPLE", "bench_pipeline", "default_image", "parse_args", "main"]
+
+# The shipped example `rtrt bench` answers when no --image is given: the one the README's bench commands name.
+DEFAULT_EXAMPLE = "scene_1.jpg"
+
+
+def default_image() -> Path:
+    """The shipped example ``DEFAULT_EXAMPLE``."""
+    from rtrt.runtime.assets import example_images
+    from rtrt.runtime.errors import InputError
+
+    for p in example_images():
+        if p.name == DEFAULT_EXAMPLE:
+            return p
+    raise InputError(f"no --image given and the shipped example {DEFAULT_EXAMPLE} is missing")
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -82,6 +96,7 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
         "device": ran["device"],
         "ort_threads": threads,
         "runs": runs,
+        "warmup": warmup,  # untimed runs of each side before the measured ones
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in stages.items()},
@@ -97,7 +112,7 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
 def _table(r: dict) -> str:
     providers = f" ({', '.join(r['providers'])})" if r.get("providers") else ""
     lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']} {r['precision']}{providers} on "
-             f"{r.get('device', 'cpu')}, {r['runs']} runs, "
+             f"{r.get('device', 'cpu')}, {r['runs']} runs after {r['warmup']} warm-up runs, "
              f"{r['new_tokens']} new tokens, {r['threads']} torch threads, "
              f"{r.get('ort_threads') or 'all-core'} ORT threads", "",
              "| stage | median ms | p95 ms | without plug-in: median ms |", "|---|---:|---:|---:|"]
@@ -117,7 +132,7 @@ def _table(r: dict) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt bench", description="Per-stage latency and the plug-in's overhead, side by side.")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
-    p.add_argument("--image", default=None, help="image to answer (default: the first shipped example)")
+    p.add_argument("--image", default=None, help=f"image to answer (default: the shipped example {DEFAULT_EXAMPLE})")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
@@ -125,27 +140,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument("--runs", type=int, default=10, help="measured runs of each side (default: 10)")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured runs first (default: 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each side before the measured ones (default: 2)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer, same on both sides (default: 32)")
     p.add_argument("--graphs", action="store_true", help="also benchmark the exported graphs (eager vs ORT fp32 vs int8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--verbose", action="store_true",
+                   help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from rtrt.runtime.errors import InputError
-    from rtrt.runtime.assets import default_bundle, example_images
+    from rtrt.runtime.assets import default_bundle
 
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
     bundle = Path(args.bundle) if args.bundle else default_bundle()
-    image = args.image
-    if image is None:
-        ex = example_images()
-        if not ex:
-            raise InputError("no --image given and no example images are shipped")
-        image = ex[0]
+    image = args.image if args.image is not None else default_image()
     report = {"pipeline": bench_pipeline(bundle, image, backend=args.backend, runs=args.runs,
                                          warmup=args.warmup, new_tokens=args.new_tokens, precision=args.precision,
                                          threads=args.threads, device=args.device)}

@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--on-engine-mismatch", default="rebuild", choices=MISMATCH_POLICIES,
                    help="a recorded TensorRT engine built for another GPU/TensorRT: rebuild it here (default), fall back to ort, or fail")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of the table")
+    p.add_argument("--verbose", action="store_true",
+                   help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")
     return p.parse_args(argv)
 
 

@@ -253,6 +253,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96)")
     p.add_argument("--out", default="eval_out", help="output folder for predictions and scores (default: eval_out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")
     return p.parse_args(argv)
 
 
