@@ -19,8 +19,8 @@ Steps (each printed with its time):
 
 Everything is produced in a temporary directory first. If any parity report is outside its
 tolerance, the command fails (exit 2) and the bundle is untouched; otherwise the files are added
-with ``Bundle.add_files`` and the reports land in ``manifest.exports["onnx"]`` and
-``manifest.exports["engines"]`` in the same manifest commit.
+with ``Bundle.add_files`` and the reports land in ``manifest.exports`` (``rtrt.runtime.exports``:
+``onnx``, ``reference``, ``engines``) in the same manifest commit. File names: ``rtrt.runtime.names``.
 """
 from __future__ import annotations
 
@@ -32,16 +32,16 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rtrt.runtime.bundle import Bundle, load_bundle, sha256_file
-from rtrt.runtime.errors import BackendUnavailableError, RtrtError
-from rtrt.runtime.names import ADAPTER, DETECTOR
-from rtrt.runtime.trt_build import PRECISIONS, build_engine, dim_ranges, source_graph
+from rtrt.runtime.errors import BackendUnavailableError, RtrtError, run_cli
+from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph
+from rtrt.runtime.names import ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, engine_file, engine_name, graph_key, onnx_file
+from rtrt.runtime.trt_build import build_engine, dim_ranges, source_graph
 
 from .onnx_export import OPSET, ExportError, export_adapter, export_detector, graph_info
 from .parity import (
@@ -123,7 +123,7 @@ def _capture_visual_tokens(b: Bundle, vlm_ref: str | None, images: list, log: Ca
         return None, f"cannot load the VLM ({e})"
 
 
-def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dict[str, str]) -> dict:
+def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dict[str, str]) -> ReferenceExport:
     """Write ``reference.safetensors``: every graph's reference feeds and PyTorch outputs; returns the manifest entry."""
     from safetensors.numpy import save_file
 
@@ -132,7 +132,7 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
     specs = {"detector": DETECTOR, "adapter": ADAPTER}
     tensors: dict[str, np.ndarray] = {}
     meta = {}
-    entry: dict = {"file": path.name, "format": REFERENCE_FORMAT, "graphs": {}}
+    entry = ReferenceExport(file=path.name, format=REFERENCE_FORMAT)
     for g, feeds in cases.items():
         out = torch_runner(refs[g], specs[g])(feeds)
         for n in specs[g].inputs:
@@ -140,19 +140,18 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
         for n in specs[g].outputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(out[n])
         meta[g] = sources[g]
-        entry["graphs"][g] = {"inputs": sources[g], "shapes": {n: list(np.shape(feeds[n])) for n in specs[g].inputs}}
+        entry.graphs[g] = ReferenceGraph(inputs=sources[g], shapes={n: list(np.shape(feeds[n])) for n in specs[g].inputs})
     # One metadata key holding sorted JSON: safetensors writes a metadata map in no fixed order,
     # and the shipped bundle must rebuild byte for byte.
     save_file(tensors, str(path), metadata={"rtrt": json.dumps({"format": REFERENCE_FORMAT, "inputs": meta}, sort_keys=True)})
     return entry
 
 
-def _entry(path: Path, rep: ParityReport | None, **extra) -> dict:
+def _entry(path: Path, rep: ParityReport, **extra) -> GraphExport:
+    """The manifest entry of one exported graph: its file, the node walk, ``extra`` (image_size, method), its parity."""
     info = graph_info(path)
-    d = {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, **dataclasses.asdict(info), **extra}
-    if rep is not None:
-        d["parity"] = rep.to_dict()
-    return d
+    return GraphExport(file=path.name, sha256=sha256_file(path), size=path.stat().st_size, **dataclasses.asdict(info),
+                       **extra, parity=rep.to_dict())
 
 
 def export_bundle(
@@ -172,7 +171,7 @@ def export_bundle(
     reference_images: int = 2,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
-) -> dict:
+) -> Exports:
     """Export ``bundle`` (see the module docstring); returns the exports written to its manifest.
 
     ``vlm``: the VLM whose visual tokens feed the adapter's parity and reference cases (default: the
@@ -205,7 +204,7 @@ def export_bundle(
     has_ad = m.adapter is not None
     if not (has_det or has_ad):
         raise ExportError(f"{b.root}: bundle has neither a detector nor an adapter to export")
-    size = int(image_size or (m.vfm.image_size if m.vfm else 448))
+    size = int(image_size or m.image_size(exported=False))
     if m.vfm is not None and size % m.vfm.patch_size:
         raise ExportError(f"--image-size {size} is not a multiple of the VFM patch size {m.vfm.patch_size}")
     fam = family or (m.vlm.family if m.vlm else None)
@@ -226,12 +225,12 @@ def export_bundle(
     steps = len(graphs_with) * (1 + (1 if precision == "int8" else 0) + (1 if precision == "int8" and want_trt else 0) + (1 if want_trt else 0)) + 1
     prog = _Progress(log, steps)
     failures: list[str] = []
-    graphs: dict[str, dict] = {}
+    graphs: dict[str, GraphExport] = {}
     refs: dict[str, torch.nn.Module] = {}
     cases: dict[str, list] = {}
     sources: dict[str, str] = {}
     files: dict[str, Path] = {}
-    engines: dict[str, dict] = {}
+    engines: dict[str, EngineExport] = {}
     reference: dict[str, dict] = {}  # graph -> the feeds stored in reference.safetensors
     calibration: dict[str, list] = {}  # graph -> the feeds static int8 ranges are calibrated on
 
@@ -247,7 +246,7 @@ def export_bundle(
             vfm = load_vfm(dataclasses.replace(m.vfm, image_size=size), b.resolve_ref)
             det = b.detector()
             refs["detector"] = DetectorGraph(vfm, det).eval()
-            path = export_detector(copy.deepcopy(vfm), det, tmp / "detector.onnx", image_size=size, patch_size=m.vfm.patch_size, verbose=verbose)
+            path = export_detector(copy.deepcopy(vfm), det, tmp / onnx_file("detector"), image_size=size, patch_size=m.vfm.patch_size, verbose=verbose)
             pixels = vfm_pixels(pil_images, size, m.vfm.mean, m.vfm.std, resample=m.vfm.resample,
                                 reducing_gap=m.vfm.reducing_gap).numpy()
             sources["detector"] = pil_source
@@ -257,13 +256,13 @@ def export_bundle(
             rep = check(cross_validate(torch_runner(refs["detector"], DETECTOR), ort_runner(path, DETECTOR), cases["detector"], tol["fp32"],
                                        spec=DETECTOR, graph="detector", precision="fp32", inputs=sources["detector"]))
             graphs["detector"] = _entry(path, rep, image_size=size)
-            files["detector.onnx"] = path
+            files[path.name] = path
             prog.done()
         if has_ad:
             n_lo, n_opt, _ = ranges["adapter"]["num_tokens"]
             prog.step(f"adapter.onnx: d_model {m.adapter.d_model}, width {m.adapter.width}, {m.adapter.heads} heads")
             refs["adapter"] = AdapterGraph(b.adapter()).eval()
-            path = export_adapter(b.adapter(), tmp / "adapter.onnx", verbose=verbose)
+            path = export_adapter(b.adapter(), tmp / onnx_file("adapter"), verbose=verbose)
             tokens, why = _capture_visual_tokens(b, vlm, pil_images[:reference_images], log)
             # Batch 1 only: the adapter is always called with one row of all images' tokens (ADAPTER_CALL).
             synthetic = adapter_cases(w, [(1, max(n_lo, min(n_opt, 37)), max(1, c // 2)), (1, n_lo, 1)])
@@ -279,81 +278,71 @@ def export_bundle(
             rep = check(cross_validate(torch_runner(refs["adapter"], ADAPTER), ort_runner(path, ADAPTER), cases["adapter"], tol["fp32"],
                                        spec=ADAPTER, graph="adapter", precision="fp32", inputs=sources["adapter"]))
             graphs["adapter"] = _entry(path, rep)
-            files["adapter.onnx"] = path
+            files[path.name] = path
             prog.done()
         specs = {"detector": DETECTOR, "adapter": ADAPTER}
         if precision == "int8":
             for g in graphs_with:
                 if int8_method == "static":
-                    prog.step(f"{g}.int8.onnx: ONNX Runtime static int8 (QDQ, u8 activations calibrated on the parity inputs)")
-                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx", calibration[g])
+                    prog.step(f"{onnx_file(g, 'int8')}: ONNX Runtime static int8 (QDQ, u8 activations calibrated on the parity inputs)")
+                    q = quantize_static(tmp / onnx_file(g), tmp / onnx_file(g, "int8"), calibration[g])
                 else:
-                    prog.step(f"{g}.int8.onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
-                    q = quantize_dynamic(tmp / f"{g}.onnx", tmp / f"{g}.int8.onnx")
+                    prog.step(f"{onnx_file(g, 'int8')}: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
+                    q = quantize_dynamic(tmp / onnx_file(g), tmp / onnx_file(g, "int8"))
                 rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
                                            spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
-                graphs[f"{g}.int8"] = _entry(q, rep, method=int8_method)
+                graphs[graph_key(g, "int8")] = _entry(q, rep, method=int8_method)
                 files[q.name] = q
                 prog.done()
                 if want_trt:
-                    prog.step(f"{g}.qdq.onnx: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
-                    q = quantize_static(tmp / f"{g}.onnx", tmp / f"{g}.qdq.onnx", calibration[g], symmetric=True)
+                    prog.step(f"{onnx_file(g, 'qdq')}: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
+                    q = quantize_static(tmp / onnx_file(g), tmp / onnx_file(g, "qdq"), calibration[g], symmetric=True)
                     rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
                                                spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
-                    graphs[f"{g}.qdq"] = _entry(q, rep, method="static-symmetric-qdq")
+                    graphs[graph_key(g, "qdq")] = _entry(q, rep, method="static-symmetric-qdq")
                     files[q.name] = q
                     prog.done()
         if want_trt and precision == "fp16":
             # TensorRT >= 11 builds fp16 only from an fp16 graph; written on 10 too, so that the
             # bundle can be rebuilt on 11 (on_engine_mismatch="rebuild"). Checked in ORT CPU.
             for g in graphs_with:
-                log(f"      {g}.fp16.onnx: fp16 graph for strongly typed TensorRT (fp32 inputs/outputs; {', '.join(FP32_OPS)} in fp32)")
-                q = convert_to_fp16(tmp / f"{g}.onnx", tmp / f"{g}.fp16.onnx")
+                log(f"      {onnx_file(g, 'fp16')}: fp16 graph for strongly typed TensorRT (fp32 inputs/outputs; {', '.join(FP32_OPS)} in fp32)")
+                q = convert_to_fp16(tmp / onnx_file(g), tmp / onnx_file(g, "fp16"))
                 rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["fp16"],
                                            spec=specs[g], graph=g, precision="fp16", inputs=sources[g]))
-                graphs[f"{g}.fp16"] = _entry(q, rep, method="onnxruntime float16, fp32 inputs/outputs, fp32 " + "/".join(FP32_OPS))
+                graphs[graph_key(g, "fp16")] = _entry(q, rep, method="onnxruntime float16, fp32 inputs/outputs, fp32 " + "/".join(FP32_OPS))
                 files[q.name] = q
         if want_trt and not failures:
             from rtrt.runtime.trt_engine import TrtEngine
 
             for g in graphs_with:
                 source = source_graph(g, precision)  # the graph itself, <g>.fp16 on TensorRT >= 11, or <g>.qdq
-                prog.step(f"engines/{g}.{precision}.engine: TensorRT from {graphs[source]['file']}")
-                epath, meta = build_engine(tmp / graphs[source]["file"], g, precision, graphs[source]["inputs"], ranges[g],
+                prog.step(f"{engine_file(g, precision)}: TensorRT from {graphs[source].file}")
+                epath, meta = build_engine(tmp / graphs[source].file, g, precision, graphs[source].inputs, ranges[g],
                                            cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
-                meta["source_graph"] = source
+                meta.source_graph = source
                 ref_gpu = refs[g].to("cuda")
                 rep = check(cross_validate(torch_runner(ref_gpu, specs[g], device="cuda"), _trt_runner(TrtEngine(epath), specs[g]), cases[g],
                                            tol[precision], spec=specs[g], graph=g, precision=precision, inputs=sources[g]))
                 refs[g].to("cpu")
-                meta["parity"] = rep.to_dict()
-                engines[f"{g}.{precision}"] = meta
-                files[meta["file"]] = epath
-                prog.done("reused from the engine cache" if not meta["built"] else "built")
+                meta.parity = rep.to_dict()
+                engines[engine_name(g, precision)] = meta
+                files[meta.file] = epath
+                prog.done("reused from the engine cache" if not meta.built else "built")
         if failures:
             raise ExportError("parity outside tolerance, nothing was written: " + "; ".join(failures))
 
-        files["reference.safetensors"] = tmp / "reference.safetensors"
-        reference_entry = _reference_file(files["reference.safetensors"], refs, reference, sources)
+        files[REFERENCE_FILE] = tmp / REFERENCE_FILE
+        reference_entry = _reference_file(files[REFERENCE_FILE], refs, reference, sources)
         prog.step(f"writing {len(files)} file(s) into {b.root}")
-        exports = {
-            "onnx": {
-                "opset": OPSET,
-                "image_size": size,
-                "precision": precision,
-                "family": fam,
-                "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": _versions(),
-                "graphs": graphs,
-            },
-            "reference": reference_entry,
-        }
-        shas = {e["sha256"] for e in graphs.values()}
-        kept = {k: v for k, v in (m.exports.get("engines") or {}).items() if v.get("onnx_sha256") in shas}
+        onnx = OnnxExports(opset=OPSET, image_size=size, precision=precision, family=fam,
+                           exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions(), graphs=graphs)
+        # Engines recorded before stay when they were built from one of the graphs just written (same bytes).
+        shas = {e.sha256 for e in graphs.values()}
+        kept = {k: v for k, v in m.exports.engines.items() if v.onnx_sha256 in shas}
         kept.update(engines)
-        if kept or "engines" in m.exports:
-            exports["engines"] = kept
-        b.add_files({k: v for k, v in files.items()}, exports=exports)
+        exports = Exports(onnx=onnx, reference=reference_entry, engines=kept)
+        b.add_files(files, exports=exports)
         prog.done()
         return exports
     finally:
@@ -385,43 +374,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="how many parity images (and their VLM tokens) are stored in reference.safetensors for rtrt check (1-4, default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the exports written to the manifest as JSON on stdout")
     p.add_argument("--verbose", action="store_true", help="show the torch exporter's own output")
-    p.add_argument("--debug", action="store_true", help="print a traceback on errors")
+    p.add_argument("--debug", action="store_true", help="show the full traceback instead of a one-line error")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli("rtrt export", lambda: _export(args), args.debug)
+
+
+def _export(args: argparse.Namespace) -> int:
     tolerances = {
         "fp32": dataclasses.replace(TOLERANCES["fp32"], atol=args.tolerance),
         "fp16": dataclasses.replace(TOLERANCES["fp16"], atol=args.fp16_tolerance, rtol=args.fp16_tolerance),
         "int8": dataclasses.replace(TOLERANCES["int8"], atol=args.int8_tolerance, rtol=args.int8_tolerance, topk_agreement=args.int8_topk_agreement),
     }
-    try:
-        exports = export_bundle(
-            args.bundle,
-            precision=args.precision,
-            image_size=args.image_size,
-            backend=args.backend,
-            tolerances=tolerances,
-            images=args.images,
-            int8_method=args.int8_method,
-            family=args.family,
-            max_batch=args.max_batch,
-            cache_dir=args.cache_dir,
-            workspace_gb=args.workspace_gb,
-            vlm=args.vlm,
-            reference_images=args.reference_images,
-            verbose=args.verbose,
-        )
-    except RtrtError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"rtrt export: error: {e}", file=sys.stderr)
-        return 2
+    exports = export_bundle(
+        args.bundle,
+        precision=args.precision,
+        image_size=args.image_size,
+        backend=args.backend,
+        tolerances=tolerances,
+        images=args.images,
+        int8_method=args.int8_method,
+        family=args.family,
+        max_batch=args.max_batch,
+        cache_dir=args.cache_dir,
+        workspace_gb=args.workspace_gb,
+        vlm=args.vlm,
+        reference_images=args.reference_images,
+        verbose=args.verbose,
+    )
     if args.json:
-        print(json.dumps(exports, indent=2))
+        print(json.dumps(exports.to_dict(), indent=2))
     else:
-        names = sorted(exports["onnx"]["graphs"]) + sorted(exports.get("engines", {}))
+        names = sorted(exports.graphs) + sorted(exports.engines)
         print(f"exported {', '.join(names)} into {args.bundle}")
     return 0
 

@@ -11,7 +11,7 @@ Backends:
 - ``torch``: the PyTorch modules of the bundle (the reference every other backend is checked against).
 - ``ort``: ONNX Runtime on the exported ``detector.onnx``/``adapter.onnx`` (``precision="int8"``:
   the ``*.int8.onnx`` variants); providers TensorRT EP -> CUDA EP -> CPU EP, as installed.
-- ``trt``: native TensorRT engines recorded in the bundle's ``manifest.exports["engines"]``, run on
+- ``trt``: native TensorRT engines recorded in the bundle's ``manifest.exports.engines``, run on
   torch CUDA tensors (no host copy). An engine whose TensorRT version, GPU or source ONNX differs
   from this machine's is detected before it is deserialized, and ``on_engine_mismatch`` decides:
   ``rebuild`` (default: build a matching engine into the local engine cache with
@@ -35,7 +35,8 @@ from .bundle import Bundle, load_bundle
 from .devices import check_device
 from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from .graphs import AdapterGraph, DetectorGraph
-from .names import ADAPTER, DETECTOR
+from .exports import EngineExport
+from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, MISMATCH_POLICIES, PRECISIONS, engine_name, graph_key, ort_variant, source_graph
 from .trt_engine import TrtEngine, default_cache_dir, platform_info, tensorrt_status
 
 __all__ = [
@@ -55,9 +56,7 @@ __all__ = [
     "engine_mismatch",
 ]
 
-BACKENDS = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
-MISMATCH_POLICIES = ("rebuild", "fallback", "fail")
+# BACKENDS, PRECISIONS and MISMATCH_POLICIES are defined in rtrt.runtime.names (light enough for --help) and re-exported here.
 
 
 class DetectOutput(NamedTuple):
@@ -129,7 +128,7 @@ class TorchBackend(Backend):
 
     def __init__(self, bundle: Bundle, device: str | torch.device | None = None):
         m = bundle.manifest
-        super().__init__(bundle, m.vfm.image_size if m.vfm else 0)
+        super().__init__(bundle, m.image_size(exported=False))
         self.device = torch.device(device or "cpu")
         self._detector = None
         self._adapter = None
@@ -183,10 +182,6 @@ def ort_providers(device: str | None = None, precision: str = "fp32", cache_dir:
     return out
 
 
-def _onnx_entry(bundle: Bundle, graph: str) -> dict | None:
-    return (bundle.manifest.exports.get("onnx") or {}).get("graphs", {}).get(graph)
-
-
 class OrtBackend(Backend):
     """ONNX Runtime sessions over the bundle's exported graphs."""
 
@@ -202,9 +197,8 @@ class OrtBackend(Backend):
     ):
         import onnxruntime as ort
 
-        onnx_meta = bundle.manifest.exports.get("onnx") or {}
-        super().__init__(bundle, int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0)))
-        suffix = ".int8" if precision == "int8" else ""  # fp16 on ORT means the TensorRT EP's flag
+        super().__init__(bundle, bundle.manifest.image_size())
+        variant = ort_variant(precision)  # fp16 on ORT means the TensorRT EP's flag
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or _cores())
@@ -214,14 +208,12 @@ class OrtBackend(Backend):
         self.precision = precision
         requested = ort_providers(device, precision, cache_dir)
         self.sessions: dict[str, Any] = {}
-        for graph, present in (("detector", self.has_detector), ("adapter", self.has_adapter)):
-            if not present:
-                continue
-            entry = _onnx_entry(bundle, graph + suffix)
+        for graph in _present_graphs(bundle):
+            entry = bundle.manifest.exports.graph(graph_key(graph, variant))
             if entry is None:
-                hint = " --precision int8" if suffix else ""
-                raise BackendUnavailableError(f"{bundle.root}: no exported {graph}{suffix} graph; run `rtrt export --bundle {bundle.root}{hint}`")
-            self.sessions[graph] = ort.InferenceSession(str(bundle.path(entry["file"])), so, providers=requested)
+                hint = f" --precision {precision}" if variant else ""
+                raise BackendUnavailableError(f"{bundle.root}: no exported {graph_key(graph, variant)} graph; run `rtrt export --bundle {bundle.root}{hint}`")
+            self.sessions[graph] = ort.InferenceSession(str(bundle.path(entry.file)), so, providers=requested)
         self.has_detector = "detector" in self.sessions
         self.has_adapter = "adapter" in self.sessions
         # What the sessions really registered (ORT drops an EP that fails to load with a warning only).
@@ -245,19 +237,24 @@ class OrtBackend(Backend):
         return torch.from_numpy(out).to(dtype)
 
 
-def engine_mismatch(entry: dict | None, bundle: Bundle, source_graph: str, platform) -> str | None:
-    """Why a recorded engine cannot be used here (None when it can)."""
+def engine_mismatch(entry: EngineExport | None, bundle: Bundle, source: str, platform) -> str | None:
+    """Why a recorded engine cannot be used here (None when it can); ``source``: the graph key it is built from."""
     if entry is None:
         return "no engine recorded in the bundle"
-    if not bundle.has(entry.get("file", "")):
-        return f"engine file {entry.get('file')!r} not in the bundle"
+    if not bundle.has(entry.file):
+        return f"engine file {entry.file!r} not in the bundle"
     for field_, here in (("trt_version", platform.trt_version), ("gpu_name", platform.gpu_name), ("compute_capability", platform.compute_capability)):
-        if str(entry.get(field_)) != str(here):
-            return f"built for {field_.replace('_', ' ')} {entry.get(field_)!r}, this machine has {here!r}"
-    src = _onnx_entry(bundle, source_graph)
-    if src is not None and entry.get("onnx_sha256") != src.get("sha256"):
-        return f"built from an older {src.get('file')} (re-exported since)"
+        if str(getattr(entry, field_)) != str(here):
+            return f"built for {field_.replace('_', ' ')} {getattr(entry, field_)!r}, this machine has {here!r}"
+    src = bundle.manifest.exports.graph(source)
+    if src is not None and entry.onnx_sha256 != src.sha256:
+        return f"built from an older {src.file} (re-exported since)"
     return None
+
+
+def _engine_source(entry: EngineExport | None, graph: str, precision: str) -> str:
+    """The graph key a recorded engine was built from, else the one TensorRT 10 would build it from."""
+    return entry.source_graph if entry is not None and entry.source_graph else source_graph(graph, precision, strongly_typed=False)
 
 
 class TrtBackend(Backend):
@@ -283,8 +280,10 @@ class TrtBackend(Backend):
 
 
 def _present_graphs(bundle: Bundle) -> list[str]:
+    """The graphs (``GRAPHS`` order) whose modules the bundle has: the detector needs its VFM too."""
     m = bundle.manifest
-    return [g for g, present in (("detector", m.detector is not None and m.vfm is not None), ("adapter", m.adapter is not None)) if present]
+    present = {"detector": m.detector is not None and m.vfm is not None, "adapter": m.adapter is not None}
+    return [g for g in GRAPHS if present[g]]
 
 
 def available_backends() -> list[str]:
@@ -314,8 +313,9 @@ def precision_support(
         import onnxruntime as ort
 
         out: dict[str, str | None] = {}
-        for p, suffix, hint in (("fp32", "", ""), ("int8", ".int8", " --precision int8")):
-            missing = [g + suffix for g in graphs if _onnx_entry(bundle, g + suffix) is None]
+        for p in ("fp32", "int8"):
+            missing = [k for k in (graph_key(g, ort_variant(p)) for g in graphs) if bundle.manifest.exports.graph(k) is None]
+            hint = f" --precision {p}" if ort_variant(p) else ""
             out[p] = f"the bundle has no exported {missing[0]} graph; run `rtrt export --bundle {root}{hint}`" if missing else None
         dev = None if device is None else torch.device(device)
         if "TensorrtExecutionProvider" not in ort.get_available_providers():
@@ -335,17 +335,16 @@ def precision_support(
         platform = platform_info(None if device in (None, "cpu") else torch.device(device).index)
     from importlib.util import find_spec
 
-    engines_meta = bundle.manifest.exports.get("engines") or {}
     # The builder reads each graph's precision with the onnx package (in the trt and export extras).
     can_build = on_engine_mismatch == "rebuild" and find_spec("onnx") is not None
     out = {}
     for p in PRECISIONS:
         out[p] = None
         for g in graphs:
-            entry = engines_meta.get(f"{g}.{p}")
-            source = entry.get("source_graph", g) if entry else (g + ".qdq" if p == "int8" else g)
+            entry = bundle.manifest.exports.engine(engine_name(g, p))
+            source = _engine_source(entry, g, p)
             why = engine_mismatch(entry, bundle, source, platform)
-            if why is None or (can_build and _onnx_entry(bundle, source) is not None):
+            if why is None or (can_build and bundle.manifest.exports.graph(source) is not None):
                 continue
             if can_build:
                 why += f" and no exported {source} graph to build one from"
@@ -392,18 +391,12 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
     if on_engine_mismatch == "rebuild":
         # Refuse a precision that has no engine and cannot be built before building the other graph's.
         check_precision("trt", bundle, precision, str(dev), platform=plat, on_engine_mismatch="rebuild")
-    engines_meta = bundle.manifest.exports.get("engines") or {}
-    onnx_meta = bundle.manifest.exports.get("onnx") or {}
-    image_size = int(onnx_meta.get("image_size") or (bundle.manifest.vfm.image_size if bundle.manifest.vfm else 0))
     engines: dict[str, TrtEngine] = {}
-    for graph, present in (("detector", bundle.manifest.detector is not None and bundle.manifest.vfm is not None), ("adapter", bundle.manifest.adapter is not None)):
-        if not present:
-            continue
-        name = f"{graph}.{precision}"
-        entry = engines_meta.get(name)
-        source = entry.get("source_graph", graph) if entry else (graph + ".qdq" if precision == "int8" else graph)
-        why = engine_mismatch(entry, bundle, source, plat)
-        path: Path | None = None if why else bundle.path(entry["file"])
+    for graph in _present_graphs(bundle):
+        name = engine_name(graph, precision)
+        entry = bundle.manifest.exports.engine(name)
+        why = engine_mismatch(entry, bundle, _engine_source(entry, graph, precision), plat)
+        path: Path | None = None if why else bundle.path(entry.file)
         if why:
             if on_engine_mismatch == "fail":
                 raise EngineMismatchError(f"{name} engine: {why}")
@@ -416,7 +409,7 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
             warnings.warn(f"{name} engine: {why}; building a matching engine (this takes minutes once)", RuntimeWarning, stacklevel=3)
             path, _ = build_bundle_engine(bundle, graph, precision, cache_dir=cache_dir)
         engines[graph] = TrtEngine(path, device=dev.index)
-    backend = TrtBackend(bundle, engines, image_size)
+    backend = TrtBackend(bundle, engines, bundle.manifest.image_size())
     backend.precision = precision
     return backend
 

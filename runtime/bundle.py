@@ -9,7 +9,8 @@ Layout::
       adapter.safetensors      the cross-attention adapter
       detector.safetensors     the detector's projection of VFM patch tokens
       vfm/ vlm/                optional: models carried inside the bundle
-      *.onnx, engines/         added by `rtrt export`
+      *.onnx, engines/         added by `rtrt export` (file names: rtrt.runtime.names; recorded in
+                               manifest.exports, typed by rtrt.runtime.exports)
 
 Loading verifies the schema and the hash of every listed file and refuses, with a one-line
 ``BundleError`` naming the file, anything missing, altered, of a newer schema, or outside the
@@ -47,12 +48,14 @@ from safetensors.torch import load_file, save
 
 from . import fileio as _fio
 from .errors import BundleError, InputError
+from .exports import Exports
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_file  # re-exported; writes below go through _fio
 from .modules import AdapterConfig, ClassEmbeddings, CrossAttentionAdapter, DetectorConfig, RareObjectDetector
 
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_NAME",
+    "DEFAULT_IMAGE_SIZE",
     "ClassInfo",
     "VLMSpec",
     "VFMSpec",
@@ -72,6 +75,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+DEFAULT_IMAGE_SIZE = 448  # square VFM/detector input side in pixels when nothing else says (Manifest.image_size)
 
 # A hub repository id ``org/name`` (no ``..``, no leading dot or dash) and a pinned git commit.
 _HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -116,7 +120,7 @@ class VFMSpec:
     kind: str  # "timm" or "transformers"
     ref: str  # carried directory/file relative to the bundle, hub id "org/name" (needs revision), or absolute path
     arch: str = ""  # timm architecture name (kind "timm"), e.g. "vit_small_patch16_dinov3"
-    image_size: int = 448  # square input side in pixels
+    image_size: int = DEFAULT_IMAGE_SIZE  # square input side in pixels
     patch_size: int = 16  # pixels per patch side
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
@@ -154,7 +158,7 @@ class Manifest:
     adapter: AdapterConfig | None = None  # present when adapter.safetensors is
     detector: DetectorConfig | None = None  # present when detector.safetensors is
     files: dict[str, FileEntry] = field(default_factory=dict)  # relative POSIX path -> hash
-    exports: dict[str, Any] = field(default_factory=dict)  # ONNX/TensorRT artifacts and parity reports
+    exports: Exports = field(default_factory=Exports)  # ONNX/TensorRT artifacts and parity reports (rtrt.runtime.exports)
     training: dict[str, Any] = field(default_factory=dict)  # provenance: configs, seeds, final metrics
     schema_version: int = SCHEMA_VERSION  # refused on load when newer than this code
     rtrt_version: str = field(default_factory=_rtrt_version)  # version that wrote the bundle
@@ -163,8 +167,17 @@ class Manifest:
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
 
+    def image_size(self, exported: bool = True) -> int:
+        """Square detector input side in pixels, one rule for every reader: the size the ONNX graphs
+        were exported for (``exported=True``, and the bundle has them), else the VFM's, else
+        ``DEFAULT_IMAGE_SIZE``. The PyTorch modules and a new export take ``exported=False``."""
+        vfm = self.vfm.image_size if self.vfm is not None else DEFAULT_IMAGE_SIZE
+        return self.exports.image_size(vfm) if exported else int(vfm)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, exports=Exports()))
+        d["exports"] = self.exports.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
@@ -194,7 +207,7 @@ class Manifest:
                 adapter=sub("adapter", AdapterConfig),
                 detector=sub("detector", DetectorConfig),
                 files={str(k): _build(FileEntry, v) for k, v in files.items()},
-                exports=dict(d.get("exports") or {}),
+                exports=Exports.from_dict(d.get("exports")),
                 training=dict(d.get("training") or {}),
                 schema_version=version,
                 rtrt_version=str(d.get("rtrt_version", "")),
@@ -378,8 +391,8 @@ class Bundle:
         _load_state(module, self.tensors("detector.safetensors"), "detector.safetensors")
         return module.eval()
 
-    def add_files(self, files: Mapping[str, bytes | os.PathLike | str], exports: Mapping[str, Any] | None = None) -> None:
-        """Add or replace files (bytes, or a path to copy) and merge ``exports`` into the manifest.
+    def add_files(self, files: Mapping[str, bytes | os.PathLike | str], exports: Exports | None = None) -> None:
+        """Add or replace files (bytes, or a path to copy) and, when given, replace the manifest's ``exports``.
 
         The complete new version is built in a temporary sibling directory (every file of the old
         one hard-linked where the filesystem allows, else copied; the new files; the manifest last)
@@ -403,8 +416,8 @@ class Bundle:
                 else:
                     _fio.atomic_copy_file(Path(src), dst)
                 manifest.files[rel] = FileEntry(sha256_file(dst), dst.stat().st_size)
-            if exports:
-                manifest.exports.update(exports)
+            if exports is not None:
+                manifest.exports = copy.deepcopy(exports)
             _fio.atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
             _fio.replace_dir(tmp, target)
         except BaseException:

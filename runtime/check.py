@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError, BundleError, InputError, ParityError
 from .machine import machine_info, machine_summary
-from .names import ADAPTER, DETECTOR, GraphSpec
+from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, PRECISIONS, REFERENCE_FILE, GraphSpec, graph_key, ort_variant
 from .parity import TOLERANCES, cross_validate
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "verify_backend",
 ]
 
-REFERENCE_FILE = "reference.safetensors"
 REFERENCE_FORMAT = "rtrt-reference/1"
 SPECS: dict[str, GraphSpec] = {"detector": DETECTOR, "adapter": ADAPTER}
 
@@ -149,14 +148,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _engines(bundle) -> dict[str, Any]:
-    return dict(bundle.manifest.exports.get("engines") or {})
-
-
-def _onnx_graphs(bundle) -> dict[str, Any]:
-    return dict((bundle.manifest.exports.get("onnx") or {}).get("graphs") or {})
-
-
 def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
     """(backend, precision, reason to skip or None) for every combination to report.
 
@@ -165,7 +156,6 @@ def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Se
     the precisions of its recorded engines, else fp32). Explicitly asked-for combinations the
     machine or the bundle cannot run raise ``BackendUnavailableError`` (a bad request, exit 2).
     """
-    from .backends import BACKENDS, PRECISIONS
     from .trt_engine import tensorrt_status
 
     for b in backends or ():
@@ -175,18 +165,18 @@ def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Se
         if p not in PRECISIONS:
             raise InputError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
     explicit_backends = bool(backends)
-    graphs = _onnx_graphs(bundle)
+    exports = bundle.manifest.exports
     plan: list[tuple[str, str, str | None]] = []
     for b in backends or BACKENDS:
         if b == "torch":
             have = ["fp32"]
         elif b == "ort":
-            if not any(g in graphs for g in SPECS):
+            if not any(exports.graph(g) for g in GRAPHS):
                 if explicit_backends:
                     raise BackendUnavailableError(f"{bundle.root}: no exported ONNX graphs; run `rtrt export --bundle {bundle.root}`")
                 plan.append((b, "fp32", "no exported ONNX graphs"))
                 continue
-            have = ["fp32"] + (["int8"] if any(f"{g}.int8" in graphs for g in SPECS) else [])
+            have = ["fp32"] + (["int8"] if any(exports.graph(graph_key(g, ort_variant("int8"))) for g in GRAPHS) else [])
         else:
             reason = tensorrt_status()
             if reason:
@@ -194,7 +184,7 @@ def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Se
                     raise BackendUnavailableError(f"--backend trt: {reason} on this machine")
                 plan.append((b, "-", reason))
                 continue
-            have = sorted({k.rsplit(".", 1)[1] for k in _engines(bundle)}) or ["fp32"]
+            have = sorted({e.precision for e in exports.engines.values()}) or ["fp32"]
         want = list(precisions) if precisions else have
         for p in want:
             if p not in have and not (b == "trt" and precisions):

@@ -128,7 +128,7 @@ class Pipeline:
         self.detector_cfg = m.detector
         self.vfm_spec = m.vfm
         # An export may fix another input size than the VFM's default; the backend knows which.
-        self.image_size = int(getattr(backend, "image_size", None) or m.vfm.image_size)
+        self.image_size = int(getattr(backend, "image_size", None) or m.image_size())
         self._vlm_lock = threading.Lock()
         if vlm is not None:
             self._check_vlm(vlm)

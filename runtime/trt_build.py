@@ -42,12 +42,13 @@ from filelock import FileLock
 from .engine_cache import EngineCache, engine_key
 from .errors import EngineBuildError
 from .fileio import atomic_write_bytes
-from .names import ADAPTER, DETECTOR, GraphSpec
+from .exports import EngineExport
+from .names import ADAPTER, DETECTOR, PRECISIONS, GraphSpec, engine_file
+from .names import source_graph as _source_graph
 from .profiles import graph_ranges
 from .trt_engine import import_tensorrt, platform_info
 
 __all__ = [
-    "PRECISIONS",
     "TrtFlavor",
     "source_graph",
     "dim_ranges",
@@ -58,8 +59,6 @@ __all__ = [
     "build_engine",
     "build_bundle_engine",
 ]
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -79,14 +78,6 @@ class TrtFlavor:
         if major < 10:
             raise EngineBuildError(f"TensorRT {trt.__version__} is too old: rtrt builds with TensorRT 10 or 11")
         return cls(major=major, strongly_typed=major >= 11)
-
-    def source_suffix(self, precision: str) -> str:
-        """Which exported graph an engine of ``precision`` is built from: "", ".fp16" or ".qdq"."""
-        if precision == "int8":
-            return ".qdq"
-        if precision == "fp16" and self.strongly_typed:
-            return ".fp16"
-        return ""
 
     def network_flags(self, trt) -> int:
         """The ``create_network`` argument."""
@@ -137,8 +128,9 @@ def float16_kinds(path: str | os.PathLike) -> set[str]:
 
 
 def source_graph(graph: str, precision: str, trt=None) -> str:
-    """Name of the exported graph ("adapter", "adapter.fp16", "adapter.qdq") an engine is built from here."""
-    return graph + TrtFlavor.of(trt if trt is not None else import_tensorrt()).source_suffix(precision)
+    """Key of the exported graph ("adapter", "adapter.fp16", "adapter.qdq") an engine is built from with
+    this TensorRT (``rtrt.runtime.names.source_graph`` for its flavour)."""
+    return _source_graph(graph, precision, TrtFlavor.of(trt if trt is not None else import_tensorrt()).strongly_typed)
 
 
 def dim_ranges(
@@ -291,7 +283,7 @@ def build_engine(
     cache_dir: str | os.PathLike | None = None,
     workspace_gb: float = 4.0,
     log: Callable[[str], None] | None = None,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EngineExport]:
     """Load or build the engine of one exported graph through the ``EngineCache``.
 
     ``input_dims``: the ONNX inputs' dims (``GraphInfo.inputs``; symbols where dynamic).
@@ -308,15 +300,15 @@ def build_engine(
     timing = cache.root / f"timing.trt{plat.trt_version}.sm{plat.compute_capability}.cache"
     builder = EngineBuilder(workspace_gb=workspace_gb, timing_cache=timing, log=log)
     res = cache.load_or_build(key, lambda: builder.build(onnx_path, profile, precision), name=f"{graph}.{precision}")
-    meta = {
-        "file": f"engines/{graph}.{precision}.engine",
-        "key": key.digest,
-        "precision": precision,
-        "onnx_sha256": key.onnx_sha256,
-        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-        "built": res.built,
+    meta = EngineExport(
+        file=engine_file(graph, precision),
+        key=key.digest,
+        precision=precision,
+        onnx_sha256=key.onnx_sha256,
+        profile={k: [list(s) for s in v] for k, v in profile.items()},
+        built=res.built,
         **plat.to_dict(),
-    }
+    )
     return res.path, meta
 
 
@@ -330,16 +322,15 @@ def build_bundle_engine(
     family: str | None = None,
     workspace_gb: float = 4.0,
     log: Callable[[str], None] | None = None,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EngineExport]:
     """``build_engine`` for the ``graph`` ("detector"/"adapter") exported into ``bundle``.
 
-    The source is the ONNX recorded in ``manifest.exports["onnx"]`` that this TensorRT builds the
+    The source is the ONNX recorded in ``manifest.exports.onnx`` that this TensorRT builds the
     precision from (``source_graph``: the graph itself, ``<graph>.fp16`` on TensorRT >= 11, or
     ``<graph>.qdq`` for int8); ranges come from the bundle's image-token layout and classes.
     """
-    graphs = (bundle.manifest.exports.get("onnx") or {}).get("graphs", {})
     source = source_graph(graph, precision)
-    entry = graphs.get(source)
+    entry = bundle.manifest.exports.graph(source)
     if entry is None:
         hint = f" --precision {precision} --backend trt" if source != graph else ""
         raise EngineBuildError(f"{bundle.root}: no exported {source} graph to build from; run `rtrt export --bundle {bundle.root}{hint}`")
@@ -347,6 +338,6 @@ def build_bundle_engine(
     layout = m.vlm.image_token_layout if m.vlm else None
     fam = family or (m.vlm.family if m.vlm else None)
     ranges = dim_ranges(layout, len(m.classes), max_batch, fam)[graph]
-    path, meta = build_engine(bundle.path(entry["file"]), graph, precision, entry["inputs"], ranges, cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
-    meta["source_graph"] = source
+    path, meta = build_engine(bundle.path(entry.file), graph, precision, entry.inputs, ranges, cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
+    meta.source_graph = source
     return path, meta

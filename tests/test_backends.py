@@ -6,6 +6,7 @@ fall back or fail), not TensorRT. Real engines are exercised in test_trt.py wher
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from rtrt.export.parity import TOLERANCES, parity_images, rank_classes, topk_agr
 from rtrt.runtime import load_bundle, select_detections
 from rtrt.runtime import backends as be
 from rtrt.runtime.errors import BackendUnavailableError, EngineMismatchError, InputError
+from rtrt.runtime.exports import EngineExport
+from rtrt.runtime.names import GRAPHS, engine_file, engine_name
 from rtrt.runtime.trt_engine import PlatformInfo, tensorrt_status
 from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
 
@@ -155,12 +158,11 @@ def with_engine(exported, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(exported, path)
     b = load_bundle(path)
-    graphs = b.manifest.exports["onnx"]["graphs"]
     engines = {
-        f"{g}.fp16": {"file": f"engines/{g}.fp16.engine", "onnx_sha256": graphs[g]["sha256"], "source_graph": g, **HERE.to_dict()}
-        for g in ("detector", "adapter")
+        engine_name(g, "fp16"): EngineExport(file=engine_file(g, "fp16"), onnx_sha256=b.manifest.exports.graph(g).sha256, source_graph=g, **HERE.to_dict())
+        for g in GRAPHS
     }
-    b.add_files({f"engines/{g}.fp16.engine": b"not a real engine" for g in ("detector", "adapter")}, exports={"engines": engines})
+    b.add_files({e.file: b"not a real engine" for e in engines.values()}, exports=dataclasses.replace(b.manifest.exports, engines=engines))
     return path
 
 
@@ -204,8 +206,9 @@ def test_mismatch_fail_and_fallback(with_engine, fake_trt, monkeypatch, other, n
             be.make_backend("trt", with_engine, precision="fp16", on_engine_mismatch="fallback")
     # An fp32 engine falls back to ORT's fp32 graphs.
     b = load_bundle(with_engine)
-    engines = {k.replace(".fp16", ".fp32"): dict(v, file=v["file"].replace(".fp16", ".fp32")) for k, v in b.manifest.exports["engines"].items()}
-    b.add_files({e["file"]: b"not a real engine" for e in engines.values()}, exports={"engines": engines})
+    engines = {engine_name(g, "fp32"): dataclasses.replace(b.manifest.exports.engine(engine_name(g, "fp16")), file=engine_file(g, "fp32"), precision="fp32")
+               for g in GRAPHS}
+    b.add_files({e.file: b"not a real engine" for e in engines.values()}, exports=dataclasses.replace(b.manifest.exports, engines=engines))
     with pytest.warns(RuntimeWarning, match="falling back to the ort backend"):
         backend = be.make_backend("trt", with_engine, precision="fp32", on_engine_mismatch="fallback")
     assert isinstance(backend, be.OrtBackend) and backend.precision == "fp32"
@@ -234,10 +237,10 @@ def test_mismatch_rebuild(with_engine, fake_trt, monkeypatch, tmp_path):
 
 def test_stale_engine_after_reexport_is_a_mismatch(with_engine):
     b = load_bundle(with_engine)
-    entry = dict(b.manifest.exports["engines"]["detector.fp16"], onnx_sha256="0" * 64)
+    entry = dataclasses.replace(b.manifest.exports.engine("detector.fp16"), onnx_sha256="0" * 64)
     assert "re-exported" in be.engine_mismatch(entry, b, "detector", HERE)
     assert be.engine_mismatch(None, b, "detector", HERE) == "no engine recorded in the bundle"
-    assert be.engine_mismatch(b.manifest.exports["engines"]["detector.fp16"], b, "detector", HERE) is None
+    assert be.engine_mismatch(b.manifest.exports.engine("detector.fp16"), b, "detector", HERE) is None
 
 
 @pytest.mark.skipif(tensorrt_status() is None, reason="TensorRT and a GPU are present")

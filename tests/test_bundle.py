@@ -9,6 +9,7 @@ import torch
 
 from rtrt.runtime import BundleError, ClassEmbeddings, CrossAttentionAdapter, RareObjectDetector, load_bundle, write_bundle
 from rtrt.runtime.bundle import MANIFEST_NAME, SCHEMA_VERSION, ClassInfo, Manifest, VFMSpec, VLMSpec
+from rtrt.runtime.exports import Exports, OnnxExports
 
 
 def _make(tmp_path, name="b"):
@@ -180,9 +181,9 @@ def test_errors_are_one_line(tmp_path):
 
 def test_add_files_is_atomic_and_hashed(tmp_path):
     b, *_ = _make(tmp_path)
-    b.add_files({"extra/notes.txt": b"hello"}, exports={"onnx": {"ok": True}})
+    b.add_files({"extra/notes.txt": b"hello"}, exports=Exports(onnx=OnnxExports(opset=18)))
     b2 = load_bundle(b.root)
-    assert b2.manifest.exports == {"onnx": {"ok": True}}
+    assert b2.manifest.exports == Exports(onnx=OnnxExports(opset=18))
     assert b2.path("extra/notes.txt").read_bytes() == b"hello"
     with pytest.raises(BundleError):
         b.add_files({"../escape.txt": b"x"})

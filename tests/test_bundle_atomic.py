@@ -28,6 +28,7 @@ import torch
 
 from rtrt.runtime import BundleError, fileio, load_bundle, write_bundle
 from rtrt.runtime.bundle import MANIFEST_NAME, ClassInfo, Manifest
+from rtrt.runtime.exports import Exports, OnnxExports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def _old_bundle(work: Path, src: Path) -> Path:
 def _add_files(path: Path, src: Path) -> None:
     # a new file, a replaced file (its old version is hard-linked in the old bundle), a copied file
     load_bundle(path).add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced", "extra/g.onnx": src / "graph.onnx"},
-                                exports={"onnx": {"graphs": ["detector"]}})
+                                exports=Exports(onnx=OnnxExports(opset=18)))
 
 
 def _overwrite(path: Path, src: Path) -> None:
@@ -180,12 +181,12 @@ def test_add_files_keeps_the_root_and_the_old_files_intact(tmp_path):
     b = load_bundle(path)
     before = (path / "notes.txt").stat().st_ino
     kept = open(path / "notes.txt", "rb")  # a reader of the old version keeps reading it
-    b.add_files({"notes.txt": b"replaced"}, exports={"x": 1})
+    b.add_files({"notes.txt": b"replaced"}, exports=Exports(onnx=OnnxExports(image_size=64)))
     assert kept.read() == b"onnx bytes"
     kept.close()
     assert b.root == path and b.path("notes.txt").read_bytes() == b"replaced"
     assert (path / "notes.txt").stat().st_ino != before  # replaced, never written in place
-    assert load_bundle(path).manifest.exports == {"x": 1} == b.manifest.exports
+    assert load_bundle(path).manifest.exports == Exports(onnx=OnnxExports(image_size=64)) == b.manifest.exports
     with pytest.raises(BundleError, match="manifest is written by the bundle"):
         b.add_files({MANIFEST_NAME: b"{}"})
 
@@ -213,6 +214,7 @@ def test_bundle_writes_only_through_fileio():
 _KILL_CHILD = textwrap.dedent("""
     import sys, time
     from rtrt.runtime import fileio, load_bundle
+    from rtrt.runtime.exports import Exports, OnnxExports
     path, stop = sys.argv[1], int(sys.argv[2])
     calls = []
     for name in fileio.MUTATORS:
@@ -224,7 +226,7 @@ _KILL_CHILD = textwrap.dedent("""
                 time.sleep(120)
             return _real(*a, **kw)
         setattr(fileio, name, wrapper)
-    load_bundle(path).add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports={"onnx": {"n": 1}})
+    load_bundle(path).add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports=Exports(onnx=OnnxExports(opset=1)))
     print("done", flush=True)
 """)
 
@@ -234,7 +236,7 @@ def test_sigkill_in_the_middle_of_add_files(tmp_path):
     src = _sources(tmp_path)
     ref = _old_bundle(tmp_path / "ref", src)
     old = _state(ref)
-    load_bundle(ref).add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports={"onnx": {"n": 1}})
+    load_bundle(ref).add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports=Exports(onnx=OnnxExports(opset=1)))
     new = _state(ref)
     steps = _count_steps(tmp_path, src)
     cases = {"before the swap": steps.index("replace_dir") + 1, "before the cleanup": len(steps)}
@@ -265,7 +267,7 @@ def _count_steps(tmp_path: Path, src: Path) -> list[str]:
     mp = pytest.MonkeyPatch()
     try:
         steps = _instrument(mp, None)
-        load_bundle(work / "b").add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports={"onnx": {"n": 1}})
+        load_bundle(work / "b").add_files({"detector.onnx": b"new graph", "notes.txt": b"replaced"}, exports=Exports(onnx=OnnxExports(opset=1)))
     finally:
         mp.undo()
     return steps

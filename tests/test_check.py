@@ -45,7 +45,7 @@ def test_export_stores_reference_inputs_and_outputs(exported):
     # The adapter's call convention: every visual token of the batch as one sequence.
     assert ad["feeds"]["visual_tokens"].shape[0] == 1 and ad["outputs"]["refined_tokens"].shape == ad["feeds"]["visual_tokens"].shape
     assert "synthetic" in ad["inputs"]  # the tiny bundle names no VLM
-    assert b.manifest.exports["reference"]["file"] == REFERENCE_FILE
+    assert b.manifest.exports.reference.file == REFERENCE_FILE
 
 
 def test_check_passes_and_prints_the_table_with_the_machine(exported, capsys):

@@ -366,7 +366,7 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     assert build.main(["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]) == 0
     bundle = load_bundle(out / "bundle")
-    graphs = bundle.manifest.exports["onnx"]["graphs"]
+    graphs = bundle.manifest.exports.graphs
     assert {"detector", "adapter", "detector.int8", "adapter.int8"} <= set(graphs)
     report = json.loads((out / "build_report.json").read_text())
     assert set(report["seconds"]) >= {"world", "vfm", "vlm", "phase1", "phase2", "export"}

@@ -49,20 +49,20 @@ def test_export_writes_graphs_and_parity_reports(exported: Path):
     b = load_bundle(exported)  # every hash verifies, including the new files
     for f in ("detector.onnx", "adapter.onnx"):
         assert b.has(f)
-    onnx_meta = b.manifest.exports["onnx"]
-    assert onnx_meta["image_size"] == 64 and onnx_meta["opset"] >= 18
-    graphs = onnx_meta["graphs"]
+    onnx_meta = b.manifest.exports.onnx
+    assert onnx_meta.image_size == 64 and onnx_meta.opset >= 18
+    graphs = onnx_meta.graphs
     for name in ("detector", "adapter"):
-        assert graphs[name]["parity"]["passed"], graphs[name]["parity"]["failures"]
-        assert graphs[name]["problems"] == []
+        assert graphs[name].parity["passed"], graphs[name].parity["failures"]
+        assert graphs[name].problems == []
         # A parity report is a fact about one machine: it says which.
-        machine = graphs[name]["parity"]["machine"]
+        machine = graphs[name].parity["machine"]
         assert machine["cpu"] and machine["arch"] and isinstance(machine["isa"], list) and machine["onnxruntime"]
-    assert max(graphs["detector"]["parity"]["max_abs_error"].values()) <= 1e-4
-    assert graphs["detector"]["parity"]["topk_agreement"] == 1.0
-    assert graphs["detector"]["inputs"]["pixel_values"] == ["batch", 3, 64, 64]
-    assert graphs["adapter"]["inputs"]["visual_tokens"] == ["batch", "num_tokens", 64]
-    assert graphs["adapter"]["inputs"]["class_embeddings"] == ["num_classes", 64]
+    assert max(graphs["detector"].parity["max_abs_error"].values()) <= 1e-4
+    assert graphs["detector"].parity["topk_agreement"] == 1.0
+    assert graphs["detector"].inputs["pixel_values"] == ["batch", 3, 64, 64]
+    assert graphs["adapter"].inputs["visual_tokens"] == ["batch", "num_tokens", 64]
+    assert graphs["adapter"].inputs["class_embeddings"] == ["num_classes", 64]
 
 
 @pytest.mark.parametrize("batch,classes", [(1, 1), (2, 8), (3, 5)])
@@ -93,11 +93,11 @@ def test_ort_adapter_matches_torch(exported, refs, batch, tokens, classes):
 
 def test_int8_export_writes_graphs_and_parity_reports(exported_int8: Path):
     b = load_bundle(exported_int8)
-    graphs = b.manifest.exports["onnx"]["graphs"]
+    graphs = b.manifest.exports.graphs
     for name in ("detector", "adapter", "detector.int8", "adapter.int8"):
-        assert b.has(graphs[name]["file"])
-        assert graphs[name]["parity"]["passed"], graphs[name]["parity"]["failures"]
-        assert graphs[name]["problems"] == []
+        assert b.has(graphs[name].file)
+        assert graphs[name].parity["passed"], graphs[name].parity["failures"]
+        assert graphs[name].problems == []
 
 
 def test_int8_top5_agreement(exported_int8, refs):
@@ -110,7 +110,7 @@ def test_int8_top5_agreement(exported_int8, refs):
     agree = topk_agreement(ref_scores, rank_classes(got[0]), k=5).mean()
     print(f"int8 top-5 agreement with fp32 PyTorch on the tiny bundle: {agree:.1%}; max score error {np.abs(got[0] - ref_scores).max():.2e}")
     assert agree >= TOLERANCES["int8"].topk_agreement
-    recorded = load_bundle(exported_int8).manifest.exports["onnx"]["graphs"]["detector.int8"]["parity"]
+    recorded = load_bundle(exported_int8).manifest.exports.graph("detector.int8").parity
     assert recorded["topk_agreement"] >= TOLERANCES["int8"].topk_agreement
 
 
@@ -200,5 +200,5 @@ def test_json_output_is_what_the_manifest_holds(tmp_path, capsys):
     assert main(["--bundle", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["onnx"]["graphs"]) == {"adapter"}
-    assert load_bundle(path).manifest.exports["onnx"] == out["onnx"]
+    assert load_bundle(path).manifest.exports.to_dict()["onnx"] == out["onnx"]
     assert out["onnx"]["graphs"]["adapter"]["outputs"][ADAPTER.outputs[0]] == ["batch", "num_tokens", 32]

@@ -54,11 +54,11 @@ def test_dim_ranges_per_graph_from_the_layout():
 
 def test_profile_from_onnx_dynamic_axes(exported):
     """Dims come from the exported ONNX's inputs (symbols where dynamic), ranges from the layout."""
-    graphs = load_bundle(exported).manifest.exports["onnx"]["graphs"]
+    graphs = load_bundle(exported).manifest.exports.graphs
     ranges = tb.dim_ranges({"family": "qwen2_5_vl"}, 8, max_batch=2)
-    det = tb.derive_profile(graphs["detector"]["inputs"], DETECTOR, ranges["detector"])
+    det = tb.derive_profile(graphs["detector"].inputs, DETECTOR, ranges["detector"])
     assert det == {"pixel_values": ((1, 3, 64, 64), (1, 3, 64, 64), (2, 3, 64, 64)), "class_embeddings": ((1, 64), (8, 64), (8, 64))}
-    ad = tb.derive_profile(graphs["adapter"]["inputs"], ADAPTER, ranges["adapter"])
+    ad = tb.derive_profile(graphs["adapter"].inputs, ADAPTER, ranges["adapter"])
     assert ad["visual_tokens"] == ((1, 4, 64), (1, 1196, 64), (1, 2 * 16384, 64))
     # TensorRT reports dynamic dims as -1: the symbol comes from rtrt.runtime.names.
     assert tb.derive_profile({"visual_tokens": [-1, -1, 64], "class_embeddings": [-1, 64]}, ADAPTER, ranges["adapter"]) == ad
@@ -309,7 +309,7 @@ def test_fp16_graph_runs_in_ort_close_to_fp32(exported, tmp_path, graph):
     import onnxruntime as ort
 
     b = load_bundle(exported)
-    src = b.path(b.manifest.exports["onnx"]["graphs"][graph]["file"])
+    src = b.path(b.manifest.exports.graph(graph).file)
     dst = convert_to_fp16(src, tmp_path / f"{graph}.fp16.onnx")
     model = onnx.load(str(dst))
     onnx.checker.check_model(model)
@@ -446,8 +446,8 @@ def test_trt_engines_match_torch_and_ort(trt_bundle, precision):
     from rtrt.runtime.backends import make_backend
 
     path, cache = trt_bundle
-    engines = load_bundle(path).manifest.exports["engines"]
-    assert engines[f"detector.{precision}"]["parity"]["passed"] and engines[f"adapter.{precision}"]["parity"]["passed"]
+    engines = load_bundle(path).manifest.exports.engines
+    assert engines[f"detector.{precision}"].parity["passed"] and engines[f"adapter.{precision}"].parity["passed"]
     trt_b = make_backend("trt", path, precision=precision, on_engine_mismatch="fail", cache_dir=cache)
     ref = make_backend("torch", path, device="cuda")
     ort_b = make_backend("ort", path, device="cpu")
@@ -479,11 +479,11 @@ def test_trt_engine_cache_reused_and_mismatch_detected(trt_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(path, copy)
     exports = export_bundle(copy, backend="trt", precision="fp16", cache_dir=cache, log=lambda m: None)
-    assert not exports["engines"]["detector.fp16"]["built"]  # same ONNX, same GPU: reused from the cache
+    assert not exports.engines["detector.fp16"].built  # same ONNX, same GPU: reused from the cache
     b = load_bundle(copy)
-    engines = {k: dict(v) for k, v in b.manifest.exports["engines"].items()}
-    engines["detector.fp16"]["gpu_name"] = "Some Other GPU"
-    b.add_files({}, exports={"engines": engines})
+    exports = b.manifest.exports
+    exports.engines["detector.fp16"].gpu_name = "Some Other GPU"
+    b.add_files({}, exports=exports)
     with pytest.raises(EngineMismatchError, match="gpu name"):
         make_backend("trt", copy, precision="fp16", on_engine_mismatch="fail", cache_dir=cache)
     with pytest.warns(RuntimeWarning, match="building a matching engine"):

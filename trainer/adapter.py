@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from rtrt.runtime.bundle import VLMSpec, load_bundle, split_pinned, write_bundle
 from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
+from rtrt.runtime.exports import Exports
 from rtrt.runtime.image import load_image
 from rtrt.runtime.modules import CrossAttentionAdapter
 
@@ -309,7 +310,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
             vlm=VLMSpec(family=vlm.name, ref=ref, hidden_size=vlm.hidden_size, image_token_layout=vlm.image_token_layout(),
                         revision=revision),
             adapter=adapter.config,
-            exports={},
+            exports=Exports(),  # the source bundle's graphs hold its old adapter
             training={**m.training, "adapter": provenance},
         )
         tensors = {"adapter.safetensors": {k: v.detach().float().cpu() for k, v in adapter.state_dict().items()}}

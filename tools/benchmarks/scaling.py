@@ -116,7 +116,7 @@ def scaled_bundle(demo: str | Path, vlm_dir: str | Path, out: str | Path, hidden
         # Only the language model changed: the demo's image-token layout still holds (the pipeline
         # checks it against the loaded VLM), so the VLM is not loaded here just to read it.
         m, d_llm=hidden, vlm=VLMSpec("llava", str(Path(vlm_dir).resolve()), hidden, dict(m.vlm.image_token_layout or {})),
-        adapter=adapter.config, detector=detector.config, files={}, exports={},
+        adapter=adapter.config, detector=detector.config, files={},
         training={"note": "rtrt.tools.benchmarks.scaling: random weights, for timing only", "seed": seed})
     write_bundle(out, manifest, {"embeddings.safetensors": {"W": w}, "adapter.safetensors": adapter.state_dict(),
                                  "detector.safetensors": detector.state_dict()},
