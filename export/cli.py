@@ -37,9 +37,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rtrt.runtime.bundle import Bundle, load_bundle, sha256_file
+from rtrt.runtime.bundle import Bundle, load_bundle
 from rtrt.runtime.errors import BackendUnavailableError, RtrtError, run_cli
 from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph
+from rtrt.runtime.fileio import sha256_file
 from rtrt.runtime.names import ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, engine_file, engine_name, graph_key, onnx_file
 from rtrt.runtime.trt_build import build_engine, dim_ranges, source_graph
 

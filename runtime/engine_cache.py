@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 from filelock import FileLock, Timeout
 
 from .errors import EngineBuildError
-from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from .fileio import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 from .trt_engine import PlatformInfo, default_cache_dir, platform_info
 
 __all__ = ["EngineKey", "CacheResult", "EngineCache", "engine_key"]
@@ -95,19 +95,6 @@ def _write_chunks(f, data: bytes) -> None:
         f.write(view[i : i + _CHUNK])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class EngineCache:
     """A directory of engines named ``<name>.<digest[:16]>.engine`` with a ``.json`` sidecar each."""
 
@@ -146,7 +133,7 @@ class EngineCache:
                 raise EngineBuildError(f"{final.name}: the builder returned no engine")
             atomic_write_json(final.with_suffix(".json"), key.to_dict())
             atomic_write_bytes(final, bytes(data), writer=lambda f, d: _write_chunks(f, d))  # late-bound: the crash test's seam
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return CacheResult(final, built=True, waited_s=waited)
         finally:
             lock.release()

@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_copy_file",
+    "fsync_dir",
     "link_or_copy",
     "copy_tree",
     "make_temp_dir",
@@ -181,7 +182,7 @@ def make_temp_dir(target: str | os.PathLike, suffix: str = ".partial") -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename in ``path`` durable (where directories can be opened and synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -241,7 +242,7 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def rename_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """``os.replace``, made durable."""
     os.replace(src, dst)
-    _fsync_dir(Path(dst).parent)
+    fsync_dir(Path(dst).parent)
 
 
 def remove_tree(path: str | os.PathLike) -> None:
@@ -265,7 +266,7 @@ def replace_dir(new: str | os.PathLike, dst: str | os.PathLike) -> None:
         rename_path(new, dst)
         return
     if exchange_paths(new, dst):
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         remove_tree(new)  # the old version, now at the temporary name
         return
     old = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.old")

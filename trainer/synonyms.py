@@ -29,8 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rtrt.runtime.bundle import atomic_write_json
 from rtrt.runtime.errors import InputError, run_cli
+from rtrt.runtime.fileio import atomic_write_json
 from rtrt.runtime.modules import display_name
 
 __all__ = ["load_synonyms", "variant_counts", "chat_url", "ask_variants", "parse_variants", "main", "parse_args"]

@@ -163,6 +163,7 @@ def run_benchmark(
     from rtrt.export.quantize import quantize_dynamic
     from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
     from rtrt.runtime.modules import CrossAttentionAdapter, RareObjectDetector
+    from rtrt.runtime.names import onnx_file
     from rtrt.runtime.vfm import VFMBackbone, create_timm_vfm
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -201,13 +202,13 @@ def run_benchmark(
         det = RareObjectDetector(vit.embed_dim, d_llm).eval()
         eager_det = DetectorGraph(vfm, det).eval()
         t0 = time.monotonic()
-        export_detector(copy.deepcopy(vfm), det, tmp / "detector.onnx", image_size=image_size)
-        quantize_dynamic(tmp / "detector.onnx", tmp / "detector.int8.onnx")
+        export_detector(copy.deepcopy(vfm), det, tmp / onnx_file("detector"), image_size=image_size)
+        quantize_dynamic(tmp / onnx_file("detector"), tmp / onnx_file("detector", "int8"))
         log(f"        {time.monotonic() - t0:.0f} s")
         w = torch.randn(classes, d_llm)
         px_all, _ = parity_images(8, image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], seed=seed)
         px = torch.from_numpy(px_all[:1])
-        s32, s8 = _ort_session(tmp / "detector.onnx", threads), _ort_session(tmp / "detector.int8.onnx", threads)
+        s32, s8 = _ort_session(tmp / onnx_file("detector"), threads), _ort_session(tmp / onnx_file("detector", "int8"), threads)
         feeds = {"pixel_values": px.numpy(), "class_embeddings": w.numpy()}
         flops = _flops(eager_det, px, w)
         log("[bench] detector timing ...")
@@ -237,11 +238,11 @@ def run_benchmark(
         with torch.no_grad():
             ad.gate.fill_(0.5)
         eager_ad = AdapterGraph(ad).eval()
-        export_adapter(ad, tmp / "adapter.onnx")
-        quantize_dynamic(tmp / "adapter.onnx", tmp / "adapter.int8.onnx")
+        export_adapter(ad, tmp / onnx_file("adapter"))
+        quantize_dynamic(tmp / onnx_file("adapter"), tmp / onnx_file("adapter", "int8"))
         case = adapter_cases(w.numpy(), [(1, tokens, classes)], seed=seed)[0]
         v, wc = torch.from_numpy(case["visual_tokens"]), torch.from_numpy(case["class_embeddings"])
-        a32, a8 = _ort_session(tmp / "adapter.onnx", threads), _ort_session(tmp / "adapter.int8.onnx", threads)
+        a32, a8 = _ort_session(tmp / onnx_file("adapter"), threads), _ort_session(tmp / onnx_file("adapter", "int8"), threads)
         flops = _flops(eager_ad, v, wc)
         log("[bench] adapter timing ...")
         with torch.inference_mode():

@@ -13,13 +13,13 @@ for the world's rare categories, fixed here so the rebuild needs no endpoint.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from rtrt.runtime.errors import InputError
+from rtrt.runtime.fileio import atomic_write_json
 
-__all__ = ["DEMO_SYNONYMS", "minilm_dir", "minilm_ref", "load_minilm", "write_synonyms"]
+__all__ = ["DEMO_SYNONYMS", "minilm_dir", "minilm_ref", "write_synonyms"]
 
 DEMO_SYNONYMS: dict[str, list[str]] = {
     "traffic_cone": ["road cone", "safety cone", "orange cone", "pylon", "a cone used to mark road works"],
@@ -56,13 +56,6 @@ def minilm_ref() -> str:
     return f"hf:{minilm_dir()}"
 
 
-def load_minilm(device: str = "cpu"):
-    """The encoder as ``rtrt.trainer.text.TextEncoder``: ``encode(texts) -> [N, 384]``, L2-normalised."""
-    from rtrt.trainer.text import load_text_encoder
-
-    return load_text_encoder(minilm_ref(), device=device)
-
-
 def write_synonyms(path: str | Path, classes: Sequence[str] | None = None,
                    synonyms: Mapping[str, Sequence[str]] = DEMO_SYNONYMS) -> Path:
     """Write the synonyms JSON (class -> list of strings) that ``rtrt train embeddings --synonyms`` reads."""
@@ -71,5 +64,5 @@ def write_synonyms(path: str | Path, classes: Sequence[str] | None = None,
     if unknown:
         raise InputError(f"no demo synonyms for {unknown}")
     path = Path(path)
-    path.write_text(json.dumps({c: list(synonyms[c]) for c in names}, indent=2) + "\n")
+    atomic_write_json(path, {c: list(synonyms[c]) for c in names})
     return path
