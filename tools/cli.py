@@ -170,30 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"rtrt: error: unknown command {cmd!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    from rtrt.runtime.errors import RtrtError
+    from rtrt.runtime.errors import run_cli
 
     with nullcontext() if verbose or _asks_verbose(rest) else _quiet():
-        try:
-            module = importlib.import_module(COMMANDS[cmd][0])
-            code = module.main(rest)
-            return int(code or 0)
-        except RtrtError as e:
-            if debug:
-                raise
-            print(f"rtrt {cmd}: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"rtrt {cmd}: interrupted", file=sys.stderr)
-            return 130
-        except ModuleNotFoundError as e:
-            if debug:
-                raise
-            top = (e.name or "").split(".")[0]
-            if top == "rtrt":
-                print(f"rtrt {cmd}: error: this command is not available in this build ({e.name})", file=sys.stderr)
-            else:
-                print(f"rtrt {cmd}: error: missing dependency {top!r}; install the matching extra, e.g. pip install 'rtrt[dev]'", file=sys.stderr)
-            return 2
+        return run_cli(f"rtrt {cmd}", lambda: importlib.import_module(COMMANDS[cmd][0]).main(rest), debug)
 
 
 if __name__ == "__main__":
