@@ -22,7 +22,7 @@ from typing import Sequence
 
 from rtrt.runtime.fileio import atomic_write_bytes
 
-from .onnx_export import ExportError
+from .common import ExportError
 
 __all__ = ["FP32_OPS", "convert_to_fp16"]
 

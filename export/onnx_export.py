@@ -41,10 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rtrt.runtime.errors import RtrtError
 from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
 from rtrt.runtime.modules import CrossAttentionAdapter, RareObjectDetector
 from rtrt.runtime.names import ADAPTER, DETECTOR, GraphSpec
+
+from .common import ExportError
 
 __all__ = [
     "OPSET",
@@ -71,10 +72,6 @@ FORBIDDEN_OPS = frozenset(
         "Optional", "OptionalGetElement", "OptionalHasElement",
     }
 )
-
-
-class ExportError(RtrtError):
-    """An export step failed: tracing, a forbidden ONNX construct, parity, quantisation, a build."""
 
 
 @dataclass

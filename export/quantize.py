@@ -36,11 +36,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .onnx_export import ExportError
+from .common import INT8_METHODS, ExportError
 
 __all__ = ["METHODS", "quantize_dynamic", "quantize_static", "quantize"]
 
-METHODS = ("dynamic", "static")
+METHODS = INT8_METHODS
 
 # Ops whose weights carry nearly all the FLOPs of both graphs (ViT blocks, projections, adapter).
 _OPS = ("MatMul", "Gemm")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .names import display_name
+
 __all__ = [
     "AdapterConfig",
     "DetectorConfig",
@@ -43,11 +45,6 @@ __all__ = [
 # world of another seed; the measured alternatives are in the README.
 BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
 BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)
-
-
-def display_name(name: str) -> str:
-    """How a class name is written in a prompt: ``traffic_cone`` -> ``traffic cone``."""
-    return name.replace("_", " ").strip()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = [
+__all__ = ["display_name", 
     "GraphSpec",
     "ADAPTER",
     "ADAPTER_CALL",
@@ -129,3 +129,8 @@ def source_graph(graph: str, precision: str, strongly_typed: bool) -> str:
     graph, fp16 from the fp16 graph where TensorRT is strongly typed (>= 11), else the fp32 graph."""
     variant = "qdq" if precision == "int8" else "fp16" if precision == "fp16" and strongly_typed else ""
     return graph_key(graph, variant)
+
+
+def display_name(name: str) -> str:
+    """How a class name is written in a prompt and shown to people: ``traffic_cone`` -> ``traffic cone``."""
+    return name.replace("_", " ").strip()

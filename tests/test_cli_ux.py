@@ -50,14 +50,7 @@ def test_a_too_long_question_prints_only_rtrt_own_error():
     assert err.startswith("rtrt infer: error: ") and err.count("\n") == 1, err
 
 
-# export and synonyms import torch at module level (export/cli.py, trainer/synonyms.py); deferring
-# those imports is their owners' change. strict: the mark must go once they are deferred.
-_SLOW_HELP = {"export", "synonyms"}
-
-
-@pytest.mark.parametrize("cmd", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="imports torch at module level"))
-    if c in _SLOW_HELP else c for c in COMMANDS])
+@pytest.mark.parametrize("cmd", list(COMMANDS))
 def test_help_loads_no_heavy_library(cmd):
     code = ("import contextlib, io, json, sys\n"
             "from rtrt.tools.cli import main\n"

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from rtrt.runtime.errors import InputError, run_cli
 from rtrt.runtime.fileio import atomic_write_json
-from rtrt.runtime.modules import display_name
+from rtrt.runtime.names import display_name
 
 __all__ = ["load_synonyms", "variant_counts", "chat_url", "ask_variants", "parse_variants", "main", "parse_args"]
 
