@@ -99,19 +99,12 @@ def test_json_fields():
 def test_demo_bundle_box_holds_the_single_object_of_a_generated_scene():
     from rtrt.runtime import Pipeline
     from rtrt.runtime.assets import default_bundle
-    from rtrt.tools.demo.world import WorldConfig, render_scene, sample_scene
+    from fixtures.scenes import one_barrier_scene
 
-    # One rare object (a barrier) on an empty road, drawn by the world generator at 640 x 480:
-    # a non-square frame, so the box goes through the aspect-changing resize to the VFM's input.
-    cfg = WorldConfig(width=W, height=H, max_common=0, max_rare=1, rare_prob=1.0, rare_categories=("barrier",),
-                      occlusion_prob=0.0)
-    rng = np.random.default_rng([99, 2])
-    scene = sample_scene(cfg, rng)
-    assert [o.category for o in scene.objects] == ["barrier"]
-    x, y, w, h = scene.objects[0].box
+    # One rare object (a barrier) on an empty road at 640 x 480: a non-square frame, so the box goes
+    # through the aspect-changing resize to the VFM's input.
+    image, (x, y, w, h) = one_barrier_scene(W, H)
     assert min(w, h) >= 40  # a large object: at least a patch and a quarter of the VFM's input on each side
-    image = render_scene(scene, rng, cfg.noise)
-
     pipe = Pipeline.from_bundle(default_bundle(), "ort", load_vlm_model=False)
     res = pipe.detect(image)
     found = {d.name: d for d in res.detections}

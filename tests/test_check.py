@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import save
 
 from rtrt.runtime import load_bundle
 from rtrt.runtime.bundle import VLMSpec
@@ -19,7 +16,7 @@ from rtrt.runtime.errors import BackendUnavailableError, BundleError, ParityErro
 from rtrt.runtime.machine import machine_info
 from rtrt.runtime.pipeline import Pipeline
 from rtrt.tools.cli import main as rtrt_main
-from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle
+from fixtures.tiny_bundle import exported_tiny_bundle, exported_tiny_bundle_int8, make_tiny_bundle, shifted_reference_copy
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +71,7 @@ def test_check_json_has_rows_and_machine(exported, capsys):
 
 
 def _tampered(src: Path, dst: Path) -> Path:
-    """A copy whose stored reference scores are shifted: what a machine computing other numbers would see."""
-    shutil.copytree(src, dst)
-    b = load_bundle(dst)
-    with safe_open(str(b.path(REFERENCE_FILE)), framework="np") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["detector.scores"] = tensors["detector.scores"] + np.float32(0.01)
-    b.add_files({REFERENCE_FILE: save(tensors, metadata=meta)})  # re-hashed: the bundle itself stays valid
-    return dst
+    return shifted_reference_copy(src, dst)
 
 
 def test_check_exits_1_when_a_parity_fails(exported, tmp_path, capsys):

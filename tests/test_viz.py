@@ -22,16 +22,11 @@ def barrier_scene():
     """A 640 x 480 road with one large barrier (as tests/test_boxes.py builds it), and the demo bundle's detections."""
     from rtrt.runtime import Pipeline
     from rtrt.runtime.assets import default_bundle
-    from rtrt.tools.demo.world import WorldConfig, render_scene, sample_scene
+    from fixtures.scenes import one_barrier_scene
 
-    cfg = WorldConfig(width=W, height=H, max_common=0, max_rare=1, rare_prob=1.0, rare_categories=("barrier",),
-                      occlusion_prob=0.0)
-    rng = np.random.default_rng([99, 2])
-    scene = sample_scene(cfg, rng)
-    assert [o.category for o in scene.objects] == ["barrier"]
-    image = render_scene(scene, rng, cfg.noise)
+    image, box = one_barrier_scene(W, H)
     pipe = Pipeline.from_bundle(default_bundle(), "ort", load_vlm_model=False)
-    return image, scene.objects[0].box, pipe.detect(image), pipe.class_names
+    return image, box, pipe.detect(image), pipe.class_names
 
 
 def _outline(box: tuple[int, int, int, int]) -> list[tuple[int, int]]:

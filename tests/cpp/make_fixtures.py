@@ -118,9 +118,6 @@ def option_records(image: Path) -> list[str]:
 def verify_records(bundle: Path, out: Path, backend: str) -> list[str]:
     """verify=True: the bundle loads (or fails for want of reference data); a copy with shifted reference
     scores raises ParityError. Each record: bundle, then the error's type and message, or - - when it loads."""
-    from safetensors import safe_open
-    from safetensors.numpy import save
-
     from rtrt.runtime.bundle import load_bundle
     from rtrt.runtime.check import REFERENCE_FILE
     from rtrt.runtime.errors import RtrtError
@@ -135,15 +132,9 @@ def verify_records(bundle: Path, out: Path, backend: str) -> list[str]:
 
     lines = [outcome(bundle)]
     if load_bundle(bundle).has(REFERENCE_FILE):
-        shifted = out / "shifted_reference_bundle"
-        shutil.copytree(bundle, shifted, symlinks=True)
-        b = load_bundle(shifted)
-        with safe_open(str(b.path(REFERENCE_FILE)), framework="np") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        tensors["detector.scores"] = tensors["detector.scores"] + np.float32(0.01)
-        b.add_files({REFERENCE_FILE: save(tensors, metadata=meta)})  # re-hashed: the bundle itself stays valid
-        lines.append(outcome(shifted))
+        from fixtures.tiny_bundle import shifted_reference_copy
+
+        lines.append(outcome(shifted_reference_copy(bundle, out / "shifted_reference_bundle")))
     return lines
 
 
