@@ -346,7 +346,7 @@ def test_export_fp16_for_trt_writes_checks_and_builds_from_the_fp16_graph(export
     """Control flow only (a fake TensorRT 11, no GPU): ``rtrt export --backend trt --precision fp16``
     converts each graph to fp16, checks it in ORT CPU, and hands the builder ``<graph>.fp16.onnx``
     with that graph's ranges. The builder stand-in stops the export there."""
-    import rtrt.export.cli as cli
+    import rtrt.export.exporter as cli
     import rtrt.runtime.trt_engine as te
 
     path = tmp_path / "b"
