@@ -1,0 +1,266 @@
+"""Probes that keep the demo honest (issue 14, item 7): is the base VLM grounded, is its LLM blind or
+its eyes, does the adapter write what the LLM reads, does the detector rank.
+
+    python -m rtrt.tools.demo.probe [--bundle B] [--data WORLD] [--split test] [--limit N] [--json OUT]
+
+On the split's general-perception questions (the first ``--limit``), with the frozen VLM through
+the pipeline's own path:
+
+1. ``baseline``: how many distinct answers the VLM gives without hints and refinement;
+2. ``common``: per common class of the world, the share of answers naming it when the image holds
+   it minus the share when it does not ("naming" is the keyword judge's ``find_mentions``, so it
+   means what the score means);
+3. ``oracle``: each rare object's class name embedding (the mean of the input-embedding rows of the
+   name's tokens, written as the name appears inside a sentence, with its leading space) is written
+   into the image-token slots its box overlaps (LLaVA's row-major grid over the processor's resized
+   and cropped image); the answer without hints is asked again, and the share of rare objects whose
+   class it names is reported. High: the LLM reads its image slots and knows the name;
+4. ``adapter``: tanh of its gate (the factor on its residual branch), and on the rare-object slots of
+   the baseline visual tokens how often the head-averaged attention's argmax row of W is the
+   object's own class (against chance 1 / C);
+5. ``detector``: per-class AUROC of its scores (class annotated in the image vs not), and the mean.
+
+Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rtrt.runtime.names import BACKENDS
+
+__all__ = ["auroc", "box_slots", "run_probe", "report_text", "parse_args", "main"]
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``labels`` (Mann-Whitney, ties count half);
+    None when every label is the same."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def box_slots(box: Sequence[float], image_size: tuple[int, int], grid: int, processor) -> list[int]:
+    """Row-major indices of the ``grid x grid`` image-token cells a box [x, y, w, h] (input pixels) overlaps.
+
+    The CLIP image processor resizes (shortest edge to ``size``, or to height x width) and then
+    centre-crops; the grid covers the cropped image, so the box goes through the same two steps.
+    """
+    width, height = image_size
+    size = processor.size
+    short = getattr(size, "shortest_edge", None) if not isinstance(size, dict) else size.get("shortest_edge")
+    if short:
+        scale = short / min(width, height)
+        rw, rh = width * scale, height * scale
+    else:
+        rh = size["height"] if isinstance(size, dict) else size.height
+        rw = size["width"] if isinstance(size, dict) else size.width
+    sx, sy = rw / width, rh / height
+    cw, ch = rw, rh
+    if getattr(processor, "do_center_crop", False):
+        crop = processor.crop_size
+        ch = crop["height"] if isinstance(crop, dict) else crop.height
+        cw = crop["width"] if isinstance(crop, dict) else crop.width
+    ox, oy = (rw - cw) / 2, (rh - ch) / 2
+    x, y, w, h = box
+    x0, x1 = (x * sx - ox) * grid / cw, ((x + w) * sx - ox) * grid / cw
+    y0, y1 = (y * sy - oy) * grid / ch, ((y + h) * sy - oy) * grid / ch
+    cols = range(max(0, math.floor(x0)), min(grid, math.ceil(x1)))
+    rows = range(max(0, math.floor(y0)), min(grid, math.ceil(y1)))
+    return [r * grid + c for r in rows for c in cols]
+
+
+def _share(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None = None, batch_size: int = 8,
+              progress: bool = True) -> dict:
+    """All five probes on one split; returns the JSON object ``main`` writes."""
+    import torch
+    from tqdm import tqdm
+
+    from rtrt.runtime.errors import InputError, ModelMismatchError
+    from rtrt.runtime.image import load_image
+    from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
+    from rtrt.tools.judge import find_mentions
+    from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
+
+    data = Path(data)
+    split_dir = data / "CODA-LM" / split
+    if not split_dir.is_dir():
+        raise InputError(f"{split_dir}: no CODA-LM split {split!r} under {data}")
+    refs = read_tasks(task_file(split_dir / "vqa_anno", "general_perception"))
+    anns = [a for _, a in iter_annotations(split_dir)]
+    refs = refs[:limit] if limit is not None else refs
+    if not refs:
+        raise InputError(f"{split_dir}: no general_perception questions")
+    if len(anns) < len(refs):
+        raise InputError(f"{split_dir}: {len(refs)} questions but {len(anns)} annotations")
+    vlm = pipe.vlm
+    if vlm is None:
+        raise InputError("the probes need a pipeline with its VLM loaded")
+    tokens_per_image = (vlm.image_token_layout() or {}).get("tokens_per_image")
+    if vlm.name != "llava" or not tokens_per_image:
+        raise ModelMismatchError(f"the oracle and adapter probes need LLaVA's fixed image-token grid, not {vlm.name!r}")
+    grid = int(math.isqrt(int(tokens_per_image)))
+    offset = int(tokens_per_image) - grid * grid  # 1 when the "full" strategy keeps CLIP's CLS token first
+    image_processor = vlm.processor.image_processor
+    names = list(pipe.class_names)
+    W = pipe.W.float()
+    adapter = pipe.bundle.adapter().float()
+    embed = vlm.model.get_input_embeddings()
+    tokenizer = vlm.processor.tokenizer
+
+    def name_embedding(cat: str) -> torch.Tensor:
+        ids = tokenizer(" " + cat.replace("_", " "), add_special_tokens=False)["input_ids"]
+        return embed.weight[ids].mean(0)
+
+    name_emb = {c: name_embedding(c) for c in RARE_CATEGORIES}
+    present = [sorted({r.category_name for r in a.region_perception}) for a in anns[: len(refs)]]
+    baseline: list[str] = []
+    oracle_hits = oracle_total = 0
+    attn_hits = attn_total = 0
+    det_scores: list[list[float]] = []
+    bar = tqdm(total=len(refs), desc="probe", unit="img", disable=not progress)
+    for start in range(0, len(refs), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(refs))))
+        images = [load_image(data / refs[i].image) for i in chunk]
+        questions = [refs[i].question for i in chunk]
+        det_scores += [[float(s) for s in r.scores] for r in pipe.detect_batch(images)]
+        baseline += [r.answer for r in pipe.batch(images, questions, hints=False, refine=False)]
+        batch = vlm.prepare(images, questions, None)
+        with torch.inference_mode():
+            V = vlm.visual_tokens(batch).float()
+        # Rare objects of each image: (image in chunk, class, slot indices into V).
+        rare = []
+        for b, i in enumerate(chunk):
+            for r in anns[i].region_perception:
+                if r.category_name in RARE_CATEGORIES:
+                    slots = box_slots(r.box, images[b].size, grid, image_processor)
+                    if slots:
+                        rare.append((b, r.category_name, [b * tokens_per_image + offset + s for s in slots]))
+        # 4. adapter attention on the rare slots, with the adapter's own layers.
+        with torch.inference_mode():
+            q = adapter.q_proj(adapter.norm_q(V))
+            k = adapter.k_proj(adapter.norm_kv(W))
+            h, dh = adapter.heads, adapter.head_dim
+            logits = torch.einsum("nhd,chd->nhc", q.unflatten(-1, (h, dh)), k.unflatten(-1, (h, dh))) / math.sqrt(dh)
+            attn = torch.softmax(logits, dim=-1).mean(1)  # [N, C]
+        for _, cat, slots in rare:
+            if cat in names:
+                attn_hits += int((attn[slots].argmax(-1) == names.index(cat)).sum())
+                attn_total += len(slots)
+        # 3. oracle: the class names' embeddings in their objects' slots, no hints.
+        with_rare = sorted({b for b, _, _ in rare})
+        if with_rare:
+            sub = vlm.prepare([images[b] for b in with_rare], [questions[b] for b in with_rare], None)
+            where = {b: n for n, b in enumerate(with_rare)}
+
+            def write_names(v: torch.Tensor) -> torch.Tensor:
+                v = v.clone()
+                for b, cat, slots in rare:
+                    base = (where[b] - b) * tokens_per_image
+                    v[[base + s for s in slots]] = name_emb[cat].to(v.dtype)
+                return v
+
+            with torch.inference_mode():
+                out = vlm.generate(sub, transform=write_names, max_new_tokens=pipe.max_new_tokens)
+            answers = [a.strip() for a in vlm.decode(out)]
+            for b, cat, _ in rare:
+                oracle_total += 1
+                oracle_hits += int(cat in find_mentions(answers[where[b]]))
+        bar.update(len(chunk))
+    bar.close()
+
+    mentions = [find_mentions(a) for a in baseline]
+    common = {}
+    for c in COMMON_CATEGORIES:
+        with_c = [c in m for m, p in zip(mentions, present) if c in p]
+        without_c = [c in m for m, p in zip(mentions, present) if c not in p]
+        p_share, a_share = _share(sum(with_c), len(with_c)), _share(sum(without_c), len(without_c))
+        common[c] = {"present": len(with_c), "absent": len(without_c), "named_when_present": p_share,
+                     "named_when_absent": a_share,
+                     "difference": None if p_share is None or a_share is None else p_share - a_share}
+    per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
+    known = [v for v in per_class.values() if v is not None]
+    gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
+    return {
+        "split": split,
+        "images": len(refs),
+        "baseline": {"distinct_answers": len(set(baseline)), "answers": len(baseline)},
+        "common": common,
+        "oracle": {"rare_objects": oracle_total, "named": oracle_hits, "share": _share(oracle_hits, oracle_total)},
+        "adapter": {"tanh_gate": gates, "rare_patches": attn_total,
+                    "attention_on_own_class": _share(attn_hits, attn_total), "chance": 1.0 / len(names)},
+        "detector": {"auroc": per_class, "mean_auroc": sum(known) / len(known) if known else None},
+    }
+
+
+def _fmt(v: float | None, pct: bool = True) -> str:
+    return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
+
+
+def report_text(res: dict) -> str:
+    """The short report ``main`` prints."""
+    lines = [f"probes on {res['images']} {res['split']} images",
+             f"baseline: {res['baseline']['distinct_answers']} distinct answers of {res['baseline']['answers']}",
+             "common classes, named when present - when absent:"]
+    for c, e in res["common"].items():
+        diff = "-" if e["difference"] is None else f"{100 * e['difference']:+.1f} points"
+        lines.append(f"  {c:14s} {_fmt(e['named_when_present'])} - {_fmt(e['named_when_absent'])} = {diff}")
+    o, a, d = res["oracle"], res["adapter"], res["detector"]
+    lines.append(f"oracle name embedding in the rare slots: named {o['named']} of {o['rare_objects']} ({_fmt(o['share'])})")
+    lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
+                 f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])})")
+    lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
+                 + f"; mean {_fmt(d['mean_auroc'], False)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.demo.probe", description="Probe a bundle's VLM, adapter and detector.")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
+    p.add_argument("--data", default=None,
+                   help="dataset root in CODA-LM layout (default: the demo world's test split, as rtrt eval)")
+    p.add_argument("--split", default="test", help="split folder under CODA-LM/ (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--batch-size", type=int, default=8, help="images per VLM batch (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96, as rtrt eval)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rtrt.runtime.assets import default_bundle
+    from rtrt.runtime.errors import InputError
+    from rtrt.runtime.fileio import atomic_write_json
+    from rtrt.runtime.pipeline import Pipeline
+    from rtrt.tools.eval import demo_test_world
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit must be at least 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise InputError("--batch-size and --max-new-tokens must be at least 1")
+    pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend=args.backend, max_new_tokens=args.max_new_tokens)
+    data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
+    res = run_probe(pipe, data, split=args.split, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+    print(report_text(res))
+    if args.json:
+        atomic_write_json(args.json, res)
+        print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
