@@ -5,24 +5,16 @@ import json
 
 import pytest
 
-from rtrt.runtime.bundle import VLMSpec
 from rtrt.runtime.errors import InputError
 from rtrt.runtime.pipeline import Pipeline
-from rtrt.runtime.vlm import load_vlm
 from rtrt.tools.eval import ABLATION_ROWS, run_eval
-from fixtures.tiny_vlm import build_tiny_vlm
-from rtrt.tools.demo.world import WorldConfig, generate_world
-from fixtures.tiny_bundle import make_tiny_bundle
+from fixtures.tiny_bundle import tiny_world_and_llava_bundle
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    generate_world(WorldConfig(seed=3, pretrain=0, plugin=0, val=0, test=3, width=96, height=96), root / "world", progress=False)
-    vlm_dir = build_tiny_vlm("llava", root / "vlm", seed=0)
-    fam = load_vlm(vlm_dir)
-    bundle = make_tiny_bundle(root / "bundle", d_llm=fam.hidden_size,
-                              vlm=VLMSpec("llava", str(vlm_dir), fam.hidden_size, fam.image_token_layout()))
+    _, _, bundle = tiny_world_and_llava_bundle(root)
     pipe = Pipeline.from_bundle(bundle, backend="torch", max_new_tokens=6)
     return root, bundle, pipe
 

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 from rtrt.runtime.names import BACKENDS, PRECISIONS
 
-__all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "demo_test_world", "run_eval", "parse_args", "main"]
+__all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "check_run_args", "demo_test_world", "run_eval", "parse_args", "main"]
 
 # Short task names on the command line -> CODA-LM task names.
 TASK_NAMES = {"general": "general_perception", "region": "region_perception", "suggestion": "driving_suggestion"}
@@ -202,6 +202,16 @@ def _hint_quality(hints: Sequence[Sequence[str]], present: Sequence[Sequence[str
             "per_image": (tp + fp) / max(len(hints), 1)}
 
 
+def check_run_args(limit: int | None, batch_size: int, max_new_tokens: int) -> None:
+    """The sizes every question-answering run takes (rtrt eval, the demo probes): one-line InputError when off."""
+    from rtrt.runtime.errors import InputError
+
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be at least 1")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise InputError("--batch-size and --max-new-tokens must be at least 1")
+
+
 def demo_test_world(seed: int = 0, progress: bool = True) -> Path:
     """The demo build's test split (``rtrt world --seed S --pretrain 0 --plugin 0 --val 0 --test N``,
     byte for byte the split the build evaluates), generated on first use under
@@ -263,10 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rtrt.runtime.errors import InputError
     from rtrt.runtime.assets import default_bundle
 
-    if args.limit is not None and args.limit < 1:
-        raise InputError("--limit must be at least 1")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise InputError("--batch-size and --max-new-tokens must be at least 1")
+    check_run_args(args.limit, args.batch_size, args.max_new_tokens)
     judge = None
     if args.judge == "openai":
         from rtrt.tools.judge import OpenAIJudge, OpenAIJudgeConfig

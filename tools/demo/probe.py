@@ -25,7 +25,6 @@ Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -243,15 +242,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from rtrt.runtime.assets import default_bundle
-    from rtrt.runtime.errors import InputError
     from rtrt.runtime.fileio import atomic_write_json
     from rtrt.runtime.pipeline import Pipeline
-    from rtrt.tools.eval import demo_test_world
+    from rtrt.tools.eval import check_run_args, demo_test_world
 
-    if args.limit is not None and args.limit < 1:
-        raise InputError("--limit must be at least 1")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise InputError("--batch-size and --max-new-tokens must be at least 1")
+    check_run_args(args.limit, args.batch_size, args.max_new_tokens)
     pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend=args.backend, max_new_tokens=args.max_new_tokens)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_probe(pipe, data, split=args.split, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
