@@ -21,7 +21,7 @@ from rtrt.runtime.bundle import Bundle, load_bundle
 from rtrt.runtime.errors import BackendUnavailableError, RtrtError
 from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph
 from rtrt.runtime.fileio import sha256_file
-from rtrt.runtime.names import ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, engine_file, engine_name, graph_key, onnx_file
+from rtrt.runtime.names import ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, engine_file, engine_name, graph_key, onnx_file
 from rtrt.runtime.trt_build import build_engine, dim_ranges, source_graph
 
 from .common import BACKEND_CHOICES, ExportError
@@ -108,18 +108,17 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
 
     from rtrt.runtime.check import REFERENCE_FORMAT, reference_key
 
-    specs = {"detector": DETECTOR, "adapter": ADAPTER}
     tensors: dict[str, np.ndarray] = {}
     meta = {}
     entry = ReferenceExport(file=path.name, format=REFERENCE_FORMAT)
     for g, feeds in cases.items():
-        out = torch_runner(refs[g], specs[g])(feeds)
-        for n in specs[g].inputs:
+        out = torch_runner(refs[g], SPECS[g])(feeds)
+        for n in SPECS[g].inputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(feeds[n])
-        for n in specs[g].outputs:
+        for n in SPECS[g].outputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(out[n])
         meta[g] = sources[g]
-        entry.graphs[g] = ReferenceGraph(inputs=sources[g], shapes={n: list(np.shape(feeds[n])) for n in specs[g].inputs})
+        entry.graphs[g] = ReferenceGraph(inputs=sources[g], shapes={n: list(np.shape(feeds[n])) for n in SPECS[g].inputs})
     # One metadata key holding sorted JSON: safetensors writes a metadata map in no fixed order,
     # and the shipped bundle must rebuild byte for byte.
     save_file(tensors, str(path), metadata={"rtrt": json.dumps({"format": REFERENCE_FORMAT, "inputs": meta}, sort_keys=True)})
@@ -259,7 +258,6 @@ def export_bundle(
             graphs["adapter"] = _entry(path, rep)
             files[path.name] = path
             prog.done()
-        specs = {"detector": DETECTOR, "adapter": ADAPTER}
         if precision == "int8":
             for g in graphs_with:
                 if int8_method == "static":
@@ -268,16 +266,16 @@ def export_bundle(
                 else:
                     prog.step(f"{onnx_file(g, 'int8')}: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
                     q = quantize_dynamic(tmp / onnx_file(g), tmp / onnx_file(g, "int8"))
-                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
-                                           spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["int8"],
+                                           spec=SPECS[g], graph=g, precision="int8", inputs=sources[g]))
                 graphs[graph_key(g, "int8")] = _entry(q, rep, method=int8_method)
                 files[q.name] = q
                 prog.done()
                 if want_trt:
                     prog.step(f"{onnx_file(g, 'qdq')}: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
                     q = quantize_static(tmp / onnx_file(g), tmp / onnx_file(g, "qdq"), calibration[g], symmetric=True)
-                    rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
-                                               spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
+                    rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["int8"],
+                                               spec=SPECS[g], graph=g, precision="int8", inputs=sources[g]))
                     graphs[graph_key(g, "qdq")] = _entry(q, rep, method="static-symmetric-qdq")
                     files[q.name] = q
                     prog.done()
@@ -287,8 +285,8 @@ def export_bundle(
             for g in graphs_with:
                 log(f"      {onnx_file(g, 'fp16')}: fp16 graph for strongly typed TensorRT (fp32 inputs/outputs; {', '.join(FP32_OPS)} in fp32)")
                 q = convert_to_fp16(tmp / onnx_file(g), tmp / onnx_file(g, "fp16"))
-                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["fp16"],
-                                           spec=specs[g], graph=g, precision="fp16", inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["fp16"],
+                                           spec=SPECS[g], graph=g, precision="fp16", inputs=sources[g]))
                 graphs[graph_key(g, "fp16")] = _entry(q, rep, method="onnxruntime float16, fp32 inputs/outputs, fp32 " + "/".join(FP32_OPS))
                 files[q.name] = q
         if want_trt and not failures:
@@ -301,8 +299,8 @@ def export_bundle(
                                            cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
                 meta.source_graph = source
                 ref_gpu = refs[g].to("cuda")
-                rep = check(cross_validate(torch_runner(ref_gpu, specs[g], device="cuda"), _trt_runner(TrtEngine(epath), specs[g]), cases[g],
-                                           tol[precision], spec=specs[g], graph=g, precision=precision, inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(ref_gpu, SPECS[g], device="cuda"), _trt_runner(TrtEngine(epath), SPECS[g]), cases[g],
+                                           tol[precision], spec=SPECS[g], graph=g, precision=precision, inputs=sources[g]))
                 refs[g].to("cpu")
                 meta.parity = rep.to_dict()
                 engines[engine_name(g, precision)] = meta

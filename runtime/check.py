@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError, BundleError, InputError, ParityError
 from .machine import machine_info, machine_summary
-from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, PRECISIONS, REFERENCE_FILE, GraphSpec, graph_key, ort_variant
+from .names import ADAPTER, BACKENDS, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS
 from .parity import TOLERANCES, cross_validate
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 REFERENCE_FORMAT = "rtrt-reference/1"
-SPECS: dict[str, GraphSpec] = {"detector": DETECTOR, "adapter": ADAPTER}
 
 
 def reference_key(graph: str, tensor: str) -> str:
@@ -148,14 +147,16 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
+                   device: str | None = None) -> list[tuple[str, str, str | None]]:
     """(backend, precision, reason to skip or None) for every combination to report.
 
     Without ``backends``: torch, ort, and trt where TensorRT and a GPU are there (else a skipped row).
-    Without ``precisions``: what the bundle carries (ort: fp32 and, with ``*.int8.onnx``, int8; trt:
-    the precisions of its recorded engines, else fp32). Explicitly asked-for combinations the
+    Without ``precisions``: what the bundle carries (ort: what ``backends.precision_support`` allows
+    on ``device``, default the CPU; trt: the precisions of its recorded engines, else fp32). Explicitly asked-for combinations the
     machine or the bundle cannot run raise ``BackendUnavailableError`` (a bad request, exit 2).
     """
+    from .backends import precision_support
     from .trt_engine import tensorrt_status
 
     for b in backends or ():
@@ -171,12 +172,16 @@ def planned_checks(bundle, backends: Sequence[str] | None = None, precisions: Se
         if b == "torch":
             have = ["fp32"]
         elif b == "ort":
-            if not any(exports.graph(g) for g in GRAPHS):
+            support = precision_support("ort", bundle, device or "cpu")  # the backends' own matrix
+            have = [p for p in PRECISIONS if support[p] is None]
+            for p in precisions or ():
+                if support[p] is not None and explicit_backends:
+                    raise BackendUnavailableError(f"backend ort cannot run {p} here: {support[p]}")
+            if not have:
                 if explicit_backends:
-                    raise BackendUnavailableError(f"{bundle.root}: no exported ONNX graphs; run `rtrt export --bundle {bundle.root}`")
-                plan.append((b, "fp32", "no exported ONNX graphs"))
+                    raise BackendUnavailableError(f"backend ort: {support['fp32']}")
+                plan.append((b, "fp32", support["fp32"]))
                 continue
-            have = ["fp32"] + (["int8"] if any(exports.graph(graph_key(g, ort_variant("int8"))) for g in GRAPHS) else [])
         else:
             reason = tensorrt_status()
             if reason:
@@ -217,34 +222,22 @@ def _runner(backend, graph: str):
 
 
 def _device_of(backend) -> str:
-    if getattr(backend, "sessions", None):
-        providers = []
-        for s in backend.sessions.values():
-            for p in s.get_providers():
-                p = p.replace("ExecutionProvider", "")
-                if p not in providers:
-                    providers.append(p)
-        return "ORT " + "+".join(providers)
+    """What ran the graphs: the ORT providers the sessions use, else the backend's device."""
+    if backend.providers:
+        return "ORT " + "+".join(p.replace("ExecutionProvider", "") for p in backend.providers)
     dev = getattr(backend, "device", None)
     return str(dev) if dev is not None else ""
 
 
 def check_backend(backend, reference: Mapping[str, dict[str, Any]], precision: str) -> list[CheckRow]:
     """Rows for every graph of ``reference`` that ``backend`` has (detector, adapter)."""
-    import torch
-
     rows = []
     for graph, ref in reference.items():
         if not getattr(backend, f"has_{graph}", False):
             continue
-        feeds = ref["feeds"]
-        if str(getattr(backend, "device", "cpu")).startswith("cuda"):
-            run_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(backend.device) for k, v in feeds.items()}
-        else:
-            run_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-        rep = cross_validate(lambda _f, _r=ref: _r["outputs"], lambda _f, _g=graph: _runner(backend, _g)(run_feeds),
-                             [feeds], TOLERANCES[precision], spec=SPECS[graph], graph=graph, precision=precision,
-                             inputs=ref["inputs"])
+        # Every backend takes numpy feeds and moves them where it runs (ORT host, torch/TensorRT device).
+        rep = cross_validate(lambda _f, _r=ref: _r["outputs"], _runner(backend, graph), [ref["feeds"]], TOLERANCES[precision],
+                             spec=SPECS[graph], graph=graph, precision=precision, inputs=ref["inputs"])
         rows.append(CheckRow(graph, backend.name, precision, _device_of(backend), rep.max_abs_error, rep.topk_agreement,
                              "pass" if rep.passed else "FAIL", "; ".join(rep.failures)))
     return rows
@@ -271,7 +264,7 @@ def check_bundle(
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     reference = load_reference(b)
     report = CheckReport(str(b.root), machine_info(), reference_inputs={g: r["inputs"] for g, r in reference.items()})
-    for name, precision, skip in planned_checks(b, backends, precisions):
+    for name, precision, skip in planned_checks(b, backends, precisions, device):
         if skip:
             report.rows.append(CheckRow("*", name, precision, verdict="skipped", detail=skip))
             continue

@@ -25,6 +25,7 @@ __all__ = ["display_name",
     "ADAPTER_CALL",
     "DETECTOR",
     "GRAPHS",
+    "SPECS",
     "BACKENDS",
     "PRECISIONS",
     "MISMATCH_POLICIES",
@@ -85,6 +86,7 @@ DETECTOR = GraphSpec(
 
 
 GRAPHS = ("detector", "adapter")  # the exported graphs, in the order rtrt export writes them
+SPECS: dict[str, GraphSpec] = {"detector": DETECTOR, "adapter": ADAPTER}  # each graph's names and axes, by graph
 BACKENDS = ("torch", "ort", "trt")  # rtrt.runtime.backends.make_backend names
 PRECISIONS = ("fp32", "fp16", "int8")  # what a backend runs the graphs at
 MISMATCH_POLICIES = ("rebuild", "fallback", "fail")  # what the trt backend does with an engine built elsewhere

@@ -215,8 +215,7 @@ class Pipeline:
                 # Boxes are in the input image's pixels: the VFM saw the whole image resized to S x S.
                 # A calibrated detector ranks and thresholds per-class z-scores (rtrt calibrate).
                 dets = select_detections(scores[i], self.class_names, cfg.top_k, cfg.decision_threshold,
-                                         s if s.ndim == 3 else None, images[i].size,
-                                         rank_by=cfg.decision_scores(scores[i]) if cfg.calibrated else None)
+                                         s if s.ndim == 3 else None, images[i].size, rank_by=cfg.decision_scores(scores[i]))
                 results.append(DetectResult(dets, scores[i], s))
         return results
 

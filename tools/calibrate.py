@@ -46,12 +46,12 @@ def hint_quality(hinted: Sequence[Sequence[int]], present: Sequence[set[int]]) -
             "per_image": (tp + fp) / max(len(hinted), 1), "no_hint_when_nothing_rare": 100.0 * empty_ok / empty if empty else None}
 
 
-def _hinted(z: np.ndarray, threshold: float, k: int) -> list[list[int]]:
-    out = []
-    for row in z:
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
-        out.append([i for i in order[:k] if row[i] > threshold])
-    return out
+def _hinted(values: np.ndarray, threshold: float, k: int) -> list[list[int]]:
+    """Hinted class indices per row, by the runtime's own rule (``select_detections``), so the fit is what runs."""
+    from rtrt.runtime.modules import select_detections
+
+    names = [str(i) for i in range(values.shape[-1])]
+    return [[d.index for d in select_detections(row, names, k, threshold)] for row in values]
 
 
 def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float | None = None, max_hints: int | None = None,
