@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -199,9 +200,12 @@ class Manifest:
             files = d.get("files") or {}
             if not isinstance(files, Mapping):
                 raise TypeError("files must be an object")
+            d_llm = d["d_llm"]
+            if not isinstance(d_llm, int) or isinstance(d_llm, bool) or d_llm <= 0:
+                raise TypeError("d_llm must be a positive integer")
             return cls(
                 classes=[_build(ClassInfo, c) for c in d["classes"]],
-                d_llm=int(d["d_llm"]),
+                d_llm=d_llm,
                 vlm=sub("vlm", VLMSpec),
                 vfm=sub("vfm", VFMSpec),
                 adapter=sub("adapter", AdapterConfig),
@@ -214,7 +218,7 @@ class Manifest:
             )
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise BundleError(f"{MANIFEST_NAME}: malformed ({type(e).__name__}: {e})") from None
 
 
@@ -230,6 +234,8 @@ def _build(typ, value):
             raise TypeError(f"{typ.__name__}.{f.name} must be an integer")
         if f.type in ("str", str) and not isinstance(v, str):
             raise TypeError(f"{typ.__name__}.{f.name} must be a string")
+        if f.type in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise TypeError(f"{typ.__name__}.{f.name} must be a finite number")
     return obj
 
 

@@ -5,7 +5,7 @@ import io
 import json
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -58,6 +58,9 @@ _GOOD = {
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(sorted(_GOOD) + ["vlm", "vfm", "detector", "exports"]), json_values)
+@example(key="d_llm", value=float("inf"))  # found by CI: int(inf) raised OverflowError
+@example(key="d_llm", value=8.5)
+@example(key="detector", value={"d_vfm": 4, "d_llm": 8, "threshold": float("inf")})
 def test_manifest_parsing_never_crashes(key, value):
     d = json.loads(json.dumps(_GOOD))
     d[key] = value
