@@ -37,6 +37,17 @@ __all__ = ["display_name",
     "engine_file",
     "ort_variant",
     "source_graph",
+    "VLM_ONNX_DIR",
+    "VLM_CONFIG_FILES",
+    "VISION_ENCODER",
+    "VISION_ENCODER_REFINED",
+    "EMBED_TOKENS",
+    "DECODER",
+    "VLM_GRAPHS",
+    "VLM_VARIANTS",
+    "QWEN_VISION_INPUTS",
+    "vlm_onnx_file",
+    "past_names",
 ]
 
 
@@ -136,3 +147,57 @@ def source_graph(graph: str, precision: str, strongly_typed: bool) -> str:
 def display_name(name: str) -> str:
     """How a class name is written in a prompt and shown to people: ``traffic_cone`` -> ``traffic cone``."""
     return name.replace("_", " ").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole VLM in ONNX (``rtrt export --vlm``), in the onnx-community / transformers.js layout, so
+# a third-party runtime that reads those exports can load ours: the bundle folder ``VLM_ONNX_DIR``
+# is laid out as an onnx-community model repository, the VLM's own configs at its top (config.json,
+# generation_config.json, tokenizer.json, tokenizer_config.json, chat template, processor configs:
+# ``VLM_CONFIG_FILES``) and the graphs in its ``onnx/`` folder. The typed record is
+# ``manifest.exports.vlm`` (``rtrt.runtime.exports``). The torch-free runtime reads only this folder.
+#
+#   vlm_onnx/onnx/vision_encoder.onnx            stock vision tower + projector       -> image_features
+#   vlm_onnx/onnx/vision_encoder_refined.onnx    the same + the adapter, W a constant -> refined image_features
+#   vlm_onnx/onnx/embed_tokens.onnx              input_ids int64 [B, S] -> inputs_embeds [B, S, D]
+#   vlm_onnx/onnx/decoder_model_merged.onnx      one graph for prefill (past length 0) and decode steps
+#   vlm_onnx/onnx/decoder_model_merged_quantized.onnx   int8 weight-only decoder for CPUs (onnx-community's suffix)
+#
+# Decoder (the language model + LM head), every tensor float32 unless said:
+#   inputs  inputs_embeds [B, S, D]; attention_mask int64 [B, P+S] (1 real, 0 left padding);
+#           position_ids int64 [B, S] (Qwen2.5-VL: [3, B, S], its M-RoPE rows);
+#           past_key_values.{i}.key / .value [B, kv_heads, P, head_dim] for i in range(layers)
+#   outputs logits [B, S, vocab]; present.{i}.key / .value [B, kv_heads, P+S, head_dim]
+# Vision encoders: input ``pixel_values`` as the family's processor makes it (LLaVA [N, 3, H, W];
+# InternVL tiles [N, 3, H, W]; Qwen2.5-VL flattened patches [patches, C*t*p*p] plus the
+# grid-dependent index inputs in ``QWEN_VISION_INPUTS``, computed by the runtime in numpy), output
+# ``image_features`` with every image's visual tokens in image-token order, [T_total, D].
+# A graph over 2 GB keeps its weights beside it in ``<file>_data`` (ONNX external data).
+VLM_ONNX_DIR = "vlm_onnx"
+VLM_CONFIG_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+)  # copied when the VLM has them
+VISION_ENCODER = "vision_encoder"
+VISION_ENCODER_REFINED = "vision_encoder_refined"
+EMBED_TOKENS = "embed_tokens"
+DECODER = "decoder_model_merged"
+VLM_GRAPHS = (VISION_ENCODER, VISION_ENCODER_REFINED, EMBED_TOKENS, DECODER)
+VLM_VARIANTS = ("", "quantized")  # "" fp32; "quantized": int8 weight-only (decoder only)
+# Qwen2.5-VL's vision encoder takes, beside pixel_values, what the stock tower computes from
+# image_grid_thw in Python loops (so the graph stays free of data-dependent control flow).
+QWEN_VISION_INPUTS = ("pixel_values", "rotary_pos_ids", "window_index", "cu_seqlens", "cu_window_seqlens")
+
+
+def vlm_onnx_file(graph: str, variant: str = "") -> str:
+    """Bundle file of an exported VLM graph: ``vlm_onnx/onnx/decoder_model_merged_quantized.onnx``."""
+    if graph not in VLM_GRAPHS or variant not in VLM_VARIANTS:
+        raise ValueError(f"no exported VLM graph {graph!r} variant {variant!r}")
+    return f"{VLM_ONNX_DIR}/onnx/{graph}{'_' + variant if variant else ''}.onnx"
+
+
+def past_names(layers: int) -> tuple[list[str], list[str]]:
+    """Decoder cache tensor names: (``past_key_values.{i}.key/.value`` inputs, ``present.{i}.key/.value`` outputs)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, present

@@ -10,8 +10,8 @@ With ``transform=None`` (or an adapter whose gate is 0) the output is the stock
 ``model.generate(**batch)``'s, token for token. The VLM's parameters are never changed; the only
 thing that differs from the stock path is what enters the first decoder layer at image positions.
 
-``HINT_TEMPLATE`` / ``format_hint`` write the detector's sentence that ``prepare`` puts into the
-user turn before the question.
+``HINT_TEMPLATE`` / ``format_hint`` (``rtrt.runtime.prompts``) write the detector's sentence that
+``prepare`` puts into the user turn before the question.
 """
 from __future__ import annotations
 
@@ -20,21 +20,9 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from ..errors import InputError, ModelMismatchError
-from ..modules import display_name
+from ..prompts import HINT_TEMPLATE, format_hint, user_text
 
 __all__ = ["HINT_TEMPLATE", "format_hint", "VLMFamily"]
-
-HINT_TEMPLATE = "In this image, there might be objects such as: {names}."
-
-
-def format_hint(names: Sequence[str]) -> str:
-    """The hint sentence for detected class names; ``""`` when there are none.
-
-    ``format_hint(["traffic_cone", "dog"])`` -> ``"In this image, there might be objects such as: traffic cone, dog."``
-    """
-    shown = [display_name(str(n)) for n in names]
-    shown = [n for n in shown if n]
-    return HINT_TEMPLATE.format(names=", ".join(shown)) if shown else ""
 
 
 class VLMFamily:
@@ -73,8 +61,7 @@ class VLMFamily:
     # ------------------------------------------------------------------ prompt
     def user_text(self, question: str, names: Sequence[str] | None = None) -> str:
         """Text of the user turn: the hint sentence (when there are names), then the question."""
-        hint = format_hint(names or [])
-        return f"{hint} {question}" if hint else question
+        return user_text(question, names)
 
     def prepare(self, images: list, questions: list[str], hints: list[list[str]] | None = None):
         """Tokenised batch (``BatchFeature`` on the model's device) of one image + one question each.
