@@ -18,8 +18,10 @@ Backends:
   ``rtrt.runtime.trt_build``, imported only then; it needs the ``onnx`` package), ``fallback`` (warn and return an ``ort`` backend),
   ``fail`` (``EngineMismatchError``).
 
-Importing this module imports neither ``onnx``, ``tensorrt`` nor the engine builder;
-``onnxruntime`` and ``tensorrt`` are imported when their backend is made.
+Importing this module imports neither torch, ``onnx``, ``tensorrt`` nor the engine builder;
+torch, ``onnxruntime`` and ``tensorrt`` are imported when their backend is made, so the ``ort``
+backend runs in the lean, torch-free install. Its outputs are of the type of its inputs: numpy
+arrays in, numpy arrays out; torch tensors in (the transformers VLM path), torch tensors out.
 """
 from __future__ import annotations
 
@@ -29,12 +31,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from .bundle import Bundle, load_bundle
-from .devices import check_device
+from .devices import available_devices, check_device
 from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
-from .graphs import AdapterGraph, DetectorGraph
 from .exports import EngineExport
 from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, MISMATCH_POLICIES, PRECISIONS, engine_name, graph_key, ort_variant, source_graph
 from .trt_engine import TrtEngine, default_cache_dir, platform_info, tensorrt_status
@@ -62,8 +62,8 @@ __all__ = [
 class DetectOutput(NamedTuple):
     """The detector graph's outputs, in ``rtrt.runtime.names.DETECTOR`` order."""
 
-    scores: torch.Tensor  # [B, C] max cosine over patches
-    similarity: torch.Tensor  # [B, C, P] per-patch cosine map
+    scores: Any  # [B, C] max cosine over patches (numpy array or torch tensor, as the inputs were)
+    similarity: Any  # [B, C, P] per-patch cosine map
 
 
 def _cores() -> int:
@@ -84,41 +84,57 @@ class Backend:
         self.bundle = bundle
         self.image_size = int(image_size)
         self.d_llm = int(bundle.manifest.d_llm)
-        self.class_embeddings = bundle.class_embeddings().weight.detach().float()
+        self.class_embeddings = bundle.class_embedding_matrix()  # W [C, D] float32 numpy (torch tensors on torch/trt)
         self.has_detector = bundle.manifest.detector is not None and bundle.manifest.vfm is not None
         self.has_adapter = bundle.manifest.adapter is not None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.bundle.root)!r})"
 
-    def _w(self, class_embeddings) -> torch.Tensor:
-        w = self.class_embeddings if class_embeddings is None else torch.as_tensor(class_embeddings)
-        if w.dim() != 2 or w.shape[1] != self.d_llm or w.shape[0] < 1:
+    def _w(self, class_embeddings):
+        w = self.class_embeddings if class_embeddings is None else _array(class_embeddings)
+        if len(w.shape) != 2 or w.shape[1] != self.d_llm or w.shape[0] < 1:
             raise InputError(f"class_embeddings must be [C, {self.d_llm}] with C >= 1, got {list(w.shape)}")
         return w
 
     def detect(self, pixel_values, class_embeddings=None) -> DetectOutput:
         if not self.has_detector:
             raise BundleError(f"{self.bundle.root}: bundle has no detector")
-        px = torch.as_tensor(pixel_values)
+        px = _array(pixel_values)
         s = self.image_size
-        if px.dim() != 4 or px.shape[1] != 3 or px.shape[2] != s or px.shape[3] != s:
+        if len(px.shape) != 4 or px.shape[1] != 3 or px.shape[2] != s or px.shape[3] != s:
             raise InputError(f"pixel_values must be [B, 3, {s}, {s}], got {list(px.shape)}")
         return self._detect(px, self._w(class_embeddings))
 
-    def refine(self, visual_tokens, class_embeddings=None) -> torch.Tensor:
+    def refine(self, visual_tokens, class_embeddings=None):
         if not self.has_adapter:
             raise BundleError(f"{self.bundle.root}: bundle has no adapter")
-        v = torch.as_tensor(visual_tokens)
-        if v.dim() != 3 or v.shape[2] != self.d_llm:
+        v = _array(visual_tokens)
+        if len(v.shape) != 3 or v.shape[2] != self.d_llm:
             raise InputError(f"visual_tokens must be [B, N, {self.d_llm}], got {list(v.shape)}")
         return self._refine(v, self._w(class_embeddings))
 
-    def _detect(self, px: torch.Tensor, w: torch.Tensor) -> DetectOutput:
+    def _detect(self, px, w) -> DetectOutput:
         raise NotImplementedError
 
-    def _refine(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _refine(self, v, w):
         raise NotImplementedError
+
+
+def _array(x):
+    """``x`` as it is when it is a numpy array or a torch tensor, else as a numpy array."""
+    return x if isinstance(x, np.ndarray) or _is_tensor(x) else np.asarray(x)
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _torch(x):
+    """``x`` (numpy array or torch tensor) as a torch tensor; the torch and trt backends' inputs."""
+    import torch
+
+    return x if _is_tensor(x) else torch.as_tensor(x)
 
 
 class TorchBackend(Backend):
@@ -126,9 +142,14 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str | torch.device | None = None):
+    def __init__(self, bundle: Bundle, device=None):
+        import torch
+
         m = bundle.manifest
         super().__init__(bundle, m.image_size(exported=False))
+        from .graphs import AdapterGraph, DetectorGraph
+
+        self.class_embeddings = torch.from_numpy(self.class_embeddings)
         self.device = torch.device(device or "cpu")
         self._detector = None
         self._adapter = None
@@ -141,13 +162,17 @@ class TorchBackend(Backend):
             self._adapter = AdapterGraph(bundle.adapter()).eval().to(self.device)
 
     def _detect(self, px, w):
+        import torch
+
         with torch.inference_mode():
-            out = self._detector(px.to(self.device, torch.float32), w.to(self.device, torch.float32))
+            out = self._detector(_torch(px).to(self.device, torch.float32), _torch(w).to(self.device, torch.float32))
         return DetectOutput(*out)
 
     def _refine(self, v, w):
+        import torch
+
         with torch.inference_mode():
-            return self._adapter(v.to(self.device), w.to(self.device))
+            return self._adapter(_torch(v).to(self.device), _torch(w).to(self.device))
 
 
 ORT_TRT_CACHE = "ort-trt"  # folder of the engine cache root holding the ORT TensorRT EP's engines and timing cache
@@ -202,6 +227,7 @@ class OrtBackend(Backend):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or _cores())
+        self.threads = so.intra_op_num_threads
         so.log_severity_level = 3
         # The VLM runs in torch right after the detector: idle ORT workers must not spin on its cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -224,17 +250,26 @@ class OrtBackend(Backend):
                 f"did not load (the sessions use {', '.join(self.providers) or 'none'})")
 
     @staticmethod
-    def _np(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+    def _np(t) -> np.ndarray:
+        if _is_tensor(t):
+            t = t.detach().float().cpu().numpy()
+        return np.ascontiguousarray(t, dtype=np.float32)
 
     def _detect(self, px, w):
         out = self.sessions["detector"].run(list(DETECTOR.outputs), {DETECTOR.inputs[0]: self._np(px), DETECTOR.inputs[1]: self._np(w)})
-        return DetectOutput(*(torch.from_numpy(o) for o in out))
+        if _is_tensor(px):
+            import torch
+
+            out = [torch.from_numpy(o) for o in out]
+        return DetectOutput(*out)
 
     def _refine(self, v, w):
-        dtype = v.dtype
         (out,) = self.sessions["adapter"].run(list(ADAPTER.outputs), {ADAPTER.inputs[0]: self._np(v), ADAPTER.inputs[1]: self._np(w)})
-        return torch.from_numpy(out).to(dtype)
+        if _is_tensor(v):
+            import torch
+
+            return torch.from_numpy(out).to(v.dtype)
+        return out.astype(v.dtype, copy=False)
 
 
 def engine_mismatch(entry: EngineExport | None, bundle: Bundle, source: str, platform) -> str | None:
@@ -263,20 +298,23 @@ class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, bundle: Bundle, engines: dict[str, TrtEngine], image_size: int):
+        import torch
+
         super().__init__(bundle, image_size)
+        self.class_embeddings = torch.from_numpy(self.class_embeddings)
         self.engines = engines
         self.device = next(iter(engines.values())).device if engines else torch.device("cuda")
         self.has_detector = "detector" in engines
         self.has_adapter = "adapter" in engines
 
     def _detect(self, px, w):
-        out = self.engines["detector"]({DETECTOR.inputs[0]: px, DETECTOR.inputs[1]: w})
+        out = self.engines["detector"]({DETECTOR.inputs[0]: _torch(px), DETECTOR.inputs[1]: _torch(w)})
         return DetectOutput(*(out[n] for n in DETECTOR.outputs))
 
     def _refine(self, v, w):
-        dtype = v.dtype
-        out = self.engines["adapter"]({ADAPTER.inputs[0]: v, ADAPTER.inputs[1]: w})
-        return out[ADAPTER.outputs[0]].to(dtype)
+        v = _torch(v)
+        out = self.engines["adapter"]({ADAPTER.inputs[0]: v, ADAPTER.inputs[1]: _torch(w)})
+        return out[ADAPTER.outputs[0]].to(v.dtype)
 
 
 def _present_graphs(bundle: Bundle) -> list[str]:
@@ -317,10 +355,10 @@ def precision_support(
             missing = [k for k in (graph_key(g, ort_variant(p)) for g in graphs) if bundle.manifest.exports.graph(k) is None]
             hint = f" --precision {p}" if ort_variant(p) else ""
             out[p] = f"the bundle has no exported {missing[0]} graph; run `rtrt export --bundle {root}{hint}`" if missing else None
-        dev = None if device is None else torch.device(device)
+        dev = None if device is None else check_device(device)
         if "TensorrtExecutionProvider" not in ort.get_available_providers():
             out["fp16"] = "fp16 runs only through onnxruntime's TensorRT execution provider, which this onnxruntime lacks"
-        elif (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
+        elif (dev is not None and dev.type != "cuda") or len(available_devices()) < 2:
             where = f"not {dev}" if dev is not None and dev.type != "cuda" else "and this machine has none"
             out["fp16"] = f"fp16 runs only through onnxruntime's TensorRT execution provider on a CUDA device, {where}"
         else:
@@ -332,7 +370,7 @@ def precision_support(
         reason = tensorrt_status()
         if reason:
             return {p: f"trt backend unavailable: {reason}" for p in PRECISIONS}
-        platform = platform_info(None if device in (None, "cpu") else torch.device(device).index)
+        platform = platform_info(None if device in (None, "cpu") else check_device(device).index)
     from importlib.util import find_spec
 
     # The builder reads each graph's precision with the onnx package (in the trt and export extras).
@@ -384,6 +422,8 @@ def _make_trt(bundle: Bundle, device, precision: str, on_engine_mismatch: str, t
             warnings.warn(f"trt backend unavailable ({reason}); falling back to ort", RuntimeWarning, stacklevel=3)
             return _make_ort(bundle, device, precision, threads, cache_dir, f"trt backend unavailable ({reason})")
         raise BackendUnavailableError(f"trt backend unavailable: {reason} (available backends: {', '.join(available_backends())})")
+    import torch
+
     dev = torch.device(device) if device not in (None, "cpu") else torch.device("cuda")
     if dev.type != "cuda":
         raise BackendUnavailableError(f"trt backend runs on CUDA devices, not {dev}")

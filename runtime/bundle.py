@@ -42,16 +42,20 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from safetensors.torch import load_file, save
+import numpy as np
 
 from . import fileio as _fio
 from .errors import BundleError, InputError
 from .exports import Exports
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_file  # re-exported; writes below go through _fio
-from .modules import AdapterConfig, ClassEmbeddings, CrossAttentionAdapter, DetectorConfig, RareObjectDetector
+from .detection import AdapterConfig, DetectorConfig
+
+if TYPE_CHECKING:  # torch is optional (the lean install runs without it); imported where a module is built
+    import torch
+
+    from .modules import ClassEmbeddings, CrossAttentionAdapter, RareObjectDetector
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -366,7 +370,19 @@ class Bundle:
                 return spec.revision
         return None
 
-    def tensors(self, rel: str) -> dict[str, torch.Tensor]:
+    def tensors(self, rel: str) -> dict[str, "torch.Tensor"]:
+        """The safetensors file ``rel`` as torch tensors (needs torch)."""
+        from safetensors.torch import load_file
+
+        return self._read_safetensors(rel, load_file)
+
+    def arrays(self, rel: str) -> dict[str, np.ndarray]:
+        """The safetensors file ``rel`` as numpy arrays (no torch needed)."""
+        from safetensors.numpy import load_file
+
+        return self._read_safetensors(rel, load_file)
+
+    def _read_safetensors(self, rel: str, load_file) -> dict:
         try:
             return load_file(str(self.path(rel)))
         except BundleError:
@@ -374,23 +390,38 @@ class Bundle:
         except Exception as e:
             raise BundleError(f"{rel}: cannot read safetensors ({e})") from None
 
-    def class_embeddings(self) -> ClassEmbeddings:
-        t = self.tensors("embeddings.safetensors")
+    def class_embedding_matrix(self) -> np.ndarray:
+        """W [C, D_llm] float32 as numpy, checked against the manifest (no torch needed)."""
+        t = self.arrays("embeddings.safetensors")
         if "W" not in t:
             raise BundleError("embeddings.safetensors: tensor 'W' missing")
         m = self.manifest
         if tuple(t["W"].shape) != (len(m.classes), m.d_llm):
             raise BundleError(f"embeddings.safetensors: W has shape {tuple(t['W'].shape)}, manifest says ({len(m.classes)}, {m.d_llm})")
-        return ClassEmbeddings(m.class_names, m.d_llm, {c.name: c.synonyms for c in m.classes}, t["W"])
+        return np.ascontiguousarray(t["W"], dtype=np.float32)
 
-    def adapter(self) -> CrossAttentionAdapter:
+    def class_embeddings(self) -> "ClassEmbeddings":
+        """W as the trainers' ``ClassEmbeddings`` module, with names and synonyms (needs torch)."""
+        import torch
+
+        from .modules import ClassEmbeddings
+
+        m = self.manifest
+        W = torch.from_numpy(self.class_embedding_matrix())
+        return ClassEmbeddings(m.class_names, m.d_llm, {c.name: c.synonyms for c in m.classes}, W)
+
+    def adapter(self) -> "CrossAttentionAdapter":
+        from .modules import CrossAttentionAdapter
+
         if self.manifest.adapter is None:
             raise BundleError(f"{self.root}: bundle has no adapter")
         module = CrossAttentionAdapter.from_config(self.manifest.adapter)
         _load_state(module, self.tensors("adapter.safetensors"), "adapter.safetensors")
         return module.eval()
 
-    def detector(self) -> RareObjectDetector:
+    def detector(self) -> "RareObjectDetector":
+        from .modules import RareObjectDetector
+
         if self.manifest.detector is None:
             raise BundleError(f"{self.root}: bundle has no detector")
         module = RareObjectDetector.from_config(self.manifest.detector)
@@ -432,7 +463,7 @@ class Bundle:
         self.manifest = manifest
 
 
-def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], rel: str) -> None:
+def _load_state(module: "torch.nn.Module", state: dict[str, "torch.Tensor"], rel: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -500,7 +531,7 @@ def _recovery_hint(root: Path) -> str:
 def write_bundle(
     out_dir: str | os.PathLike,
     manifest: Manifest,
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    tensors: Mapping[str, Mapping[str, "torch.Tensor"]],
     files: Mapping[str, str | os.PathLike] | None = None,
     dirs: Mapping[str, str | os.PathLike] | None = None,
     overwrite: bool = False,
@@ -520,6 +551,8 @@ def write_bundle(
         check_relpath(rel)
     tmp = _fio.make_temp_dir(out, ".partial")
     try:
+        if tensors:
+            from safetensors.torch import save
         for rel, state in tensors.items():
             _fio.atomic_write_bytes(tmp / rel, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
         for rel, src in (files or {}).items():

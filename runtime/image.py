@@ -12,7 +12,6 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import ImageError
@@ -152,8 +151,10 @@ def vfm_pixels(
     *,
     resample: str = "bicubic",
     reducing_gap: float | None = None,
-) -> torch.Tensor:
-    """Resize (``vfm_resize``) and normalise: the VFM's input [B, 3, size, size] float32."""
+    numpy: bool = False,
+):
+    """Resize (``vfm_resize``) and normalise: the VFM's input [B, 3, size, size] float32, a torch
+    tensor (``numpy=True``: a numpy array, for the torch-free runtime)."""
     std_ = np.asarray(std, dtype=np.float32)
     scale = (1.0 / (255.0 * std_)).reshape(3, 1, 1)
     shift = (-np.asarray(mean, dtype=np.float32) / std_).reshape(3, 1, 1)
@@ -164,10 +165,14 @@ def vfm_pixels(
         a = np.asarray(vfm_resize(img, size, resample, reducing_gap)).transpose(2, 0, 1)
         np.multiply(a, scale, out=out[i], dtype=np.float32)
         out[i] += shift
+    if numpy:
+        return out
+    import torch
+
     return torch.from_numpy(out)
 
 
-def spec_pixels(images: Sequence[Image.Image], spec, size: int | None = None) -> torch.Tensor:
+def spec_pixels(images: Sequence[Image.Image], spec, size: int | None = None, *, numpy: bool = False):
     """``vfm_pixels`` with everything taken from a ``VFMSpec`` (``size`` overrides its image size)."""
     return vfm_pixels(images, int(size or spec.image_size), spec.mean, spec.std,
-                      resample=spec.resample, reducing_gap=spec.reducing_gap)
+                      resample=spec.resample, reducing_gap=spec.reducing_gap, numpy=numpy)

@@ -5,25 +5,31 @@
   a zero-initialised gate makes an untrained adapter exactly the identity.
 - ``RareObjectDetector``: VFM patch tokens -> projection into the LLM space -> cosine with every
   row of W -> per-class score (max over patches), plus the per-patch similarity map.
-- ``locate``: where a detected class is: its box and peak in the input image's pixels, read off
-  that class's similarity map (numpy only; ``select_detections`` calls it).
+- re-exported from ``rtrt.runtime.detection`` (torch-free): the configs, ``Detection``,
+  ``select_detections`` and ``locate``.
 
 Shapes B (batch), N (visual tokens) and C (classes) are dynamic everywhere, so the same module
 serves LLaVA's fixed 576 tokens, Qwen2.5-VL's resolution-dependent token count and any class set.
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .names import display_name
+from .detection import (  # re-exported: the configs and the decision live in torch-free detection.py
+    BOX_CUT,
+    BOX_UPSAMPLE,
+    AdapterConfig,
+    Detection,
+    DetectorConfig,
+    display_name,
+    locate,
+    select_detections,
+)
 
 __all__ = [
     "AdapterConfig",
@@ -39,81 +45,6 @@ __all__ = [
     "BOX_UPSAMPLE",
     "display_name",
 ]
-
-# How a detection's box is read off its class's similarity map (see ``locate``). Chosen on the demo
-# test split (tools/benchmarks/boxes.py) for the best mean IoU with the annotated box, and confirmed on a
-# world of another seed; the measured alternatives are in the README.
-BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
-BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)
-
-
-@dataclass
-class AdapterConfig:
-    """Shape of a ``CrossAttentionAdapter``; saved in the bundle manifest."""
-
-    d_model: int  # hidden size of the VLM's language model (D_llm); V and W both have it
-    width: int = 512  # bottleneck width in which attention runs (queries, keys, values)
-    heads: int = 8  # attention heads; must divide ``width``
-
-
-@dataclass
-class DetectorConfig:
-    """Shape and decision rule of a ``RareObjectDetector``; saved in the bundle manifest."""
-
-    d_vfm: int  # width of the VFM's patch tokens (384 for DINOv3 ViT-S)
-    d_llm: int  # width of W (the LLM hidden size)
-    proj_hidden: int = 0  # hidden width of the projection MLP; 0 means a single linear layer
-    threshold: float = 0.3  # cosine score above which a class is reported (without calibration)
-    top_k: int = 5  # at most this many classes are reported (and put into the prompt)
-    # Calibration (``rtrt calibrate``, fitted on a held-out split); all None: the raw threshold above.
-    score_mean: list[float] | None = None  # per class: mean of its score over the calibration images
-    score_std: list[float] | None = None  # per class: standard deviation of its score there
-    z_threshold: float | None = None  # a class is reported when (score - mean) / std exceeds this
-
-    @property
-    def calibrated(self) -> bool:
-        return self.score_mean is not None and self.score_std is not None and self.z_threshold is not None
-
-    def decision_scores(self, scores) -> np.ndarray:
-        """What the decision compares with its threshold: z-scores when calibrated, else the raw scores."""
-        s = np.asarray(scores, dtype=np.float64)
-        if not self.calibrated:
-            return s
-        mean, std = np.asarray(self.score_mean, dtype=np.float64), np.asarray(self.score_std, dtype=np.float64)
-        if mean.shape != s.shape[-1:] or std.shape != s.shape[-1:]:
-            raise ValueError(f"calibration has {mean.shape[0]} classes, the scores {s.shape[-1]}")
-        return (s - mean) / np.maximum(std, 1e-6)
-
-    @property
-    def decision_threshold(self) -> float:
-        return float(self.z_threshold) if self.calibrated else float(self.threshold)
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected rare class, and where it is."""
-
-    name: str  # class name as in the bundle (``traffic_cone``)
-    score: float  # max cosine similarity over patches, in [-1, 1]
-    index: int = field(default=-1, compare=False)  # row of W
-    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 in input-image pixels (None: no map given)
-    peak: tuple[float, float] | None = None  # x, y of the map's peak in input-image pixels (None: no map given)
-
-    @property
-    def label(self) -> str:
-        """The name as people read it (``garbage bag``): what the text output and the picture print."""
-        return display_name(self.name)
-
-    def to_dict(self) -> dict:
-        """``{"name", "label", "score", "box", "peak"}``, as ``rtrt infer --json`` prints it."""
-        return {
-            "name": self.name,
-            "label": self.label,
-            "score": round(float(self.score), 6),
-            "box": None if self.box is None else [round(float(v), 2) for v in self.box],
-            "peak": None if self.peak is None else [round(float(v), 2) for v in self.peak],
-        }
-
 
 class Projection(nn.Module):
     """Maps features of one space (VFM or text) into the LLM embedding space."""
@@ -230,122 +161,3 @@ class RareObjectDetector(nn.Module):
         similarity = torch.matmul(w, z.transpose(1, 2))  # [B, C, P]
         scores = similarity.amax(dim=-1)  # [B, C]
         return scores, similarity
-
-
-def select_detections(
-    scores,
-    names: Sequence[str],
-    top_k: int,
-    threshold: float,
-    similarity=None,
-    image_size: tuple[int, int] | None = None,
-    rank_by=None,
-) -> list[Detection]:
-    """Top-k classes of one image whose score is above ``threshold``, best first.
-
-    ``scores`` is a 1-D array-like [C]. Ties break by class index so the result is deterministic.
-    ``rank_by`` [C] (e.g. a calibrated detector's z-scores, ``DetectorConfig.decision_scores``)
-    replaces the scores for the ranking and the threshold; detections still carry the raw score.
-    With ``similarity`` [C, gh, gw] (the per-patch map) and ``image_size`` (width, height of the
-    input image) every detection also gets its ``box`` and ``peak`` (``locate``).
-    """
-    vals = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    if len(vals) != len(names):
-        raise ValueError(f"{len(vals)} scores for {len(names)} classes")
-    key = vals if rank_by is None else [float(v) for v in (rank_by.tolist() if hasattr(rank_by, "tolist") else rank_by)]
-    if len(key) != len(names):
-        raise ValueError(f"{len(key)} ranking values for {len(names)} classes")
-    order = sorted(range(len(key)), key=lambda i: (-key[i], i))
-    chosen = [i for i in order[: max(top_k, 0)] if key[i] > threshold]
-    if similarity is None or image_size is None:
-        return [Detection(names[i], vals[i], i) for i in chosen]
-    sim = similarity.detach().float().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
-    if sim.ndim != 3 or sim.shape[0] != len(names):
-        raise ValueError(f"similarity of shape {sim.shape} is not [{len(names)}, gh, gw]")
-    out = []
-    for i in chosen:
-        box, peak = locate(sim[i], image_size[0], image_size[1])
-        out.append(Detection(names[i], vals[i], i, box, peak))
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _interp_matrix(n: int, factor: int) -> np.ndarray:
-    """[n * factor, n] linear-interpolation weights along one axis (each row sums to 1; cached, read-only).
-
-    Fine cell k has its centre at patch coordinate (k + 0.5) / factor - 0.5 (the half-pixel
-    convention of ``align_corners=False``), clamped at the edges, so the fine grid tiles the image.
-    """
-    c = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0.0, n - 1)
-    lo = np.floor(c).astype(np.intp)
-    hi = np.minimum(lo + 1, n - 1)
-    w = np.zeros((n * factor, n))
-    rows = np.arange(n * factor)
-    np.add.at(w, (rows, lo), 1.0 - (c - lo))
-    np.add.at(w, (rows, hi), c - lo)
-    w.flags.writeable = False
-    return w
-
-
-def _upsample(m: np.ndarray, factor: int) -> np.ndarray:
-    """Bilinear upsampling by ``factor`` per side (separable: two small matrix products)."""
-    return _interp_matrix(m.shape[0], factor) @ m @ _interp_matrix(m.shape[1], factor).T
-
-
-def _grow(mask: np.ndarray, i: int, j: int) -> tuple[list[int], list[int]]:
-    """Rows and columns of the 4-connected cells of ``mask`` reachable from (i, j) (a depth-first fill)."""
-    gh, gw = mask.shape
-    flat = mask.ravel().tolist()
-    seen = bytearray(gh * gw)
-    start = i * gw + j
-    seen[start] = 1
-    stack, rows, cols = [start], [i], [j]
-    while stack:
-        k = stack.pop()
-        r, c = divmod(k, gw)
-        for n, inside in ((k - gw, r > 0), (k + gw, r < gh - 1), (k - 1, c > 0), (k + 1, c < gw - 1)):
-            if inside and flat[n] and not seen[n]:
-                seen[n] = 1
-                stack.append(n)
-                rows.append(n // gw)
-                cols.append(n % gw)
-    return rows, cols
-
-
-def locate(
-    similarity,
-    width: int,
-    height: int,
-    *,
-    cut: float = BOX_CUT,
-    upsample: int = BOX_UPSAMPLE,
-    level: float | None = None,
-) -> tuple[tuple[float, float, float, float], tuple[float, float]]:
-    """Box [x0, y0, x1, y1] and peak [x, y] of one class, in input-image pixels, from its map [gh, gw].
-
-    The map is upsampled (``upsample`` times per side, bilinear; 1 keeps the patch grid), its peak
-    cell found (first in row-major order on ties), and the 4-connected region around the peak of
-    cells at or above ``median + cut * (peak - median)`` grown; the box is that region's extent.
-    The VFM sees the whole image resized to S x S, so cell (i, j) of an n x m grid covers input
-    pixels x in [j * width / m, (j + 1) * width / m) and y in [i * height / n, (i + 1) * height / n);
-    the peak is its cell's centre. ``level`` replaces the relative cut by a fixed cosine (e.g. the
-    decision threshold; measured worse, kept for comparison). Numpy only, deterministic, cheap
-    (a 14 x 14 map, 56 x 56 cells: ~0.15 ms on one CPU core).
-    """
-    m = np.asarray(similarity, dtype=np.float64)
-    if m.ndim != 2 or m.size == 0:
-        raise ValueError(f"a similarity map must be 2-D [gh, gw], got shape {m.shape}")
-    if upsample < 1:
-        raise ValueError(f"upsample must be at least 1, got {upsample}")
-    m = np.where(np.isfinite(m), m, -1.0)  # cosines lie in [-1, 1]: a non-finite value counts as the lowest
-    if upsample > 1:
-        m = _upsample(m, upsample)
-    gh, gw = m.shape
-    pi, pj = divmod(int(np.argmax(m)), gw)
-    top = float(m[pi, pj])
-    med = float(np.median(m))
-    level = min(med + cut * (top - med) if level is None else float(level), top)  # min: the peak is always in
-    rows, cols = _grow(m >= level, pi, pj)
-    sx, sy = width / gw, height / gh
-    box = (float(min(cols) * sx), float(min(rows) * sy), float((max(cols) + 1) * sx), float((max(rows) + 1) * sy))
-    return box, (float((pj + 0.5) * sx), float((pi + 0.5) * sy))

@@ -27,6 +27,8 @@ __all__ = ["display_name",
     "GRAPHS",
     "SPECS",
     "BACKENDS",
+    "VLM_BACKENDS",
+    "VLM_PRECISIONS",
     "PRECISIONS",
     "MISMATCH_POLICIES",
     "VARIANTS",
@@ -48,6 +50,11 @@ __all__ = ["display_name",
     "QWEN_VISION_INPUTS",
     "vlm_onnx_file",
     "past_names",
+    "VLM_DECODER_INPUTS",
+    "VLM_DECODER_OUTPUTS",
+    "VLM_EMBED_INPUTS",
+    "VLM_EMBED_OUTPUTS",
+    "VLM_VISION_OUTPUTS",
 ]
 
 
@@ -99,6 +106,8 @@ DETECTOR = GraphSpec(
 GRAPHS = ("detector", "adapter")  # the exported graphs, in the order rtrt export writes them
 SPECS: dict[str, GraphSpec] = {"detector": DETECTOR, "adapter": ADAPTER}  # each graph's names and axes, by graph
 BACKENDS = ("torch", "ort", "trt")  # rtrt.runtime.backends.make_backend names
+VLM_BACKENDS = ("torch", "ort")  # how the frozen VLM runs: transformers (the reference) or its exported ONNX graphs
+VLM_PRECISIONS = ("fp32", "int8")  # the exported VLM's decoder: fp32, or int8 weight-only (decoder_model_merged_quantized)
 PRECISIONS = ("fp32", "fp16", "int8")  # what a backend runs the graphs at
 MISMATCH_POLICIES = ("rebuild", "fallback", "fail")  # what the trt backend does with an engine built elsewhere
 # Exported variants of a graph beside its fp32 one ("" = fp32): ORT int8 for CPUs, symmetric Q/DQ
@@ -201,3 +210,11 @@ def past_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     return past, present
+
+
+# Tensor names of the VLM graphs (the table above, as constants for the exporter and the runtime).
+VLM_DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # then past_names(layers)[0]
+VLM_DECODER_OUTPUTS = ("logits",)  # then past_names(layers)[1]
+VLM_EMBED_INPUTS = ("input_ids",)  # embed_tokens
+VLM_EMBED_OUTPUTS = ("inputs_embeds",)
+VLM_VISION_OUTPUTS = ("image_features",)  # vision_encoder and vision_encoder_refined (inputs: the family's pixel inputs)

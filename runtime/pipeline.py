@@ -6,7 +6,11 @@
     res.answer; res.detections; res.timings_ms
 
 Everything is loaded once in ``from_bundle``; a call reads nothing from disk (except an image
-given as a path). Decoding is greedy, so the same frame gives the same answer. Calls are safe
+given as a path). The frozen VLM runs in one of two ways (``vlm_backend``): ``"torch"``, the
+transformers model (the reference), or ``"ort"``, the bundle's exported VLM (``rtrt export --vlm``)
+on ONNX Runtime with numpy preprocessing, which needs neither torch nor transformers; the default
+is ``"ort"`` when the bundle carries the exported VLM. With ``"ort"`` the adapter runs inside the
+refined vision encoder graph (W baked in), so ``backend`` only runs the detector. Decoding is greedy, so the same frame gives the same answer. Calls are safe
 from several threads: the detector backends run concurrently and the VLM stage is serialised
 by a lock (a transformers model and its tokenizer are not re-entrant), so results equal
 serial calls. ``hints=False`` / ``refine=False`` switch off the two remedies; the four
@@ -22,14 +26,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError, ModelMismatchError
 from .image import ImageInput, load_image, spec_pixels
-from .modules import Detection, select_detections
+from .detection import Detection, select_detections
+from .names import VLM_BACKENDS
 
-__all__ = ["DEFAULT_QUESTION", "DetectResult", "Result", "Pipeline"]
+__all__ = ["DEFAULT_QUESTION", "VLM_BACKENDS", "DetectResult", "Result", "Pipeline"]
 
 # CODA-LM's general-perception question: the default question of `rtrt infer`.
 DEFAULT_QUESTION = (
@@ -68,6 +72,7 @@ class Result:
     backend: str | None = None  # backend that ran the detector/adapter ("ort" after a trt->ort fallback); None: plugin=False
     precision: str | None = None  # the graphs' precision that ran (None: plugin=False)
     providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers used ([] for torch/trt)
+    vlm_backend: str | None = None  # how the VLM ran: "torch" (transformers) or "ort" (exported graphs)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rtrt infer --json`` object."""
@@ -78,7 +83,33 @@ class Result:
             "backend": self.backend,
             "precision": self.precision,
             "providers": list(self.providers),
+            "vlm_backend": self.vlm_backend,
         }
+
+
+def resolve_vlm_backend(bundle: Bundle, vlm_backend: str | None, vlm_override=None) -> str:
+    """Which way the VLM runs: ``vlm_backend`` checked against the bundle and this install (``None``:
+    ``"ort"`` when the bundle carries the exported VLM and no other VLM is asked for, else ``"torch"``)."""
+    from importlib.util import find_spec
+
+    from .errors import BackendUnavailableError
+
+    if vlm_backend not in (None, *VLM_BACKENDS):
+        raise InputError(f"unknown vlm_backend {vlm_backend!r}; choose from {', '.join(VLM_BACKENDS)}")
+    exported = bundle.manifest.exports.vlm is not None
+    if vlm_backend is None:
+        vlm_backend = "ort" if exported and vlm_override is None else "torch"
+    if vlm_backend == "ort":
+        if vlm_override is not None:
+            raise InputError("vlm=... names another VLM, which only the torch VLM backend can load; the ort one runs the bundle's exported VLM")
+        if not exported:
+            raise BackendUnavailableError(
+                f"{bundle.root}: the bundle has no exported VLM for vlm_backend 'ort'; run `rtrt export --bundle {bundle.root} --vlm`")
+    elif find_spec("torch") is None or find_spec("transformers") is None:
+        raise BackendUnavailableError(
+            "vlm_backend 'torch' needs torch and transformers (pip install 'rtrt[torch]'); "
+            + ("this bundle's exported VLM runs without them: vlm_backend='ort'" if exported else "or export the VLM with `rtrt export --vlm`"))
+    return vlm_backend
 
 
 class _Timer:
@@ -106,7 +137,7 @@ class _TokenClock:
 
 
 def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
 
@@ -118,11 +149,13 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.vlm = vlm
+        # "ort": the exported VLM (rtrt.runtime.vlm_ort.OrtVLM); "torch": a transformers VLMFamily.
+        self.vlm_backend = None if vlm is None else getattr(vlm, "backend", "torch")
         self.max_new_tokens = int(max_new_tokens)
-        self.device = torch.device(device)
+        self.device = str(device)
         m = bundle.manifest
         self.class_names = m.class_names
-        self.W = bundle.class_embeddings().weight.detach().to(self.device)
+        self.W = bundle.class_embedding_matrix()  # [C, D] float32 numpy; the torch VLM path moves it to its device
         if m.detector is None or m.vfm is None:
             raise ModelMismatchError(f"{bundle.root}: bundle has no detector/VFM; it cannot run the pipeline")
         self.detector_cfg = m.detector
@@ -143,14 +176,21 @@ class Pipeline:
         vlm: str | None = None,
         load_vlm_model: bool = True,
         device: str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype=None,
         max_new_tokens: int = 96,
         on_engine_mismatch: str = "rebuild",
         precision: str = "fp32",
         threads: int | None = None,
         verify: bool = False,
+        vlm_backend: str | None = None,
+        vlm_precision: str = "fp32",
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
+
+        ``vlm_backend``: ``"ort"`` runs the bundle's exported VLM on ONNX Runtime (no torch or
+        transformers needed), ``"torch"`` the transformers model; None: ``"ort"`` when the bundle
+        carries the exported VLM, else ``"torch"``. ``vlm_precision``: ``fp32``, or ``int8`` for the
+        int8 weight-only decoder (ort only). ``dtype`` (a ``torch.dtype``): the torch VLM's dtype.
 
         ``vlm`` overrides the VLM reference in the manifest (local directory or hub id).
         ``precision``: the graphs' precision (``fp32``, ``int8``: the bundle's ``*.int8.onnx`` graphs
@@ -176,16 +216,26 @@ class Pipeline:
             verify_backend(bundle, be, getattr(be, "precision", precision))
         family = None
         if load_vlm_model:
-            from .vlm import load_vlm
+            which = resolve_vlm_backend(bundle, vlm_backend, vlm)
+            if which == "ort":
+                from .vlm_ort import OrtVLM
 
-            spec = bundle.manifest.vlm
-            if vlm is None and spec is None:
-                raise ModelMismatchError(f"{bundle.root}: bundle names no VLM; pass vlm=...")
-            ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
-            family = load_vlm(ref, dtype=dtype, device=device)
+                family = OrtVLM.from_bundle(bundle, device=device, precision=vlm_precision, threads=threads)
+            else:
+                if vlm_precision != "fp32":
+                    raise InputError(f"vlm_precision {vlm_precision!r} needs vlm_backend='ort' (the torch VLM runs at its dtype)")
+                from .vlm import load_vlm
+
+                spec = bundle.manifest.vlm
+                if vlm is None and spec is None:
+                    raise ModelMismatchError(f"{bundle.root}: bundle names no VLM; pass vlm=...")
+                ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
+                family = load_vlm(ref, dtype=dtype, device=device)
         return cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
 
     def _check_vlm(self, vlm) -> None:
+        if self.vlm_backend == "ort":
+            return  # the exported VLM is the bundle's own: OrtVLM.from_bundle checked its record
         m = self.bundle.manifest
         if int(vlm.hidden_size) != int(m.d_llm):
             raise ModelMismatchError(f"VLM hidden size {vlm.hidden_size} differs from the bundle's {m.d_llm}")
@@ -202,7 +252,7 @@ class Pipeline:
     def _detect_images(self, images, timer: _Timer) -> list[DetectResult]:
         with timer("detector"):
             spec = self.vfm_spec
-            pixels = spec_pixels(images, spec, self.image_size)
+            pixels = spec_pixels(images, spec, self.image_size, numpy=True)
             out = self.backend.detect(pixels, self.W)
             scores, sim = _to_numpy(out[0]), _to_numpy(out[-1])
             g = self.image_size // spec.patch_size
@@ -283,18 +333,21 @@ class Pipeline:
         if not plugin:
             with self._vlm_lock:
                 answers = self._answer(pil, qs, None, None, new_tokens, timer, generate_kwargs or {})
-            return [Result(a, [], [], dict(timer.ms), None) for a in answers]
+            return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
         with self._vlm_lock:
             answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {})
         ran = self.describe()
         return [
-            Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]))
+            Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
+                   self.vlm_backend)
             for a, r, h in zip(answers, dets, hint_names)
         ]
 
     def _context_length(self) -> int | None:
+        if self.vlm_backend == "ort":
+            return self.vlm.context_length
         cfg = self.vlm.model.config
         text = getattr(cfg, "text_config", cfg)
         n = getattr(text, "max_position_embeddings", None)
@@ -302,6 +355,19 @@ class Pipeline:
 
     def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
         """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all)."""
+        if self.vlm_backend == "ort":
+            if gen:
+                raise InputError(f"generate_kwargs ({', '.join(sorted(gen))}) are transformers' and need vlm_backend='torch'")
+            ctx = self._context_length()
+            longest = max(len(q) for q in questions)
+            if ctx is not None and longest > 64 * ctx:
+                raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
+            return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer)
+        return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen)
+
+    def _answer_torch(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
+        import torch
+
         ctx = self._context_length()
         if ctx is not None:
             # Cheap guard before tokenising: a token is at least one character of most text.
@@ -315,11 +381,11 @@ class Pipeline:
             raise InputError(
                 f"prompt of {seq} tokens plus {new_tokens} new tokens exceeds the model's context of {ctx} tokens"
             )
-        W = self.W
+        W = torch.from_numpy(self.W).to(self.device)
         backend = self.backend
         marks: dict[str, float] = {}
 
-        def transform(v: torch.Tensor) -> torch.Tensor:
+        def transform(v: "torch.Tensor") -> "torch.Tensor":
             # Called by the family with all visual tokens [T, D] once the vision tower has run.
             marks["vision_done"] = time.perf_counter()
             if refine:
@@ -367,5 +433,8 @@ class Pipeline:
             "device": str(self.device),
             "classes": len(m.classes),
             "vlm": None if self.vlm is None else getattr(self.vlm, "name", "?"),
+            "vlm_backend": self.vlm_backend,  # "torch" | "ort" | None (no VLM loaded)
+            "vlm_precision": None if self.vlm is None else getattr(self.vlm, "precision", "fp32"),
+            "threads": getattr(be, "threads", None),  # ONNX Runtime intra-op threads (None: torch/trt)
         }
 

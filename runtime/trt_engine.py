@@ -14,9 +14,10 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import BackendUnavailableError, EngineMismatchError
 
@@ -54,6 +55,10 @@ def tensorrt_status() -> str | None:
         import tensorrt  # noqa: F401
     except Exception:  # ImportError, or the bindings failing to find their libraries
         return "TensorRT not installed"
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed (the trt backend runs on torch CUDA tensors; pip install rtrt[torch])"
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     return None
@@ -71,6 +76,8 @@ def import_tensorrt():
 
 def platform_info(device: int | None = None) -> PlatformInfo:
     """TensorRT version and GPU of this machine (``BackendUnavailableError`` when either is missing)."""
+    import torch
+
     trt = import_tensorrt()
     dev = torch.cuda.current_device() if device is None else device
     major, minor = torch.cuda.get_device_capability(dev)
@@ -93,7 +100,9 @@ _TRT_TO_TORCH = (
 )
 
 
-def _torch_dtype(trt, dt) -> torch.dtype:
+def _torch_dtype(trt, dt) -> "torch.dtype":
+    import torch
+
     table = {}
     for trt_name, torch_name in _TRT_TO_TORCH:
         if hasattr(trt, trt_name) and hasattr(torch, torch_name):
@@ -111,6 +120,8 @@ class TrtEngine:
     """
 
     def __init__(self, engine: bytes | str | os.PathLike, device: int | None = None):
+        import torch
+
         trt = import_tensorrt()
         self._trt = trt
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
@@ -129,7 +140,9 @@ class TrtEngine:
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._lock = threading.Lock()
 
-    def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, feeds: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        import torch
+
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise KeyError(f"engine inputs missing: {missing}")

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import ImageError, InputError
-from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS
+from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
 
 __all__ = ["IMAGE_SUFFIXES", "image_paths", "parse_args", "main"]
 
@@ -38,13 +38,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
-    p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id)")
+    p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
+    p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
+                   help="how the VLM runs: ort = the bundle's exported VLM on ONNX Runtime (no torch needed), torch = "
+                        "transformers (default: ort when the bundle carries the exported VLM, else torch)")
+    p.add_argument("--vlm-precision", default="fp32", choices=VLM_PRECISIONS,
+                   help="the exported VLM's decoder: int8 = its int8 weight-only graph (ort VLM backend; default: fp32)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the VLM (and ONNX Runtime's GPU providers when not cpu), e.g. cpu or cuda:0; "
                         "one that is not on this machine is refused (default: cpu)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per image {image, answer, detections, timings_ms, warmup, backend, "
-                        "precision, providers}; each detection {name, label, score, box, peak}")
+                        "precision, providers, vlm_backend}; each detection {name, label, score, box, peak}")
     p.add_argument("--viz", default=None, metavar="OUT.png",
                    help="write a picture with each detection's box, label and score; with several images, an existing "
                         "folder that gets IMAGE_STEM.viz.png per image (a missing folder is refused, never created)")
@@ -60,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "or int8 TensorRT engines; fp16 needs TensorRT (the engines or onnxruntime's TensorRT provider "
                         "on a GPU); one the backend cannot run here is refused, never run as fp32 (default: fp32)")
     p.add_argument("--threads", type=int, default=None,
-                   help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
+                   help="ONNX Runtime threads of the detector and adapter, and of the exported VLM (default: every core this process may use)")
     p.add_argument(
         "--on-engine-mismatch", default="rebuild", choices=MISMATCH_POLICIES,
         help="what to do when a cached TensorRT engine was built for another GPU/TensorRT (default: rebuild)",
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = Pipeline.from_bundle(
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
         max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
-        threads=args.threads,
+        threads=args.threads, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision,
     )
     options = {"hints": not args.no_hints, "refine": not args.no_refine}
     failed = 0

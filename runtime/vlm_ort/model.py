@@ -1,0 +1,226 @@
+"""The exported VLM on ONNX Runtime: vision encoder, token embedding and decoder, decoded greedily.
+
+``OrtVLM.from_bundle(bundle)`` opens the graphs ``rtrt export --vlm`` wrote under ``vlm_onnx/``
+(``rtrt.runtime.names``) and the VLM's own configs beside them; ``answer(images, questions, hints,
+refine=...)`` then does what ``Pipeline`` does with a transformers VLM, without torch:
+
+    numpy preprocessing + chat template + tokenizers (``VlmProcessor``)
+    -> vision_encoder(_refined).onnx: visual tokens [T, D] (refined: the adapter with W baked in)
+    -> embed_tokens.onnx, the visual tokens written at the image positions (row-major, as
+       ``masked_scatter`` does in the torch path)
+    -> decoder_model_merged.onnx: one prefill call with an empty cache, then one call per new token
+       with the cache it returned; greedy (argmax, first index on ties, as torch's argmax);
+       finished rows are padded with the pad id, and decoding stops when every row has produced an
+       end-of-sequence id or after ``max_new_tokens``: transformers' ``generate`` rules, so the
+       tokens equal the torch path's.
+
+Positions: LLaVA and InternVL use the attention mask's running count (left padding skipped), as
+``generate`` does; Qwen2.5-VL the three M-RoPE rows of the prompt from its ``get_rope_index``
+(in numpy) and, for new tokens, ``cache position + rope_deltas`` on all three rows.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BundleError, InputError
+from ..names import (
+    DECODER,
+    EMBED_TOKENS,
+    VISION_ENCODER,
+    VISION_ENCODER_REFINED,
+    VLM_DECODER_INPUTS,
+    VLM_DECODER_OUTPUTS,
+    VLM_EMBED_INPUTS,
+    VLM_EMBED_OUTPUTS,
+    VLM_ONNX_DIR,
+    VLM_PRECISIONS,
+    VLM_VISION_OUTPUTS,
+    past_names,
+    vlm_onnx_file,
+)
+from ..prompts import user_text
+
+__all__ = ["OrtVLM", "VLM_PRECISIONS"]
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OrtVLM:
+    """A bundle's exported VLM, loaded once; ``answer`` is serialised by a lock (one KV cache at a time)."""
+
+    backend = "ort"  # Pipeline.vlm_backend
+
+    def __init__(self, root: Path, record: Any, sessions: dict[str, Any], processor: Any, precision: str):
+        self.root = Path(root)
+        self.record = record
+        self.sessions = sessions
+        self.processor = processor
+        self.precision = precision
+        self.name: str = str(record.family)
+        self.hidden_size: int = int(record.hidden_size)
+        self.layers: int = int(record.num_layers)
+        self.position_rows: int = int(record.position_rows)
+        self.past_inputs, self.present_outputs = past_names(self.layers)
+        dec = sessions[DECODER]
+        # Cache tensors' dtype and per-head shape, read off the graph (fp32 here; an fp16 export would say so).
+        meta = {i.name: i for i in dec.get_inputs()}
+        self._cache_dtype = np.float16 if "float16" in meta[self.past_inputs[0]].type else np.float32
+        self._kv_heads = int(record.num_kv_heads)
+        self._head_dim = int(record.head_dim)
+        self._lock = threading.Lock()
+        self.providers = list(dict.fromkeys(p for s in sessions.values() for p in s.get_providers()))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_bundle(cls, bundle, *, device: str | None = "cpu", precision: str = "fp32", threads: int | None = None) -> "OrtVLM":
+        """Open the exported VLM of ``bundle`` (``BackendUnavailableError`` when it has none)."""
+        import onnxruntime as ort
+
+        from .prompt import VlmProcessor
+
+        if precision not in VLM_PRECISIONS:
+            raise InputError(f"unknown VLM precision {precision!r}; choose from {', '.join(VLM_PRECISIONS)}")
+        record = bundle.manifest.exports.vlm
+        if record is None:
+            raise BackendUnavailableError(f"{bundle.root}: the bundle has no exported VLM; run `rtrt export --bundle {bundle.root} --vlm`")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads or _cores())
+        so.log_severity_level = 3
+        have = set(ort.get_available_providers())
+        providers = ["CPUExecutionProvider"]
+        if device not in (None, "cpu") and "CUDAExecutionProvider" in have:
+            index = str(device).partition(":")[2] or "0"
+            providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+        sessions: dict[str, Any] = {}
+        for graph in (VISION_ENCODER, VISION_ENCODER_REFINED, EMBED_TOKENS, DECODER):
+            variant = "quantized" if graph == DECODER and precision == "int8" else ""
+            rel = vlm_onnx_file(graph, variant)
+            if graph == VISION_ENCODER_REFINED and not bundle.has(rel):
+                continue  # a bundle without an adapter exports the stock encoder only
+            if not bundle.has(rel):
+                hint = " --precision int8" if variant else ""
+                raise BackendUnavailableError(f"{bundle.root}: no exported {rel}; run `rtrt export --bundle {bundle.root} --vlm{hint}`")
+            sessions[graph] = ort.InferenceSession(str(bundle.path(rel)), so, providers=providers)
+        processor = VlmProcessor.from_dir(bundle.path(VLM_ONNX_DIR))
+        return cls(bundle.root, record, sessions, processor, precision)
+
+    @property
+    def context_length(self) -> int | None:
+        n = getattr(self.record, "max_position_embeddings", None) or getattr(self.processor, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def image_token_layout(self) -> dict:
+        return dict(getattr(self.record, "image_token_layout", None) or {})
+
+    # ------------------------------------------------------------------ one batch
+    def answer(self, images: Sequence, questions: Sequence[str], hints: Sequence[Sequence[str]] | None, *,
+               refine: bool, max_new_tokens: int, timer=None) -> list[str]:
+        """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint)."""
+        texts = [user_text(q, hints[i] if hints is not None else None) for i, q in enumerate(questions)]
+        with self._lock:
+            tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens)
+        if timer is not None:
+            timer.ms.update({k: timer.ms.get(k, 0.0) + v for k, v in ms.items()})
+        return [a.strip() for a in self.processor.decode(tokens)]
+
+    def vision_features(self, feeds: dict[str, np.ndarray], refine: bool) -> np.ndarray:
+        """Visual tokens [T_total, D] of every image of the batch (refined when ``refine``)."""
+        graph = VISION_ENCODER_REFINED if refine else VISION_ENCODER
+        if graph not in self.sessions:
+            raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
+        sess = self.sessions[graph]
+        names = [i.name for i in sess.get_inputs()]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise InputError(f"the vision encoder needs {', '.join(missing)}, which preprocessing did not give")
+        (out,) = sess.run(list(VLM_VISION_OUTPUTS), {n: feeds[n] for n in names})
+        return out.reshape(-1, out.shape[-1])
+
+    def prefill_inputs(self, images: Sequence, texts: Sequence[str], refine: bool) -> dict[str, np.ndarray]:
+        """Preprocessing, vision encoder and embeddings: the decoder's prompt feeds (no cache yet)."""
+        if len(images) != len(texts) or not texts:
+            raise InputError(f"{len(images)} images for {len(texts)} texts")
+        batch = self.processor.prepare(list(images), list(texts))
+        feeds = dict(batch)
+        if self.name == "qwen2_5_vl":
+            from .qwen_vision import qwen_vision_inputs
+
+            feeds.update(qwen_vision_inputs(batch["image_grid_thw"], self.processor.config["vision_config"]))
+        return feeds
+
+    def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int):
+        """New tokens [B, n] (n <= max_new_tokens) and stage timings in ms."""
+        ms: dict[str, float] = {}
+        t0 = time.perf_counter()
+        feeds = self.prefill_inputs(images, texts, refine)
+        t1 = time.perf_counter()
+        ms["prompt_build"] = (t1 - t0) * 1e3
+        visual = self.vision_features(feeds, refine)
+        t2 = time.perf_counter()
+        ms["vision_tower"] = (t2 - t1) * 1e3  # the adapter, when refining, runs inside this graph
+        ids = feeds["input_ids"].astype(np.int64)
+        mask = feeds["attention_mask"].astype(np.int64)
+        (embeds,) = self.sessions[EMBED_TOKENS].run(list(VLM_EMBED_OUTPUTS), {VLM_EMBED_INPUTS[0]: ids})
+        image = ids == int(self.record.image_token_id)
+        if int(image.sum()) != visual.shape[0]:
+            raise InputError(f"the prompt has {int(image.sum())} image positions, the vision encoder gave {visual.shape[0]} tokens")
+        embeds[image] = visual.astype(embeds.dtype, copy=False)  # row-major, as masked_scatter
+        B = ids.shape[0]
+        if self.position_rows == 3:
+            positions = feeds["position_ids"].astype(np.int64)  # [3, B, S]
+            deltas = feeds["rope_deltas"].astype(np.int64).reshape(B)
+        else:
+            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+            deltas = None
+        cache = {n: np.zeros((B, self._kv_heads, 0, self._head_dim), dtype=self._cache_dtype) for n in self.past_inputs}
+        eos = np.asarray(sorted(self.processor.eos_token_ids), dtype=np.int64)
+        pad = self.processor.pad_token_id
+        if pad is None and eos.size:  # transformers' generate pads finished rows with the first eos id then
+            pad = int(eos[0])
+        out: list[np.ndarray] = []
+        unfinished = np.ones(B, dtype=bool)
+        step_embeds = embeds
+        dec = self.sessions[DECODER]
+        wanted = [*VLM_DECODER_OUTPUTS, *self.present_outputs]
+        embeds_in, mask_in, positions_in = VLM_DECODER_INPUTS
+        t_first = None
+        for step in range(max_new_tokens):
+            res = dec.run(wanted, {embeds_in: step_embeds, mask_in: mask, positions_in: positions, **cache})
+            logits = res[0][:, -1, :]
+            nxt = logits.argmax(axis=-1).astype(np.int64)
+            if step == 0:
+                t_first = time.perf_counter()
+            if pad is not None:
+                nxt = np.where(unfinished, nxt, int(pad))
+            out.append(nxt)
+            if eos.size:
+                unfinished &= ~np.isin(nxt, eos)
+            if not unfinished.any() or step + 1 == max_new_tokens:
+                break
+            cache = dict(zip(self.past_inputs, res[1:]))
+            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+            (step_embeds,) = self.sessions[EMBED_TOKENS].run(list(VLM_EMBED_OUTPUTS), {VLM_EMBED_INPUTS[0]: nxt[:, None]})
+            past = mask.shape[1] - 1  # cache length before this token
+            if deltas is not None:
+                positions = np.broadcast_to((past + deltas)[None, :, None], (3, B, 1)).astype(np.int64)
+            else:
+                positions = (np.cumsum(mask, axis=-1) - 1)[:, -1:].astype(np.int64)
+        t_end = time.perf_counter()
+        ms["prefill"] = ((t_first or t_end) - t2) * 1e3
+        steps = max(len(out) - 1, 1)
+        ms["decode"] = (t_end - (t_first or t_end)) * 1e3
+        ms["decode_per_token"] = ms["decode"] / steps
+        ms["vlm_total"] = (t_end - t1) * 1e3
+        return np.stack(out, axis=1), ms
