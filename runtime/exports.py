@@ -13,7 +13,8 @@ accessors (``exports.graph("detector.int8")``, ``exports.engine("detector.fp16")
       "onnx": {"opset", "image_size", "precision", "family", "exported_utc", "versions",
                "graphs": {"detector": GraphExport, "detector.int8": ..., "adapter": ..., ...}},
       "reference": {"file": "reference.safetensors", "format", "graphs": {"detector": {"inputs", "shapes"}}},
-      "engines": {"detector.fp16": EngineExport, ...}
+      "engines": {"detector.fp16": EngineExport, ...},
+      "vlm": VlmExport (``rtrt export --vlm``: the whole VLM in ONNX under vlm_onnx/, what the torch-free runtime reads)
     }
 """
 from __future__ import annotations
@@ -22,9 +23,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Mapping
 
-__all__ = ["GraphExport", "OnnxExports", "EngineExport", "ReferenceGraph", "ReferenceExport", "Exports"]
+from .names import vlm_onnx_file
+
+__all__ = ["GraphExport", "OnnxExports", "EngineExport", "ReferenceGraph", "ReferenceExport", "VlmGraphExport", "VlmExport", "Exports"]
 
 # Field metadata: the key is written only when the value is not None (or, for a dict, not empty),
 # as the exporter has always written it (``image_size`` on the detector only, ``method`` on variants).
@@ -97,12 +101,59 @@ class ReferenceExport:
 
 
 @dataclass
+class VlmGraphExport:
+    """One graph of the exported VLM (``vlm.graphs[key]``, key = the file's stem: ``decoder_model_merged_quantized``)."""
+
+    file: str  # bundle file, rtrt.runtime.names.vlm_onnx_file(graph, variant)
+    sha256: str  # hex digest of the .onnx file
+    size: int = 0  # bytes of the .onnx file (its external data not counted)
+    external_data: str | None = field(default=None, metadata=_OMIT)  # bundle file of its weights ("<file>_data") for a graph over 2 GB; None: inside the .onnx
+    opset: int = 0  # default-domain opset of the graph
+    nodes: int = 0  # number of top-level nodes
+    inputs: dict[str, list[Any]] = field(default_factory=dict)  # input name -> dims (int or symbolic name)
+    outputs: dict[str, list[Any]] = field(default_factory=dict)  # output name -> dims (int or symbolic name)
+    method: str | None = field(default=None, metadata=_OMIT)  # variants: how it was made ("int8 weight-only MatMulNBits ...")
+    parity: dict[str, Any] | None = field(default=None, metadata=_OMIT)  # this graph's max errors vs PyTorch on the parity batch
+
+
+@dataclass
+class VlmExport:
+    """The whole VLM in ONNX (``exports.vlm``, written by ``rtrt export --vlm``): everything the
+    torch-free runtime needs besides the files under ``vlm_onnx/`` (``rtrt.runtime.names``)."""
+
+    family: str  # VLM family: "llava", "qwen2_5_vl" or "internvl"
+    vlm_ref: str = ""  # manifest.vlm.ref the graphs were exported from
+    graphs: dict[str, VlmGraphExport] = field(default_factory=dict)  # file stem -> graph (vision_encoder, vision_encoder_refined, embed_tokens, decoder_model_merged[_quantized])
+    config_files: list[str] = field(default_factory=list)  # bundle files of the VLM's configs copied to vlm_onnx/ (names.VLM_CONFIG_FILES it has)
+    num_layers: int = 0  # decoder layers: past_key_values.{i}.key/.value for i < num_layers
+    num_kv_heads: int = 0  # key/value heads: past/present tensors are [B, num_kv_heads, P, head_dim]
+    head_dim: int = 0  # width of one key/value head
+    hidden_size: int = 0  # D of inputs_embeds and image_features
+    vocab_size: int = 0  # last dim of logits
+    image_token_id: int = 0  # input_ids value at visual-token positions; image_features rows fill them in order
+    eos_token_ids: list[int] = field(default_factory=list)  # greedy decoding ends a row at any of these (generation_config's)
+    pad_token_id: int | None = None  # what a finished row emits, and the left-padding id
+    position_rows: int = 1  # 1: position_ids [B, S] (attention_mask cumsum - 1); 3: Qwen2.5-VL's M-RoPE rows [3, B, S]
+    context_length: int | None = None  # the text model's max_position_embeddings (None: not stated)
+    precision: str = "fp32"  # --precision of the export: "int8" also wrote the int8 weight-only decoder
+    opset: int = 0  # opset the graphs were exported at
+    exported_utc: str = ""  # when, ISO 8601 UTC
+    versions: dict[str, str] = field(default_factory=dict)  # torch/transformers/onnx/onnxruntime versions that exported
+    parity: dict[str, Any] = field(default_factory=dict)  # rtrt.export.vlm_onnx.VlmParity.to_dict(): per-graph errors, first-step logits, greedy tokens vs torch, int8 agreement
+
+    def graph(self, graph: str, variant: str = "") -> VlmGraphExport | None:
+        """The exported graph ``graph`` (``names.VLM_GRAPHS``) of ``variant`` ("" or "quantized"), or None."""
+        return self.graphs.get(PurePosixPath(vlm_onnx_file(graph, variant)).stem)
+
+
+@dataclass
 class Exports:
     """Everything ``rtrt export`` recorded in the manifest; empty for a bundle never exported."""
 
     onnx: OnnxExports | None = field(default=None, metadata=_OMIT)  # ONNX graphs (None: not exported)
     reference: ReferenceExport | None = field(default=None, metadata=_OMIT)  # reference for rtrt check (None: exported before references existed)
     engines: dict[str, EngineExport] = field(default_factory=dict, metadata=_OMIT)  # engine_name -> TensorRT engine
+    vlm: VlmExport | None = field(default=None, metadata=_OMIT)  # the whole VLM in ONNX (None: not exported)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "exports") -> "Exports":
