@@ -2,7 +2,7 @@
 
     rtrt export --bundle B [--precision fp32|fp16|int8] [--image-size 448] [--backend onnx|trt|both]
                 [--tolerance 1e-4] [--int8-topk-agreement 0.9] [--int8-method dynamic|static]
-                [--images DIR] [--cache-dir DIR]
+                [--images DIR] [--cache-dir DIR] [--vlm [--vlm-tolerance 1e-3]] [--tokens-vlm DIR]
 
 Steps (each printed with its time):
 1. ``detector.onnx`` (DINOv3 + detector + similarity map) and ``adapter.onnx``, each walked
@@ -16,11 +16,16 @@ Steps (each printed with its time):
    ``--int8-method dynamic`` by default, or ``static``) with their own parity and top-5 agreement; with ``--backend trt|both`` also the
    symmetric QDQ graphs ``*.qdq.onnx`` TensorRT builds int8 engines from.
 3. ``--backend trt|both``: engines via the content-keyed engine cache, then checked on the GPU.
+4. ``--vlm``: the bundle's whole VLM in ONNX under ``vlm_onnx/`` (onnx-community layout: stock and
+   refined vision encoders, token embedding, decoder with a KV cache; with ``--precision int8`` also
+   the int8 weight-only decoder), checked against the torch VLM on two of the parity images: every
+   graph within ``--vlm-tolerance``, greedy tokens identical (``rtrt.export.vlm_onnx``); recorded as
+   ``exports.vlm``. ``--precision fp16`` makes no VLM graphs and is refused with ``--vlm``.
 
 Everything is produced in a temporary directory first. If any parity report is outside its
 tolerance, the command fails (exit 2) and the bundle is untouched; otherwise the files are added
 with ``Bundle.add_files`` and the reports land in ``manifest.exports`` (``rtrt.runtime.exports``:
-``onnx``, ``reference``, ``engines``) in the same manifest commit. File names: ``rtrt.runtime.names``.
+``onnx``, ``reference``, ``engines``, ``vlm``) in the same manifest commit. File names: ``rtrt.runtime.names``.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from rtrt.runtime.errors import run_cli
 from rtrt.runtime.names import PRECISIONS
 from rtrt.runtime.parity import TOLERANCES
 
-from .common import BACKEND_CHOICES, INT8_METHODS
+from .common import BACKEND_CHOICES, INT8_METHODS, VLM_TOLERANCE
 
 __all__ = ["parse_args", "main"]  # and export_bundle, loaded on first use (__getattr__)
 
@@ -67,8 +72,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the TensorRT profiles accept (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache (default $RTRT_ENGINE_CACHE or ~/.cache/rtrt/engines)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default %(default)s)")
-    p.add_argument("--vlm", default=None,
+    p.add_argument("--tokens-vlm", default=None,
                    help="VLM (local directory) whose visual tokens feed the adapter's parity and reference cases (default: the bundle's)")
+    p.add_argument("--vlm", action="store_true",
+                   help="also export the bundle's whole VLM to ONNX under vlm_onnx/ (vision encoders, token embedding, decoder with KV "
+                        "cache; with --precision int8 also an int8 weight-only decoder), parity-checked against PyTorch")
+    p.add_argument("--vlm-tolerance", type=float, default=VLM_TOLERANCE,
+                   help="max abs error of every fp32 VLM graph output vs PyTorch, logits included (default %(default)g)")
     p.add_argument("--reference-images", type=int, default=2,
                    help="how many parity images (and their VLM tokens) are stored in reference.safetensors for rtrt check (1-4, default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the exports written to the manifest as JSON on stdout")
@@ -102,14 +112,16 @@ def _export(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         cache_dir=args.cache_dir,
         workspace_gb=args.workspace_gb,
-        vlm=args.vlm,
+        vlm=args.tokens_vlm,
         reference_images=args.reference_images,
+        vlm_onnx=args.vlm,
+        vlm_tolerance=args.vlm_tolerance,
         verbose=args.verbose,
     )
     if args.json:
         print(json.dumps(exports.to_dict(), indent=2))
     else:
-        names = sorted(exports.graphs) + sorted(exports.engines)
+        names = sorted(exports.graphs) + sorted(exports.engines) + (sorted(g.file for g in exports.vlm.graphs.values()) if args.vlm and exports.vlm else [])
         print(f"exported {', '.join(names)} into {args.bundle}")
     return 0
 

@@ -19,12 +19,13 @@ import numpy as np
 
 from rtrt.runtime.bundle import Bundle, load_bundle
 from rtrt.runtime.errors import BackendUnavailableError, RtrtError
-from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph
+from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph, VlmExport
 from rtrt.runtime.fileio import sha256_file
-from rtrt.runtime.names import ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, engine_file, engine_name, graph_key, onnx_file
+from rtrt.runtime.names import (ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, VLM_ONNX_DIR, VLM_PRECISIONS, engine_file,
+                                engine_name, graph_key, onnx_file)
 from rtrt.runtime.trt_build import build_engine, dim_ranges, source_graph
 
-from .common import BACKEND_CHOICES, ExportError
+from .common import BACKEND_CHOICES, VLM_TOLERANCE, ExportError
 from .onnx_export import OPSET, export_adapter, export_detector, graph_info
 from .parity import (
     TOLERANCES,
@@ -125,6 +126,36 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
     return entry
 
 
+def _export_whole_vlm(b: Bundle, tmp: Path, images: list, source: str, w: np.ndarray, precision: str, tolerance: float,
+                      verbose: bool, log: Callable[[str], None]) -> tuple[dict[str, Path], VlmExport, list[str]]:
+    """The bundle's VLM in ONNX under ``tmp/vlm_onnx`` (``rtrt.export.vlm_onnx``), checked on ``images``:
+    (files by bundle path, the ``exports.vlm`` record, parity failures)."""
+    import torch
+    import transformers
+
+    from rtrt.runtime.pipeline import DEFAULT_QUESTION
+    from rtrt.runtime.vlm import load_vlm
+
+    from .vlm_onnx import export_vlm, vlm_parity, vlm_record
+
+    m = b.manifest
+    ref = b.resolve_ref(m.vlm.ref)
+    family = load_vlm(ref, dtype=torch.float32)
+    if family.name != m.vlm.family:
+        raise ExportError(f"{m.vlm.ref}: the bundle says a {m.vlm.family} VLM, the model is {family.name}")
+    adapter = b.adapter() if m.adapter is not None else None
+    W = torch.from_numpy(np.ascontiguousarray(w)) if adapter is not None else None
+    files = export_vlm(family, tmp, source=ref, adapter=adapter, W=W, quantized=precision == "int8", verbose=verbose, log=log)
+    # Two prompts of different lengths: the batch is left-padded, as the pipeline's batches are.
+    batch = images[:2]
+    parity = vlm_parity(family, tmp, batch, [DEFAULT_QUESTION, "What is in the image?"][: len(batch)],
+                        adapter=adapter, W=W, tolerance=tolerance, inputs=f"the first {len(batch)} of {source}")
+    log(f"      {parity.summary()}")
+    record = vlm_record(family, files, parity, vlm_ref=m.vlm.ref, precision=precision,
+                        versions={**_versions(), "transformers": transformers.__version__})
+    return files, record, [f"vlm: {f}" for f in parity.failures]
+
+
 def _entry(path: Path, rep: ParityReport, **extra) -> GraphExport:
     """The manifest entry of one exported graph: its file, the node walk, ``extra`` (image_size, method), its parity."""
     info = graph_info(path)
@@ -147,6 +178,8 @@ def export_bundle(
     workspace_gb: float = 4.0,
     vlm: str | None = None,
     reference_images: int = 2,
+    vlm_onnx: bool = False,
+    vlm_tolerance: float = VLM_TOLERANCE,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Exports:
@@ -154,6 +187,9 @@ def export_bundle(
 
     ``vlm``: the VLM whose visual tokens feed the adapter's parity and reference cases (default: the
     bundle's own). ``reference_images``: how many parity images go into ``reference.safetensors``.
+    ``vlm_onnx``: also the bundle's whole VLM under ``vlm_onnx/`` (``rtrt.export.vlm_onnx``), every
+    fp32 output within ``vlm_tolerance`` of PyTorch and greedy tokens identical; recorded as
+    ``exports.vlm`` (without it, a ``vlm`` record of an earlier export is kept: those files are unchanged).
 
     Raises ``ExportError`` (nothing written) when a parity report fails or a step breaks, and
     ``BackendUnavailableError`` before any work when ``backend`` needs TensorRT and it is missing.
@@ -178,6 +214,11 @@ def export_bundle(
     tol.update(tolerances or {})
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     m = b.manifest
+    if vlm_onnx:
+        if precision not in VLM_PRECISIONS:
+            raise ExportError(f"--vlm with --precision {precision}: the VLM graphs come in {', '.join(VLM_PRECISIONS)} only")
+        if m.vlm is None:
+            raise ExportError(f"--vlm: {b.root} names no VLM to export")
     has_det = m.detector is not None and m.vfm is not None
     has_ad = m.adapter is not None
     if not (has_det or has_ad):
@@ -200,7 +241,7 @@ def export_bundle(
     w = b.class_embeddings().weight.detach().float().numpy()
     c = len(w)
     graphs_with = [g for g, ok in (("detector", has_det), ("adapter", has_ad)) if ok]
-    steps = len(graphs_with) * (1 + (1 if precision == "int8" else 0) + (1 if precision == "int8" and want_trt else 0) + (1 if want_trt else 0)) + 1
+    steps = len(graphs_with) * (1 + (1 if precision == "int8" else 0) + (1 if precision == "int8" and want_trt else 0) + (1 if want_trt else 0)) + 1 + int(vlm_onnx)
     prog = _Progress(log, steps)
     failures: list[str] = []
     graphs: dict[str, GraphExport] = {}
@@ -306,6 +347,13 @@ def export_bundle(
                 engines[engine_name(g, precision)] = meta
                 files[meta.file] = epath
                 prog.done("reused from the engine cache" if not meta.built else "built")
+        vlm_record = m.exports.vlm
+        if vlm_onnx and not failures:
+            prog.step(f"{VLM_ONNX_DIR}/: the whole {m.vlm.family} VLM in ONNX" + (" + int8 weight-only decoder" if precision == "int8" else ""))
+            vlm_files, vlm_record, vlm_failures = _export_whole_vlm(b, tmp, pil_images, pil_source, w, precision, vlm_tolerance, verbose, log)
+            failures.extend(vlm_failures)
+            files.update(vlm_files)
+            prog.done()
         if failures:
             raise ExportError("parity outside tolerance, nothing was written: " + "; ".join(failures))
 
@@ -318,7 +366,7 @@ def export_bundle(
         shas = {e.sha256 for e in graphs.values()}
         kept = {k: v for k, v in m.exports.engines.items() if v.onnx_sha256 in shas}
         kept.update(engines)
-        exports = Exports(onnx=onnx, reference=reference_entry, engines=kept)
+        exports = Exports(onnx=onnx, reference=reference_entry, engines=kept, vlm=vlm_record)
         b.add_files(files, exports=exports)
         prog.done()
         return exports
