@@ -11,7 +11,8 @@ quantised to int16 with a per-pass precision; int32 sums with a rounding offset,
 clamped. ``resize_bicubic`` reproduces it exactly, so the pixels here equal the processor's (0
 difference measured on every size tried, up- and downscaling; tests/test_vlm_ort_preprocess.py).
 The rescale and normalisation are the backend's fused form ``(x - 255 * mean) / (255 * std)`` in
-float32.
+float32. Cost: a 1920x1080 frame to 796x448 takes about 90 ms in numpy on one busy core
+(torchvision's SIMD kernel: about 55 ms); an image already at the model's size is not resized.
 
 - ``ClipImageProcessor`` (LLaVA): shortest edge to ``size``, centre crop, normalise ->
   ``pixel_values`` [N, 3, H, W].
@@ -102,14 +103,18 @@ def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     return index, np.where(valid, weights, 0), precision
 
 
-def _resize_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    index, weights, precision = _taps(image.shape[axis], out_size)
-    src = np.moveaxis(image, axis, 0).astype(np.int64)
-    acc = np.full((out_size,) + src.shape[1:], 1 << (precision - 1), dtype=np.int64)
-    shape = (-1,) + (1,) * (src.ndim - 1)
+def _resize_rows(image: np.ndarray, out_size: int) -> np.ndarray:
+    # One pass along axis 0 of a contiguous uint8 array: int32 sums as the kernel's (it wraps the
+    # same way), tap by tap over whole rows so each step is a contiguous gather, multiply and add.
+    index, weights, precision = _taps(image.shape[0], out_size)
+    rows = image.reshape(image.shape[0], -1)
+    acc = np.full((out_size, rows.shape[1]), 1 << (precision - 1), dtype=np.int32)
+    term = np.empty_like(acc)
     for c in range(index.shape[1]):
-        acc += weights[:, c].reshape(shape) * src[index[:, c]]
-    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
+        np.multiply(np.take(rows, index[:, c], axis=0), weights[:, c:c + 1].astype(np.int32), out=term)
+        acc += term
+    acc >>= precision
+    return np.clip(acc, 0, 255).astype(np.uint8).reshape((out_size,) + image.shape[1:])
 
 
 def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -120,9 +125,10 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if height <= 0 or width <= 0:
         raise InputError(f"cannot resize to {width}x{height}")
     if image.shape[1] != width:
-        image = _resize_axis(image, width, 1)
+        columns = np.ascontiguousarray(image.transpose(1, 0, 2))
+        image = np.ascontiguousarray(_resize_rows(columns, width).transpose(1, 0, 2))
     if image.shape[0] != height:
-        image = _resize_axis(image, height, 0)
+        image = _resize_rows(np.ascontiguousarray(image), height)
     return image
 
 
