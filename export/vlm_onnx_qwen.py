@@ -24,25 +24,19 @@ images at once does.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rtrt.runtime.modules import CrossAttentionAdapter
-from rtrt.runtime.names import QWEN_VISION_INPUTS, VISION_ENCODER, VISION_ENCODER_REFINED
+from rtrt.runtime.names import QWEN_VISION_INPUTS, VISION_ENCODER, VISION_ENCODER_REFINED, VLM_VISION_OUTPUTS
 
 from .common import ExportError
-from .onnx_export import OPSET, check_tensorrt_friendly
+from .onnx_export import check_tensorrt_friendly
 
-__all__ = ["IMAGE_FEATURES", "EXTERNAL_DATA_BYTES", "QwenVisionEncoder", "export_qwen_vision"]
-
-IMAGE_FEATURES = "image_features"  # the encoder's output name (onnx-community's)
-EXTERNAL_DATA_BYTES = 2_000_000_000  # weights above this go to ``<file>_data`` (protobuf's 2 GB cap)
+__all__ = ["QwenVisionEncoder", "export_qwen_vision"]
 
 
 def _segment_mask(cu_seqlens: torch.Tensor, length, dtype: torch.dtype) -> torch.Tensor:
@@ -140,46 +134,23 @@ def export_qwen_vision(
     adapter: CrossAttentionAdapter | None = None,
     W: torch.Tensor | None = None,
     *,
-    opset: int = OPSET,
     verbose: bool = False,
 ) -> Path:
     """Export a Qwen2.5-VL family's vision encoder to ``path`` (refined when ``adapter`` and ``W`` are given).
 
     ``family`` is a ``rtrt.runtime.vlm.Qwen2_5_VLFamily``; ``W`` [C, D] becomes a constant of the
-    graph. Weights over ``EXTERNAL_DATA_BYTES`` are written beside the graph in ``<file>_data``.
-    Returns ``path``.
+    graph. Written by ``rtrt.export.vlm_onnx``'s exporter (weights past its ``EXTERNAL_DATA_BYTES``
+    in ``<file>_data``) and checked for TensorRT-unfriendly ops. Returns ``path``.
     """
-    import onnx
-    import onnx_ir  # torch.onnx's IR (onnxscript's dependency): saves with external data past 2 GB
+    from .vlm_onnx import _export  # the VLM graphs' one export-and-save step (it imports this module lazily)
 
     if family.name != "qwen2_5_vl":
         raise ExportError(f"export_qwen_vision exports Qwen2.5-VL, not {family.name!r}")
-    path = Path(path)
     tower = family.model.model.visual
     module = QwenVisionEncoder(tower, adapter, W).eval()
-    config = family.model.config.to_dict()
-    args = _example_inputs(tower, config)
-    sink = io.StringIO()
-    quiet = contextlib.ExitStack()
-    if not verbose:  # the dynamo exporter prints its progress; failures still raise
-        quiet.enter_context(contextlib.redirect_stdout(sink))
-        quiet.enter_context(contextlib.redirect_stderr(sink))
-    try:
-        with quiet, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=list(QWEN_VISION_INPUTS),
-                output_names=[IMAGE_FEATURES], dynamic_shapes=_dynamic_shapes(tower.spatial_merge_size), optimize=True,
-            )
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{path.name}: torch.onnx.export failed ({type(e).__name__}: {first})") from e
+    args = _example_inputs(tower, family.model.config.to_dict())
     graph = VISION_ENCODER if adapter is None else VISION_ENCODER_REFINED
-    program.model.metadata_props.update({"rtrt.graph": graph, "rtrt.family": family.name})
-    weights = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(b.numel() * b.element_size() for b in module.buffers())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = f"{path.name}_data" if weights > EXTERNAL_DATA_BYTES else None
-    onnx_ir.save(program.model, path, external_data=external)
-    onnx.checker.check_model(str(path))  # by path: works with external data
+    path = _export(module, args, QWEN_VISION_INPUTS, VLM_VISION_OUTPUTS, _dynamic_shapes(tower.spatial_merge_size),
+                   Path(path), graph, family.name, verbose)
     check_tensorrt_friendly(path)
     return path

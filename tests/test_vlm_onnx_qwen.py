@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rtrt.export import vlm_onnx_qwen
+from rtrt.export import vlm_onnx
 from rtrt.export.common import ExportError
 from rtrt.export.vlm_onnx_qwen import QwenVisionEncoder, export_qwen_vision
 from rtrt.runtime.errors import InputError, ModelMismatchError
 from rtrt.runtime.modules import CrossAttentionAdapter
-from rtrt.runtime.names import QWEN_VISION_INPUTS
+from rtrt.runtime.names import QWEN_VISION_INPUTS, VLM_VISION_OUTPUTS
 from rtrt.runtime.vlm import load_vlm
 from rtrt.runtime.vlm.qwen2_5_vl import Qwen2_5_VLFamily
 from rtrt.runtime.vlm_ort.qwen_vision import qwen_vision_inputs
@@ -156,7 +156,7 @@ def test_indices_refuse_bad_grids_and_configs(config_json):
 # ---------------------------------------------------------------- the ONNX encoder
 def test_encoder_graph_inputs_and_dynamic_axes(encoder):
     assert [i.name for i in encoder.get_inputs()] == list(QWEN_VISION_INPUTS)
-    assert [o.name for o in encoder.get_outputs()] == [vlm_onnx_qwen.IMAGE_FEATURES]
+    assert [o.name for o in encoder.get_outputs()] == list(VLM_VISION_OUTPUTS)
     shapes = {i.name: i.shape for i in encoder.get_inputs()}
     assert all(isinstance(shapes[name][0], str) for name in QWEN_VISION_INPUTS)  # every count is dynamic
 
@@ -229,7 +229,7 @@ def refined_path(windowed, adapter_and_w, tmp_path_factory):
     # Weights beside the graph, as a real Qwen2.5-VL tower (over 2 GB in fp32) is written.
     path = tmp_path_factory.mktemp("qwen_refined") / "vision_encoder_refined.onnx"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vlm_onnx_qwen, "EXTERNAL_DATA_BYTES", 0)
+        mp.setattr(vlm_onnx, "EXTERNAL_DATA_BYTES", 0)
         return export_qwen_vision(windowed, path, *adapter_and_w)
 
 
