@@ -264,3 +264,36 @@ def test_runtime_vlm_ort_imports_neither_torch_nor_transformers(folders):
     assert out.returncode == 0, out.stderr
     assert "['attention_mask', 'image_grid_thw', 'input_ids', 'pixel_values', 'position_ids', 'rope_deltas']" in out.stdout
     assert "What is in the scene?" in out.stdout
+
+
+def test_tokenizer_config_flags_follow_transformers(folders, tmp_path):
+    # transformers 5's TokenizersBackend keeps tokenizer.json's post-processor whatever
+    # add_bos_token / add_eos_token say (no </s> appended), and so must the torch-free tokenizer.
+    folder = tmp_path / "eos"
+    shutil.copytree(folders("llava"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True, "add_eos_token": True}))
+    family, mine = load_vlm(folder), VlmProcessor.from_dir(folder)
+    images = [_image(h, w, seed=30 + i) for i, (h, w) in enumerate(BATCH_IMAGES["llava"])]
+    batch = family.prepare(images, QUESTIONS, HINTS)
+    feeds = mine.prepare(images, [family.user_text(q, h) for q, h in zip(QUESTIONS, HINTS)])
+    assert mine.eos_token_ids[0] not in batch["input_ids"][:, -1].tolist()
+    assert np.array_equal(feeds["input_ids"], batch["input_ids"].numpy())
+
+
+def test_named_special_tokens_are_skipped_in_decode_as_transformers_does(tmp_path):
+    # The demo tokenizer names <image> in tokenizer_config.json; transformers registers every named
+    # token as special, so decode skips it even when tokenizer.json says special: false.
+    folder = tmp_path / "vlm"
+    shutil.copytree(DEMO_VLM, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    for token in tokenizer["added_tokens"]:
+        if token["content"] == "<image>":
+            token["special"] = False
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    from transformers import AutoProcessor
+
+    rows = [[5, 3, 3, 6, 2, 4]]
+    expected = AutoProcessor.from_pretrained(folder).batch_decode(rows, skip_special_tokens=True)
+    assert "<image>" not in expected[0]
+    assert VlmProcessor.from_dir(folder).decode(rows) == expected

@@ -15,8 +15,9 @@ transformers 5, as numpy feeds:
    ``<image>`` x (crop / patch)^2 (- CLS); Qwen2.5-VL ``<|image_pad|>`` x grid_t*grid_h*grid_w /
    merge^2; InternVL ``<img>`` + ``<IMG_CONTEXT>`` x image_seq_length x tiles + ``</img>``;
 3. ``tokenizers.Tokenizer`` on tokenizer.json, with transformers' special-token handling (every
-   named special token registered as special, the BOS post-processor skipped when the rendered
-   prompt already starts with BOS, ``add_bos_token`` / ``add_eos_token`` honoured);
+   named special token registered as special, the post-processor's BOS skipped when the rendered
+   prompt already starts with BOS; like ``TokenizersBackend``, tokenizer.json's post-processor is
+   kept whatever ``add_bos_token`` / ``add_eos_token`` say);
 4. rows left-padded with the tokenizer's pad id, ``attention_mask``, and the decoder's positions:
    ``position_ids`` [B, S] = cumsum(mask) - 1 (0 at padding) for LLaVA and InternVL; for
    Qwen2.5-VL the M-RoPE rows [3, B, S] of ``get_rope_index`` and ``rope_deltas`` [B];
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +43,7 @@ import jinja2.ext
 import jinja2.nodes
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer
 
 from ..errors import InputError, ModelMismatchError
 from .preprocess import GotOcr2ImageProcessor, ImageProcessor, Qwen2VLImageProcessor, load_image_processor
@@ -262,15 +262,9 @@ def _load_tokenizer(folder: Path, tokenizer_config: Mapping) -> tuple[Tokenizer,
     registered = [_added_token(v) for v in list(named.values()) + extra]
     if registered:
         tok.add_special_tokens(registered)
+    # tokenizer.json's post-processor decides BOS/EOS: transformers 5's TokenizersBackend ignores
+    # tokenizer_config's add_bos_token / add_eos_token (tests/test_vlm_ort_preprocess.py checks it).
     strings = {k: _token_text(v) for k, v in named.items()}
-    # An explicit add_bos_token / add_eos_token rebuilds the post-processor (update_post_processor).
-    if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config:
-        bos = strings.get("bos_token") if tokenizer_config.get("add_bos_token") else None
-        eos = strings.get("eos_token") if tokenizer_config.get("add_eos_token") else None
-        single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
-        specials = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     return tok, {k: v for k, v in strings.items() if v is not None}
 
 
