@@ -147,10 +147,22 @@ def test_indices_refuse_bad_grids_and_configs(config_json):
         qwen_vision_inputs(np.array([1, 4, 4]), config_json)
     with pytest.raises(InputError, match="positive"):
         qwen_vision_inputs(np.array([[0, 4, 4]]), config_json)
-    with pytest.raises(ModelMismatchError, match="no vision_config"):
-        qwen_vision_inputs(np.array([[1, 4, 4]]), {"model_type": "llava"})
+    with pytest.raises(ModelMismatchError, match="'llava' model, not Qwen2.5-VL"):
+        qwen_vision_inputs(np.array([[1, 4, 4]]), {"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}})
+    with pytest.raises(ModelMismatchError, match="'clip_vision_model', not Qwen2.5-VL's"):
+        qwen_vision_inputs(np.array([[1, 4, 4]]), {"model_type": "clip_vision_model", "patch_size": 14})
     with pytest.raises(ModelMismatchError, match="smaller than one merged token"):
         qwen_vision_inputs(np.array([[1, 4, 4]]), {"vision_config": {"window_size": 16}})
+
+
+def test_indices_take_config_json_or_its_vision_config(config_json):
+    grid = np.array([[1, 4, 8], [1, 8, 6]])
+    whole = qwen_vision_inputs(grid, config_json)
+    vision = qwen_vision_inputs(grid, config_json["vision_config"])
+    assert all(np.array_equal(whole[k], vision[k]) for k in whole)
+    # Released checkpoints' vision_config has no model_type; transformers' defaults fill missing keys.
+    released = {k: v for k, v in config_json["vision_config"].items() if k not in ("model_type", "patch_size")}
+    assert all(np.array_equal(whole[k], v) for k, v in qwen_vision_inputs(grid, released).items())
 
 
 # ---------------------------------------------------------------- the ONNX encoder

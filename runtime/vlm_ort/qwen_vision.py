@@ -15,7 +15,7 @@ cannot live in an ONNX graph without data-dependent control flow, so the exporte
   empty windows removed (the stock ``unique_consecutive`` step).
 
 ``qwen_vision_inputs(grid_thw, config)`` returns them with ``pixel_values`` left to the caller;
-``config`` is the VLM's ``config.json`` as a dict. Imports numpy only.
+``config`` is the VLM's ``config.json`` as a dict, or its ``vision_config``. Imports numpy only.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from ..errors import InputError, ModelMismatchError
 
 __all__ = ["QwenVisionConfig", "qwen_vision_inputs"]
 
+_VISION_TYPES = ("qwen2_5_vl_vision", "qwen2_5_vl")  # model_type of a Qwen2.5-VL vision_config (absent in the released ones)
+
 
 @dataclass(frozen=True)
 class QwenVisionConfig:
@@ -39,10 +41,16 @@ class QwenVisionConfig:
 
     @classmethod
     def from_config(cls, config: Mapping) -> "QwenVisionConfig":
-        """From the VLM's ``config.json`` dict (its ``vision_config``)."""
-        vision = config.get("vision_config")
-        if not isinstance(vision, Mapping):
-            raise ModelMismatchError("config.json has no vision_config: not a Qwen2.5-VL config")
+        """From the VLM's ``config.json`` dict or its ``vision_config`` dict."""
+        if "vision_config" in config:  # the whole config.json
+            if config.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+                raise ModelMismatchError(f"config.json is a {config.get('model_type')!r} model, not Qwen2.5-VL")
+            vision = config["vision_config"]
+        else:
+            vision = config
+        if not isinstance(vision, Mapping) or vision.get("model_type", "qwen2_5_vl_vision") not in _VISION_TYPES:
+            kind = vision.get("model_type") if isinstance(vision, Mapping) else type(vision).__name__
+            raise ModelMismatchError(f"vision_config is a {kind!r}, not Qwen2.5-VL's")
         defaults = cls()
         values = {}
         for key in ("patch_size", "spatial_merge_size", "window_size"):
@@ -103,7 +111,8 @@ def qwen_vision_inputs(grid_thw, config: Mapping) -> dict[str, np.ndarray]:
     """The encoder's index inputs for images of ``grid_thw`` [images, 3] (t, h, w in patches).
 
     Keys are ``QWEN_VISION_INPUTS`` without ``pixel_values``; every array is int64. ``config`` is
-    the VLM's ``config.json`` dict. The values equal what the stock tower computes for the same grid.
+    the VLM's ``config.json`` dict or its ``vision_config``. The values equal what the stock tower
+    computes for the same grid.
     """
     cfg = QwenVisionConfig.from_config(config)
     merge = cfg.spatial_merge_size
