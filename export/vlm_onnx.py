@@ -336,7 +336,8 @@ def quantize_decoder(src: str | os.PathLike, dst: str | os.PathLike, *, block_si
     except Exception as e:
         raise ExportError(f"{src.name}: int8 weight-only quantisation failed ({type(e).__name__}: {e})") from e
     out = quantizer.model.model
-    large = out.ByteSize() > EXTERNAL_DATA_BYTES if src.stat().st_size < EXTERNAL_DATA_BYTES else True
+    # An fp32 source with external data stays external (and its proto may be past what ByteSize can count).
+    large = (src.parent / f"{src.name}_data").is_file() or out.ByteSize() > EXTERNAL_DATA_BYTES
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(out, str(dst), save_as_external_data=large, location=f"{dst.name}_data" if large else None)
     return dst
