@@ -222,6 +222,31 @@ def test_plain_reexport_keeps_the_vlm_record(tmp_path, tmp_path_factory):
     assert b.manifest.exports.vlm == before and b.manifest.exports.graph("adapter") is not None
 
 
+def test_a_vlm_parity_failure_writes_nothing(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """The real parity check with a bound no fp32 export meets; the graphs are the fixture's (not re-exported)."""
+    from rtrt.export import vlm_onnx
+
+    src = exported_vlm_bundle(tmp_path_factory.getbasetemp(), "llava")
+    done = load_bundle(src)
+
+    def copy_graphs(family, out_dir, **kwargs):
+        files = {rel: out_dir / rel for rel in done.manifest.files if rel.startswith(f"{VLM_ONNX_DIR}/")}
+        for rel, dst in files.items():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(done.path(rel), dst)
+        return files
+
+    monkeypatch.setattr(vlm_onnx, "export_vlm", copy_graphs)
+    plain = tmp_path / "b"
+    spec = done.manifest.vlm
+    make_tiny_bundle(plain, d_llm=spec.hidden_size, vlm=spec, with_detector=False)
+    before = (plain / "manifest.json").read_bytes()
+    assert export_main(["--bundle", str(plain), "--vlm", "--vlm-tolerance", "1e-9"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was written" in err and f"vlm: {DECODER}.prefill_logits max abs error" in err
+    assert (plain / "manifest.json").read_bytes() == before and not (plain / VLM_ONNX_DIR).exists()
+
+
 def test_vlm_export_refusals(tmp_path, capsys):
     plain = make_tiny_bundle(tmp_path / "novlm", with_detector=False)
     assert export_main(["--bundle", str(plain), "--vlm"]) == 2
