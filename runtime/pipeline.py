@@ -356,13 +356,16 @@ class Pipeline:
     def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
         """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all)."""
         if self.vlm_backend == "ort":
-            if gen:
-                raise InputError(f"generate_kwargs ({', '.join(sorted(gen))}) are transformers' and need vlm_backend='torch'")
+            extra = sorted(set(gen) - {"min_new_tokens"})
+            if extra:
+                raise InputError(f"generate_kwargs {', '.join(extra)} are transformers' and need vlm_backend='torch' "
+                                 "(the ort VLM takes min_new_tokens only)")
             ctx = self._context_length()
             longest = max(len(q) for q in questions)
             if ctx is not None and longest > 64 * ctx:
                 raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
-            return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer)
+            return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer,
+                                   min_new_tokens=int(gen.get("min_new_tokens", 0)))
         return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen)
 
     def _answer_torch(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:

@@ -3,6 +3,8 @@
     rtrt bench                          # the embedded demo bundle on scene_1.jpg, the README's bench image
     rtrt bench --bundle B --image I --runs 20 --json
     rtrt bench --graphs                 # also the exported-graph benchmark (ORT vs eager, see export issue)
+    rtrt bench --vlm-backend ort torch  # the exported VLM on ONNX Runtime against transformers, each in its
+                                        # own process (start-up, peak RSS), side by side in one run
 
 The baseline is the same VLM answering the same frame without the plug-in (no detector, no hint,
 no adapter): ``Pipeline.batch(..., plugin=False)``, the same code path (image decode, prompt
@@ -11,21 +13,30 @@ sides generate exactly ``--new-tokens`` tokens (min = max), so the difference is
 cost and not a different answer length. Runs alternate (plug-in, baseline, plug-in,
 ...) so drift on a shared machine hits both alike. Reported: median and p95 per stage, end-to-end,
 the overhead ratio, and peak RSS.
+
+With several ``--vlm-backend`` values each backend runs in a fresh child process, one after the
+other in the same run: start-up is the time from the child's start to its first answer, peak RSS is
+the child's, and decode speed is set against this machine's memory-bandwidth roof (a numpy copy
+measured in the same run; every decode step reads all the decoder's weights once).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from rtrt.runtime.names import BACKENDS, PRECISIONS
+from rtrt.runtime.names import BACKENDS, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
 
-__all__ = ["DEFAULT_EXAMPLE", "bench_pipeline", "default_image", "parse_args", "main"]
+__all__ = ["DEFAULT_EXAMPLE", "bench_pipeline", "bench_vlm_backends", "memory_bandwidth_gbs", "default_image", "parse_args", "main"]
+
+_T0_ENV = "RTRT_BENCH_T0"  # the parent's clock when it started a child: the child's start-up is measured from it
 
 # The shipped example `rtrt bench` answers when no --image is given: the one the README's bench commands name.
 DEFAULT_EXAMPLE = "scene_1.jpg"
@@ -53,19 +64,17 @@ def _peak_rss_mb() -> float:
 
 def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort", runs: int = 10,
                    warmup: int = 2, new_tokens: int = 32, question: str | None = None, precision: str = "fp32",
-                   threads: int | None = None, device: str = "cpu") -> dict:
+                   threads: int | None = None, device: str = "cpu", vlm_backend: str | None = None,
+                   vlm_precision: str = "fp32") -> dict:
     """Measure the plug-in pipeline and the plain VLM on one frame; returns a JSON-able dict.
 
-    ``backend``, ``precision`` and ``providers`` in it are what ran (``Pipeline.describe()``: "ort"
-    after a trt->ort fallback), not what was asked for."""
-    import torch
-
+    ``backend``, ``precision``, ``providers`` and ``vlm_backend`` in it are what ran
+    (``Pipeline.describe()``: "ort" after a trt->ort fallback), not what was asked for."""
     from rtrt.runtime.image import load_image
     from rtrt.runtime.pipeline import DEFAULT_QUESTION, Pipeline
 
-    torch.set_num_threads(torch.get_num_threads())
     pipe = Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=new_tokens, precision=precision, threads=threads,
-                                device=device)
+                                device=device, vlm_backend=vlm_backend, vlm_precision=vlm_precision)
     ran = pipe.describe()
     q = question or DEFAULT_QUESTION
     gen = {"min_new_tokens": new_tokens}
@@ -76,7 +85,13 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
         res = pipe.batch([img], [q], max_new_tokens=new_tokens, generate_kwargs=gen, plugin=plugin)[0]
         return (time.perf_counter() - t0) * 1e3, dict(res.timings_ms)
 
-    for _ in range(warmup):
+    first_answer_s = None
+    t0_env = os.environ.get(_T0_ENV)
+    for i in range(warmup):
+        run(True)
+        if i == 0 and t0_env:
+            first_answer_s = time.time() - float(t0_env)  # start-up: process start to first answer
+        run(False)
         run(True)
         run(False)
     plug, base, stages, base_stages = [], [], {}, {}
@@ -87,6 +102,9 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
             for k, v in st.items():
                 per_stage.setdefault(k, []).append(v)
     p_med, b_med = statistics.median(plug), statistics.median(base)
+    torch_threads = None
+    if "torch" in sys.modules:
+        torch_threads = sys.modules["torch"].get_num_threads()
     return {
         "bundle": str(bundle),
         "image": str(image),
@@ -94,11 +112,15 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
         "precision": ran["precision"],
         "providers": ran["providers"],
         "device": ran["device"],
+        "vlm_backend": ran["vlm_backend"],
+        "vlm_precision": ran["vlm_precision"],
+        "torch_imported": "torch" in sys.modules,  # False: the run never loaded torch
+        "startup_s": first_answer_s,  # process start to first answer (set when a parent started this run)
         "ort_threads": threads,
         "runs": runs,
         "warmup": warmup,  # untimed runs of each side before the measured ones
         "new_tokens": new_tokens,
-        "threads": torch.get_num_threads(),
+        "threads": torch_threads,
         "stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in stages.items()},
         "baseline_stages_ms": {k: {"median": statistics.median(v), "p95": _pct(v, 0.95)} for k, v in base_stages.items()},
         "end_to_end_ms": {"plugin": {"median": p_med, "p95": _pct(plug, 0.95)},
@@ -109,11 +131,101 @@ def bench_pipeline(bundle: str | Path, image: str | Path, *, backend: str = "ort
     }
 
 
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """This machine's copy bandwidth in GB/s (bytes read + written), best of ``repeats`` numpy copies."""
+    import numpy as np
+
+    src = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def _decoder_bytes(bundle: Path, vlm_precision: str) -> int | None:
+    """Bytes of the exported decoder's weights (its graph file and external data), read once per decode step."""
+    from rtrt.runtime.bundle import load_bundle
+    from rtrt.runtime.names import DECODER, vlm_onnx_file
+
+    b = load_bundle(bundle, verify=False)
+    rel = vlm_onnx_file(DECODER, "quantized" if vlm_precision == "int8" else "")
+    if not b.has(rel):
+        return None
+    size = b.path(rel).stat().st_size
+    data = b.path(rel + "_data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def bench_vlm_backends(bundle: str | Path, image: str | Path, vlm_backends: Sequence[str], *, vlm_precision: str = "fp32",
+                       runs: int = 10, warmup: int = 2, new_tokens: int = 32, backend: str = "ort",
+                       precision: str = "fp32", threads: int | None = None, device: str = "cpu") -> dict:
+    """Each VLM backend in a fresh child process (``bench_pipeline``), one after the other in this run;
+    start-up, peak RSS and decode speed against the memory-bandwidth roof per backend."""
+    out: dict = {"bandwidth_gbs": memory_bandwidth_gbs(), "runs": {}}
+    for vb in vlm_backends:
+        cmd = [sys.executable, "-m", "rtrt.tools.bench", "--json", "--bundle", str(bundle), "--image", str(image),
+               "--vlm-backend", vb, "--runs", str(runs), "--warmup", str(max(1, warmup)), "--new-tokens", str(new_tokens),
+               "--backend", backend, "--precision", precision, "--device", device]
+        if vb == "ort":
+            cmd += ["--vlm-precision", vlm_precision]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        env = {**os.environ, _T0_ENV: repr(time.time())}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            from rtrt.runtime.errors import InputError
+
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InputError(f"the {vb} VLM backend's benchmark failed: {last}")
+        r = json.loads(proc.stdout)["pipeline"]
+        weights = _decoder_bytes(Path(bundle), r.get("vlm_precision") or "fp32")
+        per_token = r["stages_ms"].get("decode_per_token", {}).get("median")
+        if weights and per_token:
+            roof = out["bandwidth_gbs"] * 1e9 / weights  # tokens/s if each step only read the decoder's weights once
+            r["decode_tokens_per_s"] = 1e3 / per_token
+            r["roof_tokens_per_s"] = roof
+            r["roof_fraction"] = r["decode_tokens_per_s"] / roof
+        out["runs"][vb] = r
+    if {"ort", "torch"} <= set(out["runs"]):
+        o, t = out["runs"]["ort"], out["runs"]["torch"]
+        out["ort_speedup_end_to_end"] = t["end_to_end_ms"]["plugin"]["median"] / o["end_to_end_ms"]["plugin"]["median"]
+        out["ort_rss_ratio"] = o["peak_rss_mb"] / t["peak_rss_mb"]
+    return out
+
+
+def _compare_table(c: dict) -> str:
+    runs = c["runs"]
+    names = list(runs)
+    rows = [("end-to-end with plug-in, median ms", lambda r: f"{r['end_to_end_ms']['plugin']['median']:.1f}"),
+            ("end-to-end without plug-in, median ms", lambda r: f"{r['end_to_end_ms']['baseline']['median']:.1f}"),
+            ("plug-in overhead", lambda r: f"{100 * r['overhead_ratio']:+.1f}%"),
+            ("prefill, median ms", lambda r: f"{r['stages_ms'].get('prefill', {}).get('median', float('nan')):.1f}"),
+            ("decode per token, median ms", lambda r: f"{r['stages_ms'].get('decode_per_token', {}).get('median', float('nan')):.2f}"),
+            ("start-up to first answer, s", lambda r: "-" if r.get("startup_s") is None else f"{r['startup_s']:.2f}"),
+            ("peak RSS, MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+            ("decode tokens/s (fraction of bandwidth roof)",
+             lambda r: "-" if "roof_fraction" not in r else f"{r['decode_tokens_per_s']:.0f} ({r['roof_fraction']:.2f} of {r['roof_tokens_per_s']:.0f})"),
+            ("torch imported", lambda r: "yes" if r.get("torch_imported") else "no")]
+    first = runs[names[0]]
+    lines = [f"rtrt bench: {first['bundle']} on {first['image']}, {first['runs']} runs after {first['warmup']} warm-up runs, "
+             f"{first['new_tokens']} new tokens; memory bandwidth {c['bandwidth_gbs']:.1f} GB/s (numpy copy)", "",
+             "| | " + " | ".join(f"VLM on {n}" + (f" ({runs[n].get('vlm_precision')})" if n == "ort" else "") for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for label, fn in rows:
+        lines.append(f"| {label} | " + " | ".join(fn(runs[n]) for n in names) + " |")
+    if "ort_speedup_end_to_end" in c:
+        lines += ["", f"ort vs torch: {c['ort_speedup_end_to_end']:.2f}x faster end to end, peak RSS {c['ort_rss_ratio']:.2f}x"]
+    return "\n".join(lines)
+
+
 def _table(r: dict) -> str:
     providers = f" ({', '.join(r['providers'])})" if r.get("providers") else ""
     lines = [f"rtrt bench: {r['bundle']} on {r['image']}, backend {r['backend']} {r['precision']}{providers} on "
              f"{r.get('device', 'cpu')}, {r['runs']} runs after {r['warmup']} warm-up runs, "
-             f"{r['new_tokens']} new tokens, {r['threads']} torch threads, "
+             f"{r['new_tokens']} new tokens, VLM on {r.get('vlm_backend')}, {r['threads'] or 'no'} torch threads, "
              f"{r.get('ort_threads') or 'all-core'} ORT threads", "",
              "| stage | median ms | p95 ms | without plug-in: median ms |", "|---|---:|---:|---:|"]
     base = r.get("baseline_stages_ms", {})
@@ -136,7 +248,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
-    p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--vlm-backend", nargs="+", default=None, choices=VLM_BACKENDS,
+                   help="how the VLM runs (default: ort when the bundle carries the exported VLM, else torch); several: "
+                        "each in its own process, side by side (start-up, peak RSS, decode vs the bandwidth roof)")
+    p.add_argument("--vlm-precision", default="fp32", choices=VLM_PRECISIONS,
+                   help="the exported VLM's decoder precision (ort VLM backend; default: fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads of the detector and adapter (default: every core this process may use)")
     p.add_argument("--runs", type=int, default=10, help="measured runs of each side (default: 10)")
@@ -158,9 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
     bundle = Path(args.bundle) if args.bundle else default_bundle()
     image = args.image if args.image is not None else default_image()
-    report = {"pipeline": bench_pipeline(bundle, image, backend=args.backend, runs=args.runs,
-                                         warmup=args.warmup, new_tokens=args.new_tokens, precision=args.precision,
-                                         threads=args.threads, device=args.device)}
+    several = args.vlm_backend is not None and len(args.vlm_backend) > 1
+    if several:
+        report = {"vlm_backends": bench_vlm_backends(
+            bundle, image, list(dict.fromkeys(args.vlm_backend)), vlm_precision=args.vlm_precision, runs=args.runs,
+            warmup=args.warmup, new_tokens=args.new_tokens, backend=args.backend, precision=args.precision,
+            threads=args.threads, device=args.device)}
+    else:
+        report = {"pipeline": bench_pipeline(bundle, image, backend=args.backend, runs=args.runs,
+                                             warmup=args.warmup, new_tokens=args.new_tokens, precision=args.precision,
+                                             threads=args.threads, device=args.device,
+                                             vlm_backend=args.vlm_backend[0] if args.vlm_backend else None,
+                                             vlm_precision=args.vlm_precision)}
     if args.graphs:
         from rtrt.tools.benchmarks import graphs as graph_bench
 
@@ -168,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(_table(report["pipeline"]))
+        print(_compare_table(report["vlm_backends"]) if several else _table(report["pipeline"]))
         if "graphs" in report:
             print()
             print(graph_bench.format_table(report["graphs"]))

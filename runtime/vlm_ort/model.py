@@ -45,6 +45,7 @@ from ..names import (
     vlm_onnx_file,
 )
 from ..prompts import user_text
+from .prompt import VlmProcessor, step_position_ids
 
 __all__ = ["OrtVLM", "VLM_PRECISIONS"]
 
@@ -87,8 +88,6 @@ class OrtVLM:
         """Open the exported VLM of ``bundle`` (``BackendUnavailableError`` when it has none)."""
         import onnxruntime as ort
 
-        from .prompt import VlmProcessor
-
         if precision not in VLM_PRECISIONS:
             raise InputError(f"unknown VLM precision {precision!r}; choose from {', '.join(VLM_PRECISIONS)}")
         record = bundle.manifest.exports.vlm
@@ -113,12 +112,15 @@ class OrtVLM:
                 hint = " --precision int8" if variant else ""
                 raise BackendUnavailableError(f"{bundle.root}: no exported {rel}; run `rtrt export --bundle {bundle.root} --vlm{hint}`")
             sessions[graph] = ort.InferenceSession(str(bundle.path(rel)), so, providers=providers)
-        processor = VlmProcessor.from_dir(bundle.path(VLM_ONNX_DIR))
+        unlisted = [f for f in record.config_files if not bundle.has(f)]
+        if unlisted or not record.config_files:
+            raise BundleError(f"{bundle.root}: the exported VLM's configs are not bundle files ({', '.join(unlisted) or 'none recorded'})")
+        processor = VlmProcessor.from_dir(bundle.root / VLM_ONNX_DIR)  # reads only the configs above, hashed at load
         return cls(bundle.root, record, sessions, processor, precision)
 
     @property
     def context_length(self) -> int | None:
-        n = getattr(self.record, "max_position_embeddings", None) or getattr(self.processor, "max_position_embeddings", None)
+        n = self.processor.max_positions
         return int(n) if n else None
 
     def image_token_layout(self) -> dict:
@@ -126,11 +128,12 @@ class OrtVLM:
 
     # ------------------------------------------------------------------ one batch
     def answer(self, images: Sequence, questions: Sequence[str], hints: Sequence[Sequence[str]] | None, *,
-               refine: bool, max_new_tokens: int, timer=None) -> list[str]:
-        """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint)."""
+               refine: bool, max_new_tokens: int, timer=None, min_new_tokens: int = 0) -> list[str]:
+        """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint).
+        ``min_new_tokens``: end-of-sequence is not chosen before this many tokens (benchmarks)."""
         texts = [user_text(q, hints[i] if hints is not None else None) for i, q in enumerate(questions)]
         with self._lock:
-            tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens)
+            tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         if timer is not None:
             timer.ms.update({k: timer.ms.get(k, 0.0) + v for k, v in ms.items()})
         return [a.strip() for a in self.processor.decode(tokens)]
@@ -160,8 +163,9 @@ class OrtVLM:
             feeds.update(qwen_vision_inputs(batch["image_grid_thw"], self.processor.config["vision_config"]))
         return feeds
 
-    def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int):
-        """New tokens [B, n] (n <= max_new_tokens) and stage timings in ms."""
+    def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int, min_new_tokens: int = 0):
+        """New tokens [B, n] (n <= max_new_tokens) and stage timings in ms; as transformers' greedy
+        ``generate`` with ``min_new_tokens``: the eos ids' logits are -inf before that many tokens."""
         ms: dict[str, float] = {}
         t0 = time.perf_counter()
         feeds = self.prefill_inputs(images, texts, refine)
@@ -178,17 +182,11 @@ class OrtVLM:
             raise InputError(f"the prompt has {int(image.sum())} image positions, the vision encoder gave {visual.shape[0]} tokens")
         embeds[image] = visual.astype(embeds.dtype, copy=False)  # row-major, as masked_scatter
         B = ids.shape[0]
-        if self.position_rows == 3:
-            positions = feeds["position_ids"].astype(np.int64)  # [3, B, S]
-            deltas = feeds["rope_deltas"].astype(np.int64).reshape(B)
-        else:
-            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
-            deltas = None
+        positions = feeds["position_ids"].astype(np.int64)  # [B, S]; Qwen2.5-VL [3, B, S]
+        deltas = feeds.get("rope_deltas") if self.position_rows == 3 else None
         cache = {n: np.zeros((B, self._kv_heads, 0, self._head_dim), dtype=self._cache_dtype) for n in self.past_inputs}
         eos = np.asarray(sorted(self.processor.eos_token_ids), dtype=np.int64)
-        pad = self.processor.pad_token_id
-        if pad is None and eos.size:  # transformers' generate pads finished rows with the first eos id then
-            pad = int(eos[0])
+        pad = self.processor.generation_pad_token_id  # what generate writes after a row has ended
         out: list[np.ndarray] = []
         unfinished = np.ones(B, dtype=bool)
         step_embeds = embeds
@@ -199,6 +197,9 @@ class OrtVLM:
         for step in range(max_new_tokens):
             res = dec.run(wanted, {embeds_in: step_embeds, mask_in: mask, positions_in: positions, **cache})
             logits = res[0][:, -1, :]
+            if step < min_new_tokens and eos.size:
+                logits = logits.copy()
+                logits[:, eos] = -np.inf
             nxt = logits.argmax(axis=-1).astype(np.int64)
             if step == 0:
                 t_first = time.perf_counter()
@@ -212,11 +213,7 @@ class OrtVLM:
             cache = dict(zip(self.past_inputs, res[1:]))
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             (step_embeds,) = self.sessions[EMBED_TOKENS].run(list(VLM_EMBED_OUTPUTS), {VLM_EMBED_INPUTS[0]: nxt[:, None]})
-            past = mask.shape[1] - 1  # cache length before this token
-            if deltas is not None:
-                positions = np.broadcast_to((past + deltas)[None, :, None], (3, B, 1)).astype(np.int64)
-            else:
-                positions = (np.cumsum(mask, axis=-1) - 1)[:, -1:].astype(np.int64)
+            positions = step_position_ids(mask, deltas)
         t_end = time.perf_counter()
         ms["prefill"] = ((t_first or t_end) - t2) * 1e3
         steps = max(len(out) - 1, 1)

@@ -1,7 +1,8 @@
 // rtrt_cpp_demo: answer a question about one image through the rtrt C++ API (like `rtrt infer`).
 //
 //     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]
-//                   [--threads N] [--verify] [--vlm REF] [--device cpu|cuda:0] [--max-new-tokens N]
+//                   [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]
+//                   [--device cpu|cuda:0] [--max-new-tokens N]
 //                   [--no-hints] [--no-refine]
 //
 // IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
@@ -23,7 +24,8 @@ namespace {
 
 const char* kUsage =
     "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]\n"
-    "                     [--threads N] [--verify] [--vlm REF] [--device DEV] [--max-new-tokens N]\n"
+    "                     [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]\n"
+    "                     [--device DEV] [--max-new-tokens N]\n"
     "                     [--no-hints] [--no-refine]\n";
 
 // The whole argument must be a number ("3x" is refused, not read as 3).
@@ -72,6 +74,10 @@ int main(int argc, char** argv) {
       options.backend = value("--backend");
     } else if (a == "--precision") {
       options.precision = value("--precision");
+    } else if (a == "--vlm-backend") {
+      options.vlm_backend = value("--vlm-backend");
+    } else if (a == "--vlm-precision") {
+      options.vlm_precision = value("--vlm-precision");
     } else if (a == "--threads") {
       options.threads = to_int("--threads", value("--threads"));
     } else if (a == "--verify") {

@@ -270,7 +270,9 @@ Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std:
         "load_vlm_model"_a = o.load_vlm, "device"_a = o.device, "max_new_tokens"_a = o.max_new_tokens,
         "on_engine_mismatch"_a = o.on_engine_mismatch, "precision"_a = o.precision,
         "threads"_a = o.threads == 0 ? py::object(py::none()) : py::object(py::int_(o.threads)),  // < 0: the runtime refuses it
-        "verify"_a = o.verify);
+        "verify"_a = o.verify,
+        "vlm_backend"_a = o.vlm_backend.empty() ? py::object(py::none()) : py::object(py::str(o.vlm_backend)),
+        "vlm_precision"_a = o.vlm_precision);
   });
 }
 

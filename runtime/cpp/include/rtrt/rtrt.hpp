@@ -81,15 +81,17 @@ struct Answer {
 
 // How a Pipeline is loaded: Pipeline.from_bundle's arguments, each passed through as is, so the
 // runtime checks them and refuses what this machine cannot run (ErrorKind::BackendUnavailable,
-// ErrorKind::Input) with the message `rtrt infer` prints. The VLM backend (the whole VLM exported
-// to ONNX/TensorRT) will join these fields when the runtime has it.
+// ErrorKind::Input) with the message `rtrt infer` prints.
 struct Options {
   std::string backend = "ort";              // "ort", "trt" or "torch" (detector/adapter backend)
   std::string precision = "fp32";           // graphs' precision: "fp32", "fp16" (TensorRT, ORT's TensorRT EP) or "int8" (int8 graphs/engines)
   int threads = 0;                          // ONNX Runtime intra-op threads of the detector/adapter; 0: every core this process may use
   bool verify = false;                      // rerun the backend's graphs on the bundle's reference inputs first (ErrorKind::Parity)
-  std::string vlm;                          // override the bundle's VLM (local directory or hub id); empty: the bundle's
-  std::string device = "cpu";               // torch device of the VLM, e.g. "cpu", "cuda:0"
+  std::string vlm;                          // override the bundle's VLM (local directory or hub id; torch VLM backend); empty: the bundle's
+  std::string vlm_backend;                  // "ort": the bundle's exported VLM on ONNX Runtime (no torch); "torch": transformers;
+                                            // empty: ort when the bundle carries the exported VLM (rtrt export --vlm), else torch
+  std::string vlm_precision = "fp32";       // exported VLM's decoder: "fp32" or "int8" (weight-only; ort VLM backend)
+  std::string device = "cpu";               // device of the VLM, e.g. "cpu", "cuda:0"
   int max_new_tokens = 96;                  // default answer length limit in tokens
   bool load_vlm = true;                     // false: detector only (answer() then throws ErrorKind::Input)
   std::string on_engine_mismatch = "rebuild";  // cached TensorRT engine of another GPU/version: rebuild|fallback|fail
