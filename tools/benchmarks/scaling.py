@@ -2,6 +2,7 @@
 
     python -m rtrt.tools.benchmarks.scaling                                 # demo VFM, LMs 192x2 (the demo's), 512x4, 1024x8
     python -m rtrt.tools.benchmarks.scaling --sizes 192x2,768x12 --runs 5 --precision int8 --json
+    python -m rtrt.tools.benchmarks.scaling --vlm-backends ort,torch   # also export the VLM; each backend in its own process
 
 The demo bundle's VLM is a 2.8 M-parameter toy, so the plug-in (a DINOv3 pass, the adapter, ~23
 hint tokens) is a large share of its answer. This script keeps everything of the demo but the
@@ -127,12 +128,16 @@ def scaled_bundle(demo: str | Path, vlm_dir: str | Path, out: str | Path, hidden
 
 def bench_scaling(sizes: Sequence[LMSize], work: str | Path, *, demo: str | Path | None = None, image: str | Path | None = None,
                   runs: int = 5, warmup: int = 1, new_tokens: int = 32, precision: str = "fp32", threads: int | None = None,
-                  backend: str = "ort", log=print) -> list[dict]:
-    """One ``bench_pipeline`` result per size (``lm`` and ``lm_params`` added); see the module docstring."""
+                  backend: str = "ort", vlm_backends: Sequence[str] | None = None, vlm_precision: str = "fp32",
+                  log=print) -> list[dict]:
+    """One ``bench_pipeline`` result per size (``lm`` and ``lm_params`` added); see the module docstring.
+
+    ``vlm_backends`` (e.g. ``["ort", "torch"]``): the VLM is exported too (``rtrt export --vlm``) and
+    each row is instead ``bench_vlm_backends``' comparison (every VLM backend in its own process)."""
     from transformers import AutoConfig
 
     from rtrt.export.cli import export_bundle
-    from rtrt.tools.bench import bench_pipeline
+    from rtrt.tools.bench import bench_pipeline, bench_vlm_backends
     from rtrt.runtime.assets import default_bundle, example_images
 
     demo = Path(demo) if demo else default_bundle()
@@ -144,13 +149,18 @@ def bench_scaling(sizes: Sequence[LMSize], work: str | Path, *, demo: str | Path
         t0 = time.time()
         vlm_dir = scaled_vlm(src_vlm, work / f"vlm-{size}", size)
         bundle = scaled_bundle(demo, vlm_dir, work / f"bundle-{size}", size.hidden)
-        if backend == "ort":
-            export_bundle(bundle, precision="int8" if precision == "int8" else "fp32", log=lambda _m: None)
+        if backend == "ort" or vlm_backends:
+            export_bundle(bundle, precision="int8" if precision == "int8" or vlm_precision == "int8" else "fp32",
+                          vlm_onnx=bool(vlm_backends), log=lambda _m: None)
         text = AutoConfig.from_pretrained(vlm_dir, local_files_only=True).text_config
         params = _lm_params(text)
         log(f"[scaling] LM {size} ({params / 1e6:.1f} M parameters): built in {time.time() - t0:.0f} s, measuring ...")
-        r = bench_pipeline(bundle, image, backend=backend, runs=runs, warmup=warmup, new_tokens=new_tokens,
-                           precision=precision, threads=threads)
+        if vlm_backends:
+            r = bench_vlm_backends(bundle, image, list(vlm_backends), vlm_precision=vlm_precision, runs=runs,
+                                   warmup=warmup, new_tokens=new_tokens, backend=backend, precision=precision, threads=threads)
+        else:
+            r = bench_pipeline(bundle, image, backend=backend, runs=runs, warmup=warmup, new_tokens=new_tokens,
+                               precision=precision, threads=threads)
         r.update(lm=str(size), lm_params=params)
         rows.append(r)
     return rows
@@ -174,7 +184,28 @@ def _lm_params(text) -> int:
     return int(l * per_layer + v * h + h)
 
 
+def _vlm_table(rows: list[dict]) -> str:
+    lines = ["| language model | parameters | VLM backend | end-to-end (ms) | prefill (ms) | decode/token (ms) | "
+             "decode tok/s (of roof) | plug-in overhead | start-up (s) | peak RSS (MB) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        for name, r in row["runs"].items():
+            st = r["stages_ms"]
+            roof = f"{r['decode_tokens_per_s']:.0f} ({r['roof_fraction']:.2f})" if "roof_fraction" in r else "-"
+            label = f"{name} {r.get('vlm_precision') or ''}".strip() if name == "ort" else name
+            lines.append(f"| {row['lm']} | {row['lm_params'] / 1e6:.1f} M | {label} | {r['end_to_end_ms']['plugin']['median']:.1f} | "
+                         f"{st.get('prefill', {}).get('median', float('nan')):.1f} | {st.get('decode_per_token', {}).get('median', float('nan')):.2f} | "
+                         f"{roof} | {100 * r['overhead_ratio']:+.1f}% | "
+                         f"{'-' if r.get('startup_s') is None else format(r['startup_s'], '.2f')} | {r['peak_rss_mb']:.0f} |")
+        if "ort_speedup_end_to_end" in row:
+            lines.append(f"| {row['lm']} | | ort vs torch | {row['ort_speedup_end_to_end']:.2f}x faster | | | | | | RSS {row['ort_rss_ratio']:.2f}x |")
+    r0 = rows[0]
+    lines.append(f"\nmemory bandwidth {r0['bandwidth_gbs']:.1f} GB/s (numpy copy, same run); random weights (timing only)")
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict]) -> str:
+    if rows and isinstance(rows[0].get("runs"), dict):
+        return _vlm_table(rows)
     lines = ["| language model | parameters | VLM alone (ms) | with the plug-in (ms) | plug-in cost (ms) | overhead |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -198,6 +229,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer, same on both sides (default: 32)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="detector/adapter graphs (default: fp32)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: every core)")
+    p.add_argument("--vlm-backends", default=None,
+                   help="comma-separated VLM backends to compare, e.g. ort,torch: the VLM is exported too and each backend "
+                        "runs in its own process (default: the bundle's default VLM backend only)")
+    p.add_argument("--vlm-precision", default="fp32", choices=["fp32", "int8"], help="the exported VLM's decoder (default: fp32)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
 
@@ -217,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rtrt-scaling-") as tmp:
         rows = bench_scaling(sizes, args.work or tmp, demo=args.bundle, image=args.image, runs=args.runs,
                              new_tokens=args.new_tokens, precision=args.precision, threads=args.threads,
-                             log=lambda m: print(m, file=sys.stderr))
+                             vlm_backends=args.vlm_backends.split(",") if args.vlm_backends else None,
+                             vlm_precision=args.vlm_precision, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(rows, indent=2) if args.json else _table(rows))
     return 0
 
