@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from rtrt.runtime.names import BACKENDS, PRECISIONS
+from rtrt.runtime.names import BACKENDS, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
 
 __all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "check_run_args", "demo_test_world", "run_eval", "parse_args", "main"]
 
@@ -81,6 +81,8 @@ def run_eval(
     backend: str = "ort",
     precision: str = "fp32",
     device: str = "cpu",
+    vlm_backend: str | None = None,
+    vlm_precision: str = "fp32",
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 96,
@@ -89,8 +91,9 @@ def run_eval(
 ) -> dict:
     """Predict and judge; returns ``{"rows": {row: {"groups": ..., "rare_common": ...}}, "table": md}``.
 
-    ``backend``/``precision``/``device`` build the pipeline unless ``pipeline`` is given; scores.json
-    records what ran (``Pipeline.describe()``: backend, precision, ONNX Runtime providers)."""
+    ``backend``/``precision``/``device``/``vlm_backend``/``vlm_precision`` build the pipeline unless
+    ``pipeline`` is given; scores.json records what ran (``Pipeline.describe()``: backend, precision,
+    ONNX Runtime providers, VLM backend)."""
     from tqdm import tqdm
 
     from rtrt.runtime.bundle import atomic_write_bytes, atomic_write_json
@@ -124,7 +127,7 @@ def run_eval(
         raise InputError(f"{split_dir}: no {coda_task} questions")
     judge = judge or KeywordJudge()
     pipe = pipeline or Pipeline.from_bundle(bundle, backend=backend, max_new_tokens=max_new_tokens, precision=precision,
-                                            device=device)
+                                            device=device, vlm_backend=vlm_backend, vlm_precision=vlm_precision)
     ran = pipe.describe()
 
     def image_of(i: int, rec: TaskRecord):
@@ -257,7 +260,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
-    p.add_argument("--device", default="cpu", help="torch device for the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
+                   help="how the VLM runs: ort = the bundle's exported VLM, torch = transformers "
+                        "(default: ort when the bundle carries the exported VLM, else torch)")
+    p.add_argument("--vlm-precision", default="fp32", choices=VLM_PRECISIONS,
+                   help="the exported VLM's decoder: int8 = weight-only int8 (ort VLM backend; default: fp32)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, help="images per VLM batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96)")
@@ -288,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = args.bundle or default_bundle()
     # Loaded before the data (which may be generated, ~30 s): a missing device or precision fails first.
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, max_new_tokens=args.max_new_tokens, precision=args.precision,
-                                device=args.device)
+                                device=args.device, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_eval(bundle, data, args.task, args.out, split=args.split, rows=rows, judge=judge, limit=args.limit,
                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe)
