@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from rtrt.export.cli import main as export_main
-from rtrt.export.vlm_onnx import (DecoderGraph, decoder_dims, decoder_positions, greedy_decode, place_visual_tokens,
-                                  token_ids, vision_feeds)
+from rtrt.export.vlm_onnx import (QUANT_ACCURACY_LEVEL, QUANT_METHOD, DecoderGraph, decoder_dims, decoder_positions,
+                                  greedy_decode, place_visual_tokens, token_ids, vision_feeds)
 from rtrt.runtime.bundle import load_bundle
 from rtrt.runtime.fileio import sha256_file
 from rtrt.runtime.names import (DECODER, EMBED_TOKENS, VISION_ENCODER, VISION_ENCODER_REFINED, VLM_CONFIG_FILES,
@@ -182,6 +182,7 @@ def test_quantized_decoder_runs_with_int8_weights(vlm):
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert len(weighted) >= 2 * vlm.dims.num_layers and len(nbits) == len(weighted)
     assert all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == QUANT_ACCURACY_LEVEL for n in nbits)
     agreement = vlm.bundle.manifest.exports.vlm.parity["quantized"]["token_agreement"]
     assert 0.0 <= agreement <= 1.0  # reported, not required
 
@@ -199,7 +200,7 @@ def test_record_describes_what_the_runtime_needs(vlm):
     for key, g in rec.graphs.items():
         assert g.file in b.manifest.files and g.sha256 == b.manifest.files[g.file].sha256 == sha256_file(b.path(g.file))
         assert g.external_data is None and g.size == b.path(g.file).stat().st_size
-    assert rec.graph(DECODER, "quantized").method.startswith("onnxruntime MatMulNBits int8")
+    assert rec.graph(DECODER, "quantized").method == QUANT_METHOD
     pasts, presents = past_names(dims.num_layers)
     assert list(rec.graph(DECODER).inputs) == [*VLM_DECODER_INPUTS, *pasts]
     assert list(rec.graph(DECODER).outputs) == ["logits", *presents]
