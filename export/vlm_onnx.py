@@ -266,6 +266,10 @@ def _export(module: nn.Module, args: tuple, inputs: Sequence[str], outputs: Sequ
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"{path.name}: torch.onnx.export failed ({type(e).__name__}: {first})") from e
     program.model.metadata_props.update({"rtrt.graph": graph, "rtrt.family": family})
+    # The exporter tags every node with its Python stack trace and module path: about 2 kB a node
+    # (most of a small graph) and this machine's file paths in a shipped bundle. The graph does not need them.
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
     weights = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_ir.save(program.model, path, external_data=f"{path.name}_data" if weights > EXTERNAL_DATA_BYTES else None)

@@ -214,6 +214,34 @@ def test_record_describes_what_the_runtime_needs(vlm):
                                             f"{DECODER}.decode_logits"}
 
 
+def test_weights_over_the_limit_go_to_external_data(tmp_path, tmp_path_factory, monkeypatch):
+    """What a graph over 2 GB gets (the limit lowered to 0 here): its weights in ``<file>_data`` beside it, found by ORT."""
+    from rtrt.export import vlm_onnx
+
+    b = load_bundle(exported_vlm_bundle(tmp_path_factory.getbasetemp(), "llava"))
+    fam = load_vlm(b.resolve_ref(b.manifest.vlm.ref), dtype=torch.float32)
+    monkeypatch.setattr(vlm_onnx, "EXTERNAL_DATA_BYTES", 0)
+    embed = vlm_onnx.export_embed_tokens(fam, tmp_path / "onnx" / "embed_tokens.onnx")
+    quantized = vlm_onnx.quantize_decoder(b.path(vlm_onnx_file(DECODER)), tmp_path / "onnx" / "decoder_model_merged_quantized.onnx")
+    for path in (embed, quantized):
+        data = path.parent / f"{path.name}_data"
+        assert data.is_file() and data.stat().st_size > path.stat().st_size  # the weights moved out
+    ids = np.array([[1, 5, fam.image_token_id]], np.int64)
+    with torch.inference_mode():
+        ref = fam.model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
+    assert np.array_equal(_session(embed).run(None, {"input_ids": ids})[0], ref)
+    inputs = {i.name for i in _session(quantized).get_inputs()}
+    assert inputs == set(VLM_DECODER_INPUTS) | set(past_names(decoder_dims(fam).num_layers)[0])
+    assert vlm_onnx._with_data(tmp_path, "onnx/embed_tokens.onnx") == {  # what export_vlm hands to the bundle
+        "onnx/embed_tokens.onnx": embed, "onnx/embed_tokens.onnx_data": embed.parent / "embed_tokens.onnx_data"}
+
+
+def test_graphs_carry_no_stack_traces(vlm):
+    for g in vlm.bundle.manifest.exports.vlm.graphs.values():
+        model = onnx.load(str(vlm.bundle.path(g.file)))
+        assert not any(n.metadata_props for n in model.graph.node), g.file
+
+
 def test_plain_reexport_keeps_the_vlm_record(tmp_path, tmp_path_factory):
     src = exported_vlm_bundle(tmp_path_factory.getbasetemp(), "llava")
     copy = shutil.copytree(src, tmp_path / "b")
