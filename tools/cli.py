@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synonyms": ("rtrt.trainer.synonyms", "generate per-class synonyms from an OpenAI-compatible endpoint"),
     "world": ("rtrt.tools.demo.world", "generate the procedural rare-object driving world (CODA-LM format)"),
     "eval": ("rtrt.tools.eval", "evaluate a bundle on CODA-LM-format data, with the four-way ablation"),
+    "analyze": ("rtrt.tools.analyze", "analyse how the VLM sees: object-name attention on rare, common and background patches"),
 }
 
 
