@@ -185,6 +185,10 @@ def _export(module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: 
     model = onnx.load(str(path))
     for k, v in metadata.items():
         model.metadata_props.add(key=k, value=str(v))
+    # The exporter tags every node with its Python stack trace: this machine's paths and line
+    # numbers in a shipped graph, changing with any edit of the source. The graph does not need them.
+    for node in model.graph.node:
+        del node.metadata_props[:]
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     check_tensorrt_friendly(path)

@@ -27,7 +27,10 @@ _OTHER_TYPES = ("mps", "meta", "xpu", "xla", "hip", "mtia", "privateuseone", "ip
 
 def has_torch() -> bool:
     """Whether torch is installed (the lean install has no torch)."""
-    return find_spec("torch") is not None
+    try:
+        return find_spec("torch") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a broken half-import
+        return False
 
 
 class Device(NamedTuple):

@@ -122,7 +122,7 @@ _BLOCK_TORCH = textwrap.dedent("""
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "transformers", "timm", "open_clip"):
-                raise ImportError(f"{name} is blocked: the lean runtime must not import it")
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked: the lean runtime must not import it)")
     sys.meta_path.insert(0, Block())
 """)
 
