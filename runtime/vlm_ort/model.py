@@ -105,13 +105,14 @@ class OrtVLM:
         sessions: dict[str, Any] = {}
         for graph in (VISION_ENCODER, VISION_ENCODER_REFINED, EMBED_TOKENS, DECODER):
             variant = "quantized" if graph == DECODER and precision == "int8" else ""
-            rel = vlm_onnx_file(graph, variant)
-            if graph == VISION_ENCODER_REFINED and not bundle.has(rel):
+            entry = record.graph(graph, variant)  # the record, not the file list: a later fp32 export drops the int8 entry
+            if entry is None and graph == VISION_ENCODER_REFINED:
                 continue  # a bundle without an adapter exports the stock encoder only
-            if not bundle.has(rel):
+            if entry is None or not bundle.has(entry.file):
                 hint = " --precision int8" if variant else ""
-                raise BackendUnavailableError(f"{bundle.root}: no exported {rel}; run `rtrt export --bundle {bundle.root} --vlm{hint}`")
-            sessions[graph] = ort.InferenceSession(str(bundle.path(rel)), so, providers=providers)
+                raise BackendUnavailableError(
+                    f"{bundle.root}: no exported {vlm_onnx_file(graph, variant)}; run `rtrt export --bundle {bundle.root} --vlm{hint}`")
+            sessions[graph] = ort.InferenceSession(str(bundle.path(entry.file)), so, providers=providers)
         unlisted = [f for f in record.config_files if not bundle.has(f)]
         if unlisted or not record.config_files:
             raise BundleError(f"{bundle.root}: the exported VLM's configs are not bundle files ({', '.join(unlisted) or 'none recorded'})")
