@@ -99,7 +99,8 @@ class ClassEmbeddings(nn.Module):
 class CrossAttentionAdapter(nn.Module):
     """Visual tokens attend to the class embeddings; gated residual, identity at initialisation.
 
-    ``forward(V [B, N, D], W [C, D]) -> V + tanh(gate) * out(attn(q(V), k(W), v(W)))``.
+    ``forward(V [B, N, D], W [C, D]) -> V + tanh(gate) * out(attn(q(V), k(W), v(W)))``; with
+    ``return_attention=True`` also the attention weights [B, heads, N, C] (for training losses on them).
     Attention is written with plain matmul/softmax (no fused kernel) so ONNX export keeps
     B, N and C dynamic and TensorRT sees only MatMul/Softmax/Reshape.
     """
@@ -124,7 +125,7 @@ class CrossAttentionAdapter(nn.Module):
     def from_config(cls, cfg: AdapterConfig) -> "CrossAttentionAdapter":
         return cls(cfg.d_model, cfg.width, cfg.heads)
 
-    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, return_attention: bool = False):
         x = visual_tokens
         wdtype = self.q_proj.weight.dtype
         q = self.q_proj(self.norm_q(x.to(wdtype)))  # [B, N, width]
@@ -135,6 +136,8 @@ class CrossAttentionAdapter(nn.Module):
         attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
         o = torch.matmul(attn, v).transpose(1, 2).flatten(2)  # [B, N, width]
         delta = torch.tanh(self.gate) * self.out_proj(o)
+        if return_attention:
+            return x + delta.to(x.dtype), attn
         return x + delta.to(x.dtype)
 
 

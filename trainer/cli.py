@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     size = e.add_mutually_exclusive_group(required=True)
     size.add_argument("--d-llm", type=int, help="hidden size of the target VLM's language model (width of W)")
     size.add_argument("--vlm", help="read the hidden size from this VLM's config (local dir, or hub id pinned as "
-                                    "org/name@<40-hex commit>; no weights loaded)")
+                                    "org/name@<40-hex commit>; its weights are loaded only for --w-init names / --w-name-tie)")
     e.add_argument("--synonyms", default="", help="synonyms JSON from 'rtrt synonyms' (class -> list of strings)")
     e.add_argument("--classes", default="", help="comma-separated classes of W (default: the synonyms file's, else all in the data)")
     e.add_argument("--vfm-kind", choices=("timm", "transformers"), default="timm", help="where the DINOv3 comes from")
@@ -84,6 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--proj-hidden", type=int, default=0, help="hidden width of the projection MLPs (0: linear)")
     e.add_argument("--temperature", type=float, default=0.07, help="temperature of the cosine logits")
     e.add_argument("--ema", type=float, default=0.99, help="EMA momentum of W toward the batch's class centres (1: off)")
+    e.add_argument("--w-init", choices=("regions", "names"), default="regions",
+                   help="W's start: regions, the class means of the projected region features (default, the paper); "
+                        "names, each class name's token embedding in the VLM (mean input-embedding row of its display "
+                        "name; needs --vlm)")
+    e.add_argument("--w-name-tie", type=float, default=0.0,
+                   help="weight of a loss pulling each row of W toward its class name's token embedding, mean "
+                        "(1 - cosine) (default: 0, off; needs --vlm)")
     e.add_argument("--w-contrastive", type=float, default=1.0, help="weight of the region-text contrastive loss")
     e.add_argument("--w-classification", type=float, default=1.0, help="weight of the classification losses against W")
     e.add_argument("--w-detection", type=float, default=0.0,
@@ -107,6 +114,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--width", type=int, default=512, help="attention width of the adapter")
     a.add_argument("--heads", type=int, default=8, help="attention heads of the adapter")
     a.add_argument("--w-reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
+    a.add_argument("--recon", choices=("absolute", "relative"), default="absolute",
+                   help="reconstruction distance: absolute, mean squared difference of every element (default, the "
+                        "paper); relative, each token's squared distance over its own squared norm, mean over tokens")
+    a.add_argument("--attn-prior", type=float, default=0.0,
+                   help="weight of a KL term pulling the adapter's head-averaged attention over W's rows, at each "
+                        "image token, toward softmax(detector similarity / --attn-prior-temperature) there "
+                        "(default: 0, off; LLaVA-family VLMs)")
+    a.add_argument("--attn-prior-temperature", type=float, default=0.05,
+                   help="temperature of the softmax over the detector's per-patch cosines (default 0.05)")
     a.add_argument("--hints", choices=("none", "detector"), default="none",
                    help="detector: train with the bundle detector's hint sentence in every prompt, as inference with "
                         "both remedies runs (default: none, the paper's recipe)")
@@ -143,8 +159,8 @@ def embeddings_config(args: argparse.Namespace):
     d_llm = args.d_llm if args.d_llm is not None else vlm_hidden_size(args.vlm)
     cache = "" if args.no_cache else (args.cache or default_cache_dir())
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("d_llm", "cache", "classes")})
-    return _fields(EmbeddingsConfig, ns, d_llm=d_llm, cache=cache, classes=classes)
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("d_llm", "cache", "classes", "vlm")})
+    return _fields(EmbeddingsConfig, ns, d_llm=d_llm, cache=cache, classes=classes, vlm=args.vlm or "")
 
 
 def adapter_config(args: argparse.Namespace):

@@ -7,7 +7,9 @@ as frozen text features (``text.py``).
 Model: ``RareObjectDetector.proj`` maps region features into the LLM space (the detector reuses
 exactly this projection at inference), a second ``Projection`` maps text features there, and W
 [C, D_llm] holds one row per class, initialised from the class means of the (normalised) projected
-region features.
+region features (``w_init="regions"``, the paper), or from the class names' token embeddings in the
+VLM (``w_init="names"``, our addition: the mean input-embedding row of each display name, what the
+frozen LLM reads for that name; ``name_embeddings.py``).
 
 Loss, all in cosine space with one temperature:
 - contrastive alignment: each region against the text prototypes (mean projected text of each
@@ -15,6 +17,10 @@ Loss, all in cosine space with one temperature:
 - classification: each region, and each text, against the rows of W.
 After every optimizer step W moves by an exponential moving average toward the batch's class
 centres (mean of the class's projected regions and its text prototype), with momentum ``ema``.
+
+Optional name tie (``w_name_tie > 0``; our addition): ``w_name_tie`` * the mean over classes of
+(1 - cosine of W's row and the class name's embedding), so W stays readable as the name by the LLM
+while the regions pull it toward what the VFM sees. Both name options need the VLM (``vlm``).
 
 Optional detection loss (``w_detection > 0``; our addition, the paper trains on regions only): the
 detector scores single patches at inference (max cosine over patches against the threshold), so
@@ -43,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtrt.runtime.bundle import ClassInfo, Manifest, write_bundle
-from rtrt.runtime.errors import InputError
+from rtrt.runtime.errors import InputError, ModelMismatchError
 from rtrt.runtime.modules import ClassEmbeddings, Projection, RareObjectDetector
 
 from . import loop
@@ -67,6 +73,7 @@ class EmbeddingsConfig:
     images: str  # dataset root that CODA-LM image paths ("val/images/0001.jpg") are relative to
     out: str  # bundle directory to write
     d_llm: int  # hidden size of the VLM's language model: the width of W
+    vlm: str = ""  # the VLM (local dir or pinned hub id) whose input embeddings give the name embeddings; "" = none
     synonyms: str = ""  # JSON file {class: [synonyms, short descriptions]} (rtrt synonyms); "" = class names only
     classes: list[str] = field(default_factory=list)  # rows of W; empty: the synonyms file's classes, else every category in the data
     vfm_kind: str = "timm"  # "timm" or "transformers"
@@ -87,6 +94,8 @@ class EmbeddingsConfig:
     weight_decay: float = 0.0  # AdamW weight decay of the projections (never on W)
     temperature: float = 0.07  # softmax temperature of every cosine logit
     ema: float = 0.99  # momentum of the EMA update of W toward the batch's class centres; 1 = off
+    w_init: str = "regions"  # "regions": class means of the projected regions (the paper); "names": the names' token embeddings (needs vlm)
+    w_name_tie: float = 0.0  # weight of the tie of W to the names' token embeddings, mean (1 - cosine) (0: off, the paper; needs vlm)
     w_contrastive: float = 1.0  # weight of the region-text contrastive loss
     w_classification: float = 1.0  # weight of the region and text classification losses against W
     w_detection: float = 0.0  # weight of the patch-cell detection loss (0: off, the paper's recipe)
@@ -101,6 +110,8 @@ class EmbeddingsConfig:
     resume: bool = False  # continue from <out>.ckpt/ when it holds a checkpoint of the same settings
     overwrite: bool = False  # replace an existing --out
 
+
+W_INITS = ("regions", "names")
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
 RESUME_FREE = ("resume", "overwrite", "device", "feature_batch", "cache")
@@ -272,6 +283,20 @@ def _image_size(path: str) -> tuple[int, int] | None:
     return (h, w) if rotated else (w, h)
 
 
+def _load_name_embeddings(cfg: EmbeddingsConfig, names: Sequence[str]) -> torch.Tensor:
+    """The names' token embeddings [C, d_llm] from ``cfg.vlm`` (loaded on the CPU, then dropped)."""
+    from rtrt.runtime.vlm import load_vlm
+
+    from .name_embeddings import name_embeddings
+
+    vlm = load_vlm(cfg.vlm, device="cpu")
+    if vlm.hidden_size != cfg.d_llm:
+        raise ModelMismatchError(f"VLM {cfg.vlm} has hidden size {vlm.hidden_size}, W is {cfg.d_llm} wide")
+    table = name_embeddings(vlm, names)
+    del vlm
+    return table
+
+
 def train_embeddings(cfg: EmbeddingsConfig) -> Path:
     """Run phase 1 as configured (one process or a torchrun rank) and return the written bundle's path."""
     out = loop.check_output(cfg.out, cfg.overwrite)
@@ -289,6 +314,13 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError(f"--ema must be in [0, 1], got {cfg.ema}")
     if cfg.w_detection < 0 or cfg.negatives_per_image < 0 or cfg.detection_temperature <= 0:
         raise InputError("--w-detection and --negatives-per-image must be >= 0, --detection-temperature > 0")
+    if cfg.w_init not in W_INITS:
+        raise InputError(f"--w-init must be one of {', '.join(W_INITS)}, not {cfg.w_init!r}")
+    if cfg.w_name_tie < 0:
+        raise InputError(f"--w-name-tie must be >= 0, got {cfg.w_name_tie}")
+    use_names = cfg.w_init == "names" or cfg.w_name_tie > 0
+    if use_names and not cfg.vlm:
+        raise InputError("--w-init names and --w-name-tie need --vlm (the VLM whose input embeddings hold the names)")
     detect = cfg.w_detection > 0
     synonyms = _synonym_table(cfg)
     regions = collect_regions(cfg.annotations, cfg.images, cfg.classes or sorted(synonyms), include_empty=detect)
@@ -336,9 +368,17 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
     text_feats = encoder.encode(texts).to(d.device)
     text_owner = torch.tensor(owner, device=d.device)
 
+    name_emb = None
+    if use_names:
+        name_emb = _load_name_embeddings(cfg, names).to(d.device)
+
     loop.seed_all(cfg.seed)
     model = EmbeddingModel(names, {n: synonyms.get(n, []) for n in names}, spec.dim, encoder.dim, cfg).to(d.device)
-    model.init_weight(feats, labels)
+    if cfg.w_init == "names":
+        with torch.no_grad():
+            model.embeddings.weight.copy_(name_emb)
+    else:
+        model.init_weight(feats, labels)
     w_init = model.embeddings.weight.detach().clone()
     decay = [p for n, p in model.named_parameters() if not n.startswith("embeddings.")]
     optimizer = torch.optim.AdamW(
@@ -380,6 +420,10 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
         loss = (cfg.w_contrastive * con.sum() + cfg.w_classification * cls_r.sum()) * scale + cfg.w_classification * cls_t
         if det is not None:
             loss = loss + cfg.w_detection * det
+        tie = None
+        if cfg.w_name_tie > 0:  # the same on every rank, so DDP's mean leaves it as one process computes it
+            tie = (1.0 - F.cosine_similarity(weight, name_emb, dim=-1)).mean()
+            loss = loss + cfg.w_name_tie * tie
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -395,11 +439,13 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
         n = max(len(idx), 1)
         return {
             "loss": (cfg.w_contrastive * con.sum().item() + cfg.w_classification * cls_r.sum().item()) / n
-            + cfg.w_classification * cls_t.item() + (cfg.w_detection * det.item() if det is not None else 0.0),
+            + cfg.w_classification * cls_t.item() + (cfg.w_detection * det.item() if det is not None else 0.0)
+            + (cfg.w_name_tie * tie.item() if tie is not None else 0.0),
             "contrastive": con.sum().item() / n,
             "cls_regions": cls_r.sum().item() / n,
             "cls_texts": cls_t.item(),
             **({"detection": det.item()} if det is not None else {}),
+            **({"name_tie": tie.item()} if tie is not None else {}),
         }
 
     history = loop.fit(
@@ -422,6 +468,8 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
             "vfm_key": extractor.key,
             "w_moved": float((w - w_init.cpu()).norm() / w_init.norm().clamp(min=1e-12)),
         }
+        if name_emb is not None:  # how readable W's rows are as their names, per class
+            provenance["w_name_cosine"] = dict(zip(names, F.cosine_similarity(w, name_emb.cpu(), dim=-1).tolist()))
         vfm = spec
         carried: dict[str, str] = {}
         carried_dirs: dict[str, str] = {}

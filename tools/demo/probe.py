@@ -17,7 +17,8 @@ the pipeline's own path:
    class it names is reported. High: the LLM reads its image slots and knows the name;
 4. ``adapter``: tanh of its gate (the factor on its residual branch), and on the rare-object slots of
    the baseline visual tokens how often the head-averaged attention's argmax row of W is the
-   object's own class (against chance 1 / C);
+   object's own class (against chance 1 / C); and the cosine of each row of W with its class name's
+   embedding (the oracle's vector: is W written in words the LLM reads?);
 5. ``detector``: per-class AUROC of its scores (class annotated in the image vs not), and the mean.
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
@@ -91,6 +92,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
+    from rtrt.trainer.name_embeddings import name_embeddings
 
     data = Path(data)
     split_dir = data / "CODA-LM" / split
@@ -115,14 +117,10 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     names = list(pipe.class_names)
     W = torch.from_numpy(pipe.W)
     adapter = pipe.bundle.adapter().float()
-    embed = vlm.model.get_input_embeddings()
-    tokenizer = vlm.processor.tokenizer
-
-    def name_embedding(cat: str) -> torch.Tensor:
-        ids = tokenizer(" " + cat.replace("_", " "), add_special_tokens=False)["input_ids"]
-        return embed.weight[ids].mean(0)
-
-    name_emb = {c: name_embedding(c) for c in RARE_CATEGORIES}
+    table = name_embeddings(vlm, RARE_CATEGORIES)  # [R, D] on the CPU, as W
+    w_name_cosine = {c: float(torch.nn.functional.cosine_similarity(W[j].float(), table[RARE_CATEGORIES.index(c)], dim=0))
+                     for j, c in enumerate(names) if c in RARE_CATEGORIES}
+    name_emb = dict(zip(RARE_CATEGORIES, table.to(vlm.device)))
     present = [sorted({r.category_name for r in a.region_perception}) for a in anns[: len(refs)]]
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
@@ -198,7 +196,9 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
         "common": common,
         "oracle": {"rare_objects": oracle_total, "named": oracle_hits, "share": _share(oracle_hits, oracle_total)},
         "adapter": {"tanh_gate": gates, "rare_patches": attn_total,
-                    "attention_on_own_class": _share(attn_hits, attn_total), "chance": 1.0 / len(names)},
+                    "attention_on_own_class": _share(attn_hits, attn_total), "chance": 1.0 / len(names),
+                    "w_name_cosine": w_name_cosine,
+                    "mean_w_name_cosine": sum(w_name_cosine.values()) / len(w_name_cosine) if w_name_cosine else None},
         "detector": {"auroc": per_class, "mean_auroc": sum(known) / len(known) if known else None},
     }
 
@@ -218,7 +218,8 @@ def report_text(res: dict) -> str:
     o, a, d = res["oracle"], res["adapter"], res["detector"]
     lines.append(f"oracle name embedding in the rare slots: named {o['named']} of {o['rare_objects']} ({_fmt(o['share'])})")
     lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
-                 f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])})")
+                 f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])}); "
+                 f"W's cosine with its class names' embeddings: mean {_fmt(a['mean_w_name_cosine'], False)}")
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
     return "\n".join(lines)
