@@ -50,7 +50,8 @@ def test_end_to_end_writes_json_table_and_plot(setup):
         assert e["baseline"]["answer"] == e["refined"]["answer"] and e["baseline"]["names"] == e["refined"]["names"]
     for cond in analyze.CONDITIONS:
         c = res["conditions"][cond]
-        assert c["name_tokens"] > 0 and len(c["layers"]) == 2
+        assert c["name_tokens"] > 0 and len(c["layers"]) == len(c["rare_name_layers"]) == 2
+        assert c["rare_name_layers"][0]["queries"]["background"] == c["rare_name_tokens"] <= c["name_tokens"]
         for layer in c["layers"]:
             assert sum(layer["share"].values()) == pytest.approx(1.0, abs=1e-5)
             assert all(v is None or v >= 0 for v in layer["relative"].values())
@@ -58,7 +59,9 @@ def test_end_to_end_writes_json_table_and_plot(setup):
     baseline, refined = (res["conditions"][c]["layers"][1]["share"] for c in analyze.CONDITIONS)
     assert baseline != refined  # the tiny adapter (gate 0.5) changes what the names see
     table = (out / "attention.md").read_text()
-    assert table.count("\n| 0 |") == 2 and table.count("\n| 1 |") == 2 and "| middle (0-1) |" in table
+    rare_table = res["conditions"]["baseline"]["rare_name_tokens"] > 0
+    assert ("Only the tokens naming a rare class" in table) == rare_table
+    assert table.count("\n| 0 |") == table.count("\n| 1 |") == 2 + rare_table and "| middle (0-1) |" in table
     with Image.open(out / "attention.png") as png:
         assert png.format == "PNG" and png.size == (820, 460)
 
@@ -109,6 +112,9 @@ def test_shares_and_relative_to_uniform_on_a_constructed_case():
     assert layer["relative"]["background"] == pytest.approx((0.4 / 0.5 + 0.1 / 0.5 + 0.2 / 0.5) / 3)
     assert layer["share"] == pytest.approx({"rare": 0.2 / 3, "common": 0.2, "background": 0.7 / 3, "text": 0.5})
     assert layer["queries"] == {"rare": 2, "common": 3, "background": 3}
+    (dog,) = analyze.aggregate([one, other], 1, lambda n: n == "dog")  # only the tokens naming a dog
+    assert dog["relative"] == pytest.approx({"rare": None, "common": 0.4, "background": 0.4})
+    assert dog["queries"] == {"rare": 0, "common": 1, "background": 1} and dog["share"]["text"] == pytest.approx(0.6)
     with pytest.raises(InputError):
         analyze.group_shares(rows, [2, 3, 4], codes)
     assert analyze.middle_layers(2) == [0, 1] and analyze.middle_layers(32) == list(range(8, 24))

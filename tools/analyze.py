@@ -166,15 +166,17 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def aggregate(items: Sequence[ImageAttention], layers: int) -> list[dict]:
-    """Per layer: mean shares over every query token, and per-patch attention relative to uniform
-    (share / patch fraction) averaged over the query tokens whose image has patches of that group."""
+def aggregate(items: Sequence[ImageAttention], layers: int, names: Callable[[str], bool] | None = None) -> list[dict]:
+    """Per layer: mean shares over the query tokens, and per-patch attention relative to uniform
+    (share / patch fraction) averaged over the query tokens whose image has patches of that group.
+    ``names``: only the query tokens whose category it accepts (every token when None)."""
     out = []
     for layer in range(layers):
         share = {g: [] for g in GROUPS}
         rel = {g: [] for g in GROUPS[:TEXT]}
         for it in items:
-            s = it.shares[layer]  # [Q, 4]
+            keep = np.array([names is None or names(n) for n in it.names], dtype=bool)
+            s = it.shares[layer][keep]  # [Q kept, 4]
             for g, name in enumerate(GROUPS):
                 share[name] += s[:, g].tolist()
                 if g != TEXT and it.fractions[g] > 0:
@@ -351,6 +353,8 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
             "layers": per_layer,
             "middle": {g: _mean([e["relative"][g] for e in (per_layer[i] for i in middle) if e["relative"][g] is not None])
                        for g in GROUPS[:TEXT]},
+            # The same over the tokens that name a class the bundle covers: does a rare name look at rare patches?
+            "rare_name_layers": aggregate(items[cond], layers, lambda n: n in rare_classes),
         }
     heads = int(vlm.model.config.get_text_config().num_attention_heads)
     return {
@@ -367,8 +371,10 @@ def _f(v: float | None, digits: int = 3) -> str:
 
 
 def report_markdown(res: dict) -> str:
-    """The two tables: attention per patch relative to uniform, and the four shares, per layer, baseline vs refined."""
+    """The tables, per layer, baseline vs refined: attention per patch relative to uniform, the four shares, and
+    (when the answers name any) the rare-class name tokens' attention per patch relative to uniform."""
     b, r = res["conditions"]["baseline"], res["conditions"]["refined"]
+    header = "| layer | " + " | ".join(f"{g} {c}" for g in GROUPS[:TEXT] for c in CONDITIONS) + " |"
     lines = [
         f"Attention of the answer's object-name tokens ({res['query']} rows, {res['answers']} answers) on "
         f"{res['images']} {res['split']} images; {b['name_tokens']} name tokens baseline ({b['rare_name_tokens']} of rare "
@@ -376,7 +382,7 @@ def report_markdown(res: dict) -> str:
         "",
         "Per patch, relative to uniform (1 = the image's attention spread evenly over its patches):",
         "",
-        "| layer | rare baseline | rare refined | common baseline | common refined | background baseline | background refined |",
+        header,
         "|---|---|---|---|---|---|---|",
     ]
     for eb, er in zip(b["layers"], r["layers"]):
@@ -390,6 +396,11 @@ def report_markdown(res: dict) -> str:
               "|---|" + "---|" * (2 * len(GROUPS))]
     for eb, er in zip(b["layers"], r["layers"]):
         lines.append(f"| {eb['layer']} | " + " | ".join(_f(e["share"][g]) for g in GROUPS for e in (eb, er)) + " |")
+    if b["rare_name_tokens"] or r["rare_name_tokens"]:
+        lines += ["", f"Only the tokens naming a rare class ({b['rare_name_tokens']} baseline, {r['rare_name_tokens']} refined), "
+                      "per patch relative to uniform:", "", header, "|---|---|---|---|---|---|---|"]
+        for eb, er in zip(b["rare_name_layers"], r["rare_name_layers"]):
+            lines.append(f"| {eb['layer']} | " + " | ".join(_f(e["relative"][g]) for g in GROUPS[:TEXT] for e in (eb, er)) + " |")
     return "\n".join(lines) + "\n"
 
 
