@@ -161,3 +161,21 @@ def test_demo_runs_where_torch_cannot_be_imported():
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["vlm_backend"] == "ort" and got["answer"] and got["loaded"] == []
+
+
+def test_demo_ort_pipeline_is_thread_safe_and_refuses_transformers_options():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rtrt.runtime.assets import default_bundle, example_images
+    from rtrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(default_bundle(), vlm_backend="ort", max_new_tokens=16)
+    images = example_images()[:3]
+    serial = [pipe(im).answer for im in images]
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(lambda im: pipe(im).answer, images * 2))
+    assert parallel == serial * 2
+    with pytest.raises(InputError, match="generate_kwargs repetition_penalty are transformers'"):
+        pipe.batch(images[:1], None, generate_kwargs={"repetition_penalty": 1.2})
+    with pytest.raises(InputError, match="only the torch VLM backend can load"):
+        Pipeline.from_bundle(default_bundle(), vlm_backend="ort", vlm=str(default_bundle() / "vlm"))
