@@ -139,7 +139,8 @@ def run_eval(
     out = Path(out_dir)
     results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"),
                      "backend": ran["backend"], "precision": ran["precision"], "providers": ran["providers"],
-                     "device": ran["device"], "rows": {}}
+                     "device": ran["device"], "vlm_backend": ran["vlm_backend"], "vlm_precision": ran["vlm_precision"],
+                     "rows": {}}
     tables = {}
     indexed = list(enumerate(refs))
     total = len(rows) * len(refs)
