@@ -146,7 +146,10 @@ def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
 
 
 def _decoder_bytes(bundle: Path, vlm_precision: str) -> int | None:
-    """Bytes of the exported decoder's weights (its graph file and external data), read once per decode step."""
+    """Bytes of the exported decoder's weights as ONNX Runtime holds them, each read once per decode step:
+    the initializers' sizes, float16 ones that a Cast widens at load (``export/compact.py``) counted at float32."""
+    import onnx
+
     from rtrt.runtime.bundle import load_bundle
     from rtrt.runtime.names import DECODER, vlm_onnx_file
 
@@ -154,9 +157,17 @@ def _decoder_bytes(bundle: Path, vlm_precision: str) -> int | None:
     rel = vlm_onnx_file(DECODER, "quantized" if vlm_precision == "int8" else "")
     if not b.has(rel):
         return None
-    size = b.path(rel).stat().st_size
-    data = b.path(rel + "_data")
-    return size + (data.stat().st_size if data.exists() else 0)
+    model = onnx.load(str(b.path(rel)), load_external_data=False)
+    widened = {n.input[0] for n in model.graph.node if n.op_type == "Cast"
+               and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
+    total = 0
+    for t in model.graph.initializer:
+        count = 1
+        for d in t.dims:
+            count *= d
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type != onnx.TensorProto.STRING else 0
+        total += count * (4 if t.name in widened else size)
+    return total
 
 
 def bench_vlm_backends(bundle: str | Path, image: str | Path, vlm_backends: Sequence[str], *, vlm_precision: str = "fp32",
