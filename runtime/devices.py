@@ -13,6 +13,7 @@ CUDA execution provider (it cannot count them: ``cuda:0`` is listed).
 from __future__ import annotations
 
 import re
+import sys
 from importlib.util import find_spec
 from typing import NamedTuple
 
@@ -76,6 +77,17 @@ def _parse(device):
     raise ValueError(device)
 
 
+def _cpu(name: str):
+    """The CPU device for ``"cpu"``/``"cpu:0"`` without importing torch: a ``torch.device`` when torch is
+    already loaded (the transformers path), else a ``Device`` (the ONNX Runtime path stays torch-free)."""
+    m = _NAME.match(name)
+    if not m or m.group(1) != "cpu" or m.group(2) not in (None, "0"):
+        return None
+    if "torch" in sys.modules:
+        return sys.modules["torch"].device(name)
+    return Device("cpu", None if m.group(2) is None else 0)
+
+
 def _is_torch_device(obj) -> bool:
     if not has_torch():
         return False
@@ -94,6 +106,10 @@ def check_device(device):
     """
     if device is None:
         return None
+    if isinstance(device, (str, Device)):
+        cpu = _cpu(str(device))  # the common case answers without listing GPUs (which imports torch)
+        if cpu is not None:
+            return cpu
     avail = available_devices()
     listed = f"(available: {', '.join(avail)})"
     if not isinstance(device, (str, Device)) and not _is_torch_device(device):
