@@ -33,14 +33,18 @@ def _rtrt(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_successful_infer_leaves_stderr_empty_and_verbose_shows_the_libraries():
-    quiet = _rtrt("infer", "--image", SCENE, "--json", "--max-new-tokens", "2")
+    # The transformers VLM path: the one whose libraries print (the default ONNX Runtime path loads none of them).
+    quiet = _rtrt("infer", "--image", SCENE, "--json", "--max-new-tokens", "2", "--vlm-backend", "torch")
     assert quiet.returncode == 0, quiet.stderr.decode()
     assert quiet.stderr == b""
     line = json.loads(quiet.stdout)
-    assert line["image"] == SCENE and line["warmup"] == 0 and line["detections"]
-    loud = _rtrt("--verbose", "infer", "--image", SCENE, "--json", "--max-new-tokens", "2")
+    assert line["image"] == SCENE and line["warmup"] == 0 and line["detections"] and line["vlm_backend"] == "torch"
+    loud = _rtrt("--verbose", "infer", "--image", SCENE, "--json", "--max-new-tokens", "2", "--vlm-backend", "torch")
     assert loud.returncode == 0 and b"Loading weights" in loud.stderr
     assert json.loads(loud.stdout)["answer"] == line["answer"]
+    default = _rtrt("infer", "--image", SCENE, "--json", "--max-new-tokens", "2")
+    assert default.returncode == 0 and default.stderr == b""
+    assert json.loads(default.stdout)["vlm_backend"] == "ort" and json.loads(default.stdout)["answer"] == line["answer"]
 
 
 def test_a_too_long_question_prints_only_rtrt_own_error():
