@@ -59,6 +59,15 @@ def _pct(xs: Sequence[float], q: float) -> float:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident set in MB. Linux: ``VmHWM`` of its own address space (getrusage's
+    ``ru_maxrss`` survives fork and exec, so a child started by a big parent would report the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
