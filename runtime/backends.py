@@ -36,6 +36,7 @@ from .bundle import Bundle, load_bundle
 from .devices import available_devices, check_device
 from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from .exports import EngineExport
+from .machine import cores
 from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, MISMATCH_POLICIES, PRECISIONS, engine_name, graph_key, ort_variant, source_graph
 from .trt_engine import TrtEngine, default_cache_dir, platform_info, tensorrt_status
 
@@ -64,13 +65,6 @@ class DetectOutput(NamedTuple):
 
     scores: Any  # [B, C] max cosine over patches (numpy array or torch tensor, as the inputs were)
     similarity: Any  # [B, C, P] per-patch cosine map
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Backend:
@@ -226,7 +220,7 @@ class OrtBackend(Backend):
         variant = ort_variant(precision)  # fp16 on ORT means the TensorRT EP's flag
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(threads or _cores())
+        so.intra_op_num_threads = int(threads or cores())
         self.threads = so.intra_op_num_threads
         so.log_severity_level = 3
         # The VLM runs in torch right after the detector: idle ORT workers must not spin on its cores.

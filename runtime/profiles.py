@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .vlm_ort.preprocess import smart_resize as _smart_resize  # transformers' rounding, in one place
+
 __all__ = [
     "TYPICAL_IMAGE_HW",
     "FAMILY_DEFAULTS",
@@ -90,23 +92,6 @@ def effective_layout(layout: Mapping[str, Any] | None, family: str | None = None
 
 def _qwen_factor(layout: Mapping[str, Any]) -> int:
     return int(layout["patch_size"]) * int(layout["spatial_merge_size"])
-
-
-def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    # transformers' qwen2_vl.image_processing_qwen2_vl.smart_resize, step for step.
-    if max(height, width) / min(height, width) > _QWEN_MAX_ASPECT:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds {_QWEN_MAX_ASPECT}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def _tile_grid(height: int, width: int, tile: tuple[int, int], min_tiles: int, max_tiles: int) -> tuple[int, int]:

@@ -20,7 +20,6 @@ Positions: LLaVA and InternVL use the attention mask's running count (left paddi
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -44,17 +43,11 @@ from ..names import (
     past_names,
     vlm_onnx_file,
 )
+from ..machine import cores
 from ..prompts import user_text
 from .prompt import VlmProcessor, step_position_ids
 
 __all__ = ["OrtVLM", "VLM_PRECISIONS"]
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class OrtVLM:
@@ -95,7 +88,7 @@ class OrtVLM:
             raise BackendUnavailableError(f"{bundle.root}: the bundle has no exported VLM; run `rtrt export --bundle {bundle.root} --vlm`")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(threads or _cores())
+        so.intra_op_num_threads = int(threads or cores())
         so.log_severity_level = 3
         have = set(ort.get_available_providers())
         providers = ["CPUExecutionProvider"]
