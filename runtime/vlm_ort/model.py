@@ -90,6 +90,9 @@ class OrtVLM:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or cores())
         so.log_severity_level = 3
+        # The sessions run one after another (and the detector's before them): a pool that spins
+        # after its run would take the cores from the next session's (4x slower decode on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         have = set(ort.get_available_providers())
         providers = ["CPUExecutionProvider"]
         if device not in (None, "cpu") and "CUDAExecutionProvider" in have:
