@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .vlm_ort.preprocess import best_tile_grid  # InternVL's tiling, as the runtime's preprocessing does it
 from .vlm_ort.preprocess import smart_resize as _smart_resize  # transformers' rounding, in one place
 
 __all__ = [
@@ -94,30 +95,12 @@ def _qwen_factor(layout: Mapping[str, Any]) -> int:
     return int(layout["patch_size"]) * int(layout["spatial_merge_size"])
 
 
-def _tile_grid(height: int, width: int, tile: tuple[int, int], min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    # transformers' got_ocr2 get_optimal_tiled_canvas: the (columns, rows) grid closest in aspect
-    # ratio; ties go to more tiles while the image covers over half of the tiles' area.
-    grids = sorted(
-        ((w, h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if min_tiles <= w * h <= max_tiles),
-        key=lambda g: g[0] * g[1],
-    )
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for g in grids:
-        diff = abs(aspect - g[0] / g[1])
-        if diff < best_diff:
-            best, best_diff = g, diff
-        elif diff == best_diff and area > 0.5 * tile[0] * tile[1] * g[0] * g[1]:
-            best = g
-    return best
-
-
 def _internvl_tiles(layout: Mapping[str, Any], height: int, width: int) -> int:
     max_p, min_p = int(layout["max_patches"]), int(layout["min_patches"])
     if not layout.get("crop_to_patches") or max_p <= 1:
         return 1
     th, tw = (int(s) for s in layout["tile_size"])
-    cols, rows = _tile_grid(height, width, (th, tw), min_p, max_p)
+    cols, rows = best_tile_grid(height, width, (th, tw), min_p, max_p)
     n = cols * rows
     return n + 1 if n > 1 else 1  # a thumbnail follows the tiles when there is more than one
 
