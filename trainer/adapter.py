@@ -17,8 +17,8 @@ Loss = autoregressive cross-entropy on the answer tokens (prompt and padding ign
 The reconstruction distance (``recon``) is the mean squared difference over every element
 (``"absolute"``, the paper), or, per token, the squared distance over the token's own squared norm,
 averaged over tokens (``"relative"``, our addition): visual tokens differ in norm by 3x and more (on
-the demo VLM background tokens are about 148, object tokens 41-49), so an absolute distance lets the
-large background tokens set the scale and makes any change to a small object token costly.
+the demo VLM background tokens are about 148, tokens on objects 41-67), so an absolute distance lets
+the large background tokens set the scale and makes a change to a small object token costly.
 
 The attention prior (``attn_prior > 0``; our addition, off by default) pulls the adapter's
 attention over the rows of W toward what the phase-1 detector sees at each patch: at every image
