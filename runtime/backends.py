@@ -54,6 +54,7 @@ __all__ = [
     "precision_support",
     "check_precision",
     "ort_providers",
+    "session_options",
     "engine_mismatch",
 ]
 
@@ -201,6 +202,22 @@ def ort_providers(device: str | None = None, precision: str = "fp32", cache_dir:
     return out
 
 
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options of every rtrt session: full graph optimisation, ``threads``
+    intra-op threads (default: the cores this process may use), errors-only logging, and no spinning.
+    The sessions run one after another (detector, then the VLM's vision, embedding and decoder
+    graphs, or the torch VLM): a pool that spins after its run takes the cores from the next one
+    (the ORT VLM's decode was 3-4x slower on 2 cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads or cores())
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class OrtBackend(Backend):
     """ONNX Runtime sessions over the bundle's exported graphs."""
 
@@ -218,13 +235,8 @@ class OrtBackend(Backend):
 
         super().__init__(bundle, bundle.manifest.image_size())
         variant = ort_variant(precision)  # fp16 on ORT means the TensorRT EP's flag
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(threads or cores())
+        so = session_options(threads)
         self.threads = so.intra_op_num_threads
-        so.log_severity_level = 3
-        # The VLM runs in torch right after the detector: idle ORT workers must not spin on its cores.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.precision = precision
         requested = ort_providers(device, precision, cache_dir)
         self.sessions: dict[str, Any] = {}

@@ -6,14 +6,14 @@ so ``make_backend``, ``Pipeline.from_bundle`` and the commands refuse it in one 
 failing deep inside torch or onnxruntime with a traceback. rtrt runs on ``cpu`` and ``cuda``
 devices only; any other device type counts as not available.
 
-Where torch is installed it counts the GPUs and parses the names (a ``torch.device`` comes back).
-In the lean, torch-free install a ``Device`` comes back, and a GPU is there when onnxruntime has its
-CUDA execution provider (it cannot count them: ``cuda:0`` is listed).
+Names are parsed without torch (a ``Device`` comes back; ``str(dev)`` is what torch and onnxruntime
+take), so a cpu device never imports torch. Listing GPUs does: where torch is installed it counts
+them; in the lean, torch-free install a GPU is there when onnxruntime has its CUDA execution
+provider (it cannot count them: ``cuda:0`` is listed).
 """
 from __future__ import annotations
 
 import re
-import sys
 from importlib.util import find_spec
 from typing import NamedTuple
 
@@ -57,48 +57,19 @@ def available_devices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(n))]
 
 
-def _parse(device):
-    """``device`` as a torch.device (torch installed) or a ``Device``; ValueError when it is no device name."""
-    if has_torch():
-        import torch
-
-        try:
-            return torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ValueError(device) from None
-    if not isinstance(device, str):
-        raise ValueError(device)
-    m = _NAME.match(device)
+def _parse(name: str) -> Device:
+    """``name`` as a ``Device``; ValueError when it is no device name (torch's grammar, lower case)."""
+    m = _NAME.match(name)
     if m:
         return Device(m.group(1), None if m.group(2) is None else int(m.group(2)))
-    kind, _, index = device.partition(":")
+    kind, _, index = name.partition(":")
     if kind in _OTHER_TYPES and (not index or index.isdigit()):
         return Device(kind, int(index) if index else None)
-    raise ValueError(device)
-
-
-def _cpu(name: str):
-    """The CPU device for ``"cpu"``/``"cpu:0"`` without importing torch: a ``torch.device`` when torch is
-    already loaded (the transformers path), else a ``Device`` (the ONNX Runtime path stays torch-free)."""
-    m = _NAME.match(name)
-    if not m or m.group(1) != "cpu" or m.group(2) not in (None, "0"):
-        return None
-    if "torch" in sys.modules:
-        return sys.modules["torch"].device(name)
-    return Device("cpu", None if m.group(2) is None else 0)
-
-
-def _is_torch_device(obj) -> bool:
-    if not has_torch():
-        return False
-    import torch
-
-    return isinstance(obj, torch.device)
+    raise ValueError(name)
 
 
 def check_device(device):
-    """The parsed ``device`` (a ``torch.device``, or a ``Device`` without torch); None stays None
-    (each backend's natural device).
+    """The parsed ``device`` (a ``Device``); None stays None (each backend's natural device).
 
     A name that is no device is an ``InputError``; a device this machine does not have (cuda
     without a CUDA GPU, an index past the last GPU, a device type rtrt does not run on) is a
@@ -106,21 +77,20 @@ def check_device(device):
     """
     if device is None:
         return None
-    if isinstance(device, (str, Device)):
-        cpu = _cpu(str(device))  # the common case answers without listing GPUs (which imports torch)
-        if cpu is not None:
-            return cpu
+    # A name, a Device or a torch.device (read through its str(), so torch is not imported here).
+    named = isinstance(device, (str, Device)) or type(device).__module__.startswith("torch")
+    try:
+        dev = _parse(str(device)) if named else None
+    except ValueError:
+        dev = None
+    if dev is not None and dev.type == "cpu" and dev.index in (None, 0):
+        return dev  # before listing GPUs, which imports torch where it is installed
     avail = available_devices()
     listed = f"(available: {', '.join(avail)})"
-    if not isinstance(device, (str, Device)) and not _is_torch_device(device):
+    if not named:
         raise InputError(f"device must be a name such as 'cpu' or 'cuda:0', not {device!r} {listed}")
-    try:
-        dev = _parse(device if not isinstance(device, Device) else str(device))
-    except ValueError:
-        raise InputError(f"device {str(device)!r} is not a device name {listed}") from None
-    name = str(device)
-    if dev.type == "cpu" and dev.index in (None, 0):
-        return dev
+    if dev is None:
+        raise InputError(f"device {str(device)!r} is not a device name {listed}")
     if dev.type == "cuda" and (dev.index is None and len(avail) > 1 or f"cuda:{dev.index}" in avail):
         return dev
-    raise BackendUnavailableError(f"device {name!r} is not available on this machine {listed}")
+    raise BackendUnavailableError(f"device {str(device)!r} is not available on this machine {listed}")

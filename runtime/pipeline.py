@@ -355,15 +355,17 @@ class Pipeline:
 
     def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
         """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all)."""
+        ctx = self._context_length()
+        if ctx is not None:
+            # Cheap guard before tokenising: a token is at least one character of most text.
+            longest = max(len(q) for q in questions)
+            if longest > 64 * ctx:
+                raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
         if self.vlm_backend == "ort":
             extra = sorted(set(gen) - {"min_new_tokens"})
             if extra:
                 raise InputError(f"generate_kwargs {', '.join(extra)} are transformers' and need vlm_backend='torch' "
                                  "(the ort VLM takes min_new_tokens only)")
-            ctx = self._context_length()
-            longest = max(len(q) for q in questions)
-            if ctx is not None and longest > 64 * ctx:
-                raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
             return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer,
                                    min_new_tokens=int(gen.get("min_new_tokens", 0)))
         return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen)
@@ -372,11 +374,6 @@ class Pipeline:
         import torch
 
         ctx = self._context_length()
-        if ctx is not None:
-            # Cheap guard before tokenising: a token is at least one character of most text.
-            longest = max(len(q) for q in questions)
-            if longest > 64 * ctx:
-                raise InputError(f"question of {longest} characters cannot fit the model's context of {ctx} tokens")
         with timer("prompt_build"):
             batch = self.vlm.prepare(pil, list(questions), hints)
         seq = int(batch["input_ids"].shape[1])

@@ -60,7 +60,7 @@ def test_check_device_accepts_what_is_here():
     assert str(check_device("cpu")) == "cpu" and check_device("cpu").type == "cpu"
     assert check_device(None) is None
     for d in available_devices()[1:]:
-        assert check_device(d) == torch.device(d)
+        assert str(check_device(d)) == d and check_device(torch.device(d)) == check_device(d)
 
 
 def test_missing_gpu_index_is_refused_naming_the_available_devices():

@@ -80,7 +80,7 @@ def test_refined_encoder_changes_the_tokens(pair):
     # The fixture's adapter gate is open: the two encoders differ, so the test above compares both paths.
     family, bundle, _ = pair
     vlm = OrtVLM.from_bundle(bundle)
-    feeds = vlm.prefill_inputs(_images(family), QUESTIONS, refine=True)
+    feeds = vlm.prefill_inputs(_images(family), QUESTIONS)
     stock, refined = vlm.vision_features(feeds, False), vlm.vision_features(feeds, True)
     assert stock.shape == refined.shape and not np.allclose(stock, refined, atol=1e-4)
 
@@ -177,5 +177,7 @@ def test_demo_ort_pipeline_is_thread_safe_and_refuses_transformers_options():
     assert parallel == serial * 2
     with pytest.raises(InputError, match="generate_kwargs repetition_penalty are transformers'"):
         pipe.batch(images[:1], None, generate_kwargs={"repetition_penalty": 1.2})
+    with pytest.raises(InputError, match=r"^prompt of \d+ tokens plus 100000 new tokens exceeds the model's context of 1024 tokens$"):
+        pipe(images[0], max_new_tokens=100000)  # refused as the torch path refuses it, before any graph runs
     with pytest.raises(InputError, match="only the torch VLM backend can load"):
         Pipeline.from_bundle(default_bundle(), vlm_backend="ort", vlm=str(default_bundle() / "vlm"))

@@ -43,7 +43,7 @@ from ..names import (
     past_names,
     vlm_onnx_file,
 )
-from ..machine import cores
+from ..backends import session_options
 from ..prompts import user_text
 from .prompt import VlmProcessor, step_position_ids
 
@@ -73,6 +73,9 @@ class OrtVLM:
         self._kv_heads = int(record.num_kv_heads)
         self._head_dim = int(record.head_dim)
         self._lock = threading.Lock()
+        # Each vision encoder's inputs (the family's pixel inputs), read once.
+        self._vision_inputs = {g: [i.name for i in s.get_inputs()] for g, s in sessions.items()
+                               if g in (VISION_ENCODER, VISION_ENCODER_REFINED)}
         self.providers = list(dict.fromkeys(p for s in sessions.values() for p in s.get_providers()))
 
     # ------------------------------------------------------------------ loading
@@ -86,13 +89,7 @@ class OrtVLM:
         record = bundle.manifest.exports.vlm
         if record is None:
             raise BackendUnavailableError(f"{bundle.root}: the bundle has no exported VLM; run `rtrt export --bundle {bundle.root} --vlm`")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(threads or cores())
-        so.log_severity_level = 3
-        # The sessions run one after another (and the detector's before them): a pool that spins
-        # after its run would take the cores from the next session's (4x slower decode on 2 cores).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = session_options(threads)
         have = set(ort.get_available_providers())
         providers = ["CPUExecutionProvider"]
         if device not in (None, "cpu") and "CUDAExecutionProvider" in have:
@@ -140,16 +137,15 @@ class OrtVLM:
         graph = VISION_ENCODER_REFINED if refine else VISION_ENCODER
         if graph not in self.sessions:
             raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
-        sess = self.sessions[graph]
-        names = [i.name for i in sess.get_inputs()]
+        names = self._vision_inputs[graph]
         missing = [n for n in names if n not in feeds]
         if missing:
             raise InputError(f"the vision encoder needs {', '.join(missing)}, which preprocessing did not give")
-        (out,) = sess.run(list(VLM_VISION_OUTPUTS), {n: feeds[n] for n in names})
+        (out,) = self.sessions[graph].run(list(VLM_VISION_OUTPUTS), {n: feeds[n] for n in names})
         return out.reshape(-1, out.shape[-1])
 
-    def prefill_inputs(self, images: Sequence, texts: Sequence[str], refine: bool) -> dict[str, np.ndarray]:
-        """Preprocessing, vision encoder and embeddings: the decoder's prompt feeds (no cache yet)."""
+    def prefill_inputs(self, images: Sequence, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The processor's feeds (ids, mask, positions, pixels) plus the vision encoder's extra inputs."""
         if len(images) != len(texts) or not texts:
             raise InputError(f"{len(images)} images for {len(texts)} texts")
         batch = self.processor.prepare(list(images), list(texts))
@@ -165,7 +161,10 @@ class OrtVLM:
         ``generate`` with ``min_new_tokens``: the eos ids' logits are -inf before that many tokens."""
         ms: dict[str, float] = {}
         t0 = time.perf_counter()
-        feeds = self.prefill_inputs(images, texts, refine)
+        feeds = self.prefill_inputs(images, texts)
+        seq, ctx = feeds["input_ids"].shape[1], self.context_length
+        if ctx is not None and seq + max_new_tokens > ctx:  # refused before any graph runs, as the torch path does
+            raise InputError(f"prompt of {seq} tokens plus {max_new_tokens} new tokens exceeds the model's context of {ctx} tokens")
         t1 = time.perf_counter()
         ms["prompt_build"] = (t1 - t0) * 1e3
         visual = self.vision_features(feeds, refine)
