@@ -123,9 +123,13 @@ class VLMConfig:
     hint_rare_prob: float = 0.7  # hint_classes "any": chance a hint lists a rare object when one is drawn
     text_epochs: int = 2  # stage 0: epochs of text-only prompts with random hints (0: skip)
     text_hint_prob: float = 0.9  # stage 0: share of text prompts with a hint
+    text_answers: str = "named"  # stage 0 answers: "named" (the pretraining text's objects + the hint) or "hint" (the hint's objects only: a text prompt shows nothing else)
     pseudo_epochs: int = 0  # stage 0b: epochs of image prompts whose image slots hold the patch labels' name embeddings (0: skip)
     pseudo_drop: float = 0.2  # stage 0b: share of object patches shown as background (the tower will miss some)
     pseudo_gain: float = 0.25  # stage 0b: a slot holds gain * the mean input embedding of its label's name (as the projector starts)
+    pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
+    pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
+    align_rare: bool = True  # stage 2 starts the projector mapping rare categories to their names too (False: common ones only; the web's captions leave rare ones unaligned)
     align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
     align_lr: float = 3e-3  # stage 2a: peak learning rate
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
@@ -144,6 +148,10 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        if self.text_answers not in ("named", "hint"):
+            raise ValueError(f"text_answers must be 'named' or 'hint', got {self.text_answers!r}")
+        if self.pseudo_answers not in ("named", "drawn"):
+            raise ValueError(f"pseudo_answers must be 'named' or 'drawn', got {self.pseudo_answers!r}")
         if self.hint_classes not in ("rare", "any"):
             raise ValueError(f"hint_classes must be 'rare' or 'any', got {self.hint_classes!r}")
         if self.image_size % self.patch_size:
@@ -305,7 +313,9 @@ def text_samples(samples: Sequence[Sample], cfg: VLMConfig) -> list[Sample]:
     pool = list(RARE_CATEGORIES if cfg.hint_classes == "rare" else WORLD_CATEGORIES)
     out = []
     for s in samples:
-        named = find_mentions(s.answer) - set(s.hint)  # what the text names (an image hint's additions dropped)
+        # What the text names (an image hint's additions dropped); ``text_answers="hint"``: nothing,
+        # a prompt without an image shows only its hint.
+        named = find_mentions(s.answer) - set(s.hint) if cfg.text_answers == "named" else set()
         hint = rng.sample(pool, rng.randint(1, cfg.hint_max)) if rng.random() < cfg.text_hint_prob else []
         out.append(Sample(s.image, s.question, short_answer_of(named | set(hint)), hint))
     return out
@@ -507,17 +517,25 @@ def _name_embeddings(model, table: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (emb * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
 
 
-def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, gen: torch.Generator) -> torch.Tensor:
+def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, gen: torch.Generator,
+                  noise: float = 0.0) -> torch.Tensor:
     """Visual tokens [B, T, D] made from patch labels [B, T]: gain * the label's name embedding, a share
-    ``drop`` of the object patches shown as background."""
+    ``drop`` of the object patches shown as background, plus Gaussian noise of std ``noise`` times the
+    names' RMS (times gain)."""
     if drop > 0:
         hide = (torch.rand(labels.shape, generator=gen) < drop) & (labels > 0)
         labels = labels.masked_fill(hide, 0)
-    return gain * _name_embeddings(model, table)[labels]
+    names = _name_embeddings(model, table)
+    visual = gain * names[labels]
+    if noise > 0:
+        rms = names.detach().pow(2).mean().sqrt()
+        visual = visual + (noise * gain * rms) * torch.randn(visual.shape, generator=gen)
+    return visual
 
 
 @torch.no_grad()
-def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain: float = 0.25, logit: float = 1.0) -> None:
+def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain: float = 0.25, logit: float = 1.0,
+                              aligned: Sequence[int] | None = None) -> None:
     """Start the projector from the stage-1 patch classifier and, with ``tokenizer``, the words' embeddings.
 
     LLaVA's alignment stage teaches a fresh projector to map the tower's features into the word
@@ -526,7 +544,8 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
     the category's name (``gain / logit`` per unit of logit: a patch classified with logit ``logit``
     arrives as ``gain`` times the name's embedding, as stage 0b's pseudo-images show it), so a
     patch showing a dog arrives looking like the word "dog", which the language model has learned
-    to read. Both layers are then trained as usual.
+    to read. Both layers are then trained as usual. ``aligned``: the patch classes (0 background,
+    1 + i the i-th category) whose unit is sent to its name; the others' columns start at zero.
     """
     proj = model.model.multi_modal_projector
     k = head.out_features
@@ -539,7 +558,12 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
     names = _name_embeddings(model, _name_table(tokenizer))  # row 0: the pad token (background)
     if names.shape[0] != k:
         raise ValueError(f"{k} patch classes but {names.shape[0]} label words")
-    proj.linear_2.weight[:, :k] = (gain / logit) * names.T
+    cols = (gain / logit) * names.T
+    if aligned is not None:
+        keep = torch.zeros(k, dtype=torch.bool)
+        keep[list(aligned)] = True
+        cols = cols * keep
+    proj.linear_2.weight[:, :k] = cols
     proj.linear_2.bias.zero_()
 
 
@@ -590,7 +614,8 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
                 g["lr"] = _lr_at(step, total, lr, warmup)
             if pseudo is not None:
                 table, patch_labels = pseudo
-                visual = _pseudo_image(model, table, patch_labels[[rows[j] for j in batch]], cfg.pseudo_gain, cfg.pseudo_drop, gen)
+                visual = _pseudo_image(model, table, patch_labels[[rows[j] for j in batch]], cfg.pseudo_gain, cfg.pseudo_drop, gen,
+                                       cfg.pseudo_noise)
                 result = _forward_with_visual(model, ids, mask, visual, labels)
             elif features is None:
                 result = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -608,6 +633,25 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
         epoch_losses.append(float(np.mean(losses[first:])))
     bar.close()
     return epoch_losses
+
+
+def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: torch.Tensor, tokenizer, processor,
+                cfg: VLMConfig, cache: dict) -> list[tuple[list[int], list[int]]]:
+    """Stage-0b sequences whose answers name every category with a slot in the pseudo-image, plus the hint.
+
+    The language model learns to name all it is shown, rare objects included (``pseudo_answers="drawn"``):
+    it knows every class; what it will miss later, it misses because its eyes do not show it.
+    """
+    from rtrt.trainer.coda import CATEGORIES
+
+    eos = tokenizer.eos_token_id
+    out = []
+    for s, r in zip(samples, rows):
+        drawn = {CATEGORIES[int(v) - 1] for v in patch_labels[r].unique().tolist() if v > 0}
+        answer = short_answer_of(drawn | set(s.hint))
+        out.append((_prompt_ids(processor, s.question, s.hint, cache),
+                    tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]))
+    return out
 
 
 def save_half(model, processor, out: Path) -> None:
@@ -628,6 +672,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     Returns a report (sizes, losses, seconds); it is also written to ``out/demo_vlm.json``.
     """
     from rtrt.trainer.coda import CATEGORIES
+    from rtrt.tools.demo.world import RARE_CATEGORIES
 
     from .tokenizer import train_tokenizer
 
@@ -677,7 +722,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         # hint's rare ones from the hint; rare objects in the slots go unnamed as the text leaves them.
         model.model.vision_tower.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(False)
-        pseudo_losses = _train_answers(model, seqs, rows, None, gen, epochs=cfg.pseudo_epochs, batch_size=cfg.batch_size,
+        pseudo_seqs = seqs if cfg.pseudo_answers == "named" else _drawn_seqs(samples, rows, patch_labels, tokenizer, processor, cfg, cache)
+        pseudo_losses = _train_answers(model, pseudo_seqs, rows, None, gen, epochs=cfg.pseudo_epochs, batch_size=cfg.batch_size,
                                        lr=cfg.lr, cfg=cfg, desc="vlm stage 0b (pseudo-images)", progress=progress,
                                        pseudo=(_name_table(tokenizer), patch_labels.flatten(1)))
         model.requires_grad_(True)
@@ -700,8 +746,9 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     features = _tower_features(model, pixels, normalise)
     if cfg.tag_epochs:
         logit = _typical_logit(head, features, patch_labels.flatten(1)) if cfg.pseudo_epochs else 1.0
+        aligned = None if cfg.align_rare else [0] + [1 + i for i, c in enumerate(CATEGORIES) if c not in RARE_CATEGORIES]
         _init_projector_from_head(model, head, tokenizer if cfg.text_epochs or cfg.pseudo_epochs else None,
-                                  gain=cfg.pseudo_gain, logit=logit)
+                                  gain=cfg.pseudo_gain, logit=logit, aligned=aligned)
     align_losses = []
     if cfg.align_epochs:
         # Stage 2a (LLaVA's feature alignment): the projector alone, the language model frozen, so
