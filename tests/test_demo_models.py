@@ -184,7 +184,7 @@ def test_short_task_file_keeps_records_and_shortens_answers(world, tmp_path):
     from rtrt.trainer.coda import read_tasks, task_file
 
     src = world / "CODA-LM" / "plugin" / "vqa_anno"
-    out = vlm.write_short_tasks(src, tmp_path)
+    [out] = vlm.write_short_tasks(src, tmp_path)
     before, after = read_tasks(task_file(src, "general_perception")), read_tasks(out)
     assert [(r.question_id, r.image, r.question) for r in before] == [(r.question_id, r.image, r.question) for r in after]
     assert [vlm.short_answer(r.answer) for r in before] == [r.answer for r in after]

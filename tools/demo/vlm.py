@@ -22,6 +22,13 @@ CODA-LM's category order, "Objects that influence the ego car: car, pedestrian, 
 (``short_answer``). The world's pretraining texts name common objects always and rare ones seldom
 (the web's long tail), so the model learns to be blind to rare objects, as large VLMs are.
 
+Region questions (``"region_perception"`` in ``tasks``; off by default): CODA-LM's question about
+the object in the red box, on the world's boxed images, answered "The object in the red box is a
+traffic cone." (``region_short_answer``). The tower learns to see the box in stage 1 (a second,
+binary per-patch head: on or inside the box, ``_box_labels``), the projector starts with one unit
+more (that head -> the mean embedding of " red box"), and stage 0b marks the slots inside the box
+with that embedding, so the language model learns to name the marked object.
+
 General prompt-following: a share ``hint_prob`` of the prompts starts with the detector's hint
 sentence (``rtrt.runtime.vlm.format_hint``: "In this image, there might be objects such as: a,
 b.") listing rare objects drawn in the image (``hint_classes="rare"``: the plug-in detector's
@@ -51,14 +58,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-__all__ = ["VLMConfig", "Sample", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
+if TYPE_CHECKING:
+    from rtrt.trainer.coda import CodaAnnotation, RegionItem, TaskRecord
+
+__all__ = ["VLMConfig", "Sample", "region_short_answer", "region_sources", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
 
 
 SHORT_PREFIX = "Objects that influence the ego car:"
@@ -85,18 +95,70 @@ def short_answer_of(categories) -> str:
     return f"{SHORT_PREFIX} {', '.join(display_name(c) for c in cats)}." if cats else SHORT_NONE
 
 
-def write_short_tasks(src: str | Path, dst: str | Path) -> Path:
-    """``dst/general_perception.jsonl``: ``src``'s general-perception records with ``short_answer`` answers.
+REGION_PREFIX = "The object in the red box is"
 
-    Phase 2 trains the adapter on the answers the VLM gives (its answer style), naming what the
-    plug-in split's texts name.
+
+def region_short_answer(category: str) -> str:
+    """The demo VLM's region answer style: ``"The object in the red box is a traffic cone."`` (the region's category)."""
+    from rtrt.runtime.modules import display_name
+
+    name = display_name(category)
+    return f"{REGION_PREFIX} {'an' if name[0] in 'aeiou' else 'a'} {name}."
+
+
+def region_sources(split_dir: str | Path, records: Sequence[TaskRecord]) -> list[tuple[str, RegionItem]]:
+    """``(base image, RegionItem)`` of each region-perception record of ``split_dir`` (``CODA-LM/<split>``).
+
+    A region question shows ``<folder>/images_w_boxes/<id>_object_<k>.<ext>``: image ``<folder>/images/<id>.<ext>``
+    with the red box of the k-th region of its annotation (``<folder>_<id>.json``) drawn in. The
+    record's answer, if any, must be that region's text (a stale task file is refused).
+    """
+    from rtrt.trainer.coda import image_path_for, iter_annotations
+
+    split_dir = Path(split_dir)
+    anns: dict[str, CodaAnnotation] = {}
+    out = []
+    for rec in records:
+        rel = Path(rec.image)
+        stem, sep, k = rel.stem.rpartition("_object_")
+        if rel.parent.name != "images_w_boxes" or not sep or not k.isdigit():
+            raise ValueError(f"{rec.image}: region question {rec.question_id} does not show a boxed image "
+                             "(<folder>/images_w_boxes/<id>_object_<k>; world written with --no-boxed-images?)")
+        if not anns:
+            anns = {image_path_for(p.name, rel.suffix): a for p, a in iter_annotations(split_dir)}
+        base = f"{rel.parent.parent.as_posix()}/images/{stem}{rel.suffix}"
+        ann = anns.get(base)
+        if ann is None or not 1 <= int(k) <= len(ann.region_perception):
+            raise ValueError(f"{rec.image}: no region {k} of {base} in {split_dir}")
+        region = ann.region_perception[int(k) - 1]
+        if rec.answer is not None and rec.answer != region.description_and_explanation:
+            raise ValueError(f"{rec.image}: the task file's answer is not region {k}'s text of {base} (stale task file?)")
+        out.append((base, region))
+    return out
+
+
+def write_short_tasks(src: str | Path, dst: str | Path, tasks: Sequence[str] = ("general_perception",)) -> list[Path]:
+    """``dst/<task>.jsonl`` per task: ``src``'s records with the VLM's short answers; returns the files in ``tasks`` order.
+
+    Phase 2 trains the adapter on the answers the VLM gives (its answer style): general-perception
+    ones name what the plug-in split's texts name (``short_answer``), region-perception ones the
+    region's category (``region_short_answer``; ``src`` is ``CODA-LM/<split>/vqa_anno``).
     """
     from rtrt.trainer.coda import read_tasks, task_file, write_tasks
 
-    recs = read_tasks(task_file(src, "general_perception"))
-    out = Path(dst) / "general_perception.jsonl"
-    write_tasks(out, [dataclasses.replace(r, answer=short_answer(r.answer or "")) for r in recs])
-    return out
+    outs = []
+    for task in tasks:
+        recs = read_tasks(task_file(src, task))
+        if task == "general_perception":
+            answers = [short_answer(r.answer or "") for r in recs]
+        elif task == "region_perception":
+            answers = [region_short_answer(region.category_name) for _, region in region_sources(Path(src).parent, recs)]
+        else:
+            raise ValueError(f"no short answer style for task {task!r}")
+        out = Path(dst) / f"{task}.jsonl"
+        write_tasks(out, [dataclasses.replace(r, answer=a) for r, a in zip(recs, answers)])
+        outs.append(out)
+    return outs
 
 
 @dataclass
@@ -115,7 +177,10 @@ class VLMConfig:
     vocab_size: int = 1024  # BPE vocabulary, byte symbols and special tokens included
     tie_embeddings: bool = True  # the LM head shares the input embedding matrix
     max_positions: int = 1024  # Llama context length
-    tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files
+    tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files; "region_perception" adds the red-box questions (see below)
+    region_per_image: int = 1  # region questions kept per pretrain image (seeded draw; 0: all), each a boxed image more to train on
+    region_share: float = 1.0  # share of pretrain images (seeded) whose region questions are kept
+    box_weight: float = 1.0  # stage 1 with region questions: weight of the red-box head's per-patch BCE (patch on or inside the box)
     answer_style: str = "short"  # "short": general-perception answers as ``short_answer``; "full": the reference text
     hint_prob: float = 0.5  # share of general-perception samples (with a hintable object drawn) whose prompt carries a hint
     hint_max: int = 3  # most objects a pretraining hint lists
@@ -152,6 +217,8 @@ class VLMConfig:
             raise ValueError(f"text_answers must be 'named' or 'hint', got {self.text_answers!r}")
         if self.pseudo_answers not in ("named", "drawn"):
             raise ValueError(f"pseudo_answers must be 'named' or 'drawn', got {self.pseudo_answers!r}")
+        if self.region_per_image < 0 or not 0.0 <= self.region_share <= 1.0:
+            raise ValueError(f"region_per_image must be >= 0 and region_share in [0, 1], got {self.region_per_image}, {self.region_share}")
         if self.hint_classes not in ("rare", "any"):
             raise ValueError(f"hint_classes must be 'rare' or 'any', got {self.hint_classes!r}")
         if self.image_size % self.patch_size:
@@ -166,6 +233,8 @@ class Sample:
     question: str  # the task's question
     answer: str  # the reference answer
     hint: list[str] = field(default_factory=list)  # categories named by the prompt's hint ([] for none)
+    box: tuple[float, ...] | None = None  # region questions: the red box [x, y, w, h] in image pixels (None: no box)
+    base: str = ""  # region questions: the image without the box, whose scene gives the patch labels ("": ``image``)
 
 
 def _task_dir(world: Path, split: str) -> Path:
@@ -181,6 +250,11 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
     the short answer style the answer then names what the hint lists: a prompted writer names what it
     is pointed at. Without a hint the text names rare objects only as seldom as the world's
     pretraining texts do, so the model learns to follow hints and stays blind without them.
+
+    Region-perception samples (``"region_perception"`` in ``cfg.tasks``) show the boxed image, know
+    their box and base image (``region_sources``), never carry a hint, and answer in the short style
+    with the region's category (``region_short_answer``); ``region_per_image`` and ``region_share``
+    keep a seeded subset (each is a boxed image more to train on).
     """
     from rtrt.tools.judge import find_mentions
     from rtrt.tools.demo.world import RARE_CATEGORIES
@@ -193,6 +267,9 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
     drawn = None
     for task in cfg.tasks:
         records = read_tasks(task_file(_task_dir(world, split), task))
+        if task == "region_perception":
+            samples += _region_samples(world, split, records, cfg)
+            continue
         short = task == "general_perception" and cfg.answer_style == "short"
         if short and drawn is None:
             drawn = {rel: {o.category for o in scene.objects} for rel, scene in _scenes(world, split, {r.image for r in records})}
@@ -213,9 +290,26 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
                 s.answer = short_answer_of(named | set(s.hint))
             samples.append(s)
     if cfg.max_images:
-        keep = set(sorted({s.image for s in samples})[: cfg.max_images])
-        samples = [s for s in samples if s.image in keep]
+        keep = set(sorted({s.base or s.image for s in samples})[: cfg.max_images])
+        samples = [s for s in samples if (s.base or s.image) in keep]
     return samples
+
+
+def _region_samples(world: Path, split: str, records, cfg: VLMConfig) -> list[Sample]:
+    """The kept region-perception samples of ``records`` (see ``load_samples``), in file order."""
+    rng = random.Random(cfg.seed + 2)  # its own stream: the general samples' hints do not move
+    by_base: dict[str, list[int]] = {}
+    sources = region_sources(world / "CODA-LM" / split, records)
+    for i, (base, _) in enumerate(sources):
+        by_base.setdefault(base, []).append(i)
+    keep: set[int] = set()
+    for idx in by_base.values():
+        if rng.random() < cfg.region_share:
+            keep.update(rng.sample(idx, min(len(idx), cfg.region_per_image)) if cfg.region_per_image else idx)
+    return [Sample(rec.image, rec.question,
+                   region_short_answer(region.category_name) if cfg.answer_style == "short" else rec.answer or "",
+                   box=tuple(region.box), base=base)
+            for i, (rec, (base, region)) in enumerate(zip(records, sources)) if i in keep]
 
 
 def build_vlm(tokenizer, cfg: VLMConfig):
@@ -394,7 +488,7 @@ def _scenes(world: Path, split: str, images):
         yield rel, scene
 
 
-def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) -> torch.Tensor:
+def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int, sources: dict[str, str] | None = None) -> torch.Tensor:
     """Per-patch labels [N, G, G] of pretrain images: every object drawn, named by the text or not.
 
     The pretrain scenes are sampled again from the world's per-image seed (``default_rng([seed,
@@ -403,19 +497,43 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int) ->
     background, 1 + i the i-th of ``rtrt.trainer.coda.CATEGORIES``; a patch takes the nearest object
     whose box covers its centre, a box smaller than a patch marks the patch holding its centre.
     Boxes go through the VLM's resize of the shortest side to ``size`` and centre crop.
+    ``sources``: image -> the image it was drawn from (a region question's boxed image -> its base
+    image), whose labels it takes.
     """
     from rtrt.trainer.coda import CATEGORIES
 
     from .vfm import _patch_labels, _world_config
 
+    sources = sources or {}
+    rows: dict[str, list[int]] = {}
+    for rel, i in images.items():
+        rows.setdefault(sources.get(rel, rel), []).append(i)
+
     wcfg = _world_config(world)
     scale = size / min(wcfg.width, wcfg.height)
     ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
     labels = torch.zeros((len(images), size // patch, size // patch), dtype=torch.long)
-    for rel, scene in _scenes(world, "pretrain", images):
+    for rel, scene in _scenes(world, "pretrain", rows):
         boxes = [(x * scale - ox, y * scale - oy, w * scale, h * scale) for x, y, w, h in (o.box for o in scene.objects)]
-        labels[images[rel]] = torch.from_numpy(_patch_labels(scene.objects, size, size, size // patch, CATEGORIES, boxes))
+        labels[rows[rel]] = torch.from_numpy(_patch_labels(scene.objects, size, size, size // patch, CATEGORIES, boxes))
     return labels
+
+
+def _box_labels(samples: Sequence[Sample], images: dict[str, int], image_size: tuple[int, int], grid: int,
+                image_processor) -> torch.Tensor:
+    """Per-patch red-box labels [N, G, G] (float 0/1): 1 where a patch of a boxed image lies on or inside its box.
+
+    The box goes through the processor's resize and crop (``probe.box_slots``: every cell the box
+    overlaps); images without a box are all 0. The tower's box head learns these (stage 1), so it
+    can tell the language model which object a region question is about.
+    """
+    from .probe import box_slots
+
+    labels = torch.zeros((len(images), grid * grid))
+    for s in samples:
+        if s.box is not None:
+            labels[images[s.image], box_slots(s.box, image_size, grid, image_processor)] = 1.0
+    return labels.view(len(images), grid, grid)
 
 
 def _patch_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -428,17 +546,28 @@ def _patch_loss(head, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
     return F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), weight=weight, ignore_index=-100)
 
 
+def _box_loss(box_head, hidden: torch.Tensor, boxes: torch.Tensor, bg_weight: float) -> torch.Tensor:
+    """BCE of the red-box head per patch token; patches off the box weigh ``bg_weight``, as background does."""
+    target = boxes.flatten(1)
+    weight = torch.where(target > 0, 1.0, bg_weight)
+    return F.binary_cross_entropy_with_logits(box_head(hidden).squeeze(-1), target, weight=weight)
+
+
 def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, cfg: VLMConfig,
-                           normalise, gen: torch.Generator, progress: bool) -> list[float]:
+                           normalise, gen: torch.Generator, progress: bool, box_head: torch.nn.Linear | None = None,
+                           boxes: torch.Tensor | None = None) -> list[float]:
     """Stage 1, as LLaVA's CLIP is trained before LLaVA: the vision tower learns what the pretraining data labels.
 
     ``head`` classifies each patch token of the LLaVA feature layer (background or the category of
     the object over it; see ``_scene_labels``), at the world's natural frequencies: the tower sees
-    rare objects as web images show them, while the text rarely names them. Returns each epoch's
-    mean loss.
+    rare objects as web images show them, while the text rarely names them. ``box_head`` (region
+    questions): a second, binary head learns ``boxes`` [N, G, G] (``_box_labels``: the patch is on or
+    inside the red box), weighted ``cfg.box_weight``, so the tower sees the box. Returns each
+    epoch's mean loss.
     """
     tower = model.model.vision_tower
-    opt = _adamw(list(tower.named_parameters()) + list(head.named_parameters()), cfg.tag_lr, cfg.weight_decay)
+    heads = list(head.named_parameters()) + (list(box_head.named_parameters()) if box_head is not None else [])
+    opt = _adamw(list(tower.named_parameters()) + heads, cfg.tag_lr, cfg.weight_decay)
     steps = math.ceil(len(pixels) / cfg.tag_batch_size)
     total = steps * cfg.tag_epochs
     step, epoch_losses = 0, []
@@ -455,6 +584,10 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
             y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
             hidden = _patch_tokens(model, normalise(x))
             loss = _patch_loss(head, hidden, y, weight)
+            if box_head is not None:
+                b = boxes[idx]
+                b = torch.where(flip.view(-1, 1, 1), b.flip(2), b)
+                loss = loss + cfg.box_weight * _box_loss(box_head, hidden, b, cfg.bg_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
@@ -495,6 +628,11 @@ def _tower_features(model, pixels: torch.Tensor, normalise, batch: int = 64) -> 
     return torch.cat([_patch_tokens(model, normalise(pixels[i : i + batch])) for i in range(0, len(pixels), batch)])
 
 
+def _marker_ids(tokenizer) -> torch.Tensor:
+    """Token ids of " red box": their mean input embedding marks the image slots a region question's box covers."""
+    return torch.tensor(tokenizer(" red box", add_special_tokens=False).input_ids)
+
+
 def _name_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [1 + K, L] (padded) and mask of each patch label's word: 0 the pad token, 1 + i the i-th category's name."""
     from rtrt.runtime.modules import display_name
@@ -518,15 +656,20 @@ def _name_embeddings(model, table: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 
 def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, gen: torch.Generator,
-                  noise: float = 0.0) -> torch.Tensor:
+                  noise: float = 0.0, marks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Visual tokens [B, T, D] made from patch labels [B, T]: gain * the label's name embedding, a share
     ``drop`` of the object patches shown as background, plus Gaussian noise of std ``noise`` times the
-    names' RMS (times gain)."""
+    names' RMS (times gain). ``marks``: ``(marker ids, in-box mask [B, T])``: slots on or inside a
+    region question's red box also get gain * the marker's mean embedding (``_marker_ids``: " red
+    box"), as the initial projector sends the tower's box head there."""
     if drop > 0:
         hide = (torch.rand(labels.shape, generator=gen) < drop) & (labels > 0)
         labels = labels.masked_fill(hide, 0)
     names = _name_embeddings(model, table)
     visual = gain * names[labels]
+    if marks is not None:
+        marker_ids, inside = marks
+        visual = visual + gain * inside.unsqueeze(-1).to(visual.dtype) * model.get_input_embeddings()(marker_ids).mean(0)
     if noise > 0:
         rms = names.detach().pow(2).mean().sqrt()
         visual = visual + (noise * gain * rms) * torch.randn(visual.shape, generator=gen)
@@ -535,7 +678,8 @@ def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, 
 
 @torch.no_grad()
 def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain: float = 0.25, logit: float = 1.0,
-                              aligned: Sequence[int] | None = None) -> None:
+                              aligned: Sequence[int] | None = None, box_head: torch.nn.Linear | None = None,
+                              box_logit: float = 1.0) -> None:
     """Start the projector from the stage-1 patch classifier and, with ``tokenizer``, the words' embeddings.
 
     LLaVA's alignment stage teaches a fresh projector to map the tower's features into the word
@@ -546,13 +690,19 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
     patch showing a dog arrives looking like the word "dog", which the language model has learned
     to read. Both layers are then trained as usual. ``aligned``: the patch classes (0 background,
     1 + i the i-th category) whose unit is sent to its name; the others' columns start at zero.
+    ``box_head`` (region questions): one unit more, the red-box head, sent to the marker (the mean
+    embedding of " red box", ``_marker_ids``) at ``gain / box_logit``, as stage 0b marks boxed slots.
     """
     proj = model.model.multi_modal_projector
     k = head.out_features
-    if k > proj.linear_1.out_features:
-        raise ValueError(f"projector width {proj.linear_1.out_features} < {k} patch classes")
+    units = k + (box_head is not None)
+    if units > proj.linear_1.out_features:
+        raise ValueError(f"projector width {proj.linear_1.out_features} < {units} patch classifier units")
     proj.linear_1.weight[:k] = head.weight
     proj.linear_1.bias[:k] = head.bias
+    if box_head is not None:
+        proj.linear_1.weight[k] = box_head.weight[0]
+        proj.linear_1.bias[k] = box_head.bias[0]
     if tokenizer is None:
         return
     names = _name_embeddings(model, _name_table(tokenizer))  # row 0: the pad token (background)
@@ -564,6 +714,8 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
         keep[list(aligned)] = True
         cols = cols * keep
     proj.linear_2.weight[:, :k] = cols
+    if box_head is not None:
+        proj.linear_2.weight[:, k] = (gain / box_logit) * model.get_input_embeddings()(_marker_ids(tokenizer)).mean(0)
     proj.linear_2.bias.zero_()
 
 
@@ -579,13 +731,25 @@ def _typical_logit(head: torch.nn.Linear, features: torch.Tensor, labels: torch.
     return max(1.0, total / max(1, count))
 
 
+@torch.no_grad()
+def _typical_box_logit(box_head: torch.nn.Linear, features: torch.Tensor, boxes: torch.Tensor, batch: int = 256) -> float:
+    """Mean logit the stage-1 box head gives a patch on or inside the red box (at least 1)."""
+    total, count = 0.0, 0
+    for i in range(0, len(features), batch):
+        inside = boxes[i : i + batch].flatten(1) > 0
+        total += box_head(features[i : i + batch]).squeeze(-1)[inside].sum().item()
+        count += int(inside.sum())
+    return max(1.0, total / max(1, count))
+
+
 def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epochs: int, batch_size: int, lr: float,
                    cfg: VLMConfig, desc: str, progress: bool, pseudo=None) -> list[float]:
     """Teacher-forced answer loss over ``seqs`` [(prompt ids, answer ids)], image ``rows[j]`` of ``features``.
 
     ``features``: the frozen tower's patch tokens per image (``_tower_features``); ``None`` for
-    text-only prompts (no image tokens). ``pseudo``: ``(name table, patch labels [N, T])``: the
-    image slots hold ``_pseudo_image`` tokens of ``labels[rows[j]]`` instead (``features`` unused).
+    text-only prompts (no image tokens). ``pseudo``: ``(name table, patch labels [N, T], marks)``: the
+    image slots hold ``_pseudo_image`` tokens of ``labels[rows[j]]`` instead (``features`` unused);
+    ``marks``: ``None`` or ``(marker ids, in-box masks [N, T])`` (region questions' red boxes).
     Trains every parameter that requires grad. Returns each epoch's mean loss.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -613,9 +777,10 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, lr, warmup)
             if pseudo is not None:
-                table, patch_labels = pseudo
-                visual = _pseudo_image(model, table, patch_labels[[rows[j] for j in batch]], cfg.pseudo_gain, cfg.pseudo_drop, gen,
-                                       cfg.pseudo_noise)
+                table, patch_labels, marks = pseudo
+                picked = [rows[j] for j in batch]
+                visual = _pseudo_image(model, table, patch_labels[picked], cfg.pseudo_gain, cfg.pseudo_drop, gen,
+                                       cfg.pseudo_noise, marks and (marks[0], marks[1][picked]))
                 result = _forward_with_visual(model, ids, mask, visual, labels)
             elif features is None:
                 result = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -641,6 +806,7 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
 
     The language model learns to name all it is shown, rare objects included (``pseudo_answers="drawn"``):
     it knows every class; what it will miss later, it misses because its eyes do not show it.
+    Region questions keep their answer (the boxed object's category).
     """
     from rtrt.trainer.coda import CATEGORIES
 
@@ -648,7 +814,7 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
     out = []
     for s, r in zip(samples, rows):
         drawn = {CATEGORIES[int(v) - 1] for v in patch_labels[r].unique().tolist() if v > 0}
-        answer = short_answer_of(drawn | set(s.hint))
+        answer = s.answer if s.box is not None else short_answer_of(drawn | set(s.hint))
         out.append((_prompt_ids(processor, s.question, s.hint, cache),
                     tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]))
     return out
@@ -703,7 +869,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     t0b = time.time()
     text_losses = []
     if cfg.text_epochs:
-        texts = text_samples(samples, cfg)
+        texts = text_samples([s for s in samples if s.box is None], cfg)  # a text prompt shows no red box
         text_seqs = [(_text_prompt_ids(tokenizer, s.question, s.hint, cache),
                       tokenizer(" " + s.answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos])
                      for s in texts]
@@ -712,8 +878,16 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         text_losses = _train_answers(model, text_seqs, None, None, gen, epochs=cfg.text_epochs, batch_size=cfg.batch_size,
                                      lr=cfg.lr, cfg=cfg, desc="vlm stage 0 (text)", progress=progress)
         model.requires_grad_(True)
-    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size) if cfg.tag_epochs or cfg.pseudo_epochs else None
+    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size,
+                                 {s.image: s.base for s in samples if s.base}) if cfg.tag_epochs or cfg.pseudo_epochs else None
     rows = [index[smp.image] for smp in samples]
+    # Region questions: which patches of each boxed image lie on or inside its red box.
+    boxes = None
+    if "region_perception" in cfg.tasks:
+        from .vfm import _world_config
+
+        wcfg = _world_config(world)
+        boxes = _box_labels(samples, index, (wcfg.width, wcfg.height), cfg.image_size // cfg.patch_size, processor.image_processor)
     pseudo_losses = []
     if cfg.pseudo_epochs:
         # Stage 0b: the language model learns to read the image slots before the tower exists. Each
@@ -725,16 +899,19 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         pseudo_seqs = seqs if cfg.pseudo_answers == "named" else _drawn_seqs(samples, rows, patch_labels, tokenizer, processor, cfg, cache)
         pseudo_losses = _train_answers(model, pseudo_seqs, rows, None, gen, epochs=cfg.pseudo_epochs, batch_size=cfg.batch_size,
                                        lr=cfg.lr, cfg=cfg, desc="vlm stage 0b (pseudo-images)", progress=progress,
-                                       pseudo=(_name_table(tokenizer), patch_labels.flatten(1)))
+                                       pseudo=(_name_table(tokenizer), patch_labels.flatten(1),
+                                               None if boxes is None else (_marker_ids(tokenizer), boxes.flatten(1) > 0)))
         model.requires_grad_(True)
     t_text = time.time() - t0b
     t1 = time.time()
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
     class_weight = torch.ones(1 + len(CATEGORIES))
     class_weight[0] = cfg.bg_weight
+    box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None  # region questions: the red box
     tag_losses = []
     if cfg.tag_epochs:
-        tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress)
+        tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress,
+                                            box_head, boxes)
     t_tag = time.time() - t1
 
     # Stage 2 (LLaVA-1.5's alignment and instruction tuning in one): the tower frozen, its patch
@@ -747,8 +924,9 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     if cfg.tag_epochs:
         logit = _typical_logit(head, features, patch_labels.flatten(1)) if cfg.pseudo_epochs else 1.0
         aligned = None if cfg.align_rare else [0] + [1 + i for i, c in enumerate(CATEGORIES) if c not in RARE_CATEGORIES]
+        box_logit = _typical_box_logit(box_head, features, boxes) if box_head is not None and cfg.pseudo_epochs else 1.0
         _init_projector_from_head(model, head, tokenizer if cfg.text_epochs or cfg.pseudo_epochs else None,
-                                  gain=cfg.pseudo_gain, logit=logit, aligned=aligned)
+                                  gain=cfg.pseudo_gain, logit=logit, aligned=aligned, box_head=box_head, box_logit=box_logit)
     align_losses = []
     if cfg.align_epochs:
         # Stage 2a (LLaVA's feature alignment): the projector alone, the language model frozen, so
@@ -772,6 +950,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     report = {
         "config": dataclasses.asdict(cfg),
         "samples": len(seqs),
+        "region_samples": sum(s.box is not None for s in samples),
         "images": len(index),
         "params": sum(p.numel() for p in model.parameters()),
         "vocab": len(tokenizer),

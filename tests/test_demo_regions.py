@@ -1,0 +1,184 @@
+"""Region questions in the demo VLM (issue 14, item 5): the object in the red box.
+
+The answer style names the region's category; a boxed image maps back to its base image and box;
+the red-box labels mark exactly the patches on or inside the box; the projector's extra unit and the
+pseudo-images mark boxed slots with the " red box" embedding; a tiny VLM pretrained with region
+questions runs through ``rtrt eval --task region`` with a row per evaluation group.
+
+Run: ``.venv/bin/pytest tests/test_demo_regions.py``
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rtrt.tools.demo import presets, tokenizer, vlm
+from rtrt.tools.demo.world import WorldConfig, generate_world
+
+TINY_VLM = dict(vlm.VLMConfig(**presets.PRESETS["tiny"].vlm).__dict__)
+BOTH = ("general_perception", "region_perception")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regions") / "world"
+    generate_world(WorldConfig(seed=3, pretrain=8, plugin=6, val=0, test=4, width=96, height=96), root, progress=False)
+    return root
+
+
+def _processor(size: int):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def test_region_short_answer_names_only_the_category():
+    from rtrt.tools.judge import find_mentions
+    from rtrt.trainer.coda import CATEGORIES
+
+    assert vlm.region_short_answer("traffic_cone") == "The object in the red box is a traffic cone."
+    assert vlm.region_short_answer("excavator") == "The object in the red box is an excavator."
+    for c in CATEGORIES:
+        if c != "misc":  # "misc" is the judge's catch-all, never a keyword
+            assert find_mentions(vlm.region_short_answer(c)) == {c}
+
+
+def test_box_labels_mark_exactly_the_patches_on_or_inside_the_box():
+    # 96 x 96 image -> 48 px input, 3 x 3 grid: each cell is 32 x 32 input pixels.
+    samples = [vlm.Sample("b.jpg", "q", "a", box=(40.0, 8.0, 40.0, 20.0)), vlm.Sample("p.jpg", "q", "a"),
+               vlm.Sample("s.jpg", "q", "a", box=(70.0, 70.0, 3.0, 3.0))]
+    labels = vlm._box_labels(samples, {"b.jpg": 0, "p.jpg": 1, "s.jpg": 2}, (96, 96), 3, _processor(48))
+    want = torch.zeros(3, 3, 3)
+    want[0, 0, 1:3] = 1  # x 40..80 covers columns 1 and 2, y 8..28 row 0
+    want[2, 2, 2] = 1  # a box smaller than a cell marks the cell holding it
+    assert torch.equal(labels, want)
+    # A wide image: resized 128 x 96 -> 64 x 48, centre-cropped by 8 px each side (16 input px).
+    wide = vlm._box_labels([vlm.Sample("w.jpg", "q", "a", box=(16.0, 0.0, 32.0, 32.0))],
+                           {"w.jpg": 0}, (128, 96), 3, _processor(48))
+    assert wide[0].nonzero().tolist() == [[0, 0]]
+
+
+def test_region_samples_map_the_boxed_image_to_its_base_image_and_box(world):
+    from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
+
+    anns = {p.stem.split("_", 1)[1]: a for p, a in iter_annotations(world / "CODA-LM" / "pretrain")}
+    records = read_tasks(task_file(world / "CODA-LM" / "pretrain" / "vqa_anno", "region_perception"))
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH, "region_per_image": 0, "hint_prob": 1.0})
+    samples = vlm.load_samples(world, "pretrain", cfg)
+    regions = [s for s in samples if s.box is not None]
+    assert [s.image for s in regions] == [r.image for r in records] and regions
+    for s in regions:
+        image_id, k = s.image.split("/")[-1].split(".")[0].split("_object_")
+        region = anns[image_id].region_perception[int(k) - 1]
+        assert s.base == f"pretrain/images/{image_id}.jpg" and s.box == tuple(region.box) and not s.hint
+        assert s.answer == vlm.region_short_answer(region.category_name)
+        # The boxed image is its base image with a red outline along that box, nothing else.
+        boxed = np.asarray(Image.open(world / s.image).convert("RGB"), dtype=np.int16)
+        base = np.asarray(Image.open(world / s.base).convert("RGB"), dtype=np.int16)
+        ys, xs = np.nonzero(np.abs(boxed - base).max(-1) > 60)
+        x, y, w, h = s.box
+        assert len(xs) and x - 8 <= xs.min() and xs.max() <= x + w + 8 and y - 8 <= ys.min() and ys.max() <= y + h + 8
+    # The general samples (and their seeded hints) are those of the general task alone.
+    general = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0}))
+    assert [(s.image, s.answer, s.hint) for s in samples if s.box is None] == [(s.image, s.answer, s.hint) for s in general]
+    # region_per_image 1: at most one region question per image, the same ones on every call.
+    one = [s for s in vlm.load_samples(world, "pretrain", dataclasses.replace(cfg, region_per_image=1)) if s.box]
+    assert len({s.base for s in one}) == len(one) == len({s.base for s in regions})
+    assert one == [s for s in vlm.load_samples(world, "pretrain", dataclasses.replace(cfg, region_per_image=1)) if s.box]
+
+
+def test_a_region_question_without_a_boxed_image_is_refused(world):
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    rec = read_tasks(task_file(world / "CODA-LM" / "pretrain" / "vqa_anno", "region_perception"))[0]
+    plain = rec.__class__(rec.question_id, "pretrain/images/000000.jpg", rec.question, rec.answer)
+    with pytest.raises(ValueError, match="does not show a boxed image"):
+        vlm.region_sources(world / "CODA-LM" / "pretrain", [plain])
+    stale = rec.__class__(rec.question_id, rec.image, rec.question, "Something else.")
+    with pytest.raises(ValueError, match="stale task file"):
+        vlm.region_sources(world / "CODA-LM" / "pretrain", [stale])
+
+
+def test_boxed_images_take_their_base_images_scene_labels(world):
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH, "region_per_image": 0})
+    samples = vlm.load_samples(world, "pretrain", cfg)
+    index = {p: i for i, p in enumerate(sorted({s.image for s in samples}))}
+    labels = vlm._scene_labels(world, index, 96, 16, {s.image: s.base for s in samples if s.base})
+    plain = vlm._scene_labels(world, {s.base: 0 for s in samples[-1:]}, 96, 16)
+    for s in samples:
+        if s.base:
+            assert torch.equal(labels[index[s.image]], labels[index[s.base]])
+    assert torch.equal(labels[index[samples[-1].image]], plain[0]) and (plain > 0).any()
+
+
+def test_projector_box_unit_and_pseudo_image_mark_the_box_with_the_red_box_embedding():
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["The object in the red box is a dog."] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    emb = model.get_input_embeddings().weight
+    marker = emb[tok(" red box", add_special_tokens=False).input_ids].mean(0)
+    head, box_head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES)), torch.nn.Linear(cfg.vision_hidden, 1)
+    vlm._init_projector_from_head(model, head, tok, gain=0.5, logit=4.0, box_head=box_head, box_logit=2.0)
+    proj, k = model.model.multi_modal_projector, 1 + len(CATEGORIES)
+    assert torch.equal(proj.linear_1.weight[k], box_head.weight[0]) and proj.linear_1.bias[k] == box_head.bias[0]
+    assert torch.allclose(proj.linear_2.weight[:, k], 0.25 * marker)
+    # Stage 0b: a slot inside the box is its name's slot plus gain * the marker; outside, unchanged.
+    table, dog = vlm._name_table(tok), 1 + CATEGORIES.index("dog")
+    labels, inside = torch.tensor([[0, dog, dog, 0]]), torch.tensor([[False, True, False, True]])
+    with torch.no_grad():
+        plain = vlm._pseudo_image(model, table, labels, 0.5, 0.0, torch.Generator().manual_seed(0))
+        marked = vlm._pseudo_image(model, table, labels, 0.5, 0.0, torch.Generator().manual_seed(0),
+                                   marks=(vlm._marker_ids(tok), inside))
+    assert torch.equal(marked[0, [0, 2]], plain[0, [0, 2]])
+    assert torch.allclose(marked[0, [1, 3]] - plain[0, [1, 3]], (0.5 * marker).expand(2, -1), atol=1e-6)
+    # A box unit at the typical logit arrives as the pseudo-image's marker (the other units silent).
+    with torch.no_grad():
+        proj.linear_1.weight.zero_()
+        proj.linear_1.bias.zero_()
+        proj.linear_1.bias[k] = 2.0
+        out = proj(torch.zeros(1, cfg.vision_hidden))[0]
+    assert torch.allclose(out, torch.nn.functional.gelu(torch.tensor(2.0)) / 2.0 * 0.5 * marker, atol=1e-6)
+
+
+def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
+    from fixtures.tiny_bundle import make_tiny_bundle
+    from rtrt.runtime.bundle import VLMSpec
+    from rtrt.runtime.pipeline import Pipeline
+    from rtrt.runtime.vlm import load_vlm
+    from rtrt.tools.eval import run_eval
+    from rtrt.trainer.coda import read_tasks
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH})
+    report = vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
+    assert report["region_samples"] > 0 and report["images"] == 8 + report["region_samples"]
+    assert len(report["stage1_epoch_losses"]) == cfg.tag_epochs and report["epoch_losses"]
+    fam = load_vlm(tmp_path / "vlm")
+    bundle = make_tiny_bundle(tmp_path / "bundle", d_llm=fam.hidden_size,
+                              vlm=VLMSpec("llava", str(tmp_path / "vlm"), fam.hidden_size, fam.image_token_layout()))
+    pipe = Pipeline.from_bundle(bundle, backend="torch", max_new_tokens=12)
+    res = run_eval(bundle, world, "region", tmp_path / "eval", limit=4, batch_size=2, pipeline=pipe, progress=False)
+    groups = res["rows"]["both"]["groups"]
+    assert {"vehicle", "vru", "traffic_cone", "barrier", "miscellaneous", "all"} <= set(groups)
+    # Each region question's reference holds at least its own category.
+    assert groups["all"]["support"] >= 4 and 0 <= (groups["all"]["f1"] or 0) <= 100
+    answers = (tmp_path / "eval" / "both" / "region_perception_answer.jsonl").read_text().splitlines()
+    assert len(answers) == 4
+    # Phase 2's task files in the same style (build.py: --task region_perception).
+    general, region = vlm.write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tmp_path / "tasks", BOTH)
+    recs = read_tasks(region)
+    assert recs and all(r.answer.startswith(vlm.REGION_PREFIX) for r in recs) and general.name == "general_perception.jsonl"
