@@ -114,6 +114,7 @@ class WorldConfig:
     jpeg_quality: int = 92  # JPEG quality when image_format is "jpg"
     boxed_images: bool = True  # write images_w_boxes/ for region questions, as CODA-LM does
     rare_categories: tuple[str, ...] = RARE_CATEGORIES  # rare kinds that may appear
+    rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -126,6 +127,8 @@ class WorldConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if not 0.25 <= self.rare_scale <= 4.0:
+            raise ValueError(f"rare_scale must be in [0.25, 4], got {self.rare_scale}")
         if self.max_rare < 0 or self.max_common < 0 or self.max_regions < 0 or self.noise < 0:
             raise ValueError("max_rare, max_common, max_regions and noise must be >= 0")
         if self.image_format not in FORMATS:
@@ -336,8 +339,9 @@ def _sample_x(scene: Scene, zone: str, rng: np.random.Generator, width_m: float)
     raise AssertionError(zone)
 
 
-def _project(scene: Scene, cat: str, xw: float, z: float) -> tuple[tuple[float, float, float, float], float, float]:
+def _project(scene: Scene, cat: str, xw: float, z: float, scale: float = 1.0) -> tuple[tuple[float, float, float, float], float, float]:
     w_m, h_m, elev, _, _, _ = _SPEC[cat]
+    w_m, h_m = w_m * scale, h_m * scale
     ppm = scene.focal / z
     ground_y = scene.horizon + scene.focal * CAM_HEIGHT / z
     cx = scene.cx + scene.focal * xw / z
@@ -401,6 +405,8 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     objects: list[WorldObject] = []
     for gid, cat in enumerate(placements):
         w_m, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
+        scale = cfg.rare_scale if cat in RARE_CATEGORIES else 1.0
+        w_m, depth_m = w_m * scale, depth_m * scale
         zone_names = list(zones)
         zone = zone_names[int(rng.choice(len(zones), p=np.array(list(zones.values())) / sum(zones.values())))]
         count = int(rng.integers(_ROWS[cat][0], _ROWS[cat][1] + 1)) if cat in _ROWS and rng.random() < 0.6 else 1
@@ -415,7 +421,7 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
                 xw = lane * scene.lane_width + float(rng.uniform(-0.3, 0.3))
             step = float(rng.uniform(2.0, 4.0))
             row = [(xw, z0 + k * step) for k in range(count)]
-            boxes = [_project(scene, cat, x, z) for x, z in row]
+            boxes = [_project(scene, cat, x, z, scale) for x, z in row]
             fps = [(x - w_m / 2, x + w_m / 2, z - depth_m / 2, z + depth_m / 2) for x, z in row]
             free = all(
                 not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]) for a in fps for b in footprints
@@ -1233,6 +1239,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", choices=FORMATS, default=d.image_format, help="image file format")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality (1-95)")
     p.add_argument("--no-boxed-images", action="store_true", help="do not write images_w_boxes/ (region questions then point at the plain image)")
+    p.add_argument("--rare-scale", type=float, default=d.rare_scale,
+                   help="rare objects' physical size times this (default 1: as common objects, true to life)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -1247,7 +1255,7 @@ def config_from_args(args: argparse.Namespace) -> WorldConfig:
         max_common=args.max_common, pretrain_name_prob=args.pretrain_name_prob, name_prob=args.name_prob,
         occlusion_prob=args.occlusion_prob, noise=args.noise, max_regions=args.max_regions,
         image_format=args.format, jpeg_quality=args.jpeg_quality, boxed_images=not args.no_boxed_images,
-        rare_categories=tuple(args.rare),
+        rare_categories=tuple(args.rare), rare_scale=args.rare_scale,
     )
 
 
