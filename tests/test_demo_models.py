@@ -373,3 +373,67 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     assert bundle.manifest.detector.calibrated and bundle.manifest.training["calibration"]["split"] == "val"
     assert report["examples"] and all((out / "examples" / name).is_file() for name in report["examples"])
     assert not (tmp_path / "demo.work").exists()  # intermediates removed without --keep-work
+
+
+def test_text_answers_hint_names_only_the_hint(world):
+    """``text_answers="hint"``: a text prompt shows only its hint, so the stage-0 answer names only that."""
+    from rtrt.tools.judge import find_mentions
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 0.0, "text_hint_prob": 0.5, "text_answers": "hint"})
+    texts = vlm.text_samples(vlm.load_samples(world, "pretrain", cfg), cfg)
+    assert any(t.hint for t in texts) and any(not t.hint for t in texts)
+    for t in texts:
+        assert find_mentions(t.answer) == set(t.hint)
+        assert (t.answer == vlm.SHORT_NONE) == (not t.hint)
+
+
+def test_drawn_answers_name_every_category_with_a_slot_plus_the_hint():
+    """``pseudo_answers="drawn"``: stage 0b's answer names each category whose label is in the pseudo-image."""
+    from rtrt.tools.judge import find_mentions
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "max_answer_tokens": 400})  # a byte-level answer, never cut
+    _, processor = vlm.build_vlm(tok, cfg)
+    labels = torch.zeros((2, 2, 2), dtype=torch.long)
+    labels[0, 0, 1] = 1 + CATEGORIES.index("dog")
+    labels[0, 1, 1] = 1 + CATEGORIES.index("car")
+    samples = [vlm.Sample("a.jpg", "What is ahead?", "unused", ["stone"]), vlm.Sample("b.jpg", "What is ahead?", "unused")]
+    seqs = vlm._drawn_seqs(samples, [0, 1], labels, tok, processor, cfg, {})
+    answers = [tok.decode(a, skip_special_tokens=True) for _, a in seqs]
+    assert find_mentions(answers[0]) == {"dog", "car", "stone"}
+    assert answers[1].strip() == vlm.SHORT_NONE
+    assert all(a[-1] == tok.eos_token_id for _, a in seqs)
+
+
+def test_projector_rare_gain_and_quiet_start():
+    """``rare_gain`` scales the rare categories' columns; ``quiet`` zeroes the random units' columns."""
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
+    gains = torch.tensor([1.0] + [0.25 if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
+    vlm._init_projector_from_head(model, head, tok, gain=0.5, unit_gain=gains, quiet=True)
+    w2 = model.model.multi_modal_projector.linear_2.weight
+    emb = model.get_input_embeddings().weight
+    k = len(gains)
+    cone, car = 1 + CATEGORIES.index("traffic_cone"), 1 + CATEGORIES.index("car")
+    cone_ids = tok(" traffic cone", add_special_tokens=False).input_ids
+    car_ids = tok(" car", add_special_tokens=False).input_ids
+    assert torch.allclose(w2[:, cone], 0.25 * 0.5 * emb[cone_ids].mean(0), atol=1e-6)
+    assert torch.allclose(w2[:, car], 0.5 * emb[car_ids].mean(0), atol=1e-6)
+    assert k < w2.shape[1] and torch.count_nonzero(w2[:, k:]) == 0
+    # Without quiet the random columns stay as built.
+    model2, _ = vlm.build_vlm(tok, cfg)
+    vlm._init_projector_from_head(model2, head, tok, gain=0.5)
+    assert torch.count_nonzero(model2.model.multi_modal_projector.linear_2.weight[:, k:]) > 0
+
+
+def test_vlm_config_refuses_unknown_answer_modes():
+    with pytest.raises(ValueError, match="text_answers"):
+        vlm.VLMConfig(text_answers="all")
+    with pytest.raises(ValueError, match="pseudo_answers"):
+        vlm.VLMConfig(pseudo_answers="all")

@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--image-size", str(spec.image_size), *(["--vfm-reducing-gap", str(spec.reducing_gap)] if spec.reducing_gap else []), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
         "--epochs", str(plan.phase1_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase1), "--overwrite",
         "--w-detection", str(plan.phase1_detection), "--negatives-per-image", str(plan.phase1_negatives),
+        "--w-init", plan.phase1_w_init, "--w-name-tie", str(plan.phase1_name_tie), "--ema", str(plan.phase1_ema),
     ])
     if args.stop_after == "phase1":
         return finish("phase1")
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timer.run("phase2", _call_main, "rtrt.trainer.cli", [
         "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), "--task", "general_perception",
         "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
-        "--max-answer-tokens", "48", "--hints", plan.phase2_hints,
+        "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
         "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
         "--overwrite",
     ])

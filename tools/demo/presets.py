@@ -30,6 +30,10 @@ class BuildPlan:
     phase1_detection: float = 1.0  # rtrt train embeddings --w-detection (patch-cell detection loss; 0: off)
     phase1_negatives: int = 64  # rtrt train embeddings --negatives-per-image
     phase2_hints: str = "detector"  # rtrt train adapter --hints
+    phase1_w_init: str = "regions"  # rtrt train embeddings --w-init (names: W starts at the class names' token embeddings)
+    phase1_name_tie: float = 0.0  # rtrt train embeddings --w-name-tie (pull W toward the names; 0: off)
+    phase1_ema: float = 0.99  # rtrt train embeddings --ema (1: off)
+    phase2_recon: str = "absolute"  # rtrt train adapter --recon (relative: each token's error over its own norm)
 
 
 PRESETS: dict[str, BuildPlan] = {

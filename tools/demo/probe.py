@@ -121,7 +121,9 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     w_name_cosine = {c: float(torch.nn.functional.cosine_similarity(W[j].float(), table[RARE_CATEGORIES.index(c)], dim=0))
                      for j, c in enumerate(names) if c in RARE_CATEGORIES}
     name_emb = dict(zip(RARE_CATEGORIES, table.to(vlm.device)))
-    present = [sorted({r.category_name for r in a.region_perception}) for a in anns[: len(refs)]]
+    # What each image holds: its regions (at most the world's max_regions) and what its reference text names.
+    present = [sorted({r.category_name for r in a.region_perception} | find_mentions(ref.answer or ""))
+               for a, ref in zip(anns, refs)]
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
     attn_hits = attn_total = 0

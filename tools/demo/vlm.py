@@ -194,7 +194,8 @@ class VLMConfig:
     pseudo_gain: float = 0.25  # stage 0b: a slot holds gain * the mean input embedding of its label's name (as the projector starts)
     pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
     pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
-    align_rare: bool = True  # stage 2 starts the projector mapping rare categories to their names too (False: common ones only; the web's captions leave rare ones unaligned)
+    rare_gain: float = 1.0  # stage 2 starts the projector sending rare categories to their names at this fraction of the common ones' gain (1: aligned alike; < 1: weakly, as the web's captions leave them)
+    projector_quiet: bool = False  # stage 2 starts linear_2's columns beyond the classifier units at zero, so the first visual tokens are the names stage 0b showed (no random extra)
     align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
     align_lr: float = 3e-3  # stage 2a: peak learning rate
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
@@ -678,8 +679,8 @@ def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, 
 
 @torch.no_grad()
 def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain: float = 0.25, logit: float = 1.0,
-                              aligned: Sequence[int] | None = None, box_head: torch.nn.Linear | None = None,
-                              box_logit: float = 1.0) -> None:
+                              unit_gain: torch.Tensor | None = None, box_head: torch.nn.Linear | None = None,
+                              box_logit: float = 1.0, quiet: bool = False) -> None:
     """Start the projector from the stage-1 patch classifier and, with ``tokenizer``, the words' embeddings.
 
     LLaVA's alignment stage teaches a fresh projector to map the tower's features into the word
@@ -688,8 +689,9 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
     the category's name (``gain / logit`` per unit of logit: a patch classified with logit ``logit``
     arrives as ``gain`` times the name's embedding, as stage 0b's pseudo-images show it), so a
     patch showing a dog arrives looking like the word "dog", which the language model has learned
-    to read. Both layers are then trained as usual. ``aligned``: the patch classes (0 background,
-    1 + i the i-th category) whose unit is sent to its name; the others' columns start at zero.
+    to read. Both layers are then trained as usual. ``unit_gain`` [k]: a factor per patch class (0
+    background, 1 + i the i-th category) on its column (0: not sent to its name). ``quiet``: the
+    columns of the other, random ``linear_1`` units start at zero, so they add nothing at first.
     ``box_head`` (region questions): one unit more, the red-box head, sent to the marker (the mean
     embedding of " red box", ``_marker_ids``) at ``gain / box_logit``, as stage 0b marks boxed slots.
     """
@@ -709,10 +711,10 @@ def _init_projector_from_head(model, head: torch.nn.Linear, tokenizer=None, gain
     if names.shape[0] != k:
         raise ValueError(f"{k} patch classes but {names.shape[0]} label words")
     cols = (gain / logit) * names.T
-    if aligned is not None:
-        keep = torch.zeros(k, dtype=torch.bool)
-        keep[list(aligned)] = True
-        cols = cols * keep
+    if unit_gain is not None:
+        cols = cols * unit_gain.to(cols.dtype)
+    if quiet:
+        proj.linear_2.weight[:, units:] = 0.0
     proj.linear_2.weight[:, :k] = cols
     if box_head is not None:
         proj.linear_2.weight[:, k] = (gain / box_logit) * model.get_input_embeddings()(_marker_ids(tokenizer)).mean(0)
@@ -923,10 +925,11 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     features = _tower_features(model, pixels, normalise)
     if cfg.tag_epochs:
         logit = _typical_logit(head, features, patch_labels.flatten(1)) if cfg.pseudo_epochs else 1.0
-        aligned = None if cfg.align_rare else [0] + [1 + i for i, c in enumerate(CATEGORIES) if c not in RARE_CATEGORIES]
+        unit_gain = torch.tensor([1.0] + [cfg.rare_gain if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
         box_logit = _typical_box_logit(box_head, features, boxes) if box_head is not None and cfg.pseudo_epochs else 1.0
         _init_projector_from_head(model, head, tokenizer if cfg.text_epochs or cfg.pseudo_epochs else None,
-                                  gain=cfg.pseudo_gain, logit=logit, aligned=aligned, box_head=box_head, box_logit=box_logit)
+                                  gain=cfg.pseudo_gain, logit=logit, unit_gain=unit_gain, box_head=box_head, box_logit=box_logit,
+                                  quiet=cfg.projector_quiet)
     align_losses = []
     if cfg.align_epochs:
         # Stage 2a (LLaVA's feature alignment): the projector alone, the language model frozen, so
