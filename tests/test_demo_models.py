@@ -111,7 +111,8 @@ def test_training_forward_is_the_stock_llava_forward():
     ids = torch.tensor([[1] + [model.config.image_token_id] * n + [7, 8, 9, 2]] * 2)
     mask, pv = torch.ones_like(ids), torch.randn(2, 3, TINY_VLM["image_size"], TINY_VLM["image_size"])
     with torch.no_grad():
-        ours, hidden = vlm._llava_forward(model, ids, mask, pv, ids)
+        hidden = vlm._patch_tokens(model, pv)
+        ours = vlm._forward_with_visual(model, ids, mask, model.model.multi_modal_projector(hidden), ids)
         stock = model(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=ids)
     assert hidden.shape == (2, n, TINY_VLM["vision_hidden"])
     assert torch.allclose(ours.logits, stock.logits, atol=1e-5) and torch.allclose(ours.loss, stock.loss, atol=1e-6)
@@ -437,3 +438,23 @@ def test_vlm_config_refuses_unknown_answer_modes():
         vlm.VLMConfig(text_answers="all")
     with pytest.raises(ValueError, match="pseudo_answers"):
         vlm.VLMConfig(pseudo_answers="all")
+
+
+def test_slot_targets_are_the_stage0b_slots_times_the_unit_gain():
+    """Stage 2a's slot alignment aims each slot at its label's name (times ``rare_gain`` for rare ones)."""
+    from rtrt.trainer.coda import CATEGORIES
+
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    table = vlm._name_table(tok)
+    cone, car = 1 + CATEGORIES.index("traffic_cone"), 1 + CATEGORIES.index("car")
+    labels = torch.tensor([[0, cone, car], [car, 0, 0]])
+    gains = torch.tensor([1.0] + [0.25 if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
+    target = vlm._slot_targets(model, (table, labels, None, gains), [1, 0], 0.5)
+    with torch.no_grad():
+        plain = vlm._pseudo_image(model, table, labels[[1, 0]], 0.5, 0.0, torch.Generator())
+    assert target.shape == plain.shape
+    assert torch.allclose(target[1, 1], 0.25 * plain[1, 1]) and torch.allclose(target[1, 2], plain[1, 2])
+    assert torch.allclose(target[0], plain[0])

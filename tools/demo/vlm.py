@@ -195,6 +195,7 @@ class VLMConfig:
     pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
     pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
     rare_gain: float = 1.0  # stage 2 starts the projector sending rare categories to their names at this fraction of the common ones' gain (1: aligned alike; < 1: weakly, as the web's captions leave them)
+    align_slots: float = 0.0  # stage 2a: weight of the projector's distance to stage 0b's slots (names x unit gain), relative to their size (0: answers only, as LLaVA)
     projector_quiet: bool = False  # stage 2 starts linear_2's columns beyond the classifier units at zero, so the first visual tokens are the names stage 0b showed (no random extra)
     align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
     align_lr: float = 3e-3  # stage 2a: peak learning rate
@@ -602,21 +603,13 @@ def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tens
     return epoch_losses
 
 
-def _llava_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None, labels: torch.Tensor,
-                   hidden: torch.Tensor | None = None):
-    """``model(input_ids, pixel_values, labels)`` written out so the tower's features are at hand.
-
-    Returns ``(output, patch tokens of the LLaVA feature layer)``; the output equals the stock
-    forward's (``LlavaModel.get_image_features`` with the "default" strategy, ``masked_scatter``).
-    ``hidden``: the tower's patch tokens, precomputed (a frozen tower); then ``pixel_values`` is unused.
-    """
-    if hidden is None:
-        hidden = _patch_tokens(model, pixel_values)
-    return _forward_with_visual(model, ids, mask, model.model.multi_modal_projector(hidden), labels), hidden
-
-
 def _forward_with_visual(model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor):
-    """The language model's forward with ``visual`` [B, T, D] in the image-token slots of ``ids``."""
+    """The language model's forward with ``visual`` [B, T, D] in the image-token slots of ``ids``.
+
+    With ``visual = projector(_patch_tokens(model, pixel_values))`` it is the stock
+    ``model(input_ids, pixel_values, labels)`` (``get_image_features`` with the "default" strategy,
+    ``masked_scatter``), written out so the visual tokens are at hand.
+    """
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), visual.to(embeds.dtype))
     return model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
@@ -745,14 +738,17 @@ def _typical_box_logit(box_head: torch.nn.Linear, features: torch.Tensor, boxes:
 
 
 def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epochs: int, batch_size: int, lr: float,
-                   cfg: VLMConfig, desc: str, progress: bool, pseudo=None) -> list[float]:
+                   cfg: VLMConfig, desc: str, progress: bool, pseudo=None, slot_target=None) -> list[float]:
     """Teacher-forced answer loss over ``seqs`` [(prompt ids, answer ids)], image ``rows[j]`` of ``features``.
 
     ``features``: the frozen tower's patch tokens per image (``_tower_features``); ``None`` for
     text-only prompts (no image tokens). ``pseudo``: ``(name table, patch labels [N, T], marks)``: the
     image slots hold ``_pseudo_image`` tokens of ``labels[rows[j]]`` instead (``features`` unused);
     ``marks``: ``None`` or ``(marker ids, in-box masks [N, T])`` (region questions' red boxes).
-    Trains every parameter that requires grad. Returns each epoch's mean loss.
+    ``slot_target``: ``(name table, patch labels [N, T], marks, unit gain [1 + K])`` with ``features``:
+    adds ``cfg.align_slots`` times the projector's distance to the slots stage 0b showed (each
+    label's name times its unit gain, ``_slot_targets``), relative to their size.
+    Trains every parameter that requires grad. Returns each epoch's mean answer loss.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = _adamw(named, lr, cfg.weight_decay)
@@ -787,8 +783,13 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
             elif features is None:
                 result = model(input_ids=ids, attention_mask=mask, labels=labels)
             else:
-                result, _ = _llava_forward(model, ids, mask, None, labels, hidden=features[[rows[j] for j in batch]])
+                picked = [rows[j] for j in batch]
+                visual = model.model.multi_modal_projector(features[picked])
+                result = _forward_with_visual(model, ids, mask, visual, labels)
             loss = result.loss
+            if slot_target is not None and features is not None and cfg.align_slots > 0:
+                target = _slot_targets(model, slot_target, picked, cfg.pseudo_gain)
+                loss = loss + cfg.align_slots * (visual - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -820,6 +821,18 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
         out.append((_prompt_ids(processor, s.question, s.hint, cache),
                     tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]))
     return out
+
+
+@torch.no_grad()
+def _slot_targets(model, slot_target, picked: Sequence[int], gain: float) -> torch.Tensor:
+    """[B, T, D] the slots stage 0b showed for images ``picked``, each name scaled by its unit gain (``rare_gain``)."""
+    table, patch_labels, marks, unit_gain = slot_target
+    lab = patch_labels[picked]
+    target = gain * unit_gain.to(lab.device)[lab].unsqueeze(-1) * _name_embeddings(model, table)[lab]
+    if marks is not None:
+        marker_ids, inside = marks
+        target = target + gain * inside[picked].unsqueeze(-1).to(target.dtype) * model.get_input_embeddings()(marker_ids).mean(0)
+    return target
 
 
 def save_half(model, processor, out: Path) -> None:
@@ -923,9 +936,9 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     tower.requires_grad_(False)
     t2 = time.time()
     features = _tower_features(model, pixels, normalise)
+    unit_gain = torch.tensor([1.0] + [cfg.rare_gain if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
     if cfg.tag_epochs:
         logit = _typical_logit(head, features, patch_labels.flatten(1)) if cfg.pseudo_epochs else 1.0
-        unit_gain = torch.tensor([1.0] + [cfg.rare_gain if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
         box_logit = _typical_box_logit(box_head, features, boxes) if box_head is not None and cfg.pseudo_epochs else 1.0
         _init_projector_from_head(model, head, tokenizer if cfg.text_epochs or cfg.pseudo_epochs else None,
                                   gain=cfg.pseudo_gain, logit=logit, unit_gain=unit_gain, box_head=box_head, box_logit=box_logit,
@@ -936,8 +949,13 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         # the only way to a lower loss is visual tokens the language model already reads.
         model.model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
+        slot_target = None
+        if cfg.align_slots and patch_labels is not None:
+            slot_target = (_name_table(tokenizer), patch_labels.flatten(1),
+                           None if boxes is None else (_marker_ids(tokenizer), boxes.flatten(1) > 0), unit_gain)
         align_losses = _train_answers(model, seqs, rows, features, gen, epochs=cfg.align_epochs, batch_size=cfg.batch_size,
-                                      lr=cfg.align_lr, cfg=cfg, desc="vlm stage 2a (projector)", progress=progress)
+                                      lr=cfg.align_lr, cfg=cfg, desc="vlm stage 2a (projector)", progress=progress,
+                                      slot_target=slot_target)
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     # Stage 2b (LLaVA's instruction tuning): projector and language model.
