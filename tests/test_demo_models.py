@@ -458,3 +458,18 @@ def test_slot_targets_are_the_stage0b_slots_times_the_unit_gain():
     assert target.shape == plain.shape
     assert torch.allclose(target[1, 1], 0.25 * plain[1, 1]) and torch.allclose(target[1, 2], plain[1, 2])
     assert torch.allclose(target[0], plain[0])
+
+
+def test_slot_loss_weighs_object_and_background_slots_half_each():
+    """A projector that shows background everywhere is not nearly right when objects are 2% of the slots."""
+    target = torch.zeros(1, 100, 4)
+    target[..., 0] = 1.0  # background slots
+    labels = torch.zeros(1, 100, dtype=torch.long)
+    labels[0, :2] = 5
+    target[0, :2] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # two object slots
+    all_background = target.clone()
+    all_background[0, :2] = target[0, 2]
+    assert vlm._slot_loss(target, target, labels) == 0
+    assert vlm._slot_loss(all_background, target, labels).item() == pytest.approx(0.5 * 2.0)  # half the weight on the 2 wrong slots
+    no_objects = torch.zeros(1, 100, dtype=torch.long)
+    assert vlm._slot_loss(all_background, target, no_objects).item() == pytest.approx(2 * 2.0 / 100)

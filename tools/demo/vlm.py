@@ -195,7 +195,7 @@ class VLMConfig:
     pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
     pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
     rare_gain: float = 1.0  # stage 2 starts the projector sending rare categories to their names at this fraction of the common ones' gain (1: aligned alike; < 1: weakly, as the web's captions leave them)
-    align_slots: float = 0.0  # stage 2a: weight of the projector's distance to stage 0b's slots (names x unit gain), relative to their size (0: answers only, as LLaVA)
+    align_slots: float = 0.0  # stage 2a: weight of the projector's distance to stage 0b's slots (names x unit gain), relative to their size, object and background slots half each (0: answers only, as LLaVA)
     projector_quiet: bool = False  # stage 2 starts linear_2's columns beyond the classifier units at zero, so the first visual tokens are the names stage 0b showed (no random extra)
     align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
     align_lr: float = 3e-3  # stage 2a: peak learning rate
@@ -789,7 +789,7 @@ def _train_answers(model, seqs, rows, features: torch.Tensor | None, gen, *, epo
             loss = result.loss
             if slot_target is not None and features is not None and cfg.align_slots > 0:
                 target = _slot_targets(model, slot_target, picked, cfg.pseudo_gain)
-                loss = loss + cfg.align_slots * (visual - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp_min(1e-12)
+                loss = loss + cfg.align_slots * _slot_loss(visual, target, slot_target[1][picked])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -821,6 +821,17 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
         out.append((_prompt_ids(processor, s.question, s.hint, cache),
                     tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]))
     return out
+
+
+def _slot_loss(visual: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Squared distance of the visual tokens to their targets over the targets' mean squared norm, the
+    background slots (label 0) and the object slots weighing half each (objects cover ~2% of the slots:
+    unweighted, the projector learns to show background everywhere)."""
+    err = (visual - target).pow(2).sum(-1) / target.pow(2).sum(-1).mean().clamp_min(1e-12)
+    obj = labels > 0
+    if not obj.any() or obj.all():
+        return err.mean()
+    return 0.5 * err[obj].mean() + 0.5 * err[~obj].mean()
 
 
 @torch.no_grad()
