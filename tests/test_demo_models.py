@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from rtrt.tools.demo import build, presets, text_encoder, tokenizer, vfm, vlm
-from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig, WorldObject, generate_world
+from fixtures.demo import one_thread, tiny_demo_world
+from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldObject
 
 TINY_VLM = dict(vlm.VLMConfig(**presets.PRESETS["tiny"].vlm).__dict__)
 TINY_VFM = dict(vfm.VFMConfig(**presets.PRESETS["tiny"].vfm, workers=1).__dict__)
@@ -26,18 +27,12 @@ TINY_VFM = dict(vfm.VFMConfig(**presets.PRESETS["tiny"].vfm, workers=1).__dict__
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny ops: thread hand-offs would cost more than the arithmetic on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / "world"
-    generate_world(WorldConfig(seed=3, pretrain=8, plugin=6, val=0, test=4, width=96, height=96), root, progress=False)
-    return root
+    return tiny_demo_world(tmp_path_factory.mktemp("demo") / "world")
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +371,15 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     assert not (tmp_path / "demo.work").exists()  # intermediates removed without --keep-work
 
 
+def _tiny_llava():
+    """A tokenizer that knows a few class names, the tiny preset's config and a fresh LLaVA (seed 0)."""
+    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = vlm.VLMConfig(**TINY_VLM)
+    model, _ = vlm.build_vlm(tok, cfg)
+    return tok, cfg, model
+
+
 def test_text_answers_hint_names_only_the_hint(world):
     """``text_answers="hint"``: a text prompt shows only its hint, so the stage-0 answer names only that."""
     from rtrt.tools.judge import find_mentions
@@ -411,10 +415,7 @@ def test_projector_rare_gain_and_quiet_start():
     """``rare_gain`` scales the rare categories' columns; ``quiet`` zeroes the random units' columns."""
     from rtrt.trainer.coda import CATEGORIES
 
-    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
-    torch.manual_seed(0)
-    cfg = vlm.VLMConfig(**TINY_VLM)
-    model, _ = vlm.build_vlm(tok, cfg)
+    tok, cfg, model = _tiny_llava()
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
     gains = torch.tensor([1.0] + [0.25 if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
     vlm._init_projector_from_head(model, head, tok, gain=0.5, unit_gain=gains, quiet=True)
@@ -444,10 +445,7 @@ def test_slot_targets_are_the_stage0b_slots_times_the_unit_gain():
     """Stage 2a's slot alignment aims each slot at its label's name (times ``rare_gain`` for rare ones)."""
     from rtrt.trainer.coda import CATEGORIES
 
-    tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)
-    torch.manual_seed(0)
-    cfg = vlm.VLMConfig(**TINY_VLM)
-    model, _ = vlm.build_vlm(tok, cfg)
+    tok, cfg, model = _tiny_llava()
     table = vlm._name_table(tok)
     cone, car = 1 + CATEGORIES.index("traffic_cone"), 1 + CATEGORIES.index("car")
     labels = torch.tensor([[0, cone, car], [car, 0, 0]])

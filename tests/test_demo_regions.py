@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from rtrt.tools.demo import presets, tokenizer, vlm
-from rtrt.tools.demo.world import WorldConfig, generate_world
+from fixtures.demo import one_thread, tiny_demo_world
 
 TINY_VLM = dict(vlm.VLMConfig(**presets.PRESETS["tiny"].vlm).__dict__)
 BOTH = ("general_perception", "region_perception")
@@ -25,17 +25,12 @@ BOTH = ("general_perception", "region_perception")
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("regions") / "world"
-    generate_world(WorldConfig(seed=3, pretrain=8, plugin=6, val=0, test=4, width=96, height=96), root, progress=False)
-    return root
+    return tiny_demo_world(tmp_path_factory.mktemp("regions") / "world")
 
 
 def _processor(size: int):
