@@ -386,6 +386,11 @@ def _prompt_ids(processor, question: str, hint: Sequence[str], cache: dict) -> l
     return cache[key]
 
 
+def _answer_ids(tokenizer, answer: str, cfg: VLMConfig) -> list[int]:
+    """Token ids of an answer as the VLM is trained to write it: after a space, cut to ``max_answer_tokens``, EOS last."""
+    return tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [tokenizer.eos_token_id]
+
+
 def _text_prompt_ids(tokenizer, question: str, hint: Sequence[str], cache: dict) -> list[int]:
     """Token ids of a text-only chat prompt (no image), for the language model's stage 0."""
     key = ("text", question, tuple(hint))
@@ -650,17 +655,21 @@ def _name_embeddings(model, table: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 
 def _pseudo_image(model, table, labels: torch.Tensor, gain: float, drop: float, gen: torch.Generator,
-                  noise: float = 0.0, marks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  noise: float = 0.0, marks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  unit_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Visual tokens [B, T, D] made from patch labels [B, T]: gain * the label's name embedding, a share
     ``drop`` of the object patches shown as background, plus Gaussian noise of std ``noise`` times the
     names' RMS (times gain). ``marks``: ``(marker ids, in-box mask [B, T])``: slots on or inside a
     region question's red box also get gain * the marker's mean embedding (``_marker_ids``: " red
-    box"), as the initial projector sends the tower's box head there."""
+    box"), as the initial projector sends the tower's box head there. ``unit_gain`` [1 + K]: each
+    label's name scaled by its factor (``rare_gain``; stage 2a's slot targets)."""
     if drop > 0:
         hide = (torch.rand(labels.shape, generator=gen) < drop) & (labels > 0)
         labels = labels.masked_fill(hide, 0)
     names = _name_embeddings(model, table)
     visual = gain * names[labels]
+    if unit_gain is not None:
+        visual = visual * unit_gain.to(visual.dtype)[labels].unsqueeze(-1)
     if marks is not None:
         marker_ids, inside = marks
         visual = visual + gain * inside.unsqueeze(-1).to(visual.dtype) * model.get_input_embeddings()(marker_ids).mean(0)
@@ -813,13 +822,11 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
     """
     from rtrt.trainer.coda import CATEGORIES
 
-    eos = tokenizer.eos_token_id
     out = []
     for s, r in zip(samples, rows):
         drawn = {CATEGORIES[int(v) - 1] for v in patch_labels[r].unique().tolist() if v > 0}
         answer = s.answer if s.box is not None else short_answer_of(drawn | set(s.hint))
-        out.append((_prompt_ids(processor, s.question, s.hint, cache),
-                    tokenizer(" " + answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]))
+        out.append((_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, answer, cfg)))
     return out
 
 
@@ -838,12 +845,8 @@ def _slot_loss(visual: torch.Tensor, target: torch.Tensor, labels: torch.Tensor)
 def _slot_targets(model, slot_target, picked: Sequence[int], gain: float) -> torch.Tensor:
     """[B, T, D] the slots stage 0b showed for images ``picked``, each name scaled by its unit gain (``rare_gain``)."""
     table, patch_labels, marks, unit_gain = slot_target
-    lab = patch_labels[picked]
-    target = gain * unit_gain.to(lab.device)[lab].unsqueeze(-1) * _name_embeddings(model, table)[lab]
-    if marks is not None:
-        marker_ids, inside = marks
-        target = target + gain * inside[picked].unsqueeze(-1).to(target.dtype) * model.get_input_embeddings()(marker_ids).mean(0)
-    return target
+    return _pseudo_image(model, table, patch_labels[picked], gain, 0.0, torch.Generator(), 0.0,
+                         marks and (marks[0], marks[1][picked]), unit_gain)
 
 
 def save_half(model, processor, out: Path) -> None:
@@ -881,13 +884,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     model, processor = build_vlm(tokenizer, cfg)
     pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images")
     normalise = _normaliser(processor.image_processor)
-    eos = tokenizer.eos_token_id
     cache: dict = {}
-    seqs = []
-    for s in samples:
-        prompt = _prompt_ids(processor, s.question, s.hint, cache)
-        answer = tokenizer(" " + s.answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos]
-        seqs.append((prompt, answer))
+    seqs = [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg)) for s in samples]
     t_data = time.time() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -896,8 +894,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     text_losses = []
     if cfg.text_epochs:
         texts = text_samples([s for s in samples if s.box is None], cfg)  # a text prompt shows no red box
-        text_seqs = [(_text_prompt_ids(tokenizer, s.question, s.hint, cache),
-                      tokenizer(" " + s.answer, add_special_tokens=False).input_ids[: cfg.max_answer_tokens - 1] + [eos])
+        text_seqs = [(_text_prompt_ids(tokenizer, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg))
                      for s in texts]
         model.model.vision_tower.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(False)
