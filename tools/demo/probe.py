@@ -108,6 +108,8 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     vlm = pipe.vlm
     if vlm is None:
         raise InputError("the probes need a pipeline with its VLM loaded")
+    if pipe.vlm_backend != "torch":
+        raise InputError(f"the probes write into the VLM's visual tokens: load the pipeline with vlm_backend='torch', not {pipe.vlm_backend!r}")
     tokens_per_image = (vlm.image_token_layout() or {}).get("tokens_per_image")
     if vlm.name != "llava" or not tokens_per_image:
         raise ModelMismatchError(f"the oracle and adapter probes need LLaVA's fixed image-token grid, not {vlm.name!r}")
@@ -250,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rtrt.tools.eval import check_run_args, demo_test_world
 
     check_run_args(args.limit, args.batch_size, args.max_new_tokens)
-    pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend=args.backend, max_new_tokens=args.max_new_tokens)
+    # The oracle and adapter probes write into the VLM's visual tokens: the transformers VLM, whatever the bundle exports.
+    pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend=args.backend, vlm_backend="torch",
+                                max_new_tokens=args.max_new_tokens)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_probe(pipe, data, split=args.split, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
     print(report_text(res))
