@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -471,3 +472,35 @@ def test_slot_loss_weighs_object_and_background_slots_half_each():
     assert vlm._slot_loss(all_background, target, labels).item() == pytest.approx(0.5 * 2.0)  # half the weight on the 2 wrong slots
     no_objects = torch.zeros(1, 100, dtype=torch.long)
     assert vlm._slot_loss(all_background, target, no_objects).item() == pytest.approx(2 * 2.0 / 100)
+
+
+def test_stage1_fresh_scenes_are_world_scenes_and_train_the_tower(world, trained_vlm, monkeypatch, tmp_path):
+    """``tag_scenes``: stage 1's fresh scenes are drawn, encoded, resized and labelled as the world's own images."""
+    from transformers import AutoProcessor
+
+    from rtrt.tools.demo.world import SPLITS
+
+    processor = AutoProcessor.from_pretrained(trained_vlm[0])
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tag_scenes": 3, "seed": 3})  # the tiny world's seed
+    px, labels = vlm._render_tower_scenes(world, cfg, 0, processor.image_processor)
+    g = cfg.image_size // cfg.patch_size
+    assert px.dtype == torch.uint8 and px.shape == (3, 3, cfg.image_size, cfg.image_size) and labels.shape == (3, g, g)
+    again = vlm._render_tower_scenes(world, cfg, 0, processor.image_processor)
+    assert torch.equal(px, again[0]) and torch.equal(labels, again[1])
+    assert not torch.equal(px, vlm._render_tower_scenes(world, cfg, 1, processor.image_processor)[0])  # each epoch new scenes
+    # Drawn from the pretrain split's seed stream, the fresh scenes are that split's images, pixel for pixel and label for label.
+    monkeypatch.setattr(vlm, "TOWER_SEED_STREAM", SPLITS["pretrain"])
+    px, labels = vlm._render_tower_scenes(world, cfg, 0, processor.image_processor)
+    paths = [f"pretrain/images/{i:06d}.jpg" for i in range(3)]
+    own, index = vlm._load_pixels(world, paths, processor.image_processor, "px")
+    assert torch.equal(px, own[[index[p] for p in paths]])
+    assert torch.equal(labels, vlm._scene_labels(world, {p: i for i, p in enumerate(paths)}, cfg.image_size, cfg.patch_size))
+    monkeypatch.undo()
+    report = vlm.pretrain_vlm(world, tmp_path / "vlm", vlm.VLMConfig(**{**TINY_VLM, "tag_scenes": 4, "tag_epochs": 2, "epochs": 1}),
+                              progress=False)
+    assert len(report["stage1_epoch_losses"]) == 2 and all(map(math.isfinite, report["stage1_epoch_losses"]))
+
+
+def test_vlm_config_refuses_negative_tag_scenes():
+    with pytest.raises(ValueError, match="tag_scenes"):
+        vlm.VLMConfig(tag_scenes=-1)

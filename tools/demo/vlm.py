@@ -12,6 +12,8 @@ and saves it with ``save_pretrained``:
    ground on images in the steps a CPU allows);
 1. the vision tower alone (LLaVA starts from a CLIP trained on web images): per-patch labels of
    every object drawn in the pretraining images, at the world's natural frequencies (not balanced);
+   ``tag_scenes`` adds that many freshly rendered scenes of the same distribution per epoch (a CLIP
+   sees far more images than LLaVA's answer data; on the pretraining images alone the tower overfits);
 2. projector (2a, the language model frozen), then projector and language model (2b), the tower
    frozen as in LLaVA-1.5 (its patch tokens computed once), on (image, general-perception question)
    -> answer. The projector starts from the stage-1 patch classifier, scaled so that a typical patch
@@ -51,6 +53,7 @@ float32``, so ``from_pretrained`` upcasts on load and the model runs in float32 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import random
@@ -70,6 +73,9 @@ if TYPE_CHECKING:
 
 __all__ = ["VLMConfig", "Sample", "region_short_answer", "region_sources", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
 
+
+# The world's splits use seed streams 0-3 and the VFM's scenes 7; stage 1's fresh scenes use this one.
+TOWER_SEED_STREAM = 8
 
 SHORT_PREFIX = "Objects that influence the ego car:"
 SHORT_NONE = "Nothing in the scene strongly influences the ego car."
@@ -200,6 +206,7 @@ class VLMConfig:
     align_epochs: int = 4  # stage 2a: epochs training the projector alone, the language model frozen (0: skip)
     align_lr: float = 3e-3  # stage 2a: peak learning rate
     tag_epochs: int = 3  # stage 1: epochs of the vision tower's patch-labelling pretraining (0: skip)
+    tag_scenes: int = 0  # stage 1: freshly rendered scenes of the world's distribution per epoch, beside the pretrain images (a CLIP sees far more images than LLaVA's answers; 0: the pretrain images only)
     tag_lr: float = 2e-3  # stage 1: peak learning rate
     tag_batch_size: int = 64  # stage 1: images per step
     bg_weight: float = 0.2  # weight of background patches in the patch-label loss (objects cover few patches)
@@ -223,6 +230,8 @@ class VLMConfig:
             raise ValueError(f"region_per_image must be >= 0 and region_share in [0, 1], got {self.region_per_image}, {self.region_share}")
         if self.hint_classes not in ("rare", "any"):
             raise ValueError(f"hint_classes must be 'rare' or 'any', got {self.hint_classes!r}")
+        if self.tag_scenes < 0:
+            raise ValueError(f"tag_scenes must be >= 0, got {self.tag_scenes}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -507,9 +516,7 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int, so
     ``sources``: image -> the image it was drawn from (a region question's boxed image -> its base
     image), whose labels it takes.
     """
-    from rtrt.trainer.coda import CATEGORIES
-
-    from .vfm import _patch_labels, _world_config
+    from .vfm import _world_config
 
     sources = sources or {}
     rows: dict[str, list[int]] = {}
@@ -517,13 +524,50 @@ def _scene_labels(world: Path, images: dict[str, int], size: int, patch: int, so
         rows.setdefault(sources.get(rel, rel), []).append(i)
 
     wcfg = _world_config(world)
-    scale = size / min(wcfg.width, wcfg.height)
-    ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
     labels = torch.zeros((len(images), size // patch, size // patch), dtype=torch.long)
     for rel, scene in _scenes(world, "pretrain", rows):
-        boxes = [(x * scale - ox, y * scale - oy, w * scale, h * scale) for x, y, w, h in (o.box for o in scene.objects)]
-        labels[rows[rel]] = torch.from_numpy(_patch_labels(scene.objects, size, size, size // patch, CATEGORIES, boxes))
+        labels[rows[rel]] = _labels_of(scene, wcfg, size, patch)
     return labels
+
+
+def _labels_of(scene, wcfg, size: int, patch: int) -> torch.Tensor:
+    """Per-patch labels [G, G] of one scene after the VLM's resize of the shortest side to ``size`` and centre crop."""
+    from rtrt.trainer.coda import CATEGORIES
+
+    from .vfm import _patch_labels
+
+    scale = size / min(wcfg.width, wcfg.height)
+    ox, oy = (wcfg.width * scale - size) / 2, (wcfg.height * scale - size) / 2
+    boxes = [(x * scale - ox, y * scale - oy, w * scale, h * scale) for x, y, w, h in (o.box for o in scene.objects)]
+    return torch.from_numpy(_patch_labels(scene.objects, size, size, size // patch, CATEGORIES, boxes))
+
+
+def _render_tower_scenes(world: Path, cfg: VLMConfig, epoch: int, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's fresh scenes of ``epoch``: uint8 pixels [N, 3, S, S] as ``_load_pixels`` gives them, and patch labels [N, G, G].
+
+    Scene ``i`` of epoch ``e`` is the world's scene drawn from ``default_rng([cfg.seed,
+    TOWER_SEED_STREAM, e * cfg.tag_scenes + i])`` as the pretrain split draws its images
+    (``draw_scene``: natural frequencies, no red box), a seed stream no split uses, encoded as the
+    world encodes its images.
+    """
+    from PIL import Image
+
+    from rtrt.tools.demo.world import _image_bytes, draw_scene
+
+    from .vfm import _world_config
+
+    wcfg = _world_config(world)
+    n, chunks, labels = cfg.tag_scenes, [], []
+    for start in range(0, n, 64):
+        imgs = []
+        for i in range(start, min(start + 64, n)):
+            rng = np.random.default_rng([cfg.seed, TOWER_SEED_STREAM, epoch * n + i])
+            scene, img = draw_scene(wcfg, rng, wcfg.pretrain_name_prob)
+            imgs.append(Image.open(io.BytesIO(_image_bytes(img, wcfg))).convert("RGB"))
+            labels.append(_labels_of(scene, wcfg, cfg.image_size, cfg.patch_size))
+        px = image_processor(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+        chunks.append(px.to(torch.uint8))
+    return torch.cat(chunks), torch.stack(labels)
 
 
 def _box_labels(samples: Sequence[Sample], images: dict[str, int], image_size: tuple[int, int], grid: int,
@@ -562,37 +606,41 @@ def _box_loss(box_head, hidden: torch.Tensor, boxes: torch.Tensor, bg_weight: fl
 
 def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, cfg: VLMConfig,
                            normalise, gen: torch.Generator, progress: bool, box_head: torch.nn.Linear | None = None,
-                           boxes: torch.Tensor | None = None) -> list[float]:
+                           boxes: torch.Tensor | None = None, fresh=None) -> list[float]:
     """Stage 1, as LLaVA's CLIP is trained before LLaVA: the vision tower learns what the pretraining data labels.
 
     ``head`` classifies each patch token of the LLaVA feature layer (background or the category of
     the object over it; see ``_scene_labels``), at the world's natural frequencies: the tower sees
     rare objects as web images show them, while the text rarely names them. ``box_head`` (region
     questions): a second, binary head learns ``boxes`` [N, G, G] (``_box_labels``: the patch is on or
-    inside the red box), weighted ``cfg.box_weight``, so the tower sees the box. Returns each
-    epoch's mean loss.
+    inside the red box), weighted ``cfg.box_weight``, so the tower sees the box. ``fresh(epoch)``
+    (``cfg.tag_scenes``): that epoch's freshly rendered ``(pixels, labels)``, trained on beside the
+    pretrain images (no red box on them). Returns each epoch's mean loss.
     """
     tower = model.model.vision_tower
     heads = list(head.named_parameters()) + (list(box_head.named_parameters()) if box_head is not None else [])
     opt = _adamw(list(tower.named_parameters()) + heads, cfg.tag_lr, cfg.weight_decay)
-    steps = math.ceil(len(pixels) / cfg.tag_batch_size)
-    total = steps * cfg.tag_epochs
+    n_own = len(pixels)
+    n_all = n_own + (cfg.tag_scenes if fresh is not None else 0)
+    total = math.ceil(n_all / cfg.tag_batch_size) * cfg.tag_epochs
     step, epoch_losses = 0, []
     bar = tqdm(total=total, desc="vlm stage 1 (vision tower)", unit="step", file=sys.stderr, disable=not progress)
-    for _ in range(cfg.tag_epochs):
-        order, losses = torch.randperm(len(pixels), generator=gen), []
+    for epoch in range(cfg.tag_epochs):
+        fx, fy = fresh(epoch) if fresh is not None else (pixels[:0], labels[:0])
+        order, losses = torch.randperm(n_all, generator=gen), []
         for i in range(0, len(order), cfg.tag_batch_size):
             idx = order[i : i + cfg.tag_batch_size]
+            own, new = idx[idx < n_own], idx[idx >= n_own] - n_own
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, cfg.tag_lr, min(cfg.warmup_steps, total // 10 + 1))
-            x, y = pixels[idx], labels[idx]
+            x, y = torch.cat([pixels[own], fx[new]]), torch.cat([labels[own], fy[new]])
             flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror half the batch (stage 1 only: texts say left/right)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
             hidden = _patch_tokens(model, normalise(x))
             loss = _patch_loss(head, hidden, y, weight)
             if box_head is not None:
-                b = boxes[idx]
+                b = torch.cat([boxes[own], boxes.new_zeros((len(new), *boxes.shape[1:]))])
                 b = torch.where(flip.view(-1, 1, 1), b.flip(2), b)
                 loss = loss + cfg.box_weight * _box_loss(box_head, hidden, b, cfg.bg_weight)
             opt.zero_grad(set_to_none=True)
@@ -933,8 +981,12 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None  # region questions: the red box
     tag_losses = []
     if cfg.tag_epochs:
+        fresh = None
+        if cfg.tag_scenes:
+            def fresh(epoch: int):
+                return _render_tower_scenes(world, cfg, epoch, processor.image_processor)
         tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress,
-                                            box_head, boxes)
+                                            box_head, boxes, fresh)
     t_tag = time.time() - t1
 
     # Stage 2 (LLaVA-1.5's alignment and instruction tuning in one): the tower frozen, its patch

@@ -68,6 +68,7 @@ __all__ = [
     "SPLITS",
     "WorldConfig",
     "WorldObject",
+    "draw_scene",
     "Scene",
     "WorldSummary",
     "sample_scene",
@@ -1106,18 +1107,21 @@ def _image_bytes(img: Image.Image, cfg: WorldConfig) -> bytes:
     return buf.getvalue()
 
 
+def draw_scene(cfg: WorldConfig, rng: np.random.Generator, name_prob: float) -> tuple[Scene, Image.Image]:
+    """One image of the world from ``rng``, as a split draws it: the scene, which rare objects its text names, the picture."""
+    scene = sample_scene(cfg, rng)
+    named_rows: dict[int, bool] = {}
+    for o in scene.objects:  # a row of cones is named (or not) as a whole
+        if o.category in RARE_CATEGORIES:
+            o.named = named_rows.setdefault(o.group_id, bool(rng.random() < name_prob))
+    return scene, render_scene(scene, rng, cfg.noise)
+
+
 def _make_image(job: tuple[WorldConfig, str, int, str]) -> tuple[dict, list[str], list[str]]:
     """Render, annotate and save image ``index`` of ``split`` under ``root``; returns what the main process writes."""
     cfg, split, index, root = job
     rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
-    scene = sample_scene(cfg, rng)
-    name_prob = cfg.pretrain_name_prob if split == "pretrain" else cfg.name_prob
-    rare = set(RARE_CATEGORIES)
-    named_rows: dict[int, bool] = {}
-    for o in scene.objects:  # a row of cones is named (or not) as a whole
-        if o.category in rare:
-            o.named = named_rows.setdefault(o.group_id, bool(rng.random() < name_prob))
-    img = render_scene(scene, rng, cfg.noise)
+    scene, img = draw_scene(cfg, rng, cfg.pretrain_name_prob if split == "pretrain" else cfg.name_prob)
     ann = scene_annotation(scene, cfg.max_regions, max(1, int(round(cfg.min_region_frac * cfg.width))))
     image_id = f"{index:06d}"
     ext = cfg.image_format
