@@ -164,6 +164,7 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
         (dict(image_format="gif"), "image_format"),
         (dict(rare_categories=("unicorn",)), "rare_categories"),
         (dict(rare_scale=0.0), "rare_scale must be in [0.25, 4]"),
+        (dict(object_scale=5.0), "object_scale must be in [0.25, 4]"),
     ],
 )
 def test_config_validation(kwargs, needle):
@@ -171,15 +172,15 @@ def test_config_validation(kwargs, needle):
         WorldConfig(**kwargs)
 
 
-def test_rare_scale_enlarges_rare_objects_and_leaves_common_ones():
-    # Every drawn box is the object's physical size times pixels per metre: rare ones times rare_scale.
+def test_rare_scale_enlarges_rare_objects_and_object_scale_every_object():
+    # Every drawn box is the object's physical size times pixels per metre: rare ones times rare_scale, all times object_scale.
     seen = {"rare": 0, "common": 0}
-    for scale in (1.0, 1.8):
-        cfg = WorldConfig(rare_scale=scale, rare_prob=1.0)
+    for scale, every in ((1.0, 1.0), (1.8, 1.0), (1.0, 1.5), (1.3, 1.4)):
+        cfg = WorldConfig(rare_scale=scale, object_scale=every, rare_prob=1.0)
         for i in range(30):
             for o in world.sample_scene(cfg, np.random.default_rng([0, 9, i])).objects:
                 w_m, h_m = world._SPEC[o.category][:2]
-                k = scale if o.category in RARE_CATEGORIES else 1.0
+                k = (scale if o.category in RARE_CATEGORIES else 1.0) * every
                 x0, y0, x1, y1 = o.fbox
                 assert (x1 - x0) / o.ppm == pytest.approx(w_m * k) and (y1 - y0) / o.ppm == pytest.approx(h_m * k)
                 seen["rare" if o.category in RARE_CATEGORIES else "common"] += 1
@@ -202,17 +203,20 @@ def test_rare_scale_default_is_todays_world(tmp_path):
     big = tmp_path / "big"
     generate_world(WorldConfig(seed=3, rare_scale=2.0, **SMALL), big, progress=False)
     assert json.loads((big / "world.json").read_text())["config"]["rare_scale"] == 2.0
+    for i, want in before.items():  # object_scale 1 too
+        scene = world.sample_scene(WorldConfig(object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
+        assert [(o.category, o.box) for o in scene.objects] == want
 
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--seed", "5", "--pretrain", "2", "--plugin", "1", "--val", "1", "--test", "0",
-            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--quiet"]
+            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--object-scale", "1.25", "--quiet"]
     assert world.main(argv) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     cfg = json.loads((out / "world.json").read_text())["config"]
-    assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"], cfg["rare_scale"]) == (
-        64, 48, "png", ["dog", "tire"], 1.5)
+    assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"], cfg["rare_scale"], cfg["object_scale"]) == (
+        64, 48, "png", ["dog", "tire"], 1.5, 1.25)
     assert (out / "plugin/images/000000.png").is_file()
     assert world.main(argv) == 2  # exists: refused
     assert "exists and is not empty" in capsys.readouterr().err

@@ -116,6 +116,7 @@ class WorldConfig:
     boxed_images: bool = True  # write images_w_boxes/ for region questions, as CODA-LM does
     rare_categories: tuple[str, ...] = RARE_CATEGORIES  # rare kinds that may appear
     rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
+    object_scale: float = 1.0  # every object's physical size times this (on top of rare_scale): larger objects, equally for rare and common
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -128,8 +129,9 @@ class WorldConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if not 0.25 <= self.rare_scale <= 4.0:
-            raise ValueError(f"rare_scale must be in [0.25, 4], got {self.rare_scale}")
+        for name in ("rare_scale", "object_scale"):
+            if not 0.25 <= getattr(self, name) <= 4.0:
+                raise ValueError(f"{name} must be in [0.25, 4], got {getattr(self, name)}")
         if self.max_rare < 0 or self.max_common < 0 or self.max_regions < 0 or self.noise < 0:
             raise ValueError("max_rare, max_common, max_regions and noise must be >= 0")
         if self.image_format not in FORMATS:
@@ -406,7 +408,7 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     objects: list[WorldObject] = []
     for gid, cat in enumerate(placements):
         w_m, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
-        scale = cfg.rare_scale if cat in RARE_CATEGORIES else 1.0
+        scale = (cfg.rare_scale if cat in RARE_CATEGORIES else 1.0) * cfg.object_scale
         w_m, depth_m = w_m * scale, depth_m * scale
         zone_names = list(zones)
         zone = zone_names[int(rng.choice(len(zones), p=np.array(list(zones.values())) / sum(zones.values())))]
@@ -1245,6 +1247,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-boxed-images", action="store_true", help="do not write images_w_boxes/ (region questions then point at the plain image)")
     p.add_argument("--rare-scale", type=float, default=d.rare_scale,
                    help="rare objects' physical size times this (default 1: as common objects, true to life)")
+    p.add_argument("--object-scale", type=float, default=d.object_scale,
+                   help="every object's physical size times this, rare and common alike (default 1: true to life)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -1259,7 +1263,7 @@ def config_from_args(args: argparse.Namespace) -> WorldConfig:
         max_common=args.max_common, pretrain_name_prob=args.pretrain_name_prob, name_prob=args.name_prob,
         occlusion_prob=args.occlusion_prob, noise=args.noise, max_regions=args.max_regions,
         image_format=args.format, jpeg_quality=args.jpeg_quality, boxed_images=not args.no_boxed_images,
-        rare_categories=tuple(args.rare), rare_scale=args.rare_scale,
+        rare_categories=tuple(args.rare), rare_scale=args.rare_scale, object_scale=args.object_scale,
     )
 
 
