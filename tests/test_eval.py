@@ -87,6 +87,9 @@ def test_default_data_is_the_demo_worlds_test_split(tmp_path, monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "full", dataclasses.replace(presets.PRESETS["full"], test=2, size=96))
     demo_test_world(progress=False)  # another plan: regenerated
     assert len(list((root / "test" / "images").iterdir())) == 2
+    monkeypatch.setitem(presets.PRESETS, "full", dataclasses.replace(presets.PRESETS["full"], test=2, size=96, world={"object_scale": 1.5}))
+    demo_test_world(progress=False)  # the plan's world flags make its world
+    assert json.loads((root / "world.json").read_text())["config"]["object_scale"] == 1.5
 
 
 def test_precision_reaches_the_backend(setup):

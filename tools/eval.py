@@ -229,8 +229,7 @@ def demo_test_world(seed: int = 0, progress: bool = True) -> Path:
     plan = PRESETS["full"]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtrt"
     root = base / f"demo-world-test-seed{seed}"
-    cfg = config_from_args(world_args(["--out", str(root), "--seed", str(seed), "--pretrain", "0", "--plugin", "0",
-                                       "--val", "0", "--test", str(plan.test), "--size", str(plan.size)]))
+    cfg = config_from_args(world_args(["--out", str(root), *plan.world_argv(seed, {"pretrain": 0, "plugin": 0, "val": 0})]))
     want = json.loads(json.dumps(asdict(cfg)))
     try:
         if json.loads((root / "world.json").read_text())["config"] == want:

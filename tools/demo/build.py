@@ -139,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. The world (CODA-LM layout).
     world = work / "world"
     timer.run("world", _call_main, "rtrt.tools.demo.world", [
-        "--out", str(world), "--seed", str(args.seed), "--pretrain", str(plan.pretrain), "--plugin", str(plan.plugin),
-        "--val", str(plan.val), "--test", str(plan.test), "--size", str(plan.size), "--workers", str(args.threads), "--overwrite",
+        "--out", str(world), *plan.world_argv(args.seed), "--workers", str(args.threads), "--overwrite",
         *([] if progress else ["--quiet"]),
     ])
     if args.stop_after == "world":

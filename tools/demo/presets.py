@@ -34,6 +34,15 @@ class BuildPlan:
     phase1_name_tie: float = 0.0  # rtrt train embeddings --w-name-tie (pull W toward the names; 0: off)
     phase1_ema: float = 0.99  # rtrt train embeddings --ema (1: off)
     phase2_recon: str = "absolute"  # rtrt train adapter --recon (relative: each token's error over its own norm)
+    world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
+
+    def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
+        """``rtrt world`` arguments of this plan's world (``splits``: image counts other than the plan's)."""
+        counts = {"pretrain": self.pretrain, "plugin": self.plugin, "val": self.val, "test": self.test, **(splits or {})}
+        argv = ["--seed", str(seed), "--size", str(self.size)]
+        for k, v in [*counts.items(), *self.world.items()]:
+            argv += ["--" + k.replace("_", "-"), str(v)]
+        return argv
 
 
 PRESETS: dict[str, BuildPlan] = {
