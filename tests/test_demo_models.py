@@ -380,7 +380,10 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     graphs = bundle.manifest.exports.graphs
     assert {"detector", "adapter", "detector.int8", "adapter.int8"} <= set(graphs)
     report = json.loads((out / "build_report.json").read_text())
-    assert set(report["seconds"]) >= {"world", "vfm", "vlm", "phase1", "phase2", "export", "calibrate"}
+    assert set(report["seconds"]) >= {"world", "vfm", "vlm", "phase1", "phase2", "export", "calibrate", "probes"}
+    probes = report["probes"]  # the probes of the built bundle on its own test split
+    assert probes["split"] == "test" and probes["images"] == presets.PRESETS["tiny"].eval_images
+    assert {"baseline", "common", "oracle", "adapter", "detector"} <= set(probes)
     assert bundle.manifest.detector.calibrated and bundle.manifest.training["calibration"]["split"] == "val"
     assert report["examples"] and all((out / "examples" / name).is_file() for name in report["examples"])
     assert not (tmp_path / "demo.work").exists()  # intermediates removed without --keep-work

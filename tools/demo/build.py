@@ -1,9 +1,10 @@
-"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> calibration -> bundle.
+"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> calibration -> probes -> bundle.
 
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
 command on the same software gives the same bundle. Timings per stage are printed and written to
 ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
-common recall without and with hints, bundle size).
+common recall without and with hints, bundle size, and the probes of ``rtrt.tools.demo.probe`` on
+the build's test split).
 
     python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (39 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
@@ -217,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val"])
+    # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.
+    probes = work / "probes.json"
+    timer.run("probes", _call_main, "rtrt.tools.demo.probe", ["--bundle", str(phase2), "--data", str(world), "--split", "test",
+                                                            "--limit", str(plan.eval_images or plan.test), "--json", str(probes),
+                                                            *([] if progress else ["--quiet"])])
+    report["probes"] = json.loads(probes.read_text())
     bundle = out / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
