@@ -379,6 +379,7 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     bundle = load_bundle(out / "bundle")
     graphs = bundle.manifest.exports.graphs
     assert {"detector", "adapter", "detector.int8", "adapter.int8"} <= set(graphs)
+    assert bundle.manifest.exports.vlm is not None and {"vision_encoder_refined", "decoder_model_merged"} <= set(bundle.manifest.exports.vlm.graphs)
     report = json.loads((out / "build_report.json").read_text())
     assert set(report["seconds"]) >= {"world", "vfm", "vlm", "phase1", "phase2", "export", "calibrate", "probes"}
     probes = report["probes"]  # the probes of the built bundle on its own test split

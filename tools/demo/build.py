@@ -80,7 +80,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _pick_examples(world: Path, out: Path, count: int = 4) -> list[str]:
+def _pick_examples(world: Path, out: Path, count: int = 6) -> list[str]:
     """Copy the first test images whose annotation names rare objects (most distinct rare kinds first)."""
     from rtrt.tools.judge import find_mentions
     from rtrt.tools.demo.world import RARE_CATEGORIES
@@ -211,10 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return finish("phase2")
 
     # 6. Export (rtrt export) and the shipped output.
-    # fp32 graphs (the default) and int8 ones (``--precision int8``), parity checked on the examples.
+    # fp32 graphs (the default) and int8 ones (``--precision int8``), parity checked on the examples,
+    # and the whole VLM (``--vlm``: vlm_onnx/, int8 weight-only decoder too) for the torch-free runtime.
     report["examples"] = _pick_examples(world, out / "examples")
     timer.run("export", _call_main, "rtrt.export.cli", ["--bundle", str(phase2), "--backend", "onnx", "--precision", "int8",
-                                                        "--images", str(out / "examples")])
+                                                        "--images", str(out / "examples"), "--vlm"])
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val"])
