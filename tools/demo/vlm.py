@@ -53,6 +53,7 @@ float32``, so ``from_pretrained`` upcasts on load and the model runs in float32 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -981,10 +982,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None  # region questions: the red box
     tag_losses = []
     if cfg.tag_epochs:
-        fresh = None
-        if cfg.tag_scenes:
-            def fresh(epoch: int):
-                return _render_tower_scenes(world, cfg, epoch, processor.image_processor)
+        fresh = functools.partial(_render_tower_scenes, world, cfg, image_processor=processor.image_processor) if cfg.tag_scenes else None
         tag_losses = _pretrain_vision_tower(model, head, pixels, patch_labels, class_weight, cfg, normalise, gen, progress,
                                             box_head, boxes, fresh)
     t_tag = time.time() - t1
