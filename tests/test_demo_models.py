@@ -253,9 +253,9 @@ def test_presets_are_valid_configs():
 def test_plan_world_flags_reach_the_world_and_the_eval_test_split():
     from rtrt.tools.demo.world import config_from_args, parse_args
 
-    plan = dataclasses.replace(presets.PRESETS["tiny"], world={"object_scale": 1.6, "rare_prob": 0.5})
+    plan = dataclasses.replace(presets.PRESETS["tiny"], world={"object_scale": 1.3, "rare_prob": 0.5})
     cfg = config_from_args(parse_args(["--out", "x", *plan.world_argv(2, {"pretrain": 0, "val": 0})]))
-    assert (cfg.object_scale, cfg.rare_prob, cfg.seed, cfg.pretrain, cfg.val, cfg.plugin) == (1.6, 0.5, 2, 0, 0, plan.plugin)
+    assert (cfg.object_scale, cfg.rare_prob, cfg.seed, cfg.pretrain, cfg.val, cfg.plugin) == (1.3, 0.5, 2, 0, 0, plan.plugin)
 
 
 @pytest.mark.skipif(not text_encoder.DEMO_SYNONYMS, reason="no synonyms")

@@ -187,9 +187,9 @@ def test_rare_scale_enlarges_rare_objects_and_object_scale_every_object():
     assert min(seen.values()) > 20
 
 
-def test_rare_scale_default_is_todays_world(tmp_path):
-    # At 1.0 the knob draws what the world drew before it existed: these boxes (seed 0, test images 1
-    # and 2 of the shipped demo's world) were taken from the code without it.
+def test_scale_one_is_todays_world(tmp_path):
+    # At object_scale 1.0 the world draws what it drew before the knobs existed: these boxes (seed 0, test images 1
+    # and 2 of the demo world before issue 14) were taken from the code without the knobs.
     before = {
         1: [("pedestrian", (163, 201, 8, 23)), ("pedestrian", (116, 199, 14, 41)), ("carton", (302, 234, 16, 12)),
             ("cat", (6, 285, 36, 23))],
@@ -198,13 +198,13 @@ def test_rare_scale_default_is_todays_world(tmp_path):
             ("stroller", (280, 187, 27, 44))],
     }
     for i, want in before.items():
-        scene = world.sample_scene(WorldConfig(), np.random.default_rng([0, world.SPLITS["test"], i]))
+        scene = world.sample_scene(WorldConfig(object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
         assert [(o.category, o.box) for o in scene.objects] == want
     big = tmp_path / "big"
     generate_world(WorldConfig(seed=3, rare_scale=2.0, **SMALL), big, progress=False)
     assert json.loads((big / "world.json").read_text())["config"]["rare_scale"] == 2.0
-    for i, want in before.items():  # object_scale 1 too
-        scene = world.sample_scene(WorldConfig(object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
+    for i, want in before.items():  # rare_scale 1 is the default too
+        scene = world.sample_scene(WorldConfig(rare_scale=1.0, object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
         assert [(o.category, o.box) for o in scene.objects] == want
 
 

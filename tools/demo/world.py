@@ -116,7 +116,7 @@ class WorldConfig:
     boxed_images: bool = True  # write images_w_boxes/ for region questions, as CODA-LM does
     rare_categories: tuple[str, ...] = RARE_CATEGORIES  # rare kinds that may appear
     rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
-    object_scale: float = 1.0  # every object's physical size times this (on top of rare_scale): larger objects, equally for rare and common
+    object_scale: float = 1.6  # every object's physical size times this (on top of rare_scale), rare and common alike: the demo's world draws objects 1.6x life size so that a 16-px patch VFM sees them (1: true to life)
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -1248,7 +1248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rare-scale", type=float, default=d.rare_scale,
                    help="rare objects' physical size times this (default 1: as common objects, true to life)")
     p.add_argument("--object-scale", type=float, default=d.object_scale,
-                   help="every object's physical size times this, rare and common alike (default 1: true to life)")
+                   help="every object's physical size times this, rare and common alike (default 1.6, the demo's world; 1: true to life)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
