@@ -241,6 +241,7 @@ def test_presets_are_valid_configs():
         vlm.VLMConfig(**plan.vlm)
         vfm.VFMConfig(**plan.vfm)
         assert plan.size >= 32 and plan.test > 0 and plan.plugin > 0
+        assert plan.phase2_tasks and set(plan.phase2_tasks) <= {"general_perception", "region_perception"}  # write_short_tasks' styles
     assert build.parse_args(["--out", "x"]).preset == "full"
     from rtrt.tools.demo.world import config_from_args, parse_args
 

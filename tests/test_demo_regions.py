@@ -50,6 +50,26 @@ def test_region_short_answer_names_only_the_category():
             assert find_mentions(vlm.region_short_answer(c)) == {c}
 
 
+def test_region_hints_list_rare_objects_of_the_image_and_keep_the_answer(world):
+    from rtrt.tools.demo.world import RARE_CATEGORIES
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH, "region_per_image": 0})
+    plain = vlm.load_samples(world, "pretrain", cfg)
+    hinted = vlm.load_samples(world, "pretrain", dataclasses.replace(cfg, region_hint_prob=1.0))
+    assert len(plain) == len(hinted)
+    drawn = dict(vlm._scenes(world, "pretrain", {s.base for s in plain if s.box is not None}))
+    with_rare = 0
+    for a, b in zip(plain, hinted):
+        assert (a.image, a.question, a.answer, a.box) == (b.image, b.question, b.answer, b.box)  # answers never move
+        if a.box is None:
+            assert a.hint == b.hint  # general samples keep their hints
+            continue
+        rare = {o.category for o in drawn[b.base].objects} & set(RARE_CATEGORIES)
+        assert not a.hint and set(b.hint) <= rare and (bool(b.hint) == bool(rare))
+        with_rare += bool(rare)
+    assert with_rare > 0
+
+
 def test_box_labels_mark_exactly_the_patches_on_or_inside_the_box():
     # 96 x 96 image -> 48 px input, 3 x 3 grid: each cell is 32 x 32 input pixels.
     samples = [vlm.Sample("b.jpg", "q", "a", box=(40.0, 8.0, 40.0, 20.0)), vlm.Sample("p.jpg", "q", "a"),

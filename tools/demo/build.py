@@ -199,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .vlm import write_short_tasks
 
     tasks = work / "plugin_tasks"  # the plug-in split's general-perception answers in the VLM's answer style
-    write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks)
+    write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks, plan.phase2_tasks)
     timer.run("phase2", _call_main, "rtrt.trainer.cli", [
-        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), "--task", "general_perception",
+        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],
         "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
         "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
         "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),

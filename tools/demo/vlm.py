@@ -187,6 +187,7 @@ class VLMConfig:
     tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files; "region_perception" adds the red-box questions (see below)
     region_per_image: int = 1  # region questions kept per pretrain image (seeded draw; 0: all), each a boxed image more to train on
     region_share: float = 1.0  # share of pretrain images (seeded) whose region questions are kept
+    region_hint_prob: float = 0.0  # share of kept region questions (whose image holds a rare object) whose prompt carries a hint of 1 to hint_max of its rare objects; the answer stays the box's category (0: region prompts never carry a hint)
     box_weight: float = 1.0  # stage 1 with region questions: weight of the red-box head's per-patch BCE (patch on or inside the box)
     answer_style: str = "short"  # "short": general-perception answers as ``short_answer``; "full": the reference text
     hint_prob: float = 0.5  # share of general-perception samples (with a hintable object drawn) whose prompt carries a hint
@@ -227,7 +228,7 @@ class VLMConfig:
             raise ValueError(f"text_answers must be 'named' or 'hint', got {self.text_answers!r}")
         if self.pseudo_answers not in ("named", "drawn"):
             raise ValueError(f"pseudo_answers must be 'named' or 'drawn', got {self.pseudo_answers!r}")
-        if self.region_per_image < 0 or not 0.0 <= self.region_share <= 1.0:
+        if self.region_per_image < 0 or not 0.0 <= self.region_share <= 1.0 or not 0.0 <= self.region_hint_prob <= 1.0:
             raise ValueError(f"region_per_image must be >= 0 and region_share in [0, 1], got {self.region_per_image}, {self.region_share}")
         if self.hint_classes not in ("rare", "any"):
             raise ValueError(f"hint_classes must be 'rare' or 'any', got {self.hint_classes!r}")
@@ -264,9 +265,11 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
     pretraining texts do, so the model learns to follow hints and stays blind without them.
 
     Region-perception samples (``"region_perception"`` in ``cfg.tasks``) show the boxed image, know
-    their box and base image (``region_sources``), never carry a hint, and answer in the short style
-    with the region's category (``region_short_answer``); ``region_per_image`` and ``region_share``
-    keep a seeded subset (each is a boxed image more to train on).
+    their box and base image (``region_sources``) and answer in the short style with the region's
+    category (``region_short_answer``); ``region_per_image`` and ``region_share`` keep a seeded subset
+    (each is a boxed image more to train on). A share ``region_hint_prob`` of them carries a hint of
+    rare objects drawn in the image, the boxed one or others, as the runtime's detector would give:
+    the answer still names only what is in the box.
     """
     from rtrt.tools.judge import find_mentions
     from rtrt.tools.demo.world import RARE_CATEGORIES
@@ -318,10 +321,20 @@ def _region_samples(world: Path, split: str, records, cfg: VLMConfig) -> list[Sa
     for idx in by_base.values():
         if rng.random() < cfg.region_share:
             keep.update(rng.sample(idx, min(len(idx), cfg.region_per_image)) if cfg.region_per_image else idx)
-    return [Sample(rec.image, rec.question,
-                   region_short_answer(region.category_name) if cfg.answer_style == "short" else rec.answer or "",
-                   box=tuple(region.box), base=base)
-            for i, (rec, (base, region)) in enumerate(zip(records, sources)) if i in keep]
+    out = [Sample(rec.image, rec.question,
+                  region_short_answer(region.category_name) if cfg.answer_style == "short" else rec.answer or "",
+                  box=tuple(region.box), base=base)
+           for i, (rec, (base, region)) in enumerate(zip(records, sources)) if i in keep]
+    if cfg.region_hint_prob:  # its own stream too: at 0 nothing is drawn and the samples stay as before
+        from rtrt.tools.demo.world import RARE_CATEGORIES
+
+        hint_rng = random.Random(cfg.seed + 3)
+        drawn = {rel: {o.category for o in scene.objects} for rel, scene in _scenes(world, split, {s.base for s in out})}
+        for s in out:
+            rare = sorted(drawn[s.base] & set(RARE_CATEGORIES))
+            if rare and hint_rng.random() < cfg.region_hint_prob:
+                s.hint = hint_rng.sample(rare, hint_rng.randint(1, min(cfg.hint_max, len(rare))))
+    return out
 
 
 def build_vlm(tokenizer, cfg: VLMConfig):
