@@ -445,14 +445,15 @@ def text_samples(samples: Sequence[Sample], cfg: VLMConfig) -> list[Sample]:
     return out
 
 
-def _load_pixels(world: Path, paths: Sequence[str], image_processor, desc: str) -> tuple[torch.Tensor, dict[str, int]]:
+def _load_pixels(world: Path, paths: Sequence[str], image_processor, desc: str,
+                 progress: bool = True) -> tuple[torch.Tensor, dict[str, int]]:
     """uint8 [N, 3, S, S] of every distinct image, resized and cropped by the VLM's image processor."""
     from PIL import Image
 
     unique = sorted(set(paths))
     index = {p: i for i, p in enumerate(unique)}
     chunks = []
-    for i in tqdm(range(0, len(unique), 64), desc=desc, unit="x64 img", file=sys.stderr, leave=False):
+    for i in tqdm(range(0, len(unique), 64), desc=desc, unit="x64 img", file=sys.stderr, leave=False, disable=not progress):
         imgs = [Image.open(world / p).convert("RGB") for p in unique[i : i + 64]]
         px = image_processor(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
         chunks.append(px.to(torch.uint8))
@@ -944,7 +945,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     corpus += [_user_text("", s.hint) for s in samples if s.hint] + [s.answer for s in samples]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
     model, processor = build_vlm(tokenizer, cfg)
-    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images")
+    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images", progress)
     normalise = _normaliser(processor.image_processor)
     cache: dict = {}
     seqs = [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg)) for s in samples]
