@@ -63,7 +63,7 @@ def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> i
     """Run a command's ``main()`` and return its exit code, with the errors every rtrt command prints the same way.
 
     An ``RtrtError`` prints ``"<prog>: error: <message>"`` (one line) on stderr -> 2; Ctrl-C prints
-    ``"<prog>: interrupted"`` -> 130; a missing module (a dependency of an extra, or a command this
+    ``"<prog>: interrupted"`` -> 130; a closed stdout pipe ends quietly -> 141 (128 + SIGPIPE); a missing module (a dependency of an extra, or a command this
     build lacks) prints one line naming it -> 2. ``debug``: errors are raised instead, with their
     traceback.
     """
@@ -77,6 +77,13 @@ def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> i
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (``rtrt infer ... | head -2``): stop quietly, as Unix tools do, and
+        # keep the interpreter's final flush from raising again on the closed pipe.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ModuleNotFoundError as e:
         if debug:
             raise

@@ -152,6 +152,21 @@ def test_no_module_reads_exports_as_a_dict_or_spells_names_itself():
     assert found == []
 
 
+def test_run_cli_ends_quietly_when_the_reader_of_stdout_leaves():
+    # `rtrt infer ... | head -1`: the pipe closes while the command still prints.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom rtrt.runtime.errors import run_cli\n"
+            "def main():\n    for i in range(200000):\n        print('line', i)\n"
+            "sys.exit(run_cli('rtrt x', main))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == b""
+
+
 def test_run_cli_prints_one_line_and_the_exit_code(capsys):
     def fail(exc):
         def main():
