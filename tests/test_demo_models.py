@@ -370,13 +370,23 @@ def test_pseudo_image_slots_are_what_the_initial_projector_makes_of_a_typical_pa
     assert vlm._typical_logit(head, feats, lab, batch=2) == pytest.approx(max(1.0, own))
 
 
-def test_one_command_rebuild_end_to_end_tiny(tmp_path):
+def _tiny_rebuild(out) -> None:
+    assert build.main(["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_rebuild(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rebuild") / "demo"
+    _tiny_rebuild(out)
+    return out
+
+
+def test_one_command_rebuild_end_to_end_tiny(tiny_rebuild):
     # The shipped demo's command at the tiny preset: every stage runs, the bundle loads with every
     # hash checked and carries fp32 and int8 graphs, the examples and the report are written.
     from rtrt.runtime.bundle import load_bundle
 
-    out = tmp_path / "demo"
-    assert build.main(["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]) == 0
+    out = tiny_rebuild
     bundle = load_bundle(out / "bundle")
     graphs = bundle.manifest.exports.graphs
     assert {"detector", "adapter", "detector.int8", "adapter.int8"} <= set(graphs)
@@ -388,7 +398,26 @@ def test_one_command_rebuild_end_to_end_tiny(tmp_path):
     assert {"baseline", "common", "oracle", "adapter", "detector"} <= set(probes)
     assert bundle.manifest.detector.calibrated and bundle.manifest.training["calibration"]["split"] == "val"
     assert report["examples"] and all((out / "examples" / name).is_file() for name in report["examples"])
-    assert not (tmp_path / "demo.work").exists()  # intermediates removed without --keep-work
+    assert not out.with_name("demo.work").exists()  # intermediates removed without --keep-work
+
+
+def test_tiny_rebuild_is_deterministic(tiny_rebuild, tmp_path):
+    # The same command again gives the same models, byte for byte: every weight file of the bundle
+    # (VFM, VLM, W, detector projection, adapter), the calibration and the examples.
+    from rtrt.runtime.bundle import load_bundle
+
+    again = tmp_path / "demo"
+    _tiny_rebuild(again)
+    weights = sorted(p.relative_to(tiny_rebuild) for p in tiny_rebuild.rglob("*.safetensors"))
+    assert {"bundle/vlm/model.safetensors", "bundle/vfm/model.safetensors", "bundle/adapter.safetensors",
+            "bundle/embeddings.safetensors"} <= {str(p) for p in weights}
+    assert weights == sorted(p.relative_to(again) for p in again.rglob("*.safetensors"))
+    for rel in weights:
+        assert (tiny_rebuild / rel).read_bytes() == (again / rel).read_bytes(), rel
+    a, b = (load_bundle(o / "bundle").manifest.detector for o in (tiny_rebuild, again))
+    assert (a.score_mean, a.score_std, a.z_threshold, a.top_k) == (b.score_mean, b.score_std, b.z_threshold, b.top_k)
+    for name in json.loads((tiny_rebuild / "build_report.json").read_text())["examples"]:
+        assert (tiny_rebuild / "examples" / name).read_bytes() == (again / "examples" / name).read_bytes()
 
 
 def _tiny_llava():
