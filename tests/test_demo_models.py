@@ -420,6 +420,35 @@ def test_tiny_rebuild_is_deterministic(tiny_rebuild, tmp_path):
         assert (tiny_rebuild / "examples" / name).read_bytes() == (again / "examples" / name).read_bytes()
 
 
+def test_rebuild_from_phase2_reuses_the_work_and_gives_the_same_bundle(tiny_rebuild, tmp_path):
+    # --keep-work, then --from phase2 with the same plan: world, VFM, VLM and phase 1 are reused, and
+    # phase 2 onward gives the bytes of the one-command build (tiny_rebuild).
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]
+    assert build.main([*argv, "--keep-work", "--stop-after", "phase1"]) == 0
+    vlm_bytes = (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes()
+    assert build.main([*argv, "--keep-work", "--from", "phase2"]) == 0
+    assert (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes() == vlm_bytes  # not retrained
+    for rel in ("bundle/adapter.safetensors", "bundle/embeddings.safetensors", "bundle/vlm/model.safetensors"):
+        assert (out / rel).read_bytes() == (tiny_rebuild / rel).read_bytes(), rel
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["reused"] == ["world", "vfm", "vlm", "phase1"] and "vlm_recall" in report and "vfm_probe" in report
+    assert {"phase2", "export", "vlm"} <= set(report["seconds"])  # reused stages keep their recorded times
+    # A plan that changes phase 1 cannot reuse phase 1; another seed cannot reuse anything.
+    changed = dataclasses.replace(presets.PRESETS["tiny"], phase1_epochs=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets.PRESETS, "tiny", changed)
+        assert build.main([*argv, "--keep-work", "--from", "phase2"]) == 2
+        assert build.main([*argv, "--keep-work", "--from", "phase1", "--stop-after", "phase1"]) == 0
+    assert build.main([*argv[:3], "1", *argv[4:], "--from", "vfm"]) == 2
+    assert build.main(["--out", str(tmp_path / "other"), "--preset", "tiny", "--from", "vlm"]) == 2  # no work directory
+
+
+def test_every_plan_field_belongs_to_one_stage():
+    fields = [f for stage in build.STAGES for f in build.STAGE_FIELDS[stage]]
+    assert sorted(fields) == sorted(f.name for f in dataclasses.fields(presets.BuildPlan)) and len(set(fields)) == len(fields)
+
+
 def _tiny_llava():
     """A tokenizer that knows a few class names, the tiny preset's config and a fresh LLaVA (seed 0)."""
     tok = tokenizer.train_tokenizer(["a dog and a traffic cone and a car on the road"] * 5, vocab_size=300)

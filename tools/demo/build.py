@@ -6,12 +6,15 @@ command on the same software gives the same bundle. Timings per stage are printe
 common recall without and with hints, bundle size, and the probes of ``rtrt.tools.demo.probe`` on
 the build's test split).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (39 min measured, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (59 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
 scenes with rare objects) and ``OUT/build_report.json``. Intermediate files (the world, the
-checkpoints) go to ``--work`` (default ``OUT.work``); ``--keep-work`` keeps them.
+checkpoints) go to ``--work`` (default ``OUT.work``); ``--keep-work`` keeps them, and ``--from STAGE``
+then reruns only that stage and the ones after it (for example ``--from phase2`` after changing the
+phase-2 flags of a preset), reusing the earlier stages' outputs: the work directory records the
+plan it was built with (``build_state.json``) and is refused for another preset, seed or plan.
 """
 from __future__ import annotations
 
@@ -26,7 +29,26 @@ from typing import Callable, Sequence
 
 from rtrt.tools.demo.presets import MAX_BUNDLE_BYTES, PRESETS
 
-__all__ = ["parse_args", "main"]
+__all__ = ["STAGES", "STAGE_FIELDS", "parse_args", "main"]
+
+STAGES = ("world", "vfm", "vlm", "phase1", "phase2", "export")  # in order; "export" also calibrates and probes
+# The BuildPlan fields each stage's output depends on (with the seed and the thread count): --from reuses
+# a stage only when they are unchanged, so a plan that changes phase 2 reruns from phase 2 alone.
+STAGE_FIELDS = {
+    "world": ("pretrain", "plugin", "val", "test", "size", "world"),
+    "vfm": ("vfm",),
+    "vlm": ("vlm", "eval_images"),
+    "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema"),
+    "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_recon", "phase2_tasks"),
+    "export": (),
+}
+STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
+
+
+def _stage_key(report: dict, stages: Sequence[str]) -> dict:
+    """What the outputs of ``stages`` depend on: the seed, the thread count and those stages' plan fields (JSON form)."""
+    return json.loads(json.dumps({"seed": report["seed"], "threads": report["threads"],
+                                  **{f: report["plan"][f] for st in stages for f in STAGE_FIELDS[st]}}))
 
 
 def _seed_everything(seed: int, threads: int) -> None:
@@ -110,8 +132,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="", help="directory for the world and intermediates (default: OUT.work)")
     p.add_argument("--keep-work", action="store_true", help="keep --work after a successful build")
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for determinism)")
-    p.add_argument("--stop-after", choices=("world", "vfm", "vlm", "phase1", "phase2", "export"), default="export",
+    p.add_argument("--stop-after", choices=STAGES, default="export",
                    help="stop after this stage (the bundle is written only by a full run)")
+    p.add_argument("--from", dest="start", choices=STAGES, default="world",
+                   help="start at this stage, reusing the earlier stages' outputs in --work (kept by a build of the "
+                        "same preset, seed and threads with --keep-work); default: from nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -127,6 +152,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     timer = _Timer()
     report: dict = {"seed": args.seed, "preset": args.preset, "plan": dataclasses.asdict(plan), "threads": args.threads}
     t_start = time.time()
+    state_file = work / "build_state.json"  # what the work directory holds: the plan, the stages done, their report
+    done: list[str] = []
+    if args.start != "world":
+        before = list(STAGES[: STAGES.index(args.start)])
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            print(f"rtrt demo build: error: --from {args.start} needs {state_file} from an earlier build with --keep-work",
+                  file=sys.stderr)
+            return 2
+        saved = state.get("key", {})
+        if not set(before) <= set(state.get("done", [])) or any(k not in saved or saved[k] != v for k, v in _stage_key(report, before).items()):
+            print(f"rtrt demo build: error: {work} holds no {', '.join(before)} built with this seed, thread count and "
+                  f"plan for those stages; rebuild from the start", file=sys.stderr)
+            return 2
+        done = list(before)
+        report.update({k: state["report"][k] for stage in before for k in STAGE_REPORT.get(stage, ()) if k in state["report"]})
+        timer.seconds.update({k: v for k, v in state["seconds"].items() if k.split()[0] in before})
+        report["reused"] = before
+
+    def runs(stage: str) -> bool:
+        return STAGES.index(stage) >= STAGES.index(args.start)
+
+    def save(stage: str) -> None:
+        from rtrt.runtime.fileio import atomic_write_json
+
+        done.append(stage)
+        atomic_write_json(state_file, {"key": _stage_key(report, done), "done": done, "report": report,
+                                       "seconds": timer.seconds})
 
     def finish(stage: str) -> int:
         report["seconds"] = timer.seconds
@@ -139,10 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 1. The world (CODA-LM layout).
     world = work / "world"
-    timer.run("world", _call_main, "rtrt.tools.demo.world", [
-        "--out", str(world), *plan.world_argv(args.seed), "--workers", str(args.threads), "--overwrite",
-        *([] if progress else ["--quiet"]),
-    ])
+    if runs("world"):
+        timer.run("world", _call_main, "rtrt.tools.demo.world", [
+            "--out", str(world), *plan.world_argv(args.seed), "--workers", str(args.threads), "--overwrite",
+            *([] if progress else ["--quiet"]),
+        ])
+        save("world")
     if args.stop_after == "world":
         return finish("world")
 
@@ -150,9 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .vfm import VFMConfig, load_demo_vfm, probe_vfm, train_vfm
 
     vfm_cfg = VFMConfig(seed=args.seed, workers=args.threads, **plan.vfm)
-    report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
+    if runs("vfm"):
+        report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
     backbone, spec = load_demo_vfm(work / "vfm")
-    report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
+    if runs("vfm"):
+        report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
+        save("vfm")
     del backbone
     if args.stop_after == "vfm":
         return finish("vfm")
@@ -162,16 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vlm_cfg = VLMConfig(seed=args.seed, **plan.vlm)
     vlm_dir = work / "vlm"
-    report["vlm"] = timer.run("vlm", pretrain_vlm, world, vlm_dir, vlm_cfg, progress=progress)
-    report["vlm_recall"] = {
-        mode: timer.run(f"vlm eval hints={mode}", evaluate_recall, vlm_dir, world, "test", hints=mode,
-                        limit=plan.eval_images, progress=progress)
-        for mode in ("none", "rare")
-    }
-    r0, r1 = report["vlm_recall"]["none"]["recall"], report["vlm_recall"]["rare"]["recall"]
-    report["blind"] = bool(r0["rare"] is not None and r0["common"] and r0["rare"] <= 0.5 * r0["common"])
-    print(f"[demo] base VLM recall: common {_pct(r0['common'])} rare {_pct(r0['rare'])} (no hints); "
-          f"common {_pct(r1['common'])} rare {_pct(r1['rare'])} (oracle rare hints)", file=sys.stderr)
+    if runs("vlm"):
+        report["vlm"] = timer.run("vlm", pretrain_vlm, world, vlm_dir, vlm_cfg, progress=progress)
+        report["vlm_recall"] = {
+            mode: timer.run(f"vlm eval hints={mode}", evaluate_recall, vlm_dir, world, "test", hints=mode,
+                            limit=plan.eval_images, progress=progress)
+            for mode in ("none", "rare")
+        }
+        r0, r1 = report["vlm_recall"]["none"]["recall"], report["vlm_recall"]["rare"]["recall"]
+        report["blind"] = bool(r0["rare"] is not None and r0["common"] and r0["rare"] <= 0.5 * r0["common"])
+        print(f"[demo] base VLM recall: common {_pct(r0['common'])} rare {_pct(r0['rare'])} (no hints); "
+              f"common {_pct(r1['common'])} rare {_pct(r1['rare'])} (oracle rare hints)", file=sys.stderr)
+        save("vlm")
     if args.stop_after == "vlm":
         return finish("vlm")
 
@@ -182,15 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     synonyms = write_synonyms(work / "synonyms.json", classes)
     report["classes"] = classes
     phase1 = work / "bundle_phase1"
-    timer.run("phase1", _call_main, "rtrt.trainer.cli", [
-        "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
-        "--vlm", str(vlm_dir), "--synonyms", str(synonyms), "--classes", ",".join(classes), "--vfm-kind", "timm",
-        "--vfm", str(work / "vfm" / "vfm.safetensors"), "--vfm-arch", spec.arch, "--vfm-kwargs", json.dumps(spec.kwargs),
-        "--image-size", str(spec.image_size), *(["--vfm-reducing-gap", str(spec.reducing_gap)] if spec.reducing_gap else []), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
-        "--epochs", str(plan.phase1_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase1), "--overwrite",
-        "--w-detection", str(plan.phase1_detection), "--negatives-per-image", str(plan.phase1_negatives),
-        "--w-init", plan.phase1_w_init, "--w-name-tie", str(plan.phase1_name_tie), "--ema", str(plan.phase1_ema),
-    ])
+    if runs("phase1"):
+        timer.run("phase1", _call_main, "rtrt.trainer.cli", [
+            "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
+            "--vlm", str(vlm_dir), "--synonyms", str(synonyms), "--classes", ",".join(classes), "--vfm-kind", "timm",
+            "--vfm", str(work / "vfm" / "vfm.safetensors"), "--vfm-arch", spec.arch, "--vfm-kwargs", json.dumps(spec.kwargs),
+            "--image-size", str(spec.image_size), *(["--vfm-reducing-gap", str(spec.reducing_gap)] if spec.reducing_gap else []), "--carry-vfm", "--text-encoder", minilm_ref(), "--no-cache",
+            "--epochs", str(plan.phase1_epochs), "--seed", str(args.seed), "--device", "cpu", "--out", str(phase1), "--overwrite",
+            "--w-detection", str(plan.phase1_detection), "--negatives-per-image", str(plan.phase1_negatives),
+            "--w-init", plan.phase1_w_init, "--w-name-tie", str(plan.phase1_name_tie), "--ema", str(plan.phase1_ema),
+        ])
+        save("phase1")
     if args.stop_after == "phase1":
         return finish("phase1")
 
@@ -200,13 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tasks = work / "plugin_tasks"  # the plug-in split's general-perception answers in the VLM's answer style
     write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks, plan.phase2_tasks)
-    timer.run("phase2", _call_main, "rtrt.trainer.cli", [
-        "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],
-        "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
-        "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
-        "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
-        "--overwrite",
-    ])
+    if runs("phase2"):
+        timer.run("phase2", _call_main, "rtrt.trainer.cli", [
+            "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],
+            "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
+            "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
+            "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
+            "--overwrite",
+        ])
+        save("phase2")
     if args.stop_after == "phase2":
         return finish("phase2")
 
@@ -229,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bundle.exists():
         shutil.rmtree(bundle)
     shutil.copytree(phase2, bundle)
+    save("export")
     report["bundle_bytes"] = _dir_bytes(bundle)
     if report["bundle_bytes"] > MAX_BUNDLE_BYTES:
         print(f"[demo] warning: bundle is {report['bundle_bytes'] / 2**20:.1f} MiB, over the 25 MiB budget", file=sys.stderr)
