@@ -14,7 +14,8 @@ scenes with rare objects) and ``OUT/build_report.json``. Intermediate files (the
 checkpoints) go to ``--work`` (default ``OUT.work``); ``--keep-work`` keeps them, and ``--from STAGE``
 then reruns only that stage and the ones after it (for example ``--from phase2`` after changing the
 phase-2 flags of a preset), reusing the earlier stages' outputs: the work directory records the
-plan it was built with (``build_state.json``) and is refused for another preset, seed or plan.
+seed, thread count and each stage's plan fields (``build_state.json``), and a reused stage whose
+fields changed is refused.
 """
 from __future__ import annotations
 
@@ -135,8 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", choices=STAGES, default="export",
                    help="stop after this stage (the bundle is written only by a full run)")
     p.add_argument("--from", dest="start", choices=STAGES, default="world",
-                   help="start at this stage, reusing the earlier stages' outputs in --work (kept by a build of the "
-                        "same preset, seed and threads with --keep-work); default: from nothing")
+                   help="start at this stage, reusing the earlier stages' outputs in --work (kept with --keep-work by a build "
+                        "with the same seed, threads and plan fields for those stages); default: from nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
