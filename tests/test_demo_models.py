@@ -420,19 +420,25 @@ def test_tiny_rebuild_is_deterministic(tiny_rebuild, tmp_path):
         assert (tiny_rebuild / "examples" / name).read_bytes() == (again / "examples" / name).read_bytes()
 
 
-def test_rebuild_from_phase2_reuses_the_work_and_gives_the_same_bundle(tiny_rebuild, tmp_path):
-    # --keep-work, then --from phase2 with the same plan: world, VFM, VLM and phase 1 are reused, and
-    # phase 2 onward gives the bytes of the one-command build (tiny_rebuild).
+def test_rebuild_from_vfm_and_phase2_reuses_the_work_and_gives_the_same_bundle(tiny_rebuild, tmp_path):
+    # --keep-work, then --from vfm and --from phase2 with the same plan: the earlier stages are reused,
+    # and the rerun stages give the bytes of the one-command build (tiny_rebuild).
     out = tmp_path / "demo"
     argv = ["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]
     assert build.main([*argv, "--keep-work", "--stop-after", "phase1"]) == 0
     vlm_bytes = (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes()
+    # --from vfm: the VLM (before the VFM, which it does not use) is reused; VFM onward as one command.
+    assert build.main([*argv, "--keep-work", "--from", "vfm"]) == 0
+    assert (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes() == vlm_bytes
+    assert json.loads((out / "build_report.json").read_text())["reused"] == ["world", "vlm"]
+    for rel in ("bundle/vfm/model.safetensors", "bundle/adapter.safetensors", "bundle/embeddings.safetensors"):
+        assert (out / rel).read_bytes() == (tiny_rebuild / rel).read_bytes(), rel
     assert build.main([*argv, "--keep-work", "--from", "phase2"]) == 0
     assert (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes() == vlm_bytes  # not retrained
     for rel in ("bundle/adapter.safetensors", "bundle/embeddings.safetensors", "bundle/vlm/model.safetensors"):
         assert (out / rel).read_bytes() == (tiny_rebuild / rel).read_bytes(), rel
     report = json.loads((out / "build_report.json").read_text())
-    assert report["reused"] == ["world", "vfm", "vlm", "phase1"] and "vlm_recall" in report and "vfm_probe" in report
+    assert report["reused"] == ["world", "vlm", "vfm", "phase1"] and "vlm_recall" in report and "vfm_probe" in report
     assert {"phase2", "export", "vlm"} <= set(report["seconds"])  # reused stages keep their recorded times
     # A plan that changes phase 1 cannot reuse phase 1; another seed cannot reuse anything.
     changed = dataclasses.replace(presets.PRESETS["tiny"], phase1_epochs=2)

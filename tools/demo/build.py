@@ -1,4 +1,4 @@
-"""Rebuild the demo from nothing: world -> VFM -> base VLM -> phase 1 -> phase 2 -> export -> calibration -> probes -> bundle.
+"""Rebuild the demo from nothing: world -> base VLM -> VFM -> phase 1 -> phase 2 -> export -> calibration -> probes -> bundle.
 
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
 command on the same software gives the same bundle. Timings per stage are printed and written to
@@ -32,7 +32,7 @@ from rtrt.tools.demo.presets import MAX_BUNDLE_BYTES, PRESETS
 
 __all__ = ["STAGES", "STAGE_FIELDS", "parse_args", "main"]
 
-STAGES = ("world", "vfm", "vlm", "phase1", "phase2", "export")  # in order; "export" also calibrates and probes
+STAGES = ("world", "vlm", "vfm", "phase1", "phase2", "export")  # in order; "export" also calibrates and probes
 # The BuildPlan fields each stage's output depends on (with the seed and the thread count): --from reuses
 # a stage only when they are unchanged, so a plan that changes phase 2 reruns from phase 2 alone.
 STAGE_FIELDS = {
@@ -203,21 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stop_after == "world":
         return finish("world")
 
-    # 2. The VFM, trained on balanced scenes, and its linear probe.
-    from .vfm import VFMConfig, load_demo_vfm, probe_vfm, train_vfm
-
-    vfm_cfg = VFMConfig(seed=args.seed, workers=args.threads, **plan.vfm)
-    if runs("vfm"):
-        report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
-    backbone, spec = load_demo_vfm(work / "vfm")
-    if runs("vfm"):
-        report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
-        save("vfm")
-    del backbone
-    if args.stop_after == "vfm":
-        return finish("vfm")
-
-    # 3. The base VLM, pretrained from scratch, and its blindness.
+    # 2. The base VLM, pretrained from scratch, and its blindness (before the VFM, which it does not use:
+    # --from vfm reruns the VFM and the plug-in without the hour of VLM pretraining).
     from .vlm import VLMConfig, evaluate_recall, pretrain_vlm
 
     vlm_cfg = VLMConfig(seed=args.seed, **plan.vlm)
@@ -236,6 +223,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         save("vlm")
     if args.stop_after == "vlm":
         return finish("vlm")
+
+    # 3. The VFM, trained on balanced scenes, and its linear probe.
+    from .vfm import VFMConfig, load_demo_vfm, probe_vfm, train_vfm
+
+    vfm_cfg = VFMConfig(seed=args.seed, workers=args.threads, **plan.vfm)
+    if runs("vfm"):
+        report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
+    backbone, spec = load_demo_vfm(work / "vfm")
+    if runs("vfm"):
+        report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
+        save("vfm")
+    del backbone
+    if args.stop_after == "vfm":
+        return finish("vfm")
 
     # 4. Phase 1: W and the detector's projection (rtrt train embeddings).
     from .text_encoder import minilm_ref, write_synonyms
