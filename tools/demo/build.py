@@ -40,7 +40,7 @@ STAGE_FIELDS = {
     "vfm": ("vfm",),
     "vlm": ("vlm", "eval_images"),
     "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema"),
-    "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_recon", "phase2_tasks"),
+    "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_recon", "phase2_reconstruction", "phase2_tasks"),
     "export": (),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
@@ -270,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],
             "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
             "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
+            "--w-reconstruction", str(plan.phase2_reconstruction),
             "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
             "--overwrite",
         ])

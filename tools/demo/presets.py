@@ -34,6 +34,7 @@ class BuildPlan:
     phase1_name_tie: float = 0.0  # rtrt train embeddings --w-name-tie (pull W toward the names; 0: off)
     phase1_ema: float = 0.99  # rtrt train embeddings --ema (1: off)
     phase2_recon: str = "absolute"  # rtrt train adapter --recon (relative: each token's error over its own norm)
+    phase2_reconstruction: float = 1.0  # rtrt train adapter --w-reconstruction (weight of the reconstruction loss)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
 
