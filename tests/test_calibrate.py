@@ -50,6 +50,37 @@ def test_fit_picks_the_best_f1_and_respects_given_values():
                                                        "no_hint_when_nothing_rare": 100.0}
 
 
+def test_min_precision_picks_the_highest_recall_that_keeps_the_precision():
+    # Class 0 separates well, class 1 overlaps its absent images: the best F1 hints class 0 alone
+    # (a high threshold); a precision floor of 60 lowers it until recall is as high as that floor allows.
+    rng = np.random.default_rng(1)
+    present = [{0} if i % 3 == 0 else ({1} if i % 3 == 1 else set()) for i in range(300)]
+    scores = rng.normal(0.0, 1.0, (300, 2))
+    for i, p in enumerate(present):
+        scores[i, 0] += 4.0 * (0 in p)
+        scores[i, 1] += 1.0 * (1 in p)
+    best_f1 = fit_calibration(scores, present, top_k=2)
+    floor = fit_calibration(scores, present, top_k=2, min_precision=60.0)
+    assert floor["quality"]["min_precision_met"] and floor["quality"]["precision"] >= 60.0
+    assert floor["quality"]["recall"] > best_f1["quality"]["recall"]
+    # Every pair above the floor has at most that recall (the fit is the highest one).
+    zs = (scores - scores.mean(0)) / scores.std(0)
+    from rtrt.tools.calibrate import _hinted
+    for k in (1, 2):
+        for t in np.arange(0.0, 4.01, 0.1):
+            q = hint_quality(_hinted(zs, round(float(t), 1), k), present)
+            if q["precision"] >= 60.0:
+                assert q["recall"] <= floor["quality"]["recall"]
+    # A floor nothing reaches (class 1's scores carry nothing): the best F1, and the quality says so.
+    only1 = [p - {0} for p in present]
+    noise = scores.copy()
+    noise[:, 1] = rng.normal(0.0, 1.0, 300)
+    none = fit_calibration(noise[:, 1:], [{0} if p else set() for p in only1], top_k=1, min_precision=90.0)
+    plain = fit_calibration(noise[:, 1:], [{0} if p else set() for p in only1], top_k=1)
+    assert not none["quality"]["min_precision_met"] and none["quality"]["precision"] < 90.0
+    assert (none["z_threshold"], none["top_k"]) == (plain["z_threshold"], plain["top_k"])
+
+
 @pytest.fixture(scope="module")
 def world_and_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
@@ -89,3 +120,17 @@ def test_bad_calibrate_arguments_exit_2(world_and_bundle, capsys):
     assert "--z" in capsys.readouterr().err
     assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--split", "nope"]) == 2
     assert "no CODA-LM split" in capsys.readouterr().err
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--min-precision", "150"]) == 2
+    assert "--min-precision" in capsys.readouterr().err
+
+
+def test_min_precision_is_recorded(world_and_bundle, tmp_path, capsys):
+    world, src = world_and_bundle
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--min-precision", "10", "--backend", "torch"]) == 0
+    assert "rule:" in capsys.readouterr().out
+    cal = load_bundle(bundle).manifest.training["calibration"]
+    assert cal["min_precision"] == 10.0 and "min_precision_met" in cal["hints_after"]

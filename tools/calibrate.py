@@ -9,7 +9,8 @@ hints). Calibration standardises each class's score by its mean and standard dev
 split's images, and a class is hinted when its z-score exceeds one threshold, at most ``k`` per
 image, best z first (``rtrt.runtime.modules.select_detections``). ``--z`` and ``--max-hints``
 default to ``auto``: the pair with the best micro hint F1 against the detector's classes each
-image's annotation holds, on this split. Fit on a split you do not report (val), then measure on
+image's annotation holds, on this split; ``--min-precision P``: instead, the pair with the highest
+hint recall at a precision of at least P there. Fit on a split you do not report (val), then measure on
 another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
 ``detector`` section in one atomic bundle update.
 """
@@ -55,8 +56,12 @@ def _hinted(values: np.ndarray, threshold: float, k: int) -> list[list[int]]:
 
 
 def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float | None = None, max_hints: int | None = None,
-                    top_k: int = 5) -> dict:
-    """Per-class mean/std of ``scores`` [N, C] and the (z threshold, k) with the best hint F1 (or the given ones)."""
+                    top_k: int = 5, min_precision: float | None = None) -> dict:
+    """Per-class mean/std of ``scores`` [N, C] and the (z threshold, k) with the best hint F1 (or the given ones).
+
+    ``min_precision`` (0-100): instead of the best F1, the pair with the highest hint recall whose
+    precision on this split is at least that (ties: the higher precision); when no pair reaches it,
+    the best F1 as without it (``quality["min_precision_met"]`` says which)."""
     scores = np.asarray(scores, dtype=np.float64)
     mean = scores.mean(axis=0)
     std = np.maximum(scores.std(axis=0), 1e-6)
@@ -67,21 +72,27 @@ def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float
     for k in ks:
         for t in thresholds:
             q = hint_quality(_hinted(zs, t, k), present)
-            key = (q["f1"], q["precision"], -k, t)
+            met = min_precision is not None and q["precision"] >= min_precision
+            key = (1, q["recall"], q["precision"], -k, t) if met else (0, q["f1"], q["precision"], -k, t)
             if best is None or key > best[0]:
                 best = (key, t, k, q)
-    _, t, k, q = best
+    key, t, k, q = best
+    if min_precision is not None:
+        q = {**q, "min_precision": float(min_precision), "min_precision_met": bool(key[0])}
     return {"score_mean": [float(v) for v in mean], "score_std": [float(v) for v in std], "z_threshold": float(t),
             "top_k": int(k), "quality": q}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rtrt calibrate", description=__doc__.split("\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="rtrt calibrate", description=__doc__.split("\n")[0].replace("``", ""))
     p.add_argument("--bundle", required=True, help="bundle directory to calibrate (its manifest's detector section is updated)")
     p.add_argument("--data", required=True, help="dataset root in CODA-LM layout (e.g. a world from rtrt world)")
     p.add_argument("--split", default="val", help="split folder under CODA-LM/ to fit on (default: val; never the split you report)")
     p.add_argument("--z", default="auto", help="z-score threshold, or auto: the best hint F1 on the split (default: auto)")
     p.add_argument("--max-hints", default="auto", help="at most this many hints per image, or auto (1 to the bundle's top_k; default: auto)")
+    p.add_argument("--min-precision", type=float, default=None, metavar="P",
+                   help="with auto --z/--max-hints: the highest hint recall whose precision on the split is at least P "
+                        "percent, instead of the best F1 (falls back to the best F1, and says so, when none reaches P)")
     p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="detector backend (default: ort)")
     p.add_argument("--batch-size", type=int, default=16, help="images per detector call (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the fit and its hint quality without writing the bundle")
@@ -111,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     z = number(args.z, float, "--z")
     k = number(args.max_hints, int, "--max-hints")
+    if args.min_precision is not None and not 0.0 <= args.min_precision <= 100.0:
+        raise InputError(f"--min-precision must be a percentage from 0 to 100, not {args.min_precision:g}")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     split_dir = Path(args.data) / "CODA-LM" / args.split
@@ -128,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = refs[i: i + args.batch_size]
         for res in pipe.detect_batch([load_image(Path(args.data) / r.image) for r in chunk]):
             scores.append(np.asarray(res.scores, dtype=np.float64))
-    fit = fit_calibration(np.stack(scores), present, z=z, max_hints=k, top_k=pipe.detector_cfg.top_k)
+    fit = fit_calibration(np.stack(scores), present, z=z, max_hints=k, top_k=pipe.detector_cfg.top_k,
+                          min_precision=args.min_precision)
     before = hint_quality(_hinted(np.stack(scores), pipe.detector_cfg.threshold, pipe.detector_cfg.top_k), present)
     result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
               "hints_before": before, "hints_after": fit["quality"], "written": not args.dry_run}
@@ -137,13 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=fit["score_mean"], score_std=fit["score_std"],
                                                   z_threshold=fit["z_threshold"], top_k=fit["top_k"])
         b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
-                                              "hints_after": fit["quality"]}
+                                              "min_precision": args.min_precision, "hints_after": fit["quality"]}
         b.add_files({})  # rewrites the manifest in one atomic bundle update
     if args.json:
         print(json.dumps(result))
         return 0
     q0, q1 = before, fit["quality"]
     print(f"fitted on {len(scores)} images of {args.split}: z > {fit['z_threshold']:.1f}, at most {fit['top_k']} hint(s)")
+    if args.min_precision is not None:
+        print(f"  rule: the highest recall at precision >= {args.min_precision:g}" if fit["quality"]["min_precision_met"]
+              else f"  rule: no threshold reaches precision {args.min_precision:g} on this split; the best F1 instead")
     for label, q in (("before (raw threshold)", q0), ("after (calibrated)", q1)):
         empty = "-" if q["no_hint_when_nothing_rare"] is None else f"{q['no_hint_when_nothing_rare']:.0f}%"
         print(f"  {label:<22} precision {q['precision']:.1f}  recall {q['recall']:.1f}  F1 {q['f1']:.1f}  "

@@ -41,7 +41,7 @@ STAGE_FIELDS = {
     "vlm": ("vlm", "eval_images"),
     "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_recon", "phase2_reconstruction", "phase2_tasks"),
-    "export": (),
+    "export": ("calibrate_min_precision",),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "--images", str(out / "examples"), "--vlm"])
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
-    timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val"])
+    timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val",
+                                                               *([] if plan.calibrate_min_precision is None else ["--min-precision", str(plan.calibrate_min_precision)])])
     # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.
     probes = work / "probes.json"
     timer.run("probes", _call_main, "rtrt.tools.demo.probe", ["--bundle", str(phase2), "--data", str(world), "--split", "test",

@@ -36,6 +36,7 @@ class BuildPlan:
     phase2_recon: str = "absolute"  # rtrt train adapter --recon (relative: each token's error over its own norm)
     phase2_reconstruction: float = 1.0  # rtrt train adapter --w-reconstruction (weight of the reconstruction loss)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
+    calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
 
     def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
