@@ -50,7 +50,7 @@ def test_shipped_exports_load_and_write_back_as_the_same_json(raw):
 def test_accessors_on_the_shipped_bundle(raw):
     m = Manifest.from_dict(raw)
     e = m.exports
-    assert e.graph("detector.int8").method == "dynamic" and e.graph("detector").image_size == 224
+    assert e.graph("detector.int8").method == "dynamic" and e.graph("detector").image_size == m.vfm.image_size == 448
     assert e.graph("detector.qdq") is None and e.engine("detector.fp16") is None and e.engines == {}
     assert e.image_size(999) == raw["exports"]["onnx"]["image_size"]
     assert m.image_size() == raw["exports"]["onnx"]["image_size"] and m.image_size(exported=False) == raw["vfm"]["image_size"]
