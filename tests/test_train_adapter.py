@@ -251,3 +251,34 @@ def test_detector_hints_in_training_prompts(env, tmp_path, monkeypatch):
     assert seen and all(h is not None and all(h) for h in seen)
     cfg = load_bundle(out).manifest.training["adapter"]["config"]
     assert cfg["hints"] == "detector"
+
+
+def test_hint_share_keeps_the_hint_in_a_seeded_share_of_the_prompts(env, tmp_path, monkeypatch):
+    """--hint-share 0.5: some prompts carry the detector's hint, the others none, the same ones for the same seed."""
+    root, bundle, _, _ = env
+    seen = []
+    real = vlm_module.VLMFamily.prepare
+
+    def prepare(self, images, questions, hints=None):
+        seen.extend(hints or [])
+        return real(self, images, questions, hints)
+
+    monkeypatch.setattr(vlm_module.VLMFamily, "prepare", prepare)
+    b = tmp_path / "p1"
+    shutil.copytree(bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["detector"]["threshold"] = -1.0  # the detector always names its top-k
+    (b / "manifest.json").write_text(json.dumps(m))
+    runs = []
+    for name in ("a", "b"):
+        seen.clear()
+        args = _args(env, tmp_path / name, "--hints", "detector", "--hint-share", "0.5", epochs=1)
+        args[args.index("--bundle") + 1] = str(b)
+        assert train_main(args) == 0
+        runs.append(sorted(bool(h) for h in seen))
+    assert any(runs[0]) and not all(runs[0])  # with and without a hint
+    assert runs[0] == runs[1]
+    assert load_bundle(tmp_path / "a").manifest.training["adapter"]["config"]["hint_share"] == 0.5
+    bad = _args(env, tmp_path / "c", "--hints", "detector", "--hint-share", "1.5", epochs=1)
+    bad[bad.index("--bundle") + 1] = str(b)
+    assert rtrt_main(["train", *bad]) == 2

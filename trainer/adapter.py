@@ -7,8 +7,9 @@ CODA-LM task files is one sample: the family's chat template renders the questio
 and the reference answer as the assistant turn that follows it.
 
 With ``hints="detector"`` (our addition; the paper trains without) every training prompt carries
-the hint sentence of the phase-1 bundle's own detector for that image, as ``rtrt infer`` with both
-remedies puts it, so the adapter learns in the configuration it runs in.
+the hint sentence of the phase-1 bundle's own detector for that image (calibrated, if the phase-1
+bundle is), as ``rtrt infer`` with both remedies puts it, so the adapter learns in the configuration
+it runs in; ``hint_share`` < 1 keeps it in a seeded share of the prompts only.
 
 Loss = autoregressive cross-entropy on the answer tokens (prompt and padding ignored)
      + ``w_reconstruction`` * distance between refined and original visual tokens
@@ -41,6 +42,7 @@ Exports of the input bundle are not carried over; export the new bundle again.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,6 +83,7 @@ class AdapterTrainConfig:
     attn_prior: float = 0.0  # weight of KL(softmax(detector similarity / temperature) || adapter attention) per image token (0: off; LLaVA only)
     attn_prior_temperature: float = 0.05  # temperature of the softmax over the detector's per-patch cosines in the attention prior
     hints: str = "none"  # "none": prompts as in the task files (the paper); "detector": with the bundle detector's hint sentence
+    hint_share: float = 1.0  # with hints="detector": the share of QA pairs (a seeded draw) whose prompt carries it; the rest train without
     max_answer_tokens: int = 256  # answers are cut to this many tokens
     epochs: int = 10  # passes over the QA pairs (the paper trains 10)
     batch_size: int = 8  # global batch (QA pairs per step over all processes)
@@ -315,6 +318,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError(f"--hints must be one of {', '.join(HINT_MODES)}, not {cfg.hints!r}")
     if cfg.recon not in RECON_MODES:
         raise InputError(f"--recon must be one of {', '.join(RECON_MODES)}, not {cfg.recon!r}")
+    if not 0.0 <= cfg.hint_share <= 1.0:
+        raise InputError(f"--hint-share must be from 0 to 1, not {cfg.hint_share:g}")
     if cfg.attn_prior < 0 or cfg.attn_prior_temperature <= 0:
         raise InputError("--attn-prior must be >= 0 and --attn-prior-temperature > 0")
     source = load_bundle(cfg.bundle)
@@ -344,6 +349,11 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
     hint_names = _detector_hints(source, pairs, d) if cfg.hints == "detector" else None
+    if hint_names is not None and cfg.hint_share < 1.0:
+        # A seeded share of the pairs keeps its hint, the rest train as without hints, so the adapter
+        # learns both configurations inference runs in (refinement alone, and with hints).
+        draw = random.Random(cfg.seed)
+        hint_names = [h if draw.random() < cfg.hint_share else [] for h in hint_names]
     priors, grid_slots = _attention_priors(source, vlm, pairs, cfg.attn_prior_temperature, d) if cfg.attn_prior > 0 else ({}, None)
     tokenizer = vlm.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

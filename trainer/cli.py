@@ -126,6 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--hints", choices=("none", "detector"), default="none",
                    help="detector: train with the bundle detector's hint sentence in every prompt, as inference with "
                         "both remedies runs (default: none, the paper's recipe)")
+    a.add_argument("--hint-share", type=float, default=1.0,
+                   help="with --hints detector: the share of QA pairs (seeded draw) whose prompt carries the hint; "
+                        "the rest train without (default: 1, every one)")
     a.add_argument("--max-answer-tokens", type=int, default=256, help="answers are cut to this many tokens")
     a.add_argument("--bf16", action="store_true", help="VLM weights in bfloat16 and its forward under bfloat16 autocast (for GPUs)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute the VLM's layers in backward to save memory")
