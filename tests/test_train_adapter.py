@@ -282,3 +282,5 @@ def test_hint_share_keeps_the_hint_in_a_seeded_share_of_the_prompts(env, tmp_pat
     bad = _args(env, tmp_path / "c", "--hints", "detector", "--hint-share", "1.5", epochs=1)
     bad[bad.index("--bundle") + 1] = str(b)
     assert rtrt_main(["train", *bad]) == 2
+    plain = _args(env, tmp_path / "d", "--hint-share", "0.5", epochs=1)  # no --hints detector: refused, not ignored
+    assert rtrt_main(["train", *plain]) == 2

@@ -320,6 +320,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError(f"--recon must be one of {', '.join(RECON_MODES)}, not {cfg.recon!r}")
     if not 0.0 <= cfg.hint_share <= 1.0:
         raise InputError(f"--hint-share must be from 0 to 1, not {cfg.hint_share:g}")
+    if cfg.hint_share < 1.0 and cfg.hints != "detector":
+        raise InputError("--hint-share needs --hints detector (without hints no prompt carries one)")
     if cfg.attn_prior < 0 or cfg.attn_prior_temperature <= 0:
         raise InputError("--attn-prior must be >= 0 and --attn-prior-temperature > 0")
     source = load_bundle(cfg.bundle)
