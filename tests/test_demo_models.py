@@ -427,6 +427,11 @@ def test_rebuild_from_vfm_and_phase2_reuses_the_work_and_gives_the_same_bundle(t
     argv = ["--out", str(out), "--seed", "0", "--preset", "tiny", "--threads", "1", "--quiet"]
     assert build.main([*argv, "--keep-work", "--stop-after", "phase1"]) == 0
     vlm_bytes = (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes()
+    from rtrt.runtime.bundle import load_bundle
+
+    # the tiny plan trains phase 2 with the detector's hints: phase 1's bundle is calibrated on val first
+    phase1 = load_bundle(tmp_path / "demo.work" / "bundle_phase1").manifest
+    assert phase1.detector.calibrated and phase1.training["calibration"]["split"] == "val"
     # --from vfm: the VLM (before the VFM, which it does not use) is reused; VFM onward as one command.
     assert build.main([*argv, "--keep-work", "--from", "vfm"]) == 0
     assert (tmp_path / "demo.work" / "vlm" / "model.safetensors").read_bytes() == vlm_bytes
@@ -447,6 +452,18 @@ def test_rebuild_from_vfm_and_phase2_reuses_the_work_and_gives_the_same_bundle(t
         assert build.main([*argv, "--keep-work", "--from", "phase2"]) == 2
         assert build.main([*argv, "--keep-work", "--from", "phase1", "--stop-after", "phase1"]) == 0
     assert build.main([*argv[:3], "1", *argv[4:], "--from", "vfm"]) == 2
+    # phase2_hint_share reaches rtrt train adapter as --hint-share (with the detector's hints only)
+    calls: list[list[str]] = []
+    for hints, share, expect in (("detector", 0.5, ["--hint-share", "0.5"]), ("none", 1.0, [])):
+        calls.clear()
+        plan = dataclasses.replace(presets.PRESETS["tiny"], phase1_epochs=2, phase2_hints=hints, phase2_hint_share=share)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(presets.PRESETS, "tiny", plan)
+            mp.setattr(build, "_call_main", lambda module, a: calls.append(a))
+            assert build.main([*argv, "--keep-work", "--from", "phase2", "--stop-after", "phase2"]) == 0
+        (adapter,) = [a for a in calls if a[0] == "adapter"]
+        got = adapter[adapter.index("--hint-share"):][:2] if "--hint-share" in adapter else []
+        assert got == expect and adapter[adapter.index("--hints") + 1] == hints
     assert build.main(["--out", str(tmp_path / "other"), "--preset", "tiny", "--from", "vlm"]) == 2  # no work directory
 
 
@@ -587,3 +604,21 @@ def test_stage1_fresh_scenes_are_world_scenes_and_train_the_tower(world, trained
 def test_vlm_config_refuses_negative_tag_scenes():
     with pytest.raises(ValueError, match="tag_scenes"):
         vlm.VLMConfig(tag_scenes=-1)
+
+
+def test_tag_balance_weighs_categories_by_inverse_patch_count():
+    """``tag_balance``: a category's stage-1 weight is (mean count / its count) ** balance; background keeps bg_weight."""
+    labels = torch.zeros((2, 4, 4), dtype=torch.long)
+    labels[0, 0, :4] = 1  # 4 patches of category 1 (index 1: the first of CATEGORIES)
+    labels[1, 0, 0] = 3  # 1 patch of category 3
+    w = vlm.tag_class_weights(labels, 6, 0.2, 0.5)
+    mean = (4 + 1) / 2
+    assert w[0].item() == pytest.approx(0.2)
+    assert w[1].item() == pytest.approx((mean / 4) ** 0.5)
+    assert w[3].item() == pytest.approx((mean / 1) ** 0.5)
+    assert w[3] > 1 > w[1]
+    assert w[2].item() == w[4].item() == w[5].item() == 1.0  # no patch: weight 1
+    off = vlm.tag_class_weights(labels, 6, 0.2, 0.0)
+    assert off.tolist() == pytest.approx([0.2, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="tag_balance"):
+        vlm.VLMConfig(tag_balance=1.5)

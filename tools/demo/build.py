@@ -39,9 +39,12 @@ STAGE_FIELDS = {
     "world": ("pretrain", "plugin", "val", "test", "size", "world"),
     "vfm": ("vfm",),
     "vlm": ("vlm", "eval_images"),
-    "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema"),
-    "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_recon", "phase2_reconstruction", "phase2_tasks"),
-    "export": ("calibrate_min_precision",),
+    # phase 1 calibrates its bundle when phase 2 trains with the detector's hints, so the calibration belongs to it
+    "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema",
+               "calibrate_min_precision"),
+    "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
+               "phase2_tasks"),
+    "export": (),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
@@ -245,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     synonyms = write_synonyms(work / "synonyms.json", classes)
     report["classes"] = classes
     phase1 = work / "bundle_phase1"
+    min_precision = [] if plan.calibrate_min_precision is None else ["--min-precision", str(plan.calibrate_min_precision)]
     if runs("phase1"):
         timer.run("phase1", _call_main, "rtrt.trainer.cli", [
             "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
@@ -255,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--w-detection", str(plan.phase1_detection), "--negatives-per-image", str(plan.phase1_negatives),
             "--w-init", plan.phase1_w_init, "--w-name-tie", str(plan.phase1_name_tie), "--ema", str(plan.phase1_ema),
         ])
+        if plan.phase2_hints == "detector":
+            # Phase 2 trains with the detector's hints as users get them: calibrated on val (as step 7 does
+            # again on the exported bundle), so its prompts carry no hint where the shipped bundle gives none.
+            timer.run("phase1 calibrate", _call_main, "rtrt.tools.calibrate", [
+                "--bundle", str(phase1), "--data", str(world), "--split", "val", "--backend", "torch", *min_precision])
         save("phase1")
     if args.stop_after == "phase1":
         return finish("phase1")
@@ -269,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer.run("phase2", _call_main, "rtrt.trainer.cli", [
             "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],
             "--images", str(world), "--width", str(plan.adapter_width), "--heads", "8", "--carry-vlm",
-            "--max-answer-tokens", "48", "--hints", plan.phase2_hints, "--recon", plan.phase2_recon,
+            "--max-answer-tokens", "48", "--hints", plan.phase2_hints,
+            *(["--hint-share", str(plan.phase2_hint_share)] if plan.phase2_hints == "detector" else []), "--recon", plan.phase2_recon,
             "--w-reconstruction", str(plan.phase2_reconstruction),
             "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
             "--overwrite",
@@ -287,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val",
-                                                               *([] if plan.calibrate_min_precision is None else ["--min-precision", str(plan.calibrate_min_precision)])])
+                                                               *min_precision])
     # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.
     probes = work / "probes.json"
     timer.run("probes", _call_main, "rtrt.tools.demo.probe", ["--bundle", str(phase2), "--data", str(world), "--split", "test",

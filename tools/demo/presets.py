@@ -29,7 +29,8 @@ class BuildPlan:
     adapter_width: int  # rtrt train adapter --width
     phase1_detection: float = 1.0  # rtrt train embeddings --w-detection (patch-cell detection loss; 0: off)
     phase1_negatives: int = 64  # rtrt train embeddings --negatives-per-image
-    phase2_hints: str = "detector"  # rtrt train adapter --hints
+    phase2_hints: str = "detector"  # rtrt train adapter --hints (detector: the phase-1 bundle is calibrated on val first)
+    phase2_hint_share: float = 1.0  # rtrt train adapter --hint-share (with phase2_hints "detector")
     phase1_w_init: str = "regions"  # rtrt train embeddings --w-init (names: W starts at the class names' token embeddings)
     phase1_name_tie: float = 0.0  # rtrt train embeddings --w-name-tie (pull W toward the names; 0: off)
     phase1_ema: float = 0.99  # rtrt train embeddings --ema (1: off)

@@ -72,7 +72,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from rtrt.trainer.coda import CodaAnnotation, RegionItem, TaskRecord
 
-__all__ = ["VLMConfig", "Sample", "region_short_answer", "region_sources", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
+__all__ = ["VLMConfig", "Sample", "tag_class_weights", "region_short_answer", "region_sources", "load_samples", "build_vlm", "pretrain_vlm", "evaluate_recall", "save_half"]
 
 
 # The world's splits use seed streams 0-3 and the VFM's scenes 7; stage 1's fresh scenes use this one.
@@ -212,6 +212,7 @@ class VLMConfig:
     tag_lr: float = 2e-3  # stage 1: peak learning rate
     tag_batch_size: int = 64  # stage 1: images per step
     bg_weight: float = 0.2  # weight of background patches in the patch-label loss (objects cover few patches)
+    tag_balance: float = 0.0  # stage 1: each category's patch weight (mean object-patch count / its count) ** this, counted on the pretrain images' labels (0: every category weighs 1; 0.5: small objects such as traffic lights, one patch each, weigh more than cars)
     max_answer_tokens: int = 320  # answers are cut to this many tokens (EOS included)
     epochs: int = 3  # passes over the pretraining samples
     batch_size: int = 16  # samples per optimiser step
@@ -234,6 +235,8 @@ class VLMConfig:
             raise ValueError(f"hint_classes must be 'rare' or 'any', got {self.hint_classes!r}")
         if self.tag_scenes < 0:
             raise ValueError(f"tag_scenes must be >= 0, got {self.tag_scenes}")
+        if not 0.0 <= self.tag_balance <= 1.0:
+            raise ValueError(f"tag_balance must be from 0 to 1, got {self.tag_balance}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -619,6 +622,24 @@ def _box_loss(box_head, hidden: torch.Tensor, boxes: torch.Tensor, bg_weight: fl
     return F.binary_cross_entropy_with_logits(box_head(hidden).squeeze(-1), target, weight=weight)
 
 
+def tag_class_weights(labels: torch.Tensor | None, classes: int, bg_weight: float, balance: float) -> torch.Tensor:
+    """Stage 1's class weights [classes]: background ``bg_weight``; category ``c`` (mean count / count_c) ** ``balance``.
+
+    Counts are the object patches of each category in ``labels`` (the pretrain images' patch labels;
+    the fresh scenes follow the same distribution); the mean runs over the categories present, and a
+    category with no patch weighs 1. ``balance`` 0 gives every category weight 1.
+    """
+    weight = torch.ones(classes)
+    if balance > 0 and labels is not None:
+        counts = torch.bincount(labels.flatten(), minlength=classes)[1:].double()
+        seen = counts > 0
+        if seen.any():
+            mean = counts[seen].mean()
+            weight[1:][seen] = (mean / counts[seen]).pow(balance).float()
+    weight[0] = bg_weight
+    return weight
+
+
 def _pretrain_vision_tower(model, head, pixels: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, cfg: VLMConfig,
                            normalise, gen: torch.Generator, progress: bool, box_head: torch.nn.Linear | None = None,
                            boxes: torch.Tensor | None = None, fresh=None) -> list[float]:
@@ -991,8 +1012,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     t_text = time.time() - t0b
     t1 = time.time()
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))
-    class_weight = torch.ones(1 + len(CATEGORIES))
-    class_weight[0] = cfg.bg_weight
+    class_weight = tag_class_weights(patch_labels, 1 + len(CATEGORIES), cfg.bg_weight, cfg.tag_balance)
     box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None  # region questions: the red box
     tag_losses = []
     if cfg.tag_epochs:
