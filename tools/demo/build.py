@@ -6,7 +6,7 @@ command on the same software gives the same bundle. Timings per stage are printe
 common recall without and with hints, bundle size, and the probes of ``rtrt.tools.demo.probe`` on
 the build's test split).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (76 min measured, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (77 min measured, 2 CPU cores)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test

@@ -61,8 +61,9 @@ PRESETS: dict[str, BuildPlan] = {
     # The VFM runs at the world's 448 px (trained on 224 px crops, 24 epochs), phase 1's detection loss
     # weighs 3, phase 2's reconstruction 4, and the hints are calibrated for the highest recall at a
     # precision of at least 50% on val (issue 14's hint target; these four and the hint share chosen on val).
-    # Measured: 4,565 s on a 2-core AVX-512 machine (the stages' times of two runs: the VLM of a full build,
-    # the rest from `--from vfm`; README, "Demo"). The recipe with the 224-px, 8-epoch VFM took 3,550 s.
+    # Measured: 4,591 s on a 2-core AVX-512 machine (the sum of the stages' times of three runs: the VLM
+    # of a full build, the VFM from `--from vfm`, the rest from `--from phase1`; README, "Demo"). The
+    # recipe with the 224-px, 8-epoch VFM took 3,550 s in one run.
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=24, lr=2e-3, warmup_steps=30, image_size=448, train_crop=224),
