@@ -622,3 +622,69 @@ def test_tag_balance_weighs_categories_by_inverse_patch_count():
     assert off.tolist() == pytest.approx([0.2, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="tag_balance"):
         vlm.VLMConfig(tag_balance=1.5)
+
+
+def test_realign_redoes_stage_2_of_a_saved_vlm_exactly(world, tmp_path):
+    # head_refit: stage 2 depends only on the saved (float16) weights, the world and the config, so
+    # re-running it on the saved VLM writes the same bytes as the build from nothing.
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "head_refit": True, "tasks": ("general_perception", "region_perception"), "epochs": 0})
+    built, again = tmp_path / "built", tmp_path / "again"
+    vlm.pretrain_vlm(world, built, cfg, progress=False)
+    report = vlm.realign_vlm(built, world, again, cfg, progress=False)
+    assert (again / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    assert report["realigned_from"] == str(built) and len(report["stage2a_epoch_losses"]) == cfg.align_epochs
+    with pytest.raises(ValueError, match="head_refit"):
+        vlm.realign_vlm(built, world, tmp_path / "no", vlm.VLMConfig(**TINY_VLM), progress=False)
+    with pytest.raises(ValueError, match="text_epochs"):  # stages 0-1 are the saved VLM's
+        vlm.realign_vlm(built, world, tmp_path / "no", dataclasses.replace(cfg, text_epochs=2), progress=False)
+    with pytest.raises(ValueError, match="epochs=0"):
+        vlm.realign_vlm(built, world, tmp_path / "no", dataclasses.replace(cfg, epochs=1), progress=False)
+    assert not (tmp_path / "no").exists()
+
+
+def test_refit_head_separates_a_small_category():
+    # Three categories along three directions, one of them 2% of the patches: the refit head, weighted
+    # as stage 1 weighs background, names most of the small one's patches and keeps background.
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(4000, dtype=torch.long)
+    labels[:80], labels[80:1500] = 2, 1
+    centres = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    feats = centres[labels] + torch.randn(4000, 3, generator=gen) + 5.0  # offset: the fold-back to raw features matters
+    weight = vlm.tag_class_weights(labels.view(1, -1), 3, 0.2, 0.0)
+    head = vlm._refit_head(feats.view(40, 100, 3), labels.view(40, 100), weight, seed=0)
+    pred = head(feats).argmax(-1)
+    for c in range(3):
+        assert (pred[labels == c] == c).float().mean() > 0.8, c
+
+
+def test_build_realign_vlm_redoes_stage_2_as_a_build_from_nothing(tmp_path):
+    # --from vlm --realign-vlm keeps the work directory's stages 0-1 and redoes stage 2 (here with
+    # another stage-2 field than the saved VLM's), giving the bytes a build from nothing writes.
+    vlm_plan = {**presets.PRESETS["tiny"].vlm, "head_refit": True, "epochs": 0, "tasks": ("general_perception", "region_perception")}
+    plan = dataclasses.replace(presets.PRESETS["tiny"], vlm=vlm_plan)
+    before = dataclasses.replace(plan, vlm={**vlm_plan, "align_lr": 1e-2})
+
+    def run(p, name, *extra):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(presets.PRESETS, "tiny", p)
+            stop = [] if "--stop-after" in extra else ["--stop-after", "vlm"]
+            return build.main(["--out", str(tmp_path / name), "--preset", "tiny", "--threads", "1", "--quiet",
+                               *stop, "--keep-work", *extra])
+
+    assert run(plan, "fresh") == 0
+    assert run(before, "re", "--stop-after", "vfm") == 0
+    vfm_bytes = (tmp_path / "re.work" / "vfm" / "vfm.safetensors").read_bytes()
+    weights = tmp_path / "re.work" / "vlm" / "model.safetensors"
+    assert weights.read_bytes() != (tmp_path / "fresh.work" / "vlm" / "model.safetensors").read_bytes()
+    assert run(plan, "re", "--from", "vlm", "--realign-vlm", "--stop-after", "vfm") == 0
+    assert weights.read_bytes() == (tmp_path / "fresh.work" / "vlm" / "model.safetensors").read_bytes()
+    report = json.loads((tmp_path / "re" / "build_report.json").read_text())
+    assert "vlm stage 2" in report["seconds"] and report["vlm"]["realigned_from"].endswith("vlm")
+    # the VFM (which does not read the VLM) is reused, not retrained
+    assert report["reused"] == ["world", "vfm"] and "vfm_probe" in report and "vfm" in report["seconds"]
+    assert (tmp_path / "re.work" / "vfm" / "vfm.safetensors").read_bytes() == vfm_bytes
+    assert not (tmp_path / "re.work" / "vlm.realign").exists() and not (tmp_path / "re.work" / "vlm.stale").exists()
+    # Not with another stage-0 plan, without head_refit, or without --from vlm.
+    assert run(dataclasses.replace(plan, vlm={**vlm_plan, "text_epochs": 2}), "re", "--from", "vlm", "--realign-vlm") == 2
+    assert run(dataclasses.replace(plan, vlm={**vlm_plan, "head_refit": False}), "re", "--from", "vlm", "--realign-vlm") == 2
+    assert run(plan, "re", "--realign-vlm") == 2

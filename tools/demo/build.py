@@ -55,6 +55,23 @@ def _stage_key(report: dict, stages: Sequence[str]) -> dict:
                                   **{f: report["plan"][f] for st in stages for f in STAGE_FIELDS[st]}}))
 
 
+def _realign_problem(state: dict, report: dict) -> str:
+    """Why the VLM in a work directory with ``state`` cannot be realigned under ``report``'s plan ("" when it can)."""
+    from .vlm import STAGE2_FIELDS, VLMConfig
+
+    vlm = report["plan"]["vlm"]
+    if not vlm.get("head_refit") or vlm.get("epochs", VLMConfig.epochs):
+        return "the plan's vlm needs head_refit=True and epochs=0"
+    if "vlm" not in state.get("done", []) or "vlm" not in state.get("report", {}):
+        return "the work directory holds no VLM"
+    saved = state.get("key", {}).get("vlm", {})
+    now = _stage_key(report, ["vlm"])["vlm"]
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in STAGE2_FIELDS)
+    if differ or state["key"].get("seed") != report["seed"] or state["key"].get("threads") != report["threads"]:
+        return f"the VLM in the work directory was built with another seed, thread count or stages 0-1 ({', '.join(differ)})"
+    return ""
+
+
 def _seed_everything(seed: int, threads: int) -> None:
     import numpy as np
     import torch
@@ -141,6 +158,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from", dest="start", choices=STAGES, default="world",
                    help="start at this stage, reusing the earlier stages' outputs in --work (kept with --keep-work by a build "
                         "with the same seed, threads and plan fields for those stages); default: from nothing")
+    p.add_argument("--realign-vlm", action="store_true",
+                   help="with --from vlm: keep the VLM in --work (its stages 0-1, built with the same seed, threads and VLM plan "
+                        "apart from its stage-2 fields) and redo only its stage 2, minutes instead of an hour; needs the plan's "
+                        "vlm head_refit=True and epochs=0, under which the result equals the VLM a build from nothing writes; a VFM in "
+                        "--work built with the same plan is reused too (it does not read the VLM)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -158,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.time()
     state_file = work / "build_state.json"  # what the work directory holds: the plan, the stages done, their report
     done: list[str] = []
+    reuse_vfm = False
+    if args.realign_vlm and args.start != "vlm":
+        print("rtrt demo build: error: --realign-vlm goes with --from vlm", file=sys.stderr)
+        return 2
     if args.start != "world":
         before = list(STAGES[: STAGES.index(args.start)])
         try:
@@ -171,6 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"rtrt demo build: error: {work} holds no {', '.join(before)} built with this seed, thread count and "
                   f"plan for those stages; rebuild from the start", file=sys.stderr)
             return 2
+        if args.realign_vlm:
+            problem = _realign_problem(state, report)
+            if problem:
+                print(f"rtrt demo build: error: --realign-vlm: {problem}", file=sys.stderr)
+                return 2
+            vlm_state = state
+            # The VFM does not read the VLM: one built with the same plan is reused too.
+            reuse_vfm = "vfm" in state.get("done", []) and all(
+                state["key"].get(k) == v for k, v in _stage_key(report, ["vfm"]).items()) and (work / "vfm").is_dir()
         done = list(before)
         report.update({k: state["report"][k] for stage in before for k in STAGE_REPORT.get(stage, ()) if k in state["report"]})
         timer.seconds.update({k: v for k, v in state["seconds"].items() if k.split()[0] in before})
@@ -212,7 +247,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vlm_cfg = VLMConfig(seed=args.seed, **plan.vlm)
     vlm_dir = work / "vlm"
-    if runs("vlm"):
+    if runs("vlm") and args.realign_vlm:
+        # Stages 0-1 are the saved VLM's (their time is the earlier build's, its stage 2 taken out).
+        from .vlm import realign_vlm
+
+        fresh = work / "vlm.realign"
+        shutil.rmtree(fresh, ignore_errors=True)
+        report["vlm"] = timer.run("vlm stage 2", realign_vlm, vlm_dir, world, fresh, vlm_cfg, progress=progress)
+        old = vlm_state["report"]["vlm"]
+        timer.seconds["vlm"] = old.get("seconds_stage01_reused", round(vlm_state["seconds"]["vlm"] - old.get("seconds_stage2", 0.0), 1))
+        report["vlm"]["seconds_stage01_reused"] = timer.seconds["vlm"]
+        stale = work / "vlm.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        vlm_dir.rename(stale)
+        fresh.rename(vlm_dir)
+        shutil.rmtree(stale)
+    elif runs("vlm"):
         report["vlm"] = timer.run("vlm", pretrain_vlm, world, vlm_dir, vlm_cfg, progress=progress)
         report["vlm_recall"] = {
             mode: timer.run(f"vlm eval hints={mode}", evaluate_recall, vlm_dir, world, "test", hints=mode,
@@ -231,10 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .vfm import VFMConfig, load_demo_vfm, probe_vfm, train_vfm
 
     vfm_cfg = VFMConfig(seed=args.seed, workers=args.threads, **plan.vfm)
-    if runs("vfm"):
+    if reuse_vfm:
+        report.update({k: vlm_state["report"][k] for k in STAGE_REPORT["vfm"] if k in vlm_state["report"]})
+        timer.seconds.update({k: v for k, v in vlm_state["seconds"].items() if k.split()[0] == "vfm"})
+        report["reused"] = [*report.get("reused", []), "vfm"]
+        save("vfm")
+    elif runs("vfm"):
         report["vfm"] = timer.run("vfm", train_vfm, world, work / "vfm", vfm_cfg, progress=progress)
     backbone, spec = load_demo_vfm(work / "vfm")
-    if runs("vfm"):
+    if runs("vfm") and not reuse_vfm:
         report["vfm_probe"] = timer.run("vfm probe", probe_vfm, backbone, spec, world)
         save("vfm")
     del backbone
