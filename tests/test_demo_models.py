@@ -682,6 +682,9 @@ def test_build_realign_vlm_redoes_stage_2_as_a_build_from_nothing(tmp_path):
     assert "vlm stage 2" in report["seconds"] and report["vlm"]["realigned_from"].endswith("vlm")
     # the VFM (which does not read the VLM) is reused, not retrained
     assert report["reused"] == ["world", "vfm"] and "vfm_probe" in report and "vfm" in report["seconds"]
+    assert {"vlm_recall", "blind"} <= set(report) and "vlm eval hints=none" in report["seconds"]
+    state = json.loads((tmp_path / "re.work" / "build_state.json").read_text())
+    assert state["done"] == ["world", "vlm", "vfm"] and state["key"]["vlm"]["head_refit"] and "align_lr" not in state["key"]["vlm"]
     assert (tmp_path / "re.work" / "vfm" / "vfm.safetensors").read_bytes() == vfm_bytes
     assert not (tmp_path / "re.work" / "vlm.realign").exists() and not (tmp_path / "re.work" / "vlm.stale").exists()
     # Not with another stage-0 plan, without head_refit, or without --from vlm.

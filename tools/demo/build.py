@@ -264,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(stale)
     elif runs("vlm"):
         report["vlm"] = timer.run("vlm", pretrain_vlm, world, vlm_dir, vlm_cfg, progress=progress)
+    if runs("vlm"):
         report["vlm_recall"] = {
             mode: timer.run(f"vlm eval hints={mode}", evaluate_recall, vlm_dir, world, "test", hints=mode,
                             limit=plan.eval_images, progress=progress)
