@@ -52,26 +52,23 @@ class BuildPlan:
 PRESETS: dict[str, BuildPlan] = {
     # The shipped demo (issue 14's recipe): a base VLM blind on the vision side, not in its language model.
     # World objects 1.6x larger (rare and common alike); the LLM learns to name every class it is shown
-    # (stage 0, 4 epochs: answers name the hint; stage 0b names every drawn slot), then is frozen: no
-    # stage 2b (12 stage-0 epochs taught it to name only the hint, so hints cost common recall).
-    # The tower sees 8,000 freshly rendered scenes per stage-1 epoch; stage 2 starts the projector from
-    # a patch classifier refit on the frozen tower (head_refit: stage 1's own head can leave a small
-    # class such as pedestrian or traffic sign never winning), sending rare classes to their names at
-    # a quarter of the common gain. Phase 1 ties W to the class names; phase 2
+    # (stage 0 answers name the hint, stage 0b names every drawn slot), then is frozen: no stage 2b.
+    # The tower sees 8,000 freshly rendered scenes per stage-1 epoch; the projector starts sending rare
+    # classes to their names at a quarter of the common gain. Phase 1 ties W to the class names; phase 2
     # trains the adapter with the calibrated detector's hints in half of its prompts (the other half
     # without: the adapter learns to make the VLM name rare objects alone and beside hints) and with a
     # reconstruction loss relative to each token's norm.
     # The VFM runs at the world's 448 px (trained on 224 px crops, 24 epochs), phase 1's detection loss
     # weighs 3, phase 2's reconstruction 4, and the hints are calibrated for the highest recall at a
     # precision of at least 50% on val (issue 14's hint target; these four and the hint share chosen on val).
-    # Measured: the sum of the stages' times of the runs that made the shipped bundle on a 2-core
-    # AVX-512 machine (README, "Demo": the VLM's stages 0-1 of a full build, stage 2 and the plug-in
-    # from `--from vlm --realign-vlm`, the VFM of an earlier `--from vfm`).
+    # Measured: 4,591 s on a 2-core AVX-512 machine (the sum of the stages' times of three runs: the VLM
+    # of a full build, the VFM from `--from vfm`, the rest from `--from phase1`; README, "Demo"). The
+    # recipe with the 224-px, 8-epoch VFM took 3,550 s in one run.
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=24, lr=2e-3, warmup_steps=30, image_size=448, train_crop=224),
         vlm=dict(image_size=448, patch_size=32, text_hidden=192, text_layers=2, text_heads=4, text_intermediate=512,
-                 text_epochs=4, head_refit=True, text_hint_prob=0.8, text_answers="hint", pseudo_epochs=6, pseudo_answers="drawn",
+                 text_epochs=12, text_hint_prob=0.8, text_answers="hint", pseudo_epochs=6, pseudo_answers="drawn",
                  rare_gain=0.25, projector_quiet=True, align_slots=1.0, tag_epochs=4, tag_scenes=8000,
                  align_epochs=4, align_lr=3e-3, epochs=0, batch_size=32, lr=1e-3, warmup_steps=30,
                  max_answer_tokens=48, tasks=("general_perception", "region_perception"), region_share=0.5),
