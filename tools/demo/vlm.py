@@ -953,59 +953,46 @@ def _round_to_half(model) -> None:
         p.copy_(p.half().float())
 
 
-def _refit_head(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, seed: int, steps: int = 300,
-                lr: float = 1e-2) -> torch.nn.Linear:
+def _refit_linear(features: torch.Tensor, out: int, loss_fn, seed: int, steps: int = 300, lr: float = 1e-2) -> torch.nn.Linear:
+    """A linear layer [D -> ``out``] fit on frozen patch tokens ``features`` [N, T, D] by ``loss_fn(logits [N*T, out])``:
+    full-batch Adam on standardised features from a seeded start, folded back to act on raw ones."""
+    x = features.flatten(0, 1).float()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(x.shape[1], out)
+    torch.nn.init.normal_(lin.weight, std=0.01, generator=gen)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.Adam(lin.parameters(), lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(lin(z)).backward()
+            opt.step()
+    head = torch.nn.Linear(x.shape[1], out)
+    with torch.no_grad():
+        head.weight.copy_(lin.weight / sd)
+        head.bias.copy_(lin.bias - (lin.weight * (mu / sd)).sum(-1))
+    return head
+
+
+def _refit_head(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, seed: int) -> torch.nn.Linear:
     """A linear patch classifier fit on frozen patch tokens ``features`` [N, T, D] to ``labels`` [N, T] with
-    class weights ``weight`` (stage 1's loss), full batch on standardised features, folded back to raw ones.
+    class weights ``weight`` (stage 1's loss).
 
     The fit is convex: where stage 1's jointly trained head may end with a small category that never
     wins (measured: pedestrian, cyclist and traffic sign at 0-1% of their patches in one build, 44-62%
     in another, with towers equally separable), the refit head depends only on the tower.
     """
-    x = features.flatten(0, 1).float()
     y = labels.flatten()
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
-    gen = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(x.shape[1], len(weight))
-    torch.nn.init.normal_(lin.weight, std=0.01, generator=gen)
-    torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.Adam(lin.parameters(), lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(lin(z), y, weight=weight).backward()
-            opt.step()
-    head = torch.nn.Linear(x.shape[1], len(weight))
-    with torch.no_grad():
-        head.weight.copy_(lin.weight / sd)
-        head.bias.copy_(lin.bias - (lin.weight * (mu / sd)).sum(-1))
-    return head
+    return _refit_linear(features, len(weight), lambda logits: F.cross_entropy(logits, y, weight=weight), seed)
 
 
-def _refit_box_head(features: torch.Tensor, boxes: torch.Tensor, bg_weight: float, seed: int, steps: int = 300,
-                    lr: float = 1e-2) -> torch.nn.Linear:
+def _refit_box_head(features: torch.Tensor, boxes: torch.Tensor, bg_weight: float, seed: int) -> torch.nn.Linear:
     """The red-box head refit as ``_refit_head`` refits the patch classifier (``_box_loss``'s BCE)."""
-    x = features.flatten(0, 1).float()
     t = boxes.flatten().float()
     w = torch.where(t > 0, 1.0, bg_weight)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
-    gen = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(x.shape[1], 1)
-    torch.nn.init.normal_(lin.weight, std=0.01, generator=gen)
-    torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.Adam(lin.parameters(), lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            F.binary_cross_entropy_with_logits(lin(z).squeeze(-1), t, weight=w).backward()
-            opt.step()
-    head = torch.nn.Linear(x.shape[1], 1)
-    with torch.no_grad():
-        head.weight.copy_(lin.weight / sd)
-        head.bias.copy_(lin.bias - (lin.weight * (mu / sd)).sum(-1))
-    return head
+    return _refit_linear(features, 1, lambda logits: F.binary_cross_entropy_with_logits(logits.squeeze(-1), t, weight=w), seed)
 
 
 def _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labels, boxes, head, box_head, gen, cfg: VLMConfig,
@@ -1070,6 +1057,40 @@ def _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labe
     return align_losses, epoch_losses, t_answers
 
 
+def _stage2_and_save(model, processor, out: Path, *args):
+    """``_stage2(model, processor.tokenizer, *args)``, then the model in eval mode saved to ``out`` (``save_half``)."""
+    result = _stage2(model, processor.tokenizer, *args)
+    model.eval()
+    model.requires_grad_(True)
+    save_half(model, processor, out)
+    return result
+
+
+def _image_inputs(world: Path, samples: Sequence[Sample], processor, cfg: VLMConfig, progress: bool):
+    """The pretraining images (uint8 pixels, their index, the normaliser) and the samples' token ids
+    (prompt, answer); ``cache`` holds the prompts' ids for the later stages."""
+    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images", progress)
+    normalise = _normaliser(processor.image_processor)
+    cache: dict = {}
+    seqs = [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(processor.tokenizer, s.answer, cfg)) for s in samples]
+    return pixels, index, normalise, cache, seqs
+
+
+def _label_inputs(world: Path, samples: Sequence[Sample], index: dict[str, int], processor, cfg: VLMConfig):
+    """Each image's patch labels (stages 0b-2; ``None`` when neither runs), each sample's image row, and
+    for region questions which patches of each boxed image lie on or inside its red box (else ``None``)."""
+    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size,
+                                 {s.image: s.base for s in samples if s.base}) if cfg.tag_epochs or cfg.pseudo_epochs else None
+    rows = [index[smp.image] for smp in samples]
+    boxes = None
+    if "region_perception" in cfg.tasks:
+        from .vfm import _world_config
+
+        wcfg = _world_config(world)
+        boxes = _box_labels(samples, index, (wcfg.width, wcfg.height), cfg.image_size // cfg.patch_size, processor.image_processor)
+    return patch_labels, rows, boxes
+
+
 def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: bool = True) -> dict:
     """Learn the tokenizer, build and pretrain the VLM on ``world``'s pretrain split, save it to ``out``.
 
@@ -1091,10 +1112,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     corpus += [_user_text("", s.hint) for s in samples if s.hint] + [s.answer for s in samples]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
     model, processor = build_vlm(tokenizer, cfg)
-    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images", progress)
-    normalise = _normaliser(processor.image_processor)
-    cache: dict = {}
-    seqs = [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg)) for s in samples]
+    pixels, index, normalise, cache, seqs = _image_inputs(world, samples, processor, cfg, progress)
     t_data = time.time() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -1110,16 +1128,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         text_losses = _train_answers(model, text_seqs, None, None, gen, epochs=cfg.text_epochs, batch_size=cfg.batch_size,
                                      lr=cfg.lr, cfg=cfg, desc="vlm stage 0 (text)", progress=progress)
         model.requires_grad_(True)
-    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size,
-                                 {s.image: s.base for s in samples if s.base}) if cfg.tag_epochs or cfg.pseudo_epochs else None
-    rows = [index[smp.image] for smp in samples]
-    # Region questions: which patches of each boxed image lie on or inside its red box.
-    boxes = None
-    if "region_perception" in cfg.tasks:
-        from .vfm import _world_config
-
-        wcfg = _world_config(world)
-        boxes = _box_labels(samples, index, (wcfg.width, wcfg.height), cfg.image_size // cfg.patch_size, processor.image_processor)
+    patch_labels, rows, boxes = _label_inputs(world, samples, index, processor, cfg)
     pseudo_losses = []
     if cfg.pseudo_epochs:
         # Stage 0b: the language model learns to read the image slots before the tower exists. Each
@@ -1150,11 +1159,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         # Stage 2 from the state that ships: the frozen tower and language model at float16 (what
         # ``save_half`` writes), so ``realign_vlm`` on the saved VLM redoes exactly this stage 2.
         _round_to_half(model)
-    align_losses, epoch_losses, t_answers = _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labels,
-                                                    boxes, head, box_head, gen, cfg, progress)
-    model.eval()
-    model.requires_grad_(True)
-    save_half(model, processor, out)
+    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, samples, seqs, rows, pixels, normalise,
+                                                             patch_labels, boxes, head, box_head, gen, cfg, progress)
     report = {
         "config": dataclasses.asdict(cfg),
         "samples": len(seqs),
@@ -1213,29 +1219,15 @@ def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMCon
     samples = load_samples(world, "pretrain", cfg)
     if not samples:
         raise ValueError(f"{world}: no pretraining samples")
-    pixels, index = _load_pixels(world, [s.image for s in samples], processor.image_processor, "vlm images", progress)
-    normalise = _normaliser(processor.image_processor)
-    cache: dict = {}
-    seqs = [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg)) for s in samples]
-    patch_labels = _scene_labels(world, index, cfg.image_size, cfg.patch_size,
-                                 {s.image: s.base for s in samples if s.base}) if cfg.tag_epochs or cfg.pseudo_epochs else None
-    rows = [index[smp.image] for smp in samples]
-    boxes = None
-    if "region_perception" in cfg.tasks:
-        from .vfm import _world_config
-
-        wcfg = _world_config(world)
-        boxes = _box_labels(samples, index, (wcfg.width, wcfg.height), cfg.image_size // cfg.patch_size, processor.image_processor)
+    pixels, index, normalise, cache, seqs = _image_inputs(world, samples, processor, cfg, progress)
+    patch_labels, rows, boxes = _label_inputs(world, samples, index, processor, cfg)
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))  # replaced by the refit
     box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None
     model.requires_grad_(True)
     model.train()
     _round_to_half(model)
-    align_losses, epoch_losses, t_answers = _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labels,
-                                                    boxes, head, box_head, None, cfg, progress)
-    model.eval()
-    model.requires_grad_(True)
-    save_half(model, processor, out)
+    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, samples, seqs, rows, pixels, normalise,
+                                                             patch_labels, boxes, head, box_head, None, cfg, progress)
     report = {**old, "config": dataclasses.asdict(cfg), "stage2a_epoch_losses": align_losses, "epoch_losses": epoch_losses,
               "seconds_stage2": round(t_answers, 1), "realigned_from": str(src), "seconds_realign": round(time.time() - t0, 1)}
     (out / "demo_vlm.json").write_text(json.dumps(report, indent=2) + "\n")
