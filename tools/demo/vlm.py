@@ -995,7 +995,7 @@ def _refit_box_head(features: torch.Tensor, boxes: torch.Tensor, bg_weight: floa
     return _refit_linear(features, 1, lambda logits: F.binary_cross_entropy_with_logits(logits.squeeze(-1), t, weight=w), seed)
 
 
-def _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labels, boxes, head, box_head, gen, cfg: VLMConfig,
+def _stage2(model, tokenizer, seqs, rows, pixels, normalise, patch_labels, boxes, head, box_head, gen, cfg: VLMConfig,
             progress: bool) -> tuple[list[float], list[float], float]:
     """Stage 2 on a model whose tower (and, from stage 2a, language model) stay frozen.
 
@@ -1015,8 +1015,9 @@ def _stage2(model, tokenizer, samples, seqs, rows, pixels, normalise, patch_labe
     t2 = time.time()
     features = _tower_features(model, pixels, normalise)
     unit_gain = torch.tensor([1.0] + [cfg.rare_gain if c in RARE_CATEGORIES else 1.0 for c in CATEGORIES])
-    if cfg.head_refit and cfg.tag_epochs:
+    if cfg.head_refit:
         gen = torch.Generator().manual_seed(cfg.seed + 2)
+    if cfg.head_refit and cfg.tag_epochs:
         weight = tag_class_weights(patch_labels, 1 + len(CATEGORIES), cfg.bg_weight, cfg.tag_balance)
         head = _refit_head(features, patch_labels.flatten(1), weight, cfg.seed + 2)
         if box_head is not None:
@@ -1159,8 +1160,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
         # Stage 2 from the state that ships: the frozen tower and language model at float16 (what
         # ``save_half`` writes), so ``realign_vlm`` on the saved VLM redoes exactly this stage 2.
         _round_to_half(model)
-    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, samples, seqs, rows, pixels, normalise,
-                                                             patch_labels, boxes, head, box_head, gen, cfg, progress)
+    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, seqs, rows, pixels, normalise, patch_labels,
+                                                             boxes, head, box_head, gen, cfg, progress)
     report = {
         "config": dataclasses.asdict(cfg),
         "samples": len(seqs),
@@ -1211,8 +1212,8 @@ def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMCon
     saved = {**dataclasses.asdict(VLMConfig()), **old.get("config", {})}
     saved["tasks"] = tuple(saved["tasks"])
     differ = sorted(k for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v and k not in STAGE2_FIELDS)
-    if differ or saved.get("epochs"):
-        raise ValueError(f"{src} was pretrained with other stages 0-1 than cfg: {', '.join(differ) or 'epochs'} differ")
+    if differ:
+        raise ValueError(f"{src} was pretrained with other stages 0-1 than cfg: {', '.join(differ)} differ")
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(src)
     tokenizer = processor.tokenizer
@@ -1226,8 +1227,8 @@ def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMCon
     model.requires_grad_(True)
     model.train()
     _round_to_half(model)
-    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, samples, seqs, rows, pixels, normalise,
-                                                             patch_labels, boxes, head, box_head, None, cfg, progress)
+    align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, seqs, rows, pixels, normalise, patch_labels,
+                                                             boxes, head, box_head, None, cfg, progress)
     report = {**old, "config": dataclasses.asdict(cfg), "stage2a_epoch_losses": align_losses, "epoch_losses": epoch_losses,
               "seconds_stage2": round(t_answers, 1), "realigned_from": str(src), "seconds_realign": round(time.time() - t0, 1)}
     (out / "demo_vlm.json").write_text(json.dumps(report, indent=2) + "\n")
