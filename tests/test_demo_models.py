@@ -631,7 +631,11 @@ def test_realign_redoes_stage_2_of_a_saved_vlm_exactly(world, tmp_path):
     built, again = tmp_path / "built", tmp_path / "again"
     vlm.pretrain_vlm(world, built, cfg, progress=False)
     report = vlm.realign_vlm(built, world, again, cfg, progress=False)
-    assert (again / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    files = sorted(f.name for f in built.iterdir() if f.name != "demo_vlm.json")
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer_config.json" in files
+    assert sorted(f.name for f in again.iterdir() if f.name != "demo_vlm.json") == files
+    for name in files:  # the weights, and the config and processor files (not saved again with loading-time keys)
+        assert (again / name).read_bytes() == (built / name).read_bytes(), name
     assert report["realigned_from"] == str(built) and len(report["stage2a_epoch_losses"]) == cfg.align_epochs
     with pytest.raises(ValueError, match="head_refit"):
         vlm.realign_vlm(built, world, tmp_path / "no", vlm.VLMConfig(**TINY_VLM), progress=False)

@@ -58,6 +58,7 @@ import io
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1229,6 +1230,14 @@ def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMCon
     _round_to_half(model)
     align_losses, epoch_losses, t_answers = _stage2_and_save(model, processor, out, seqs, rows, pixels, normalise, patch_labels,
                                                              boxes, head, box_head, None, cfg, progress)
+    # Stage 2 changes only the weights: the config and the processor's files are src's, byte for byte
+    # (saving the loaded objects again would add loading-time keys such as the sub-configs' dtype).
+    kept = sorted(f.name for f in src.iterdir() if f.is_file() and f.name not in ("model.safetensors", "demo_vlm.json"))
+    written = sorted(f.name for f in out.iterdir() if f.is_file() and f.name != "model.safetensors")
+    if written != kept:
+        raise RuntimeError(f"realign_vlm wrote {written}, the saved VLM has {kept}")
+    for name in kept:
+        shutil.copyfile(src / name, out / name)
     report = {**old, "config": dataclasses.asdict(cfg), "stage2a_epoch_losses": align_losses, "epoch_losses": epoch_losses,
               "seconds_stage2": round(t_answers, 1), "realigned_from": str(src), "seconds_realign": round(time.time() - t0, 1)}
     (out / "demo_vlm.json").write_text(json.dumps(report, indent=2) + "\n")
