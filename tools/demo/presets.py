@@ -53,17 +53,18 @@ PRESETS: dict[str, BuildPlan] = {
     # The shipped demo (issue 14's recipe): a base VLM blind on the vision side, not in its language model.
     # World objects 1.6x larger (rare and common alike); the LLM learns to name every class it is shown
     # (stage 0 answers name the hint, stage 0b names every drawn slot), then is frozen: no stage 2b.
-    # The tower sees 8,000 freshly rendered scenes per stage-1 epoch; the projector starts sending rare
-    # classes to their names at a quarter of the common gain. Phase 1 ties W to the class names; phase 2
+    # The tower sees 8,000 freshly rendered scenes per stage-1 epoch; the projector starts from a patch
+    # classifier refit on the frozen tower (head_refit: 48 distinct answers instead of 35, chosen on val)
+    # and sends rare classes to their names at a quarter of the common gain. Phase 1 ties W to the class names; phase 2
     # trains the adapter with the calibrated detector's hints in half of its prompts (the other half
     # without: the adapter learns to make the VLM name rare objects alone and beside hints) and with a
     # reconstruction loss relative to each token's norm.
     # The VFM runs at the world's 448 px (trained on 224 px crops, 24 epochs), phase 1's detection loss
     # weighs 3, phase 2's reconstruction 4, and the hints are calibrated for the highest recall at a
     # precision of at least 50% on val (issue 14's hint target; these four and the hint share chosen on val).
-    # Measured: 4,591 s on a 2-core AVX-512 machine (the sum of the stages' times of three runs: the VLM
-    # of a full build, the VFM from `--from vfm`, the rest from `--from phase1`; README, "Demo"). The
-    # recipe with the 224-px, 8-epoch VFM took 3,550 s in one run.
+    # Measured: 4,815 s on a 2-core AVX-512 machine (the sum of the stages' times of three runs: the VLM's
+    # stages 0-1 of a full build, the VFM from `--from vfm`, the rest from `--from vlm --realign-vlm`;
+    # README, "Demo"). The recipe with the 224-px, 8-epoch VFM and no head_refit took 3,550 s in one run.
     "full": BuildPlan(
         pretrain=4000, plugin=600, val=100, test=200, size=448,
         vfm=dict(scenes=3000, epochs=24, lr=2e-3, warmup_steps=30, image_size=448, train_crop=224),
@@ -71,7 +72,8 @@ PRESETS: dict[str, BuildPlan] = {
                  text_epochs=12, text_hint_prob=0.8, text_answers="hint", pseudo_epochs=6, pseudo_answers="drawn",
                  rare_gain=0.25, projector_quiet=True, align_slots=1.0, tag_epochs=4, tag_scenes=8000,
                  align_epochs=4, align_lr=3e-3, epochs=0, batch_size=32, lr=1e-3, warmup_steps=30,
-                 max_answer_tokens=48, tasks=("general_perception", "region_perception"), region_share=0.5),
+                 max_answer_tokens=48, tasks=("general_perception", "region_perception"), region_share=0.5,
+                 head_refit=True),
         eval_images=200, phase1_epochs=20, phase2_epochs=6, adapter_width=128,
         phase1_detection=3.0, phase1_w_init="names", phase1_name_tie=10.0, phase1_ema=1.0,
         phase2_hints="detector", phase2_hint_share=0.5, phase2_recon="relative", phase2_reconstruction=4.0, calibrate_min_precision=50.0,
