@@ -637,6 +637,12 @@ def test_realign_redoes_stage_2_of_a_saved_vlm_exactly(world, tmp_path):
     for name in files:  # the weights, and the config and processor files (not saved again with loading-time keys)
         assert (again / name).read_bytes() == (built / name).read_bytes(), name
     assert report["realigned_from"] == str(built) and len(report["stage2a_epoch_losses"]) == cfg.align_epochs
+    # refit_balance is a stage-2 field: realign takes it, and it changes the refit classifier, so the weights
+    other = vlm.realign_vlm(built, world, tmp_path / "balanced", dataclasses.replace(cfg, refit_balance=0.5), progress=False)
+    assert other["config"]["refit_balance"] == 0.5
+    assert (tmp_path / "balanced" / "model.safetensors").read_bytes() != (built / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="refit_balance"):
+        dataclasses.replace(cfg, refit_balance=1.5)
     with pytest.raises(ValueError, match="head_refit"):
         vlm.realign_vlm(built, world, tmp_path / "no", vlm.VLMConfig(**TINY_VLM), progress=False)
     with pytest.raises(ValueError, match="text_epochs"):  # stages 0-1 are the saved VLM's

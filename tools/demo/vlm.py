@@ -214,6 +214,7 @@ class VLMConfig:
     tag_batch_size: int = 64  # stage 1: images per step
     bg_weight: float = 0.2  # weight of background patches in the patch-label loss (objects cover few patches)
     head_refit: bool = False  # stage 2 starts the projector from a patch classifier (and red-box head) refit on the frozen tower's features with stage 1's loss, not from stage 1's jointly trained heads; stage 2 then runs on the float16-rounded weights with its own generator, so ``realign_vlm`` redoes it on a saved VLM exactly
+    refit_balance: float | None = None  # with head_refit: the refit classifier's category weights as ``tag_balance`` (None: ``tag_balance``'s); only stage 2 reads it
     tag_balance: float = 0.0  # stage 1: each category's patch weight (mean object-patch count / its count) ** this, counted on the pretrain images' labels (0: every category weighs 1; 0.5: small objects such as traffic lights, one patch each, weigh more than cars)
     max_answer_tokens: int = 320  # answers are cut to this many tokens (EOS included)
     epochs: int = 3  # passes over the pretraining samples
@@ -239,6 +240,8 @@ class VLMConfig:
             raise ValueError(f"tag_scenes must be >= 0, got {self.tag_scenes}")
         if not 0.0 <= self.tag_balance <= 1.0:
             raise ValueError(f"tag_balance must be from 0 to 1, got {self.tag_balance}")
+        if self.refit_balance is not None and not 0.0 <= self.refit_balance <= 1.0:
+            raise ValueError(f"refit_balance must be from 0 to 1, got {self.refit_balance}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -1019,7 +1022,8 @@ def _stage2(model, tokenizer, seqs, rows, pixels, normalise, patch_labels, boxes
     if cfg.head_refit:
         gen = torch.Generator().manual_seed(cfg.seed + 2)
     if cfg.head_refit and cfg.tag_epochs:
-        weight = tag_class_weights(patch_labels, 1 + len(CATEGORIES), cfg.bg_weight, cfg.tag_balance)
+        balance = cfg.tag_balance if cfg.refit_balance is None else cfg.refit_balance
+        weight = tag_class_weights(patch_labels, 1 + len(CATEGORIES), cfg.bg_weight, balance)
         head = _refit_head(features, patch_labels.flatten(1), weight, cfg.seed + 2)
         if box_head is not None:
             box_head = _refit_box_head(features, boxes.flatten(1), cfg.bg_weight, cfg.seed + 2)
@@ -1187,7 +1191,7 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
 
 
 # The fields only stage 2 (with the language model frozen: ``epochs=0``) reads: ``realign_vlm`` may change them.
-STAGE2_FIELDS = frozenset({"head_refit", "align_epochs", "align_lr", "align_slots", "projector_quiet", "rare_gain"})
+STAGE2_FIELDS = frozenset({"head_refit", "refit_balance", "align_epochs", "align_lr", "align_slots", "projector_quiet", "rare_gain"})
 
 
 def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMConfig, progress: bool = True) -> dict:
