@@ -1221,11 +1221,10 @@ def realign_vlm(src: str | Path, world: str | Path, out: str | Path, cfg: VLMCon
         raise ValueError(f"{src} was pretrained with other stages 0-1 than cfg: {', '.join(differ)} differ")
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(src)
-    tokenizer = processor.tokenizer
     samples = load_samples(world, "pretrain", cfg)
     if not samples:
         raise ValueError(f"{world}: no pretraining samples")
-    pixels, index, normalise, cache, seqs = _image_inputs(world, samples, processor, cfg, progress)
+    pixels, index, normalise, _, seqs = _image_inputs(world, samples, processor, cfg, progress)
     patch_labels, rows, boxes = _label_inputs(world, samples, index, processor, cfg)
     head = torch.nn.Linear(cfg.vision_hidden, 1 + len(CATEGORIES))  # replaced by the refit
     box_head = torch.nn.Linear(cfg.vision_hidden, 1) if boxes is not None else None
