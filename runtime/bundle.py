@@ -182,6 +182,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, exports=Exports()))
         d["exports"] = self.exports.to_dict()
+        if d.get("adapter") is not None and not d["adapter"].get("null_slot"):
+            # Written only when on: a bundle without it keeps the manifest bytes older rtrt wrote and reads.
+            d["adapter"].pop("null_slot", None)
         return d
 
     @classmethod
@@ -236,6 +239,8 @@ def _build(typ, value):
         v = getattr(obj, f.name)
         if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
             raise TypeError(f"{typ.__name__}.{f.name} must be an integer")
+        if f.type in ("bool", bool) and not isinstance(v, bool):
+            raise TypeError(f"{typ.__name__}.{f.name} must be true or false")
         if f.type in ("str", str) and not isinstance(v, str):
             raise TypeError(f"{typ.__name__}.{f.name} must be a string")
         if f.type in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):

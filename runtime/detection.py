@@ -43,6 +43,7 @@ class AdapterConfig:
     d_model: int  # hidden size of the VLM's language model (D_llm); V and W both have it
     width: int = 512  # bottleneck width in which attention runs (queries, keys, values)
     heads: int = 8  # attention heads; must divide ``width``
+    null_slot: bool = False  # an extra learned key with a zero value, so a token can attend to nothing and stay unchanged
 
 
 @dataclass

@@ -101,15 +101,19 @@ class CrossAttentionAdapter(nn.Module):
 
     ``forward(V [B, N, D], W [C, D]) -> V + tanh(gate) * out(attn(q(V), k(W), v(W)))``; with
     ``return_attention=True`` also the attention weights [B, heads, N, C] (for training losses on them).
+    With ``null_slot`` the softmax also runs over one learned key per head whose value is zero (an
+    addition to the paper's adapter): a token that attends to it gets no class's value, so the
+    refinement can leave tokens of common objects and background as they are; the returned
+    attention is then the share on the C classes (1 minus it is the null slot's).
     Attention is written with plain matmul/softmax (no fused kernel) so ONNX export keeps
     B, N and C dynamic and TensorRT sees only MatMul/Softmax/Reshape.
     """
 
-    def __init__(self, d_model: int, width: int = 512, heads: int = 8):
+    def __init__(self, d_model: int, width: int = 512, heads: int = 8, null_slot: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"adapter width {width} is not divisible by {heads} heads")
-        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads)
+        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads, null_slot=null_slot)
         self.heads = heads
         self.head_dim = width // heads
         self.norm_q = nn.LayerNorm(d_model)
@@ -120,10 +124,13 @@ class CrossAttentionAdapter(nn.Module):
         self.out_proj = nn.Linear(width, d_model)
         # tanh(0) = 0: the residual branch is off until training opens the gate.
         self.gate = nn.Parameter(torch.zeros(()))
+        if null_slot:
+            # One key per head, zero at first (its logit starts at 0, beside the classes' q.k).
+            self.null_key = nn.Parameter(torch.zeros(heads, self.head_dim))
 
     @classmethod
     def from_config(cls, cfg: AdapterConfig) -> "CrossAttentionAdapter":
-        return cls(cfg.d_model, cfg.width, cfg.heads)
+        return cls(cfg.d_model, cfg.width, cfg.heads, cfg.null_slot)
 
     def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, return_attention: bool = False):
         x = visual_tokens
@@ -133,7 +140,16 @@ class CrossAttentionAdapter(nn.Module):
         k = self.k_proj(kv).unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)  # [h, C, dh]
         v = self.v_proj(kv).unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)  # [h, C, dh]
         q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, h, N, dh]
-        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, h, N, C]
+        if self.config.null_slot:
+            null = torch.matmul(q, self.null_key.unsqueeze(-1)) * scale  # [B, h, N, 1]
+            # Softmax over C + 1 written out (max-subtracted) so the graph needs no concat of dynamic C.
+            top = torch.maximum(logits.amax(dim=-1, keepdim=True), null)
+            e = torch.exp(logits - top)
+            attn = e / (e.sum(dim=-1, keepdim=True) + torch.exp(null - top))
+        else:
+            attn = torch.softmax(logits, dim=-1)
         o = torch.matmul(attn, v).transpose(1, 2).flatten(2)  # [B, N, width]
         delta = torch.tanh(self.gate) * self.out_proj(o)
         if return_attention:

@@ -91,6 +91,27 @@ def test_ort_adapter_matches_torch(exported, refs, batch, tokens, classes):
     assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
+def test_adapter_with_null_slot_exports_with_dynamic_shapes(tmp_path):
+    """The null slot (a zero-value key beside W's rows) keeps B, N and C dynamic and TensorRT-friendly."""
+    from rtrt.export.onnx_export import export_adapter
+    from rtrt.runtime.modules import CrossAttentionAdapter
+
+    torch.manual_seed(0)
+    ad = CrossAttentionAdapter(64, 32, 4, null_slot=True).eval()
+    with torch.no_grad():
+        ad.gate.fill_(0.7)
+        ad.null_key.normal_()
+    path = export_adapter(ad, tmp_path / "adapter.onnx")
+    assert tensorrt_problems(path) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, tokens, classes in [(1, 1, 1), (2, 17, 8), (3, 40, 3)]:
+        v, w = torch.randn(batch, tokens, 64), torch.randn(classes, 64)
+        (got,) = sess.run(None, {"visual_tokens": v.numpy(), "class_embeddings": w.numpy()})
+        with torch.inference_mode():
+            want = AdapterGraph(ad)(v, w)
+        assert not torch.allclose(want, v) and np.abs(got - want.numpy()).max() <= 1e-4
+
+
 def test_int8_export_writes_graphs_and_parity_reports(exported_int8: Path):
     b = load_bundle(exported_int8)
     graphs = b.manifest.exports.graphs

@@ -88,3 +88,52 @@ def test_class_embeddings_validation():
         ClassEmbeddings(["a"], 4, weight=torch.zeros(2, 4))
     ce = ClassEmbeddings(["a", "b"], 4, synonyms={"a": ["x"]})
     assert ce.synonyms == {"a": ["x"], "b": []} and ce().shape == (2, 4)
+
+
+def _null_reference(ad, v, w):
+    """The null slot written the plain way: one more key per head (the learned one) whose value is zero."""
+    h, dh = ad.heads, ad.head_dim
+    q = ad.q_proj(ad.norm_q(v)).unflatten(-1, (h, dh)).transpose(1, 2)
+    kv = ad.norm_kv(w)
+    k = torch.cat([ad.k_proj(kv).unflatten(-1, (h, dh)).transpose(0, 1), ad.null_key[:, None]], 1)
+    val = torch.cat([ad.v_proj(kv).unflatten(-1, (h, dh)).transpose(0, 1), torch.zeros(h, 1, dh)], 1)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / dh**0.5, dim=-1)
+    return v + torch.tanh(ad.gate) * ad.out_proj((attn @ val).transpose(1, 2).flatten(2)), attn
+
+
+def test_adapter_null_slot_is_a_zero_value_key():
+    torch.manual_seed(0)
+    ad = CrossAttentionAdapter(64, 32, 4, null_slot=True)
+    assert ad.config.null_slot and ad.null_key.shape == (4, 8)
+    v, w = torch.randn(2, 5, 64), torch.randn(6, 64)
+    assert torch.equal(ad(v, w), v)  # still the identity before training
+    with torch.no_grad():
+        ad.gate.fill_(1.0)
+        ad.null_key.normal_()
+    out, attn = ad(v, w, return_attention=True)
+    ref, ref_attn = _null_reference(ad, v, w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn, ref_attn[..., :6], rtol=1e-6, atol=1e-6)
+    assert attn.shape == (2, 4, 5, 6) and (attn.sum(-1) < 1).all()  # the rest is the null slot's
+    # A token whose queries all pick the null slot gets only out_proj's bias: the classes' values do not reach it.
+    with torch.no_grad():
+        ad.out_proj.bias.zero_()
+        ad.null_key.copy_(1e4 * ad.q_proj(ad.norm_q(v[0, 0])).unflatten(-1, (4, 8)))
+    out = ad(v, w)
+    torch.testing.assert_close(out[0, 0], v[0, 0], rtol=0, atol=1e-5)
+    assert not torch.allclose(out[1], v[1], atol=1e-3)
+
+
+def test_adapter_null_slot_round_trips_through_a_manifest():
+    from rtrt.runtime.bundle import ClassInfo, Manifest
+    from rtrt.runtime.detection import AdapterConfig
+
+    m = Manifest(classes=[ClassInfo(name="cone")], d_llm=64, adapter=AdapterConfig(64, 32, 4, null_slot=True))
+    d = m.to_dict()
+    assert d["adapter"]["null_slot"] is True and Manifest.from_dict(d).adapter.null_slot is True
+    # Off, the key is not written: the manifest is the one older rtrt wrote, and reads as off.
+    off = Manifest(classes=[ClassInfo(name="cone")], d_llm=64, adapter=AdapterConfig(64, 32, 4)).to_dict()
+    assert "null_slot" not in off["adapter"] and Manifest.from_dict(off).adapter.null_slot is False
+    d["adapter"]["null_slot"] = "yes"
+    with pytest.raises(Exception, match="null_slot must be true or false"):
+        Manifest.from_dict(d)

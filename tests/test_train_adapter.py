@@ -284,3 +284,14 @@ def test_hint_share_keeps_the_hint_in_a_seeded_share_of_the_prompts(env, tmp_pat
     assert rtrt_main(["train", *bad]) == 2
     plain = _args(env, tmp_path / "d", "--hint-share", "0.5", epochs=1)  # no --hints detector: refused, not ignored
     assert rtrt_main(["train", *plain]) == 2
+
+
+def test_null_slot_is_trained_stored_and_loaded(env, tmp_path):
+    out = tmp_path / "null"
+    assert train_main(_args(env, out, "--null-slot", epochs=2)) == 0
+    b = load_bundle(out)
+    assert b.manifest.adapter.null_slot is True
+    assert b.manifest.training["adapter"]["config"]["null_slot"] is True
+    adapter = b.adapter()  # strict load: the stored null_key fills the module's
+    assert adapter.config.null_slot and adapter.null_key.abs().sum() > 0  # trained away from its zero start
+    assert "null_slot" in json.loads((out / "manifest.json").read_text())["adapter"]

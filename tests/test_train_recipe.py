@@ -247,3 +247,67 @@ def test_attn_prior_needs_llava_and_sane_values(env, tmp_path, capsys):
     _fails(capsys, _phase2(env, out, "--attn-prior", "-1", epochs=1), "--attn-prior must be >= 0")
     _fails(capsys, _phase2(env, out, "--attn-prior", "1", "--attn-prior-temperature", "0", epochs=1), "temperature > 0")
     assert not out.exists()
+
+
+def test_keep_cells_and_masked_reconstruction():
+    from rtrt.runtime.detection import DetectorConfig
+
+    cells = torch.tensor([[0.9, 0.1], [0.2, 0.2], [0.1, 0.65]])  # [N=3 cells, C=2]
+    raw = DetectorConfig(d_vfm=4, d_llm=4, threshold=0.5)
+    assert adapter_mod.keep_cells(cells, raw).tolist() == [False, True, False]
+    # Calibrated: per-class z-scores against z_threshold (class 1's mean 0.5, std 0.1: 0.65 is z 1.5).
+    cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5, 0.5], score_std=[0.1, 0.1], z_threshold=2.0)
+    assert adapter_mod.keep_cells(cells, cal).tolist() == [False, True, True]
+    assert adapter_mod.keep_cells(cells, cal, z=0.0).tolist() == [False, True, False]  # --keep-z
+    assert adapter_mod.keep_cells(cells, raw, z=0.0).tolist() == [False, True, False]  # uncalibrated: its raw threshold
+    v = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    r = v + torch.tensor([[0.0, 5.0], [0.5, 0.0], [0.0, 0.0]])
+    keep = torch.tensor([False, True, True])
+    assert adapter_mod.masked_reconstruction(r, v, keep).item() == pytest.approx((0.25 + 0.0) / 2)
+    assert adapter_mod.masked_reconstruction(r, v, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def _kept_change(env, *bundles) -> list[float]:
+    """Per bundle, the mean relative change its adapter makes at the training images' kept token cells."""
+    from rtrt.runtime.pipeline import Pipeline
+
+    root, _, vlm_dir, phase1 = env
+    vlm = vlm_module.load_vlm(vlm_dir)
+    pipe = Pipeline.from_bundle(phase1, backend="torch", load_vlm_model=False)
+    det = load_bundle(phase1).manifest.detector
+    keeps, tokens = [], []
+    for path in sorted((root / "train" / "images").glob("*.jpg")):
+        image = load_image(path)
+        centres = adapter_mod.llava_cell_centres(image.size, 4, vlm.processor.image_processor)
+        keeps.append(adapter_mod.keep_cells(adapter_mod.sample_cells(pipe.detect(image).similarity, image.size, centres), det))
+        with torch.no_grad():
+            tokens.append(vlm.visual_tokens(vlm.prepare([image], ["Describe the objects on the road."])))
+    assert 0 < sum(int(k.sum()) for k in keeps) < sum(k.numel() for k in keeps)  # both kinds of cell occur
+    out = []
+    for bundle in bundles:
+        b = load_bundle(bundle)
+        adapter, w = b.adapter().eval(), b.class_embeddings().weight.detach()
+        with torch.no_grad():
+            out.append(sum(adapter_mod.masked_reconstruction(adapter(t[None], w)[0], t, k).item()
+                           for k, t in zip(keeps, tokens)) / len(tokens))
+    return out
+
+
+def test_w_keep_holds_the_tokens_the_detector_leaves(env, tmp_path):
+    free, kept = tmp_path / "free", tmp_path / "kept"
+    assert train_main(_phase2(env, free, "--null-slot", epochs=2)) == 0
+    assert train_main(_phase2(env, kept, "--null-slot", "--w-keep", "1000", epochs=2)) == 0
+    kept_change, free_change = _kept_change(env, kept, free)
+    assert kept_change < 0.5 * free_change
+    assert "keep" in _epochs(kept)[0] and "keep" not in _epochs(free)[0]
+    assert load_bundle(kept).manifest.training["adapter"]["config"]["w_keep"] == 1000.0
+
+
+def test_w_keep_needs_llava_and_a_sane_weight(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    qwen = build_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+    args = _phase2(env, out, "--w-keep", "1", epochs=1)
+    args[args.index("--vlm") + 1] = str(qwen)
+    _fails(capsys, args, "--w-keep needs LLaVA's fixed image-token grid", "qwen2_5_vl")
+    _fails(capsys, _phase2(env, out, "--w-keep", "-1", epochs=1), "--w-keep must be >= 0")
+    assert not out.exists()

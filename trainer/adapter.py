@@ -78,9 +78,12 @@ class AdapterTrainConfig:
     task_names: list[str] = field(default_factory=list)  # task files to use; empty = every one present
     width: int = 512  # adapter attention width
     heads: int = 8  # adapter attention heads
+    null_slot: bool = False  # a learned key with a zero value beside W's rows: a token may attend to nothing (not in the paper)
     w_reconstruction: float = 1.0  # weight of the reconstruction loss (refined tokens stay near the originals)
     recon: str = "absolute"  # reconstruction distance: "absolute", mean squared difference (the paper); "relative", per token ||refined - V||^2 / ||V||^2, mean
     attn_prior: float = 0.0  # weight of KL(softmax(detector similarity / temperature) || adapter attention) per image token (0: off; LLaVA only)
+    w_keep: float = 0.0  # weight of the relative reconstruction over tokens where the calibrated detector finds no rare class (0: off; LLaVA only)
+    keep_z: float | None = None  # with w_keep: a cell holds a rare class when its z-score exceeds this (None: the detector's z_threshold)
     attn_prior_temperature: float = 0.05  # temperature of the softmax over the detector's per-patch cosines in the attention prior
     hints: str = "none"  # "none": prompts as in the task files (the paper); "detector": with the bundle detector's hint sentence
     hint_share: float = 1.0  # with hints="detector": the share of QA pairs (a seeded draw) whose prompt carries it; the rest train without
@@ -211,14 +214,38 @@ def llava_cell_centres(image_size: tuple[int, int], grid: int, image_processor) 
     return torch.stack([(xs.flatten() + ox) * width / rw, (ys.flatten() + oy) * height / rh], dim=-1).float()
 
 
-def attention_prior(similarity, image_size: tuple[int, int], centres: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[N, C]``: softmax over classes of the detector's similarity [C, gh, gw] (over the whole image, as
-    the VFM sees it), sampled bilinearly at the N token-cell ``centres`` (input pixels), over ``temperature``."""
+def sample_cells(similarity, image_size: tuple[int, int], centres: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: the detector's similarity [C, gh, gw] (over the whole image, as the VFM sees it), sampled
+    bilinearly at the N token-cell ``centres`` (input pixels)."""
     sim = torch.as_tensor(similarity, dtype=torch.float32)[None]  # [1, C, gh, gw]
     width, height = image_size
     where = torch.stack([2 * centres[:, 0] / width - 1, 2 * centres[:, 1] / height - 1], dim=-1)
     sampled = F.grid_sample(sim, where[None, None], mode="bilinear", padding_mode="border", align_corners=False)
-    return torch.softmax(sampled[0, :, 0].T / temperature, dim=-1)
+    return sampled[0, :, 0].T
+
+
+def keep_cells(cells: torch.Tensor, detector, z: float | None = None) -> torch.Tensor:
+    """``[N]`` bool: the token cells where the detector's decision, applied to each cell's own similarity
+    ``cells`` [N, C], reports no class: calibrated z-scores against ``z`` (None: its ``z_threshold``), or
+    an uncalibrated detector's raw threshold."""
+    scores = torch.as_tensor(detector.decision_scores(cells.double().numpy()))
+    threshold = z if z is not None and detector.calibrated else detector.decision_threshold
+    return ~(scores > threshold).any(-1)
+
+
+def masked_reconstruction(refined: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Relative reconstruction (each token's squared distance over its squared norm) averaged over the tokens
+    ``keep`` [T] marks; 0 when it marks none."""
+    v = tokens.float()
+    rel = (refined.float() - v).pow(2).sum(-1) / v.pow(2).sum(-1).clamp(min=1e-12)
+    k = keep.to(rel.dtype)
+    return (rel * k).sum() / k.sum().clamp(min=1.0)
+
+
+def attention_prior(similarity, image_size: tuple[int, int], centres: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[N, C]``: softmax over classes of the detector's similarity [C, gh, gw] (over the whole image, as
+    the VFM sees it), sampled bilinearly at the N token-cell ``centres`` (input pixels), over ``temperature``."""
+    return torch.softmax(sample_cells(similarity, image_size, centres) / temperature, dim=-1)
 
 
 def prior_kl(target: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -280,10 +307,11 @@ def _detector_hints(source, pairs: list[QAPair], d: loop.Dist) -> list[list[str]
     return [found[p.image] for p in pairs]
 
 
-def _attention_priors(source, vlm, pairs: list[QAPair], temperature: float, d: loop.Dist) -> tuple[dict[str, torch.Tensor], slice]:
-    """The attention prior [grid * grid, C] of each pair's image (each image once), from the bundle
-    detector's per-patch similarity through the runtime's own ``Pipeline.detect``, and the slice of an
-    image's visual tokens that the grid covers (LLaVA's "full" strategy puts CLIP's CLS token first)."""
+def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str) -> tuple[dict[str, torch.Tensor], slice]:
+    """The bundle detector's similarity sampled at each token cell, [grid * grid, C], of each pair's image
+    (each image once), through the runtime's own ``Pipeline.detect``, and the slice of an image's visual
+    tokens that the grid covers (LLaVA's "full" strategy puts CLIP's CLS token first). ``need`` names the
+    option that asked, for the errors."""
     import math
 
     from tqdm import tqdm
@@ -293,20 +321,20 @@ def _attention_priors(source, vlm, pairs: list[QAPair], temperature: float, d: l
 
     m = source.manifest
     if m.detector is None or m.vfm is None:
-        raise InputError(f"{source.root}: --attn-prior needs a bundle with a detector and its VFM (phase 1 writes both)")
+        raise InputError(f"{source.root}: {need} needs a bundle with a detector and its VFM (phase 1 writes both)")
     per_image = (vlm.image_token_layout() or {}).get("tokens_per_image")
     if vlm.name != "llava" or not per_image:
-        raise ModelMismatchError(f"--attn-prior needs LLaVA's fixed image-token grid, not {vlm.name!r}")
+        raise ModelMismatchError(f"{need} needs LLaVA's fixed image-token grid, not {vlm.name!r}")
     grid = math.isqrt(int(per_image))
     offset = int(per_image) - grid * grid
     pipe = Pipeline(source, make_backend("torch", source, device=str(d.device)), device=str(d.device))
-    priors: dict[str, torch.Tensor] = {}
-    for p in tqdm(pairs, desc="attention priors", disable=not d.is_main, leave=False):
-        if p.image not in priors:
+    cells: dict[str, torch.Tensor] = {}
+    for p in tqdm(pairs, desc="detector cells", disable=not d.is_main, leave=False):
+        if p.image not in cells:
             image = load_image(p.image)
             centres = llava_cell_centres(image.size, grid, vlm.processor.image_processor)
-            priors[p.image] = attention_prior(pipe.detect(image).similarity, image.size, centres, temperature).to(d.device)
-    return priors, slice(offset, offset + grid * grid)
+            cells[p.image] = sample_cells(pipe.detect(image).similarity, image.size, centres)
+    return cells, slice(offset, offset + grid * grid)
 
 
 def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
@@ -324,6 +352,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--hint-share needs --hints detector (without hints no prompt carries one)")
     if cfg.attn_prior < 0 or cfg.attn_prior_temperature <= 0:
         raise InputError("--attn-prior must be >= 0 and --attn-prior-temperature > 0")
+    if cfg.w_keep < 0:
+        raise InputError("--w-keep must be >= 0")
     source = load_bundle(cfg.bundle)
     weight = source.class_embeddings().weight.detach().to(d.device)
     pairs, tasks = read_qa_pairs(cfg.tasks, cfg.images, cfg.task_names)
@@ -356,14 +386,25 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         # learns both configurations inference runs in (refinement alone, and with hints).
         draw = random.Random(cfg.seed)
         hint_names = [h if draw.random() < cfg.hint_share else [] for h in hint_names]
-    priors, grid_slots = _attention_priors(source, vlm, pairs, cfg.attn_prior_temperature, d) if cfg.attn_prior > 0 else ({}, None)
+    priors: dict[str, torch.Tensor] = {}
+    keeps: dict[str, torch.Tensor] = {}
+    grid_slots = None
+    if cfg.attn_prior > 0 or cfg.w_keep > 0:
+        need = "--attn-prior" if cfg.attn_prior > 0 else "--w-keep"
+        cells, grid_slots = _detector_cells(source, vlm, pairs, d, need)
+        if cfg.attn_prior > 0:
+            priors = {k: torch.softmax(c / cfg.attn_prior_temperature, dim=-1).to(d.device) for k, c in cells.items()}
+        if cfg.w_keep > 0:
+            keeps = {k: keep_cells(c, source.manifest.detector, cfg.keep_z).to(d.device) for k, c in cells.items()}
+            kept = torch.cat(list(keeps.values())).float().mean().item()
+            d.log(f"--w-keep: the detector reports no rare class at {100 * kept:.1f}% of the token cells")
     tokenizer = vlm.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = [answer_token_ids(vlm, p.question, p.answer, cfg.max_answer_tokens) for p in pairs]
     limit = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
 
     loop.seed_all(cfg.seed)
-    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads).to(d.device)
+    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads, cfg.null_slot).to(d.device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
@@ -392,6 +433,12 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
             else:
                 refined = net(tokens[None], weight)[0]
             parts["reconstruction"] = reconstruction_loss(refined, tokens, cfg.recon)
+            if cfg.w_keep > 0:
+                # The grid tokens whose cell the detector reports no rare class in (the refinement is meant
+                # for the rare objects, not the rest); a CLS token ("full" strategy) is left out.
+                per_image = torch.zeros(len(idx), tokens.shape[0] // len(idx), dtype=torch.bool, device=tokens.device)
+                per_image[:, grid_slots] = torch.stack([keeps[pairs[i].image] for i in idx])
+                parts["keep"] = masked_reconstruction(refined, tokens, per_image.flatten())
             return refined
 
         with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -400,11 +447,14 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         loss = ar + cfg.w_reconstruction * parts["reconstruction"]
         if "attn_prior" in parts:
             loss = loss + cfg.attn_prior * parts["attn_prior"]
+        if "keep" in parts:
+            loss = loss + cfg.w_keep * parts["keep"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return {"loss": loss.item(), "autoregressive": ar.item(), "reconstruction": parts["reconstruction"].item(),
-                **({"attn_prior": parts["attn_prior"].item()} if "attn_prior" in parts else {})}
+                **({"attn_prior": parts["attn_prior"].item()} if "attn_prior" in parts else {}),
+                **({"keep": parts["keep"].item()} if "keep" in parts else {})}
 
     history = loop.fit(
         d, num_samples=len(pairs), global_batch=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, optimizer=optimizer,

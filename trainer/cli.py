@@ -113,6 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="task file(s) to train on; repeatable (default: every one present)")
     a.add_argument("--width", type=int, default=512, help="attention width of the adapter")
     a.add_argument("--heads", type=int, default=8, help="attention heads of the adapter")
+    a.add_argument("--null-slot", action="store_true",
+                   help="give the adapter's attention a learned key with a zero value beside W's rows, so a token can "
+                        "attend to nothing and stay unchanged (an addition to the paper's adapter; default: off)")
     a.add_argument("--w-reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
     a.add_argument("--recon", choices=("absolute", "relative"), default="absolute",
                    help="reconstruction distance: absolute, mean squared difference of every element (default, the "
@@ -121,6 +124,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weight of a KL term pulling the adapter's head-averaged attention over W's rows, at each "
                         "image token, toward softmax(detector similarity / --attn-prior-temperature) there "
                         "(default: 0, off; LLaVA-family VLMs)")
+    a.add_argument("--w-keep", type=float, default=0.0,
+                   help="weight of a relative reconstruction over only the image tokens whose cell the calibrated "
+                        "detector finds no rare class in (an addition to the paper's recipe: the refinement is pushed "
+                        "to leave common objects and background as they are; default: 0, off; LLaVA-family VLMs)")
+    a.add_argument("--keep-z", type=float, default=None,
+                   help="with --w-keep: a token cell holds a rare class when the calibrated z-score of its own similarity "
+                        "exceeds this (default: the detector's z threshold; an uncalibrated detector uses its raw threshold)")
     a.add_argument("--attn-prior-temperature", type=float, default=0.05,
                    help="temperature of the softmax over the detector's per-patch cosines (default 0.05)")
     a.add_argument("--hints", choices=("none", "detector"), default="none",
