@@ -150,11 +150,8 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                         rare.append((b, r.category_name, [b * tokens_per_image + offset + s for s in slots]))
         # 4. adapter attention on the rare slots, with the adapter's own layers.
         with torch.inference_mode():
-            q = adapter.q_proj(adapter.norm_q(V))
-            k = adapter.k_proj(adapter.norm_kv(W))
-            h, dh = adapter.heads, adapter.head_dim
-            logits = torch.einsum("nhd,chd->nhc", q.unflatten(-1, (h, dh)), k.unflatten(-1, (h, dh))) / math.sqrt(dh)
-            attn = torch.softmax(logits, dim=-1).mean(1)  # [N, C]
+            # Head-averaged attention over W's rows (with a null slot, the share it leaves to the rows).
+            attn = adapter(V[None], W, return_attention=True)[1][0].mean(0)  # [N, C]
         for _, cat, slots in rare:
             if cat in names:
                 attn_hits += int((attn[slots].argmax(-1) == names.index(cat)).sum())
