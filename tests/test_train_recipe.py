@@ -238,14 +238,16 @@ def test_attn_prior_pulls_the_adapters_attention_toward_the_detector(env, tmp_pa
     assert (cfg["attn_prior"], cfg["attn_prior_temperature"], cfg["recon"]) == (5.0, 0.05, "absolute")
 
 
-def test_attn_prior_needs_llava_and_sane_values(env, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--attn-prior", "--w-keep"])
+def test_detector_cell_options_need_llava_and_sane_values(env, tmp_path, capsys, flag):
     out = tmp_path / "out"
     qwen = build_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
-    args = _phase2(env, out, "--attn-prior", "1", epochs=1)
+    args = _phase2(env, out, flag, "1", epochs=1)
     args[args.index("--vlm") + 1] = str(qwen)
-    _fails(capsys, args, "--attn-prior needs LLaVA's fixed image-token grid", "qwen2_5_vl")
-    _fails(capsys, _phase2(env, out, "--attn-prior", "-1", epochs=1), "--attn-prior must be >= 0")
-    _fails(capsys, _phase2(env, out, "--attn-prior", "1", "--attn-prior-temperature", "0", epochs=1), "temperature > 0")
+    _fails(capsys, args, f"{flag} needs LLaVA's fixed image-token grid", "qwen2_5_vl")
+    _fails(capsys, _phase2(env, out, flag, "-1", epochs=1), f"{flag} must be >= 0")
+    if flag == "--attn-prior":
+        _fails(capsys, _phase2(env, out, flag, "1", "--attn-prior-temperature", "0", epochs=1), "temperature > 0")
     assert not out.exists()
 
 
@@ -302,12 +304,3 @@ def test_w_keep_holds_the_tokens_the_detector_leaves(env, tmp_path):
     assert "keep" in _epochs(kept)[0] and "keep" not in _epochs(free)[0]
     assert load_bundle(kept).manifest.training["adapter"]["config"]["w_keep"] == 1000.0
 
-
-def test_w_keep_needs_llava_and_a_sane_weight(env, tmp_path, capsys):
-    out = tmp_path / "out"
-    qwen = build_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
-    args = _phase2(env, out, "--w-keep", "1", epochs=1)
-    args[args.index("--vlm") + 1] = str(qwen)
-    _fails(capsys, args, "--w-keep needs LLaVA's fixed image-token grid", "qwen2_5_vl")
-    _fails(capsys, _phase2(env, out, "--w-keep", "-1", epochs=1), "--w-keep must be >= 0")
-    assert not out.exists()
