@@ -18,6 +18,7 @@ combinations are the method's ablation.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from contextlib import contextmanager
@@ -163,8 +164,51 @@ class Pipeline:
         # An export may fix another input size than the VFM's default; the backend knows which.
         self.image_size = int(getattr(backend, "image_size", None) or m.image_size())
         self._vlm_lock = threading.Lock()
+        self._refine_mask_z: float | None = None
         if vlm is not None:
             self._check_vlm(vlm)
+
+    @property
+    def refine_mask_z(self) -> float | None:
+        """None (default, the paper's refinement): the adapter changes every visual token. A number z: the
+        adapter's residual is kept only at the image-token cells where a class's calibrated z-score of the
+        detector's similarity there exceeds z (``rtrt.runtime.refine_mask``; LLaVA's fixed token grid).
+        An addition to the paper's method: tokens of common objects and background reach the VLM as
+        they are. With the exported VLM both vision encoders run (plain and refined)."""
+        return self._refine_mask_z
+
+    @refine_mask_z.setter
+    def refine_mask_z(self, z: float | None) -> None:
+        if z is not None:
+            z = float(z)
+            if not math.isfinite(z):
+                raise InputError(f"refine_mask_z must be a finite number, not {z!r}")
+            if not self.detector_cfg.calibrated:
+                raise InputError(f"{self.bundle.root}: refine_mask_z needs a calibrated detector (rtrt calibrate)")
+            per_image = self._token_layout().get("tokens_per_image")
+            if self.vlm is None or getattr(self.vlm, "name", None) != "llava" or not per_image:
+                name = None if self.vlm is None else getattr(self.vlm, "name", "?")
+                raise ModelMismatchError(f"refine_mask_z needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
+        self._refine_mask_z = z
+
+    def _token_layout(self) -> dict:
+        """The VLM's image-token layout; the exported VLM's is the bundle's own (the manifest's)."""
+        if self.vlm is None:
+            return {}
+        layout = dict(self.vlm.image_token_layout() or {})
+        spec = self.bundle.manifest.vlm
+        if not layout and self.vlm_backend == "ort" and spec is not None:
+            layout = dict(spec.image_token_layout or {})
+        return layout
+
+    def _refine_masks(self, pil, dets) -> np.ndarray:
+        """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token."""
+        from .refine_mask import processor_geometry, token_mask
+
+        layout = self._token_layout()
+        geometry = processor_geometry(self.vlm.processor.image_processor)
+        return np.concatenate([token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, self._refine_mask_z)
+                               for im, r in zip(pil, dets)])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,6 +228,7 @@ class Pipeline:
         verify: bool = False,
         vlm_backend: str | None = None,
         vlm_precision: str = "fp32",
+        refine_mask_z: float | None = None,
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
@@ -231,7 +276,9 @@ class Pipeline:
                     raise ModelMismatchError(f"{bundle.root}: bundle names no VLM; pass vlm=...")
                 ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
                 family = load_vlm(ref, dtype=dtype, device=device)
-        return cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
+        pipe = cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
+        pipe.refine_mask_z = refine_mask_z  # checked: a calibrated detector and LLaVA's grid
+        return pipe
 
     def _check_vlm(self, vlm) -> None:
         if self.vlm_backend == "ort":
@@ -336,8 +383,10 @@ class Pipeline:
             return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
+        mask = self._refine_masks(pil, dets) if refine and self._refine_mask_z is not None else None
         with self._vlm_lock:
-            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {})
+            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
+                                   mask)
         ran = self.describe()
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
@@ -353,8 +402,10 @@ class Pipeline:
         n = getattr(text, "max_position_embeddings", None)
         return int(n) if n else None
 
-    def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
-        """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all)."""
+    def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict,
+                mask: np.ndarray | None = None) -> list[str]:
+        """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all).
+        ``mask`` [T_total]: where the refinement applies (``refine_mask_z``); None: everywhere."""
         ctx = self._context_length()
         if ctx is not None:
             # Cheap guard before tokenising: a token is at least one character of most text.
@@ -367,10 +418,11 @@ class Pipeline:
                 raise InputError(f"generate_kwargs {', '.join(extra)} are transformers' and need vlm_backend='torch' "
                                  "(the ort VLM takes min_new_tokens only)")
             return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer,
-                                   min_new_tokens=int(gen.get("min_new_tokens", 0)))
-        return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen)
+                                   min_new_tokens=int(gen.get("min_new_tokens", 0)), refine_mask=mask)
+        return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen, mask)
 
-    def _answer_torch(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict) -> list[str]:
+    def _answer_torch(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict,
+                      mask: np.ndarray | None = None) -> list[str]:
         import torch
 
         ctx = self._context_length()
@@ -391,6 +443,10 @@ class Pipeline:
             if refine:
                 out = backend.refine(v[None], W.to(v.dtype))
                 out = torch.as_tensor(out)[0].to(device=v.device, dtype=v.dtype)
+                if mask is not None:
+                    if mask.shape[0] != v.shape[0]:
+                        raise InputError(f"the refinement mask covers {mask.shape[0]} visual tokens, the VLM gave {v.shape[0]}")
+                    out = torch.where(torch.from_numpy(mask > 0).to(v.device)[:, None], out, v)
             else:
                 out = v
             marks["adapter_done"] = time.perf_counter()
@@ -436,5 +492,6 @@ class Pipeline:
             "vlm_backend": self.vlm_backend,  # "torch" | "ort" | None (no VLM loaded)
             "vlm_precision": None if self.vlm is None else getattr(self.vlm, "precision", "fp32"),
             "threads": getattr(be, "threads", None),  # ONNX Runtime intra-op threads (None: torch/trt)
+            "refine_mask_z": self._refine_mask_z,  # None: every visual token refined (the paper)
         }
 

@@ -140,6 +140,7 @@ def run_eval(
     results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"),
                      "backend": ran["backend"], "precision": ran["precision"], "providers": ran["providers"],
                      "device": ran["device"], "vlm_backend": ran["vlm_backend"], "vlm_precision": ran["vlm_precision"],
+                     **({"refine_mask_z": ran["refine_mask_z"]} if ran.get("refine_mask_z") is not None else {}),
                      "rows": {}}
     tables = {}
     indexed = list(enumerate(refs))
@@ -261,6 +262,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
+                   help="keep the adapter's change only at the image-token cells where a class's calibrated z-score of the detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM unrefined; LLaVA grids; default: off, every token refined)")
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM, torch = transformers "
                         "(default: ort when the bundle carries the exported VLM, else torch)")
@@ -296,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = args.bundle or default_bundle()
     # Loaded before the data (which may be generated, ~30 s): a missing device or precision fails first.
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, max_new_tokens=args.max_new_tokens, precision=args.precision,
-                                device=args.device, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision)
+                                device=args.device, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision,
+                                refine_mask_z=args.refine_mask_z)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_eval(bundle, data, args.task, args.out, split=args.split, rows=rows, judge=judge, limit=args.limit,
                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe)

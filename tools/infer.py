@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
+    p.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
+                   help="keep the adapter's change only at the image-token cells where a class's calibrated z-score of the detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM unrefined; LLaVA grids; default: off, every token refined)")
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM on ONNX Runtime (no torch needed), torch = "
                         "transformers (default: ort when the bundle carries the exported VLM, else torch)")
@@ -148,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
         max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
         threads=args.threads, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision,
+        refine_mask_z=args.refine_mask_z,
     )
     options = {"hints": not args.no_hints, "refine": not args.no_refine}
     failed = 0

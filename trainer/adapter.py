@@ -55,6 +55,8 @@ from rtrt.runtime.errors import ImageError, InputError, ModelMismatchError
 from rtrt.runtime.exports import Exports
 from rtrt.runtime.image import load_image
 from rtrt.runtime.modules import CrossAttentionAdapter
+from rtrt.runtime.refine_mask import cell_centres, hot_cells, processor_geometry
+from rtrt.runtime.refine_mask import sample_cells as _sample_cells
 
 from . import loop
 
@@ -192,45 +194,21 @@ def reconstruction_loss(refined: torch.Tensor, tokens: torch.Tensor, mode: str) 
 
 
 def llava_cell_centres(image_size: tuple[int, int], grid: int, image_processor) -> torch.Tensor:
-    """``[grid * grid, 2]``: (x, y) in input-image pixels of the centre of each LLaVA image-token cell, row-major.
-
-    The CLIP image processor resizes (shortest edge to ``size``, or to height x width) and then
-    centre-crops; the token grid covers the crop, so each cell centre goes back through both steps.
-    """
-    width, height = image_size
-    size = image_processor.size
-    short = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-    if short:
-        rw, rh = width * short / min(width, height), height * short / min(width, height)
-    else:
-        rh, rw = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
-    cw, ch = rw, rh
-    if getattr(image_processor, "do_center_crop", False):
-        crop = image_processor.crop_size
-        ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop.height, crop.width)
-    ox, oy = (rw - cw) / 2, (rh - ch) / 2
-    centre = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
-    ys, xs = torch.meshgrid(centre * ch, centre * cw, indexing="ij")
-    return torch.stack([(xs.flatten() + ox) * width / rw, (ys.flatten() + oy) * height / rh], dim=-1).float()
+    """``[grid * grid, 2]``: (x, y) in input-image pixels of the centre of each LLaVA image-token cell, row-major
+    (``rtrt.runtime.refine_mask.cell_centres`` through the CLIP processor's resize and centre crop)."""
+    return torch.from_numpy(cell_centres(image_size, grid, processor_geometry(image_processor))).float()
 
 
 def sample_cells(similarity, image_size: tuple[int, int], centres: torch.Tensor) -> torch.Tensor:
-    """``[N, C]``: the detector's similarity [C, gh, gw] (over the whole image, as the VFM sees it), sampled
-    bilinearly at the N token-cell ``centres`` (input pixels)."""
-    sim = torch.as_tensor(similarity, dtype=torch.float32)[None]  # [1, C, gh, gw]
-    width, height = image_size
-    where = torch.stack([2 * centres[:, 0] / width - 1, 2 * centres[:, 1] / height - 1], dim=-1)
-    sampled = F.grid_sample(sim, where[None, None], mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled[0, :, 0].T
+    """``[N, C]``: the detector's similarity [C, gh, gw] sampled bilinearly at the N token-cell ``centres``
+    (input pixels), as ``rtrt.runtime.refine_mask.sample_cells``."""
+    return torch.from_numpy(_sample_cells(similarity, image_size, torch.as_tensor(centres).double().numpy()))
 
 
 def keep_cells(cells: torch.Tensor, detector, z: float | None = None) -> torch.Tensor:
     """``[N]`` bool: the token cells where the detector's decision, applied to each cell's own similarity
-    ``cells`` [N, C], reports no class: calibrated z-scores against ``z`` (None: its ``z_threshold``), or
-    an uncalibrated detector's raw threshold."""
-    scores = torch.as_tensor(detector.decision_scores(cells.double().numpy()))
-    threshold = z if z is not None and detector.calibrated else detector.decision_threshold
-    return ~(scores > threshold).any(-1)
+    ``cells`` [N, C], reports no class (the complement of ``rtrt.runtime.refine_mask.hot_cells``)."""
+    return torch.from_numpy(~hot_cells(torch.as_tensor(cells).double().numpy(), detector, z))
 
 
 def masked_reconstruction(refined: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -122,18 +122,28 @@ class OrtVLM:
 
     # ------------------------------------------------------------------ one batch
     def answer(self, images: Sequence, questions: Sequence[str], hints: Sequence[Sequence[str]] | None, *,
-               refine: bool, max_new_tokens: int, timer=None, min_new_tokens: int = 0) -> list[str]:
+               refine: bool, max_new_tokens: int, timer=None, min_new_tokens: int = 0,
+               refine_mask: np.ndarray | None = None) -> list[str]:
         """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint).
-        ``min_new_tokens``: end-of-sequence is not chosen before this many tokens (benchmarks)."""
+        ``min_new_tokens``: end-of-sequence is not chosen before this many tokens (benchmarks).
+        ``refine_mask`` [T_total] (with ``refine``): the refined tokens only where it is non-zero, the
+        plain vision encoder's elsewhere (both encoders run); None: refined everywhere."""
         texts = [user_text(q, hints[i] if hints is not None else None) for i, q in enumerate(questions)]
         with self._lock:
-            tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+            tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       refine_mask=refine_mask)
         if timer is not None:
             timer.ms.update({k: timer.ms.get(k, 0.0) + v for k, v in ms.items()})
         return [a.strip() for a in self.processor.decode(tokens)]
 
-    def vision_features(self, feeds: dict[str, np.ndarray], refine: bool) -> np.ndarray:
-        """Visual tokens [T_total, D] of every image of the batch (refined when ``refine``)."""
+    def vision_features(self, feeds: dict[str, np.ndarray], refine: bool, refine_mask: np.ndarray | None = None) -> np.ndarray:
+        """Visual tokens [T_total, D] of every image of the batch (refined when ``refine``; with
+        ``refine_mask``, only where it is non-zero)."""
+        if refine and refine_mask is not None:
+            plain, refined = self.vision_features(feeds, False), self.vision_features(feeds, True)
+            if refine_mask.shape != (plain.shape[0],):
+                raise InputError(f"the refinement mask covers {refine_mask.shape[0]} visual tokens, the vision encoder gave {plain.shape[0]}")
+            return np.where((refine_mask > 0)[:, None], refined, plain)
         graph = VISION_ENCODER_REFINED if refine else VISION_ENCODER
         if graph not in self.sessions:
             raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
@@ -156,7 +166,8 @@ class OrtVLM:
             feeds.update(qwen_vision_inputs(batch["image_grid_thw"], self.processor.config["vision_config"]))
         return feeds
 
-    def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int, min_new_tokens: int = 0):
+    def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int, min_new_tokens: int = 0,
+                 refine_mask: np.ndarray | None = None):
         """New tokens [B, n] (n <= max_new_tokens) and stage timings in ms; as transformers' greedy
         ``generate`` with ``min_new_tokens``: the eos ids' logits are -inf before that many tokens."""
         ms: dict[str, float] = {}
@@ -167,7 +178,7 @@ class OrtVLM:
             raise InputError(f"prompt of {seq} tokens plus {max_new_tokens} new tokens exceeds the model's context of {ctx} tokens")
         t1 = time.perf_counter()
         ms["prompt_build"] = (t1 - t0) * 1e3
-        visual = self.vision_features(feeds, refine)
+        visual = self.vision_features(feeds, refine, refine_mask)
         t2 = time.perf_counter()
         ms["vision_tower"] = (t2 - t1) * 1e3  # the adapter, when refining, runs inside this graph
         ids = feeds["input_ids"].astype(np.int64)

@@ -1,0 +1,97 @@
+"""Where the adapter may change the visual tokens: the detector's cells (numpy, no torch).
+
+The paper's refinement changes every visual token. With ``Pipeline.refine_mask_z`` (an addition to the
+paper's recipe, off by default) the adapter's residual is kept only at the LLaVA token cells where the
+calibrated detector finds a rare class: a class's z-score of the detector's similarity, sampled at the
+cell's centre, exceeds ``z``. Tokens of common objects and background then reach the VLM unchanged.
+
+- ``cell_centres``: (x, y) in input-image pixels of each token cell's centre, through the CLIP image
+  processor's resize and centre crop (the same for transformers' processor and the numpy one).
+- ``sample_cells``: the detector's similarity map [C, gh, gw] sampled bilinearly at those centres
+  (``torch.nn.functional.grid_sample`` with ``align_corners=False`` and border padding).
+- ``hot_cells``: the cells whose sampled similarity the detector's decision would report.
+- ``token_mask``: the 0/1 mask over one image's visual tokens (a CLS token, "full" strategy, gets 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_mask"]
+
+
+def _hw(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return int(value["height"]), int(value["width"])
+    return int(value.height), int(value.width)
+
+
+def processor_geometry(image_processor) -> dict:
+    """The resize and crop of a CLIP image processor (transformers' or ``vlm_ort``'s) as plain values:
+    ``{"shortest_edge": int | None, "size": (h, w) | None, "crop": (h, w) | None}``."""
+    size = image_processor.size
+    short = size.get("shortest_edge") if isinstance(size, Mapping) else getattr(size, "shortest_edge", None)
+    crop = _hw(image_processor.crop_size) if getattr(image_processor, "do_center_crop", False) else None
+    return {"shortest_edge": int(short) if short else None, "size": None if short else _hw(size), "crop": crop}
+
+
+def cell_centres(image_size: tuple[int, int], grid: int, geometry: Mapping[str, Any]) -> np.ndarray:
+    """``[grid * grid, 2]`` float64: (x, y) in input-image pixels of the centre of each token cell, row-major.
+
+    The processor resizes (shortest edge to ``shortest_edge``, or to ``size``) and then centre-crops;
+    the token grid covers the crop, so each cell centre goes back through both steps."""
+    width, height = image_size
+    if geometry.get("shortest_edge"):
+        short = geometry["shortest_edge"]
+        rw, rh = width * short / min(width, height), height * short / min(width, height)
+    else:
+        rh, rw = geometry["size"]
+    ch, cw = geometry["crop"] if geometry.get("crop") else (rh, rw)
+    ox, oy = (rw - cw) / 2, (rh - ch) / 2
+    centre = (np.arange(grid, dtype=np.float64) + 0.5) / grid
+    ys, xs = np.meshgrid(centre * ch, centre * cw, indexing="ij")
+    return np.stack([(xs.ravel() + ox) * width / rw, (ys.ravel() + oy) * height / rh], axis=-1)
+
+
+def sample_cells(similarity, image_size: tuple[int, int], centres: np.ndarray) -> np.ndarray:
+    """``[N, C]`` float32: the similarity [C, gh, gw] (over the whole image, as the VFM sees it) sampled
+    bilinearly at the N ``centres`` (input pixels); the map's border value outside it."""
+    sim = np.asarray(similarity, dtype=np.float32)
+    _, gh, gw = sim.shape
+    width, height = image_size
+    # grid_sample, align_corners=False: pixel x of the map at normalised u is ((u + 1) * gw - 1) / 2.
+    ix = np.clip(np.asarray(centres[:, 0], dtype=np.float64) / width * gw - 0.5, 0, gw - 1)
+    iy = np.clip(np.asarray(centres[:, 1], dtype=np.float64) / height * gh - 0.5, 0, gh - 1)
+    x0, y0 = np.floor(ix).astype(np.int64), np.floor(iy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, gw - 1), np.minimum(y0 + 1, gh - 1)
+    fx, fy = (ix - x0)[:, None], (iy - y0)[:, None]
+    at = lambda y, x: sim[:, y, x].T  # noqa: E731  [N, C]
+    top = at(y0, x0) * (1 - fx) + at(y0, x1) * fx
+    bottom = at(y1, x0) * (1 - fx) + at(y1, x1) * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def hot_cells(cells: np.ndarray, detector, z: float | None = None) -> np.ndarray:
+    """``[N]`` bool: the cells whose own similarity ``cells`` [N, C] the detector's decision reports:
+    a class's calibrated z-score above ``z`` (None: the detector's ``z_threshold``), or an uncalibrated
+    detector's raw threshold."""
+    scores = detector.decision_scores(np.asarray(cells, dtype=np.float64))
+    threshold = z if z is not None and detector.calibrated else detector.decision_threshold
+    return (scores > threshold).any(axis=-1)
+
+
+def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any],
+               detector, z: float) -> np.ndarray:
+    """``[tokens_per_image]`` float32: 1 at the visual tokens whose cell the detector reports a rare class
+    in (at ``z``), 0 elsewhere; LLaVA's fixed grid (a first CLS token, "full" strategy, gets 0)."""
+    per_image = int(layout["tokens_per_image"])
+    grid = math.isqrt(per_image)
+    offset = per_image - grid * grid
+    cells = sample_cells(similarity, image_size, cell_centres(image_size, grid, geometry))
+    mask = np.zeros(per_image, dtype=np.float32)
+    mask[offset:] = hot_cells(cells, detector, z)
+    return mask

@@ -1,0 +1,128 @@
+"""``Pipeline.refine_mask_z`` (issue 14): the adapter's change kept only where the detector fires.
+
+Shows: the numpy cell geometry and bilinear sampling equal torch's ``grid_sample`` and the CLIP
+processor's resize + crop; a cell the detector does not report reaches the VLM exactly as the plain
+vision encoder gave it, a reported one exactly as the refined encoder gave it (exported VLM); a z no
+cell reaches gives the unrefined answers and a z every cell passes the unmasked refinement's, on the
+exported and the transformers VLM alike, which also agree with each other at z = 0; what ran is
+reported; bad settings are one-line errors.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rtrt.runtime.assets import default_bundle, example_images
+from rtrt.runtime.detection import DetectorConfig
+from rtrt.runtime.errors import InputError, ModelMismatchError
+from rtrt.runtime.image import load_image
+from rtrt.runtime.pipeline import Pipeline
+from rtrt.runtime.refine_mask import cell_centres, hot_cells, processor_geometry, sample_cells, token_mask
+from rtrt.tools.cli import main
+
+DEMO = default_bundle()
+IMAGES = [str(p) for p in example_images()]  # refinement changes two of the six answers
+
+
+def test_sample_cells_is_torch_grid_sample():
+    rng = np.random.default_rng(0)
+    sim = rng.standard_normal((5, 7, 9)).astype(np.float32)
+    size = (90, 70)
+    centres = np.concatenate([rng.uniform(-10, 100, (40, 1)), rng.uniform(-10, 80, (40, 1))], axis=1)  # some outside
+    where = torch.from_numpy(np.stack([2 * centres[:, 0] / size[0] - 1, 2 * centres[:, 1] / size[1] - 1], -1)).float()
+    want = F.grid_sample(torch.from_numpy(sim)[None], where[None, None], mode="bilinear", padding_mode="border",
+                         align_corners=False)[0, :, 0].T.numpy()
+    got = sample_cells(sim, size, centres)
+    assert got.shape == (40, 5) and np.abs(got - want).max() < 1e-5
+
+
+def test_cell_centres_follow_the_processors_resize_and_crop():
+    plain = {"shortest_edge": None, "size": (32, 32), "crop": None}
+    assert cell_centres((64, 32), 2, plain).tolist() == [[16, 8], [48, 8], [16, 24], [48, 24]]
+    # Shortest edge 32 on a 64 x 32 image keeps it; the 32 x 32 centre crop covers x 16..48.
+    crop = {"shortest_edge": 32, "size": None, "crop": (32, 32)}
+    assert cell_centres((64, 32), 2, crop).tolist() == [[24, 8], [40, 8], [24, 24], [40, 24]]
+    pipe = Pipeline.from_bundle(DEMO, vlm_backend="torch", max_new_tokens=2)
+    ort = Pipeline.from_bundle(DEMO, max_new_tokens=2)
+    # transformers' CLIP processor and the numpy one read to the same geometry
+    assert processor_geometry(pipe.vlm.processor.image_processor) == processor_geometry(ort.vlm.processor.image_processor)
+
+
+def test_hot_cells_is_the_detectors_decision_per_cell():
+    cells = np.array([[0.9, 0.1], [0.2, 0.2], [0.1, 0.65]])
+    raw = DetectorConfig(d_vfm=4, d_llm=4, threshold=0.5)
+    assert hot_cells(cells, raw).tolist() == [True, False, True]
+    cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5, 0.5], score_std=[0.1, 0.1], z_threshold=2.0)
+    assert hot_cells(cells, cal).tolist() == [True, False, False]
+    assert hot_cells(cells, cal, 0.0).tolist() == [True, False, True]
+    layout = {"tokens_per_image": 5}  # a CLS token and a 2 x 2 grid: the CLS token is never refined
+    sim = np.zeros((2, 2, 2), dtype=np.float32)
+    sim[0, 0, 0] = 10.0
+    geometry = {"shortest_edge": None, "size": (8, 8), "crop": None}
+    mask = token_mask(sim, (8, 8), layout, geometry, raw, None)
+    assert mask.tolist()[0] == 0.0 and mask.sum() >= 1 and mask[1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return Pipeline.from_bundle(DEMO, max_new_tokens=32), Pipeline.from_bundle(DEMO, vlm_backend="torch", max_new_tokens=32)
+
+
+def test_masked_tokens_are_the_plain_or_the_refined_encoders(pipes):
+    ort = pipes[0]
+    images = [load_image(p) for p in IMAGES]
+    dets = [ort.detect(im) for im in images]
+    ort.refine_mask_z = 0.0
+    try:
+        mask = ort._refine_masks(images, dets)
+    finally:
+        ort.refine_mask_z = None
+    feeds = ort.vlm.prefill_inputs(images, ["Describe the objects."] * len(images))
+    plain, refined = ort.vlm.vision_features(feeds, False), ort.vlm.vision_features(feeds, True)
+    got = ort.vlm.vision_features(feeds, True, mask)
+    on = mask > 0
+    assert 0 < on.sum() < on.size  # the examples hold cells of both kinds
+    assert np.array_equal(got[on], refined[on]) and np.array_equal(got[~on], plain[~on])
+    assert not np.array_equal(refined[~on], plain[~on])  # the mask did something
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["ort", "torch"])
+def test_extreme_z_gives_the_unrefined_and_the_unmasked_answers(pipes, which):
+    pipe = pipes[which]
+    try:
+        unmasked = [r.answer for r in pipe.batch(IMAGES, hints=False, refine=True)]
+        plain = [r.answer for r in pipe.batch(IMAGES, hints=False, refine=False)]
+        assert unmasked != plain  # else the extremes below could not tell the mask's ends apart
+        pipe.refine_mask_z = 1e6  # no cell reaches it: no token changes
+        assert [r.answer for r in pipe.batch(IMAGES, hints=False, refine=True)] == plain
+        pipe.refine_mask_z = -1e6  # every cell passes: the paper's refinement
+        assert [r.answer for r in pipe.batch(IMAGES, hints=False, refine=True)] == unmasked
+        assert pipe.describe()["refine_mask_z"] == -1e6
+    finally:
+        pipe.refine_mask_z = None
+    assert pipe.describe()["refine_mask_z"] is None
+
+
+def test_ort_and_torch_agree_with_the_mask(pipes):
+    answers = []
+    for pipe in pipes:
+        pipe.refine_mask_z = 0.0
+        try:
+            answers.append([r.answer for r in pipe.batch(IMAGES)])
+        finally:
+            pipe.refine_mask_z = None
+    assert answers[0] == answers[1]
+
+
+def test_refine_mask_errors(pipes, tmp_path, capsys):
+    with pytest.raises(InputError, match="finite"):
+        pipes[0].refine_mask_z = float("nan")
+    no_vlm = Pipeline.from_bundle(DEMO, load_vlm_model=False)
+    with pytest.raises(ModelMismatchError, match="LLaVA's fixed image-token grid"):
+        no_vlm.refine_mask_z = 0.0
+    assert main(["infer", "--image", IMAGES[0], "--refine-mask-z", "0", "--json", "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"]
