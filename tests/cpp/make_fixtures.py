@@ -112,7 +112,10 @@ def option_records(image: Path) -> list[str]:
     # The CPU has no TensorRT EP: fp16 on ORT is refused. A bad thread count is refused by the runtime.
     fp16 = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, precision="fp16"))
     threads = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, threads=-1))
-    return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}"]
+    # refine_mask_z: the masked answer (with the VLM), and the refusal without one.
+    masked = Pipeline.from_bundle(demo, "ort", refine_mask_z=0.0)(image).answer
+    no_vlm = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, refine_mask_z=0.0))
+    return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}", f"omask {hexs(masked)} {hexs(no_vlm)}"]
 
 
 def verify_records(bundle: Path, out: Path, backend: str) -> list[str]:

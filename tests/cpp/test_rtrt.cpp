@@ -80,7 +80,7 @@ struct Expected {
   std::vector<std::string> classes;
   std::vector<ImageCase> images;
   std::vector<std::pair<std::string, std::string>> bad_images, bad_bundles;  // path, message
-  std::string demo_bundle, fp16_unavailable, bad_threads;
+  std::string demo_bundle, fp16_unavailable, bad_threads, masked_answer, mask_without_vlm;
   int option_threads = 0;
   std::vector<PrecisionCase> precisions;
   std::vector<VerifyCase> verify;
@@ -157,6 +157,8 @@ Expected read_expected(const std::string& dir) {
       in >> a, e.fp16_unavailable = unhex(a);
     } else if (key == "othreads") {
       in >> a, e.bad_threads = unhex(a);
+    } else if (key == "omask") {
+      in >> a >> b, e.masked_answer = unhex(a), e.mask_without_vlm = unhex(b);
     } else if (key == "verify") {
       std::string c;
       in >> a >> b >> c, e.verify.push_back({unhex(a), unhex(b), unhex(c)});
@@ -384,6 +386,19 @@ void test_options(const Expected& e) {
   bad_threads.load_vlm = false;
   err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, bad_threads); }, "threads -1");
   CHECK(err.kind() == rtrt::ErrorKind::Input && err.what() == e.bad_threads, "threads -1: " << err.what());
+  // refine_mask_z reaches the runtime: the masked answer is Python's, and without a VLM it is refused.
+  CHECK(!e.masked_answer.empty(), "expected.txt has no omask record");
+  rtrt::Options masked;
+  masked.refine_mask_z = 0.0;
+  {
+    rtrt::Pipeline pipe(e.demo_bundle, masked);
+    CHECK(pipe.describe()["refine_mask_z"] == "0.0", "describe() says refine_mask_z " << pipe.describe()["refine_mask_z"]);
+    const std::string got = pipe.answer(img.rgb.data(), img.width, img.height).answer;
+    CHECK(got == e.masked_answer, "masked answer '" << got << "' != Python's '" << e.masked_answer << "'");
+  }
+  masked.load_vlm = false;
+  err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, masked); }, "refine_mask_z without a VLM");
+  CHECK(err.kind() == rtrt::ErrorKind::ModelMismatch && err.what() == e.mask_without_vlm, "refine_mask_z: " << err.what());
 
   // The thread count arrives in ONNX Runtime: the one live Python Pipeline's sessions use it.
   rtrt::Options three;

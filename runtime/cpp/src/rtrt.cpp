@@ -272,7 +272,8 @@ Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std:
         "threads"_a = o.threads == 0 ? py::object(py::none()) : py::object(py::int_(o.threads)),  // < 0: the runtime refuses it
         "verify"_a = o.verify,
         "vlm_backend"_a = o.vlm_backend.empty() ? py::object(py::none()) : py::object(py::str(o.vlm_backend)),
-        "vlm_precision"_a = o.vlm_precision);
+        "vlm_precision"_a = o.vlm_precision,
+        "refine_mask_z"_a = o.refine_mask_z ? py::object(py::float_(*o.refine_mask_z)) : py::object(py::none()));
   });
 }
 

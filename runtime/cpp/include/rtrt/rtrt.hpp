@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -95,6 +96,8 @@ struct Options {
   int max_new_tokens = 96;                  // default answer length limit in tokens
   bool load_vlm = true;                     // false: detector only (answer() then throws ErrorKind::Input)
   std::string on_engine_mismatch = "rebuild";  // cached TensorRT engine of another GPU/version: rebuild|fallback|fail
+  std::optional<double> refine_mask_z;      // set: refine only the image-token cells where a class's calibrated detector
+                                            // z-score exceeds it (Pipeline.refine_mask_z); empty: every token (the paper)
 };
 
 // Per-call switches of answer(): the method's two remedies and the length limit.
