@@ -383,7 +383,10 @@ class Pipeline:
             return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
-        mask = self._refine_masks(pil, dets) if refine and self._refine_mask_z is not None else None
+        mask = None
+        if refine and self._refine_mask_z is not None:
+            with timer("refine_mask"):
+                mask = self._refine_masks(pil, dets)
         with self._vlm_lock:
             answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
                                    mask)

@@ -102,6 +102,7 @@ def test_extreme_z_gives_the_unrefined_and_the_unmasked_answers(pipes, which):
         pipe.refine_mask_z = -1e6  # every cell passes: the paper's refinement
         assert [r.answer for r in pipe.batch(IMAGES, hints=False, refine=True)] == unmasked
         assert pipe.describe()["refine_mask_z"] == -1e6
+        assert "refine_mask" in pipe(IMAGES[0]).timings_ms  # the mask's own stage, timed
     finally:
         pipe.refine_mask_z = None
     assert pipe.describe()["refine_mask_z"] is None
