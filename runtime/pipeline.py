@@ -180,9 +180,9 @@ class Pipeline:
     @refine_mask_z.setter
     def refine_mask_z(self, z: float | None) -> None:
         if z is not None:
+            if isinstance(z, bool) or not isinstance(z, (int, float, np.integer, np.floating)) or not math.isfinite(z):
+                raise InputError(f"refine_mask_z must be a finite number or None, not {z!r}")
             z = float(z)
-            if not math.isfinite(z):
-                raise InputError(f"refine_mask_z must be a finite number, not {z!r}")
             if not self.detector_cfg.calibrated:
                 raise InputError(f"{self.bundle.root}: refine_mask_z needs a calibrated detector (rtrt calibrate)")
             per_image = self._token_layout().get("tokens_per_image")
@@ -201,13 +201,13 @@ class Pipeline:
             layout = dict(spec.image_token_layout or {})
         return layout
 
-    def _refine_masks(self, pil, dets) -> np.ndarray:
+    def _refine_masks(self, pil, dets, z: float) -> np.ndarray:
         """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token."""
         from .refine_mask import processor_geometry, token_mask
 
         layout = self._token_layout()
         geometry = processor_geometry(self.vlm.processor.image_processor)
-        return np.concatenate([token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, self._refine_mask_z)
+        return np.concatenate([token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, z)
                                for im, r in zip(pil, dets)])
 
     # ------------------------------------------------------------------ construction
@@ -383,10 +383,10 @@ class Pipeline:
             return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
         dets = self._detect_images(pil, timer)
         hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
-        mask = None
-        if refine and self._refine_mask_z is not None:
+        mask, z = None, self._refine_mask_z  # read once: another thread may set it meanwhile
+        if refine and z is not None:
             with timer("refine_mask"):
-                mask = self._refine_masks(pil, dets)
+                mask = self._refine_masks(pil, dets, z)
         with self._vlm_lock:
             answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
                                    mask)

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import ModelMismatchError
+
 __all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_mask"]
 
 
@@ -91,6 +93,9 @@ def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any
     per_image = int(layout["tokens_per_image"])
     grid = math.isqrt(per_image)
     offset = per_image - grid * grid
+    if np.ndim(similarity) != 3:
+        raise ModelMismatchError(f"the refinement mask needs the detector's similarity as a [C, gh, gw] map, not of shape "
+                                 f"{np.shape(similarity)} (a non-square VFM patch grid)")
     cells = sample_cells(similarity, image_size, cell_centres(image_size, grid, geometry))
     mask = np.zeros(per_image, dtype=np.float32)
     mask[offset:] = hot_cells(cells, detector, z)

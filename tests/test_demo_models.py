@@ -464,6 +464,18 @@ def test_rebuild_from_vfm_and_phase2_reuses_the_work_and_gives_the_same_bundle(t
         (adapter,) = [a for a in calls if a[0] == "adapter"]
         got = adapter[adapter.index("--hint-share"):][:2] if "--hint-share" in adapter else []
         assert got == expect and adapter[adapter.index("--hints") + 1] == hints
+    # A work directory written before a plan field existed: the missing field reads as its default
+    # (phase1_ema: 0.99, the tiny plan's too), so a plan with another value is still refused.
+    state_file = tmp_path / "demo.work" / "build_state.json"
+    saved = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**saved, "key": {k: v for k, v in saved["key"].items() if k != "phase1_ema"}}))
+    tiny = dataclasses.replace(presets.PRESETS["tiny"], phase1_epochs=2)  # the plan phase 1 was last built with
+    assert tiny.phase1_ema == presets.BuildPlan.__dataclass_fields__["phase1_ema"].default
+    for plan, expect in ((tiny, 0), (dataclasses.replace(tiny, phase1_ema=0.5), 2)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(presets.PRESETS, "tiny", plan)
+            mp.setattr(build, "_call_main", lambda module, a: None)
+            assert build.main([*argv, "--keep-work", "--from", "phase2", "--stop-after", "phase2"]) == expect
     assert build.main(["--out", str(tmp_path / "other"), "--preset", "tiny", "--from", "vlm"]) == 2  # no work directory
 
 

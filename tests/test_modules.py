@@ -126,6 +126,7 @@ def test_adapter_null_slot_is_a_zero_value_key():
 
 def test_adapter_null_slot_round_trips_through_a_manifest():
     from rtrt.runtime.bundle import ClassInfo, Manifest
+    from rtrt.runtime.errors import BundleError
     from rtrt.runtime.detection import AdapterConfig
 
     m = Manifest(classes=[ClassInfo(name="cone")], d_llm=64, adapter=AdapterConfig(64, 32, 4, null_slot=True))
@@ -135,5 +136,5 @@ def test_adapter_null_slot_round_trips_through_a_manifest():
     off = Manifest(classes=[ClassInfo(name="cone")], d_llm=64, adapter=AdapterConfig(64, 32, 4)).to_dict()
     assert "null_slot" not in off["adapter"] and Manifest.from_dict(off).adapter.null_slot is False
     d["adapter"]["null_slot"] = "yes"
-    with pytest.raises(Exception, match="null_slot must be true or false"):
+    with pytest.raises(BundleError, match="null_slot must be true or false"):
         Manifest.from_dict(d)

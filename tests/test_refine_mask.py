@@ -76,11 +76,7 @@ def test_masked_tokens_are_the_plain_or_the_refined_encoders(pipes):
     ort = pipes[0]
     images = [load_image(p) for p in IMAGES]
     dets = [ort.detect(im) for im in images]
-    ort.refine_mask_z = 0.0
-    try:
-        mask = ort._refine_masks(images, dets)
-    finally:
-        ort.refine_mask_z = None
+    mask = ort._refine_masks(images, dets, 0.0)
     feeds = ort.vlm.prefill_inputs(images, ["Describe the objects."] * len(images))
     plain, refined = ort.vlm.vision_features(feeds, False), ort.vlm.vision_features(feeds, True)
     got = ort.vlm.vision_features(feeds, True, mask)
@@ -120,8 +116,14 @@ def test_ort_and_torch_agree_with_the_mask(pipes):
 
 
 def test_refine_mask_errors(pipes, tmp_path, capsys):
-    with pytest.raises(InputError, match="finite"):
-        pipes[0].refine_mask_z = float("nan")
+    for bad in (float("nan"), "abc", True, [1]):
+        with pytest.raises(InputError, match="finite number or None"):
+            pipes[0].refine_mask_z = bad
+    assert pipes[0].refine_mask_z is None
+    cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5], score_std=[0.1], z_threshold=1.0)
+    with pytest.raises(ModelMismatchError, match=r"\[C, gh, gw\] map"):  # a non-square VFM grid keeps [C, N]
+        token_mask(np.zeros((1, 6), dtype=np.float32), (8, 8), {"tokens_per_image": 4},
+                   {"shortest_edge": None, "size": (8, 8), "crop": None}, cal, 0.0)
     no_vlm = Pipeline.from_bundle(DEMO, load_vlm_model=False)
     with pytest.raises(ModelMismatchError, match="LLaVA's fixed image-token grid"):
         no_vlm.refine_mask_z = 0.0

@@ -304,3 +304,27 @@ def test_w_keep_holds_the_tokens_the_detector_leaves(env, tmp_path):
     assert "keep" in _epochs(kept)[0] and "keep" not in _epochs(free)[0]
     assert load_bundle(kept).manifest.training["adapter"]["config"]["w_keep"] == 1000.0
 
+
+def test_keep_and_null_slot_options_refuse_what_they_cannot_honour(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, _phase2(env, out, "--keep-z", "0", epochs=1), "--keep-z needs --w-keep")
+    _fails(capsys, _phase2(env, out, "--w-keep", "1", "--keep-z", "nan", epochs=1), "--keep-z needs --w-keep and a finite value")
+    _fails(capsys, _phase2(env, out, "--w-keep", "nan", epochs=1), "--w-keep must be >= 0")
+    _fails(capsys, _phase2(env, out, "--null-slot", "--attn-prior", "1", epochs=1), "do not go together")
+    assert not out.exists()
+
+
+def test_resume_reads_a_field_missing_from_an_older_checkpoint_as_its_default(tmp_path):
+    from rtrt.runtime.errors import InputError
+    from rtrt.trainer import loop
+
+    defaults = loop.config_defaults(adapter_mod.AdapterTrainConfig)
+    assert defaults["null_slot"] is False and defaults["w_keep"] == 0.0 and defaults["keep_z"] is None
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    torch.save({"epoch": 1}, ckpt_dir / "last.pt")
+    (ckpt_dir / "config.json").write_text(json.dumps({"epochs": 3}))  # written before null_slot existed
+    assert loop.Checkpoint(ckpt_dir, {"epochs": 3, "null_slot": False}, defaults=defaults).load() == {"epoch": 1}
+    changed = loop.Checkpoint(ckpt_dir, {"epochs": 3, "null_slot": True}, defaults=defaults)
+    with pytest.raises(InputError, match="other settings \\(null_slot: False now True\\)"):
+        changed.load()

@@ -41,6 +41,7 @@ Exports of the input bundle are not carried over; export the new bundle again.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -330,9 +331,17 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--hint-share needs --hints detector (without hints no prompt carries one)")
     if cfg.attn_prior < 0 or cfg.attn_prior_temperature <= 0:
         raise InputError("--attn-prior must be >= 0 and --attn-prior-temperature > 0")
-    if cfg.w_keep < 0:
+    if not math.isfinite(cfg.w_keep) or cfg.w_keep < 0:
         raise InputError("--w-keep must be >= 0")
+    if cfg.keep_z is not None and (cfg.w_keep == 0 or not math.isfinite(cfg.keep_z)):
+        raise InputError("--keep-z needs --w-keep and a finite value")
+    if cfg.null_slot and cfg.attn_prior > 0:
+        # The prior is a distribution over W's rows; with a null slot the rows' share is below 1 and the
+        # KL term would push the null slot's share to 0 everywhere.
+        raise InputError("--attn-prior and --null-slot do not go together (the prior leaves no share to the null slot)")
     source = load_bundle(cfg.bundle)
+    if cfg.keep_z is not None and source.manifest.detector is not None and not source.manifest.detector.calibrated:
+        raise InputError(f"{source.root}: --keep-z needs a calibrated detector (rtrt calibrate); without it --w-keep uses the raw threshold")
     weight = source.class_embeddings().weight.detach().to(d.device)
     pairs, tasks = read_qa_pairs(cfg.tasks, cfg.images, cfg.task_names)
     pairs, bad = _check_images(pairs, d, cfg.skip_bad)
@@ -386,7 +395,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
-    ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE)
+    ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE, defaults=loop.config_defaults(type(cfg)))
     start, history = ckpt.restore(adapter, optimizer, cfg.resume, d)
     metrics = loop.Metrics(files.metrics, d)
     metrics.log(kind="start", phase="adapter", resumed_at=start, world_size=d.world_size, tasks=tasks, config=config)

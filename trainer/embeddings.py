@@ -387,7 +387,7 @@ def _train(cfg: EmbeddingsConfig, out: Path, d: loop.Dist) -> Path:
     )
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
-    ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE)
+    ckpt = loop.Checkpoint(files.checkpoints, config, RESUME_FREE, defaults=loop.config_defaults(type(cfg)))
     start, history = ckpt.restore(model, optimizer, cfg.resume, d)
     metrics = loop.Metrics(files.metrics, d)
     metrics.log(kind="start", phase="embeddings", resumed_at=start, world_size=d.world_size, config=config)

@@ -144,6 +144,17 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def config_defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's field defaults in ``config_dict``'s JSON form (fields without one left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return json.loads(json.dumps(out, default=str))
+
+
 def check_output(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
     """Refuse early (before any work) an output that exists without ``--overwrite``."""
     p = Path(out)
@@ -172,13 +183,16 @@ class Checkpoint:
     """``last.pt`` (loaded with ``weights_only=True``: tensors and plain containers only) + ``config.json``.
 
     ``ignore`` names config fields that may differ on ``--resume`` (flags that do not change the result).
+    ``defaults``: what a field missing from a saved config (one written before the field existed) meant.
     """
 
-    def __init__(self, directory: Path, config: Mapping[str, Any], ignore: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, config: Mapping[str, Any], ignore: tuple[str, ...] = (),
+                 defaults: Mapping[str, Any] | None = None):
         self.directory = Path(directory)
         self.path = self.directory / "last.pt"
         self.config = dict(config)
         self.ignore = set(ignore)
+        self.defaults = dict(defaults or {})
 
     def clear(self, d: Dist) -> None:
         """A fresh run starts without a stale checkpoint that a later ``--resume`` could pick up."""
@@ -216,12 +230,13 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"{self.directory / 'config.json'}: unreadable checkpoint config ({e})") from None
         diff = sorted(
-            k for k in set(saved) | set(self.config) if k not in self.ignore and saved.get(k) != self.config.get(k)
+            k for k in set(saved) | set(self.config)
+            if k not in self.ignore and saved.get(k, self.defaults.get(k)) != self.config.get(k)
         )
         if diff:
             k = diff[0]
             raise InputError(
-                f"{self.directory}: checkpoint was made with other settings ({k}: {saved.get(k)!r} now {self.config.get(k)!r}); "
+                f"{self.directory}: checkpoint was made with other settings ({k}: {saved.get(k, self.defaults.get(k))!r} now {self.config.get(k)!r}); "
                 "run without --resume to start over"
             )
         try:
