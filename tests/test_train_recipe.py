@@ -328,3 +328,40 @@ def test_resume_reads_a_field_missing_from_an_older_checkpoint_as_its_default(tm
     changed = loop.Checkpoint(ckpt_dir, {"epochs": 3, "null_slot": True}, defaults=defaults)
     with pytest.raises(InputError, match="other settings \\(null_slot: False now True\\)"):
         changed.load()
+
+
+def _calibrated_copy(env, out, z=0.0):
+    """The tiny phase-1 bundle with a calibration (mean 0.5, std 0.2 per class, threshold z)."""
+    import dataclasses
+    import shutil
+
+    shutil.copytree(env[3], out)
+    b = load_bundle(out)
+    n = len(b.manifest.class_names)
+    b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=[0.5] * n, score_std=[0.2] * n, z_threshold=z)
+    b.add_files({})
+    return out
+
+
+def test_refine_mask_z_in_training_changes_only_the_detectors_cells(env, tmp_path, monkeypatch, capsys):
+    bundle = _calibrated_copy(env, tmp_path / "calibrated")
+    seen = []
+    real = adapter_mod.reconstruction_loss
+
+    def spy(refined, tokens, mode):  # what the trainer's transform hands the VLM, beside its input
+        seen.append((refined.detach().clone(), tokens.detach().clone()))
+        return real(refined, tokens, mode)
+
+    monkeypatch.setattr(adapter_mod, "reconstruction_loss", spy)
+    assert train_main(_phase2(env, tmp_path / "free", bundle=bundle, epochs=2)) == 0
+    free = (seen[-1][0] != seen[-1][1]).any(-1)  # the last step's tokens: the gate is open by then
+    seen.clear()
+    out = tmp_path / "masked"
+    assert train_main(_phase2(env, out, "--refine-mask-z", "0", bundle=bundle, epochs=2)) == 0
+    assert load_bundle(out).manifest.training["adapter"]["config"]["refine_mask_z"] == 0.0
+    masked = (seen[-1][0] != seen[-1][1]).any(-1)
+    assert free.all()  # unmasked, every token is refined
+    assert masked.any() and not masked.all()  # masked, some are, the others reach the VLM as they were
+    monkeypatch.undo()
+    _fails(capsys, _phase2(env, tmp_path / "x", "--refine-mask-z", "0", epochs=1), "--refine-mask-z needs a calibrated detector")
+    _fails(capsys, _phase2(env, tmp_path / "x", "--refine-mask-z", "nan", bundle=bundle, epochs=1), "--refine-mask-z must be a finite number")

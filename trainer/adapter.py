@@ -86,6 +86,7 @@ class AdapterTrainConfig:
     recon: str = "absolute"  # reconstruction distance: "absolute", mean squared difference (the paper); "relative", per token ||refined - V||^2 / ||V||^2, mean
     attn_prior: float = 0.0  # weight of KL(softmax(detector similarity / temperature) || adapter attention) per image token (0: off; LLaVA only)
     w_keep: float = 0.0  # weight of the relative reconstruction over tokens where the calibrated detector finds no rare class (0: off; LLaVA only)
+    refine_mask_z: float | None = None  # train as Pipeline.refine_mask_z infers: the adapter's change only at the cells where a class's calibrated z exceeds it (None: every token; LLaVA only)
     keep_z: float | None = None  # with w_keep: a cell holds a rare class when its z-score exceeds this (None: the detector's z_threshold)
     attn_prior_temperature: float = 0.05  # temperature of the softmax over the detector's per-patch cosines in the attention prior
     hints: str = "none"  # "none": prompts as in the task files (the paper); "detector": with the bundle detector's hint sentence
@@ -335,6 +336,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--w-keep must be >= 0")
     if cfg.keep_z is not None and (cfg.w_keep == 0 or not math.isfinite(cfg.keep_z)):
         raise InputError("--keep-z needs --w-keep and a finite value")
+    if cfg.refine_mask_z is not None and not math.isfinite(cfg.refine_mask_z):
+        raise InputError("--refine-mask-z must be a finite number")
     if cfg.null_slot and cfg.attn_prior > 0:
         # The prior is a distribution over W's rows; with a null slot the rows' share is below 1 and the
         # KL term would push the null slot's share to 0 everywhere.
@@ -342,6 +345,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     source = load_bundle(cfg.bundle)
     if cfg.keep_z is not None and source.manifest.detector is not None and not source.manifest.detector.calibrated:
         raise InputError(f"{source.root}: --keep-z needs a calibrated detector (rtrt calibrate); without it --w-keep uses the raw threshold")
+    if cfg.refine_mask_z is not None and source.manifest.detector is not None and not source.manifest.detector.calibrated:
+        raise InputError(f"{source.root}: --refine-mask-z needs a calibrated detector (rtrt calibrate)")
     weight = source.class_embeddings().weight.detach().to(d.device)
     pairs, tasks = read_qa_pairs(cfg.tasks, cfg.images, cfg.task_names)
     pairs, bad = _check_images(pairs, d, cfg.skip_bad)
@@ -375,10 +380,15 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         hint_names = [h if draw.random() < cfg.hint_share else [] for h in hint_names]
     priors: dict[str, torch.Tensor] = {}
     keeps: dict[str, torch.Tensor] = {}
+    hots: dict[str, torch.Tensor] = {}
     grid_slots = None
-    if cfg.attn_prior > 0 or cfg.w_keep > 0:
-        need = "--attn-prior" if cfg.attn_prior > 0 else "--w-keep"
+    if cfg.attn_prior > 0 or cfg.w_keep > 0 or cfg.refine_mask_z is not None:
+        need = "--attn-prior" if cfg.attn_prior > 0 else "--w-keep" if cfg.w_keep > 0 else "--refine-mask-z"
         cells, grid_slots = _detector_cells(source, vlm, pairs, d, need)
+        if cfg.refine_mask_z is not None:
+            hots = {k: ~keep_cells(c, source.manifest.detector, cfg.refine_mask_z).to(d.device) for k, c in cells.items()}
+            share = torch.cat(list(hots.values())).float().mean().item()
+            d.log(f"--refine-mask-z: the adapter changes {100 * share:.1f}% of the token cells")
         if cfg.attn_prior > 0:
             priors = {k: torch.softmax(c / cfg.attn_prior_temperature, dim=-1).to(d.device) for k, c in cells.items()}
         if cfg.w_keep > 0:
@@ -419,6 +429,11 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
                 refined = refined[0]
             else:
                 refined = net(tokens[None], weight)[0]
+            if hots:
+                # As the pipeline infers with refine_mask_z: only the grid tokens whose cell the detector fires at change.
+                on = torch.zeros(len(idx), tokens.shape[0] // len(idx), dtype=torch.bool, device=tokens.device)
+                on[:, grid_slots] = torch.stack([hots[pairs[i].image] for i in idx])
+                refined = torch.where(on.flatten()[:, None], refined, tokens)
             parts["reconstruction"] = reconstruction_loss(refined, tokens, cfg.recon)
             if cfg.w_keep > 0:
                 # The grid tokens whose cell the detector reports no rare class in (the refinement is meant

@@ -128,6 +128,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weight of a relative reconstruction over only the image tokens whose cell the calibrated "
                         "detector finds no rare class in (an addition to the paper's recipe: the refinement is pushed "
                         "to leave common objects and background as they are; default: 0, off; LLaVA-family VLMs)")
+    a.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
+                   help="train as `rtrt infer --refine-mask-z Z` runs: the adapter's change kept only at the image tokens "
+                        "whose cell the calibrated detector finds a rare class in (a class's z-score above Z; default: "
+                        "off, every token; LLaVA-family VLMs)")
     a.add_argument("--keep-z", type=float, default=None,
                    help="with --w-keep: a token cell holds a rare class when the calibrated z-score of its own similarity "
                         "exceeds this (default: the detector's z threshold; an uncalibrated detector uses its raw threshold)")

@@ -43,7 +43,8 @@ STAGE_FIELDS = {
     "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema",
                "calibrate_min_precision"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
-               "phase2_tasks", "phase2_null_slot", "phase2_keep", "phase2_keep_z"),
+               "phase2_tasks", "phase2_null_slot", "phase2_keep", "phase2_keep_z",
+               "phase2_refine_mask_z"),
     "export": (),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
@@ -343,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--w-reconstruction", str(plan.phase2_reconstruction), *(["--null-slot"] if plan.phase2_null_slot else []),
             *(["--w-keep", str(plan.phase2_keep)] if plan.phase2_keep else []),
             *(["--keep-z", str(plan.phase2_keep_z)] if plan.phase2_keep and plan.phase2_keep_z is not None else []),
+            *(["--refine-mask-z", str(plan.phase2_refine_mask_z)] if plan.phase2_refine_mask_z is not None else []),
             "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
             "--overwrite",
         ])

@@ -39,6 +39,7 @@ class BuildPlan:
     phase2_null_slot: bool = False  # rtrt train adapter --null-slot (a token may attend to nothing)
     phase2_keep: float = 0.0  # rtrt train adapter --w-keep (reconstruction where the detector sees no rare class)
     phase2_keep_z: float | None = None  # rtrt train adapter --keep-z (None: the detector's z threshold)
+    phase2_refine_mask_z: float | None = None  # rtrt train adapter --refine-mask-z (None: every token refined in training)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
     calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
