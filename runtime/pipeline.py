@@ -185,27 +185,17 @@ class Pipeline:
             z = float(z)
             if not self.detector_cfg.calibrated:
                 raise InputError(f"{self.bundle.root}: refine_mask_z needs a calibrated detector (rtrt calibrate)")
-            per_image = self._token_layout().get("tokens_per_image")
+            per_image = ((self.vlm.image_token_layout() or {}) if self.vlm is not None else {}).get("tokens_per_image")
             if self.vlm is None or getattr(self.vlm, "name", None) != "llava" or not per_image:
                 name = None if self.vlm is None else getattr(self.vlm, "name", "?")
                 raise ModelMismatchError(f"refine_mask_z needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
         self._refine_mask_z = z
 
-    def _token_layout(self) -> dict:
-        """The VLM's image-token layout; the exported VLM's is the bundle's own (the manifest's)."""
-        if self.vlm is None:
-            return {}
-        layout = dict(self.vlm.image_token_layout() or {})
-        spec = self.bundle.manifest.vlm
-        if not layout and self.vlm_backend == "ort" and spec is not None:
-            layout = dict(spec.image_token_layout or {})
-        return layout
-
     def _refine_masks(self, pil, dets, z: float) -> np.ndarray:
         """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token."""
         from .refine_mask import processor_geometry, token_mask
 
-        layout = self._token_layout()
+        layout = self.vlm.image_token_layout()
         geometry = processor_geometry(self.vlm.processor.image_processor)
         return np.concatenate([token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, z)
                                for im, r in zip(pil, dets)])

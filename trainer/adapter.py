@@ -292,8 +292,6 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str) -
     (each image once), through the runtime's own ``Pipeline.detect``, and the slice of an image's visual
     tokens that the grid covers (LLaVA's "full" strategy puts CLIP's CLS token first). ``need`` names the
     option that asked, for the errors."""
-    import math
-
     from tqdm import tqdm
 
     from rtrt.runtime.backends import make_backend
@@ -386,7 +384,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         need = "--attn-prior" if cfg.attn_prior > 0 else "--w-keep" if cfg.w_keep > 0 else "--refine-mask-z"
         cells, grid_slots = _detector_cells(source, vlm, pairs, d, need)
         if cfg.refine_mask_z is not None:
-            hots = {k: ~keep_cells(c, source.manifest.detector, cfg.refine_mask_z).to(d.device) for k, c in cells.items()}
+            hots = {k: torch.from_numpy(hot_cells(c.double().numpy(), source.manifest.detector, cfg.refine_mask_z)).to(d.device)
+                    for k, c in cells.items()}
             share = torch.cat(list(hots.values())).float().mean().item()
             d.log(f"--refine-mask-z: the adapter changes {100 * share:.1f}% of the token cells")
         if cfg.attn_prior > 0:
@@ -411,6 +410,12 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     metrics.log(kind="start", phase="adapter", resumed_at=start, world_size=d.world_size, tasks=tasks, config=config)
     net = d.wrap(adapter)
 
+    def token_cells(per_image: dict[str, torch.Tensor], idx: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """[T_total] bool over the batch's visual tokens: each image's per-cell flags at its grid slots, False elsewhere."""
+        out = torch.zeros(len(idx), tokens.shape[0] // len(idx), dtype=torch.bool, device=tokens.device)
+        out[:, grid_slots] = torch.stack([per_image[pairs[i].image] for i in idx])
+        return out.flatten()
+
     def step(idx: list[int], global_count: int) -> dict[str, float]:
         batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx],
                             None if hint_names is None else [hint_names[i] for i in idx])
@@ -431,16 +436,12 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
                 refined = net(tokens[None], weight)[0]
             if hots:
                 # As the pipeline infers with refine_mask_z: only the grid tokens whose cell the detector fires at change.
-                on = torch.zeros(len(idx), tokens.shape[0] // len(idx), dtype=torch.bool, device=tokens.device)
-                on[:, grid_slots] = torch.stack([hots[pairs[i].image] for i in idx])
-                refined = torch.where(on.flatten()[:, None], refined, tokens)
+                refined = torch.where(token_cells(hots, idx, tokens)[:, None], refined, tokens)
             parts["reconstruction"] = reconstruction_loss(refined, tokens, cfg.recon)
             if cfg.w_keep > 0:
                 # The grid tokens whose cell the detector reports no rare class in (the refinement is meant
                 # for the rare objects, not the rest); a CLS token ("full" strategy) is left out.
-                per_image = torch.zeros(len(idx), tokens.shape[0] // len(idx), dtype=torch.bool, device=tokens.device)
-                per_image[:, grid_slots] = torch.stack([keeps[pairs[i].image] for i in idx])
-                parts["keep"] = masked_reconstruction(refined, tokens, per_image.flatten())
+                parts["keep"] = masked_reconstruction(refined, tokens, token_cells(keeps, idx, tokens))
             return refined
 
         with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

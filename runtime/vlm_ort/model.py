@@ -55,9 +55,11 @@ class OrtVLM:
 
     backend = "ort"  # Pipeline.vlm_backend
 
-    def __init__(self, root: Path, record: Any, sessions: dict[str, Any], processor: Any, precision: str):
+    def __init__(self, root: Path, record: Any, sessions: dict[str, Any], processor: Any, precision: str,
+                 layout: dict | None = None):
         self.root = Path(root)
         self.record = record
+        self._layout = dict(layout or {})  # the bundle's VLMSpec.image_token_layout (the export record has none)
         self.sessions = sessions
         self.processor = processor
         self.precision = precision
@@ -110,7 +112,8 @@ class OrtVLM:
         if unlisted or not record.config_files:
             raise BundleError(f"{bundle.root}: the exported VLM's configs are not bundle files ({', '.join(unlisted) or 'none recorded'})")
         processor = VlmProcessor.from_dir(bundle.root / VLM_ONNX_DIR)  # reads only the configs above, hashed at load
-        return cls(bundle.root, record, sessions, processor, precision)
+        spec = bundle.manifest.vlm
+        return cls(bundle.root, record, sessions, processor, precision, spec.image_token_layout if spec is not None else None)
 
     @property
     def context_length(self) -> int | None:
@@ -118,7 +121,7 @@ class OrtVLM:
         return int(n) if n else None
 
     def image_token_layout(self) -> dict:
-        return dict(getattr(self.record, "image_token_layout", None) or {})
+        return dict(getattr(self.record, "image_token_layout", None) or self._layout)
 
     # ------------------------------------------------------------------ one batch
     def answer(self, images: Sequence, questions: Sequence[str], hints: Sequence[Sequence[str]] | None, *,

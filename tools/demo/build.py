@@ -195,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         saved = state.get("key", {})
         # A plan field newer than the work directory reads as its default (what the stage was built with).
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(type(plan))
-                                          if f.default is not dataclasses.MISSING}))
+        from rtrt.trainer.loop import config_defaults
+
+        defaults = config_defaults(type(plan))
         if not set(before) <= set(state.get("done", [])) or any(saved.get(k, defaults.get(k, ...)) != v
                                                                  for k, v in _stage_key(report, before).items()):
             print(f"rtrt demo build: error: {work} holds no {', '.join(before)} built with this seed, thread count and "
