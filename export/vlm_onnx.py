@@ -75,6 +75,8 @@ from rtrt.runtime.names import (
     VLM_EMBED_OUTPUTS,
     VLM_ONNX_DIR,
     VLM_VISION_OUTPUTS,
+    VLM_REFINE_MASK,
+    VLM_TOKENS_PER_ROW,
     past_names,
     vlm_onnx_file,
 )
@@ -222,14 +224,16 @@ class VisionEncoderGraph(nn.Module):
             picked = [h[:, 1:] for h in picked]
         return inner.multi_modal_projector(torch.cat(picked, dim=-1))
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, refine_mask=None):
         if self.family_name == "llava":
             features = self._llava(pixel_values)
         else:
             features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         features = features.reshape(-1, features.shape[-1])
         if self.adapter is not None:
-            features = self.adapter(features[None], self.class_embeddings.to(features.dtype))[0]
+            refined = self.adapter(features[None], self.class_embeddings.to(features.dtype))[0]
+            # Where the mask is 0 the token stays the stock encoder's, bit for bit (Pipeline.refine_mask_z).
+            features = refined if refine_mask is None else torch.where(refine_mask[:, None] > 0, refined, features)
         return features
 
 
@@ -247,7 +251,7 @@ def _log_level(name: str, level: int):
 
 
 def _export(module: nn.Module, args: tuple, inputs: Sequence[str], outputs: Sequence[str], dynamic_shapes: dict,
-            path: Path, graph: str, family: str, verbose: bool) -> Path:
+            path: Path, graph: str, family: str, verbose: bool, metadata: Mapping[str, str] | None = None) -> Path:
     """torch.onnx (dynamo) export of ``module`` to ``path``; weights over ``EXTERNAL_DATA_BYTES`` go to ``<file>_data``."""
     import onnx_ir
 
@@ -266,7 +270,7 @@ def _export(module: nn.Module, args: tuple, inputs: Sequence[str], outputs: Sequ
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"{path.name}: torch.onnx.export failed ({type(e).__name__}: {first})") from e
-    program.model.metadata_props.update({"rtrt.graph": graph, "rtrt.family": family})
+    program.model.metadata_props.update({"rtrt.graph": graph, "rtrt.family": family, **dict(metadata or {})})
     # The exporter tags every node with its Python stack trace and module path: about 2 kB a node
     # (most of a small graph) and this machine's file paths in a shipped bundle. The graph does not need them.
     for node in program.model.graph.all_nodes():
@@ -329,10 +333,19 @@ def export_vision_encoder(family, path: str | os.PathLike, adapter: CrossAttenti
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     pixels = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     axis = "num_images" if family.name == "llava" else "num_tiles"
-    graph = VISION_ENCODER if adapter is None else VISION_ENCODER_REFINED
     module = VisionEncoderGraph(family, adapter, W).eval()
-    return _export(module, (pixels,), ("pixel_values",), VLM_VISION_OUTPUTS,
-                   {"pixel_values": {0: torch.export.Dim(axis, min=1, max=1 << 12)}}, Path(path), graph, family.name, verbose)
+    images = torch.export.Dim(axis, min=1, max=1 << 12)
+    if adapter is None:
+        return _export(module, (pixels,), ("pixel_values",), VLM_VISION_OUTPUTS, {"pixel_values": {0: images}}, Path(path),
+                       VISION_ENCODER, family.name, verbose)
+    # The refined encoder also takes the refinement mask, one value per visual token (ones: every
+    # token refined); its length is the images' count times the tokens each gives, a fixed number.
+    with torch.no_grad():
+        per_image = int(module(pixels).shape[0]) // pixels.shape[0]
+    mask = torch.ones(pixels.shape[0] * per_image)
+    return _export(module, (pixels, mask), ("pixel_values", VLM_REFINE_MASK), VLM_VISION_OUTPUTS,
+                   {"pixel_values": {0: images}, VLM_REFINE_MASK: {0: images * per_image}}, Path(path), VISION_ENCODER_REFINED,
+                   family.name, verbose, {VLM_TOKENS_PER_ROW: str(per_image)})
 
 
 def quantize_decoder(src: str | os.PathLike, dst: str | os.PathLike, *, block_size: int = QUANT_BLOCK) -> Path:
@@ -631,8 +644,15 @@ def vlm_parity(family, root: str | os.PathLike, images: Sequence, questions: Seq
     report.max_abs_error[VISION_ENCODER] = _max_err(tokens, stock.numpy())
     if adapter is not None:
         s = _session(root / vlm_onnx_file(VISION_ENCODER_REFINED))
-        tokens = s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})[0]
+        names = [i.name for i in s.get_inputs()]
+        every = {VLM_REFINE_MASK: np.ones(len(stock), np.float32)} if VLM_REFINE_MASK in names else {}
+        tokens = s.run(None, {n: feeds[n] for n in names if n != VLM_REFINE_MASK} | every)[0]
         report.max_abs_error[VISION_ENCODER_REFINED] = _max_err(tokens, refined.numpy())
+        if every:  # every other token refined: those rows the refined tokens, the rest the stock ones
+            alternate = (np.arange(len(stock)) % 2).astype(np.float32)
+            mixed = s.run(None, {n: feeds[n] for n in names if n != VLM_REFINE_MASK} | {VLM_REFINE_MASK: alternate})[0]
+            expected = np.where(alternate[:, None] > 0, refined.numpy(), stock.numpy())
+            report.max_abs_error[f"{VISION_ENCODER_REFINED}.masked"] = _max_err(mixed, expected)
     embed_session = sessions[EMBED_TOKENS]
 
     def embed(x: np.ndarray) -> np.ndarray:
@@ -718,7 +738,7 @@ def vlm_record(family, files: Mapping[str, Path], parity: VlmParity, *, vlm_ref:
     eos, pad = token_ids(family)
     text = family.model.config.get_text_config()
     graphs: dict[str, VlmGraphExport] = {}
-    per_graph = {VISION_ENCODER: [VISION_ENCODER], VISION_ENCODER_REFINED: [VISION_ENCODER_REFINED], EMBED_TOKENS: [EMBED_TOKENS],
+    per_graph = {VISION_ENCODER: [VISION_ENCODER], VISION_ENCODER_REFINED: [VISION_ENCODER_REFINED, f"{VISION_ENCODER_REFINED}.masked"], EMBED_TOKENS: [EMBED_TOKENS],
                  DECODER: [f"{DECODER}.prefill_logits", f"{DECODER}.decode_logits"]}
     for graph in (VISION_ENCODER, VISION_ENCODER_REFINED, EMBED_TOKENS, DECODER):
         for variant in ("", "quantized"):

@@ -182,9 +182,12 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, exports=Exports()))
         d["exports"] = self.exports.to_dict()
-        if d.get("adapter") is not None and not d["adapter"].get("null_slot"):
-            # Written only when on: a bundle without it keeps the manifest bytes older rtrt wrote and reads.
-            d["adapter"].pop("null_slot", None)
+        if d.get("adapter") is not None:
+            # Written only when set: a bundle without them keeps the manifest bytes older rtrt wrote and reads.
+            if not d["adapter"].get("null_slot"):
+                d["adapter"].pop("null_slot", None)
+            if d["adapter"].get("refine_mask_z") is None:
+                d["adapter"].pop("refine_mask_z", None)
         return d
 
     @classmethod
@@ -245,6 +248,9 @@ def _build(typ, value):
             raise TypeError(f"{typ.__name__}.{f.name} must be a string")
         if f.type in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
             raise TypeError(f"{typ.__name__}.{f.name} must be a finite number")
+        if f.type == "float | None" and v is not None and (
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise TypeError(f"{typ.__name__}.{f.name} must be a finite number or null")
     return obj
 
 

@@ -44,6 +44,10 @@ class AdapterConfig:
     width: int = 512  # bottleneck width in which attention runs (queries, keys, values)
     heads: int = 8  # attention heads; must divide ``width``
     null_slot: bool = False  # an extra learned key with a zero value, so a token can attend to nothing and stay unchanged
+    # The runtime's default refinement mask (Pipeline.refine_mask_z): the adapter's change is kept only
+    # at LLaVA's image-token cells where a class's calibrated detector z-score exceeds this; None:
+    # every token refined (the paper). Written by ``rtrt calibrate --refine-mask-z``.
+    refine_mask_z: float | None = None
 
 
 @dataclass

@@ -55,6 +55,8 @@ __all__ = ["display_name",
     "VLM_EMBED_INPUTS",
     "VLM_EMBED_OUTPUTS",
     "VLM_VISION_OUTPUTS",
+    "VLM_REFINE_MASK",
+    "VLM_TOKENS_PER_ROW",
 ]
 
 
@@ -218,3 +220,8 @@ VLM_DECODER_OUTPUTS = ("logits",)  # then past_names(layers)[1]
 VLM_EMBED_INPUTS = ("input_ids",)  # embed_tokens
 VLM_EMBED_OUTPUTS = ("inputs_embeds",)
 VLM_VISION_OUTPUTS = ("image_features",)  # vision_encoder and vision_encoder_refined (inputs: the family's pixel inputs)
+# LLaVA's and InternVL's vision_encoder_refined also takes ``refine_mask`` float32 [T_total]: a token
+# whose value is 0 keeps the stock encoder's output exactly, the others are refined (all ones: the
+# paper's refinement). Bundles exported before it have no such input: they refine every token or re-export.
+VLM_REFINE_MASK = "refine_mask"
+VLM_TOKENS_PER_ROW = "rtrt.tokens_per_row"  # that graph's metadata: visual tokens per pixel_values row (image or tile)

@@ -170,11 +170,12 @@ class Pipeline:
 
     @property
     def refine_mask_z(self) -> float | None:
-        """None (default, the paper's refinement): the adapter changes every visual token. A number z: the
-        adapter's residual is kept only at the image-token cells where a class's calibrated z-score of the
-        detector's similarity there exceeds z (``rtrt.runtime.refine_mask``; LLaVA's fixed token grid).
-        An addition to the paper's method: tokens of common objects and background reach the VLM as
-        they are. With the exported VLM both vision encoders run (plain and refined)."""
+        """A number z: the adapter's change is kept only at the image-token cells where a class's
+        calibrated z-score of the detector's similarity there exceeds z (``rtrt.runtime.refine_mask``;
+        LLaVA's fixed token grid), so tokens of common objects and background reach the VLM as they
+        are; an addition to the paper's method. None: the adapter changes every visual token (the
+        paper). ``from_bundle`` sets the bundle's own value (``manifest.adapter.refine_mask_z``,
+        written by ``rtrt calibrate --refine-mask-z``) unless told otherwise."""
         return self._refine_mask_z
 
     @refine_mask_z.setter
@@ -190,6 +191,15 @@ class Pipeline:
                 name = None if self.vlm is None else getattr(self.vlm, "name", "?")
                 raise ModelMismatchError(f"refine_mask_z needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
         self._refine_mask_z = z
+
+    def refine_mask(self, image) -> np.ndarray | None:
+        """Where the adapter may change ``image``'s visual tokens under ``refine_mask_z``: [T] float32,
+        1 refined, 0 left as the vision tower gave it; None when every token is refined (no mask)."""
+        z = self._refine_mask_z
+        if z is None:
+            return None
+        pil = load_image(image)
+        return self._refine_masks([pil], self._detect_images([pil], _Timer()), z)
 
     def _refine_masks(self, pil, dets, z: float) -> np.ndarray:
         """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token."""
@@ -218,7 +228,7 @@ class Pipeline:
         verify: bool = False,
         vlm_backend: str | None = None,
         vlm_precision: str = "fp32",
-        refine_mask_z: float | None = None,
+        refine_mask_z: float | str | None = "bundle",
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
@@ -234,6 +244,9 @@ class Pipeline:
         cores this process may use); the VLM uses torch's own setting.
         A ``device`` this machine lacks, or a precision the backend cannot run here, is refused with
         ``BackendUnavailableError`` naming what is available (never a silent fp32/CPU run).
+        ``refine_mask_z``: ``"bundle"`` (default) the bundle's refinement mask (``manifest.adapter.refine_mask_z``;
+        none when the bundle has none or no VLM is loaded), a number another z, None every visual token
+        refined (the paper's method); see ``Pipeline.refine_mask_z``.
         ``verify=True`` reruns the loaded backend's graphs on the reference inputs the bundle carries
         (what ``rtrt check`` does for every backend) before anything else is loaded, and raises
         ``ParityError`` when one differs from the reference on this machine.
@@ -267,6 +280,11 @@ class Pipeline:
                 ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
                 family = load_vlm(ref, dtype=dtype, device=device)
         pipe = cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
+        if isinstance(refine_mask_z, str):
+            if refine_mask_z != "bundle":
+                raise InputError(f"refine_mask_z must be 'bundle', a finite number or None, not {refine_mask_z!r}")
+            adapter = bundle.manifest.adapter
+            refine_mask_z = adapter.refine_mask_z if adapter is not None and family is not None else None
         pipe.refine_mask_z = refine_mask_z  # checked: a calibrated detector and LLaVA's grid
         return pipe
 

@@ -134,3 +134,40 @@ def test_min_precision_is_recorded(world_and_bundle, tmp_path, capsys):
     assert "rule:" in capsys.readouterr().out
     cal = load_bundle(bundle).manifest.training["calibration"]
     assert cal["min_precision"] == 10.0 and "min_precision_met" in cal["hints_after"]
+
+
+def test_calibrate_sets_keeps_and_removes_the_refinement_mask(world_and_bundle, tmp_path, capsys):
+    world, src = world_and_bundle
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    base = ["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch"]
+    assert load_bundle(bundle).manifest.adapter.refine_mask_z is None
+    assert rtrt_main([*base, "--refine-mask-z", "0.5"]) == 0
+    assert "exceeds 0.5 (--refine-mask-z)" in capsys.readouterr().out
+    assert load_bundle(bundle).manifest.adapter.refine_mask_z == 0.5
+    assert json.loads((bundle / "manifest.json").read_text())["adapter"]["refine_mask_z"] == 0.5
+    assert rtrt_main(base) == 0  # keep (the default): a recalibration leaves the setting
+    assert load_bundle(bundle).manifest.adapter.refine_mask_z == 0.5
+    assert rtrt_main([*base, "--refine-mask-z", "off"]) == 0
+    assert "every visual token" in capsys.readouterr().out
+    assert "refine_mask_z" not in json.loads((bundle / "manifest.json").read_text())["adapter"]  # off: not written
+    assert load_bundle(bundle).manifest.adapter.refine_mask_z is None
+    for bad in ("bundle", "nan"):
+        with pytest.raises(SystemExit):
+            rtrt_main([*base, "--refine-mask-z", bad])
+        assert "--refine-mask-z: expected a finite number, off or keep" in capsys.readouterr().err
+
+
+def test_a_refinement_mask_in_the_manifest_is_a_finite_number(tmp_path):
+    from rtrt.runtime.bundle import Manifest
+    from rtrt.runtime.errors import BundleError
+
+    d = load_bundle(make_tiny_bundle(tmp_path / "b")).manifest.to_dict()
+    for bad in ("0", float("nan"), True):
+        d["adapter"]["refine_mask_z"] = bad
+        with pytest.raises(BundleError, match="refine_mask_z must be a finite number or null"):
+            Manifest.from_dict(d)
+    d["adapter"]["refine_mask_z"] = -1
+    assert Manifest.from_dict(d).adapter.refine_mask_z == -1

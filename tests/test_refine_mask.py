@@ -4,8 +4,9 @@ Shows: the numpy cell geometry and bilinear sampling equal torch's ``grid_sample
 processor's resize + crop; a cell the detector does not report reaches the VLM exactly as the plain
 vision encoder gave it, a reported one exactly as the refined encoder gave it (exported VLM); a z no
 cell reaches gives the unrefined answers and a z every cell passes the unmasked refinement's, on the
-exported and the transformers VLM alike, which also agree with each other at z = 0; what ran is
-reported; bad settings are one-line errors.
+exported and the transformers VLM alike, which also agree with each other at z = 0; the bundle's
+own z (``manifest.adapter.refine_mask_z``) is the default, None / ``off`` turns the mask off; what
+ran is reported; bad settings are one-line errors.
 """
 from __future__ import annotations
 
@@ -89,7 +90,9 @@ def test_masked_tokens_are_the_plain_or_the_refined_encoders(pipes):
 @pytest.mark.parametrize("which", [0, 1], ids=["ort", "torch"])
 def test_extreme_z_gives_the_unrefined_and_the_unmasked_answers(pipes, which):
     pipe = pipes[which]
+    own = pipe.refine_mask_z
     try:
+        pipe.refine_mask_z = None  # every visual token refined: the paper's method
         unmasked = [r.answer for r in pipe.batch(IMAGES, hints=False, refine=True)]
         plain = [r.answer for r in pipe.batch(IMAGES, hints=False, refine=False)]
         assert unmasked != plain  # else the extremes below could not tell the mask's ends apart
@@ -100,26 +103,33 @@ def test_extreme_z_gives_the_unrefined_and_the_unmasked_answers(pipes, which):
         assert pipe.describe()["refine_mask_z"] == -1e6
         assert "refine_mask" in pipe(IMAGES[0]).timings_ms  # the mask's own stage, timed
     finally:
-        pipe.refine_mask_z = None
-    assert pipe.describe()["refine_mask_z"] is None
+        pipe.refine_mask_z = own
+    assert pipe.describe()["refine_mask_z"] == own
 
 
 def test_ort_and_torch_agree_with_the_mask(pipes):
-    answers = []
-    for pipe in pipes:
-        pipe.refine_mask_z = 0.0
-        try:
-            answers.append([r.answer for r in pipe.batch(IMAGES)])
-        finally:
-            pipe.refine_mask_z = None
-    assert answers[0] == answers[1]
+    # Both pipelines run the bundle's own setting (the demo bundle's mask at z = 0).
+    assert [p.refine_mask_z for p in pipes] == [0.0, 0.0]
+    assert [r.answer for r in pipes[0].batch(IMAGES)] == [r.answer for r in pipes[1].batch(IMAGES)]
+
+
+def test_the_bundle_sets_the_default_and_off_turns_it_off(tmp_path):
+    from rtrt.runtime.bundle import load_bundle
+
+    assert load_bundle(DEMO).manifest.adapter.refine_mask_z == 0.0
+    for arg, want in (("bundle", 0.0), (None, None), (-0.5, -0.5)):
+        assert Pipeline.from_bundle(DEMO, load_vlm_model=True, refine_mask_z=arg).refine_mask_z == want
+    assert Pipeline.from_bundle(DEMO, load_vlm_model=False).refine_mask_z is None  # no VLM: nothing to refine
+    with pytest.raises(InputError, match="'bundle', a finite number or None"):
+        Pipeline.from_bundle(DEMO, load_vlm_model=False, refine_mask_z="off")
 
 
 def test_refine_mask_errors(pipes, tmp_path, capsys):
+    own = pipes[0].refine_mask_z
     for bad in (float("nan"), "abc", True, [1]):
         with pytest.raises(InputError, match="finite number or None"):
             pipes[0].refine_mask_z = bad
-    assert pipes[0].refine_mask_z is None
+    assert pipes[0].refine_mask_z == own
     cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5], score_std=[0.1], z_threshold=1.0)
     with pytest.raises(ModelMismatchError, match=r"\[C, gh, gw\] map"):  # a non-square VFM grid keeps [C, N]
         token_mask(np.zeros((1, 6), dtype=np.float32), (8, 8), {"tokens_per_image": 4},
@@ -127,5 +137,24 @@ def test_refine_mask_errors(pipes, tmp_path, capsys):
     no_vlm = Pipeline.from_bundle(DEMO, load_vlm_model=False)
     with pytest.raises(ModelMismatchError, match="LLaVA's fixed image-token grid"):
         no_vlm.refine_mask_z = 0.0
-    assert main(["infer", "--image", IMAGES[0], "--refine-mask-z", "0", "--json", "--max-new-tokens", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["answer"]
+    answers = {}
+    for arg in ("0", "off", "bundle", "1e6"):
+        assert main(["infer", "--image", IMAGES[0], "--refine-mask-z", arg, "--json", "--max-new-tokens", "12"]) == 0
+        answers[arg] = json.loads(capsys.readouterr().out)["answer"]
+    assert answers["0"] == answers["bundle"] and answers["off"] != answers["1e6"]
+    for bad in ("nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            main(["infer", "--image", IMAGES[0], "--refine-mask-z", bad])
+        assert "expected a finite number, off or bundle" in capsys.readouterr().err
+
+
+def test_a_refined_encoder_without_the_mask_input_is_refused(pipes, monkeypatch):
+    """A bundle exported before the refined encoder took ``refine_mask``: masked refinement names the fix."""
+    from rtrt.runtime.errors import BundleError
+    from rtrt.runtime.names import VISION_ENCODER_REFINED
+
+    vlm = pipes[0].vlm
+    monkeypatch.setitem(vlm._vision_inputs, VISION_ENCODER_REFINED, ["pixel_values"])  # what such a graph lists
+    feeds = vlm.prefill_inputs([load_image(IMAGES[0])], ["Describe the objects."])
+    with pytest.raises(BundleError, match=r"takes no refine_mask .*rtrt export --bundle .* --vlm"):
+        vlm.vision_features(feeds, True, np.ones(196, np.float32))

@@ -29,7 +29,7 @@ from rtrt.export.vlm_onnx import (QUANT_ACCURACY_LEVEL, QUANT_METHOD, DecoderGra
 from rtrt.runtime.bundle import load_bundle
 from rtrt.runtime.fileio import sha256_file
 from rtrt.runtime.names import (DECODER, EMBED_TOKENS, VISION_ENCODER, VISION_ENCODER_REFINED, VLM_CONFIG_FILES,
-                                VLM_DECODER_INPUTS, VLM_ONNX_DIR, past_names, vlm_onnx_file)
+                                VLM_DECODER_INPUTS, VLM_ONNX_DIR, VLM_REFINE_MASK, VLM_TOKENS_PER_ROW, past_names, vlm_onnx_file)
 from rtrt.runtime.vlm import load_vlm
 from fixtures.tiny_bundle import make_tiny_bundle
 from fixtures.tiny_vlm_bundle import exported_vlm_bundle
@@ -69,6 +69,8 @@ def vlm(request, tmp_path_factory):
     ids = batch["input_ids"].numpy().astype(np.int64)
     feeds = vision_feeds(fam, batch)
     stock = _run(sessions[VISION_ENCODER], feeds)[0]
+    if request.param != "qwen2_5_vl":  # LLaVA's and InternVL's refined encoder takes the refinement mask
+        feeds[VLM_REFINE_MASK] = np.ones(len(stock), np.float32)
     refined = _run(sessions[VISION_ENCODER_REFINED], feeds)[0]
 
     def embed(x):
@@ -109,8 +111,29 @@ def test_one_image_and_one_token(vlm):
         refined = _transform(vlm)(stock).numpy()
         embedded = vlm.fam.model.get_input_embeddings()(torch.tensor([[vlm.fam.image_token_id]])).numpy()
     assert np.abs(_run(vlm.sessions[VISION_ENCODER], feeds)[0] - stock.numpy()).max() < 1e-4
+    if vlm.family != "qwen2_5_vl":
+        feeds[VLM_REFINE_MASK] = np.ones(len(stock), np.float32)
     assert np.abs(_run(vlm.sessions[VISION_ENCODER_REFINED], feeds)[0] - refined).max() < 1e-4
     assert np.array_equal(vlm.embed(np.array([[vlm.fam.image_token_id]])), embedded)
+
+
+def test_refine_mask_input_keeps_the_stock_tokens_where_it_is_zero(vlm):
+    """LLaVA's and InternVL's refined encoder: rows whose mask is 0 are the stock encoder's bit for bit, the
+    others the refined ones; its length is images (tiles) times the tokens per row in the graph's metadata."""
+    session = vlm.sessions[VISION_ENCODER_REFINED]
+    names = [i.name for i in session.get_inputs()]
+    if vlm.family == "qwen2_5_vl":
+        assert VLM_REFINE_MASK not in names  # the mask serves LLaVA's fixed grid; Qwen's encoder is unchanged
+        return
+    feeds = vision_feeds(vlm.fam, vlm.batch)
+    per = int(session.get_modelmeta().custom_metadata_map[VLM_TOKENS_PER_ROW])
+    assert per * feeds["pixel_values"].shape[0] == len(vlm.stock)
+    mask = (np.random.default_rng(3).random(len(vlm.stock)) < 0.4).astype(np.float32)
+    got = session.run(None, {"pixel_values": feeds["pixel_values"], VLM_REFINE_MASK: mask})[0]
+    on = mask > 0
+    assert 0 < on.sum() < on.size
+    assert np.array_equal(got[on], vlm.refined[on]) and np.array_equal(got[~on], vlm.stock[~on])
+    assert vlm.bundle.manifest.exports.vlm.parity["max_abs_error"][f"{VISION_ENCODER_REFINED}.masked"] < TOL
 
 
 def test_prefill_from_empty_past_matches_torch_forward(vlm):

@@ -318,9 +318,17 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
     rare_classes = set(pipe.class_names)
     W = torch.from_numpy(pipe.W).to(pipe.device)
 
-    def refine(v: "torch.Tensor") -> "torch.Tensor":
-        # The pipeline's refinement: the bundle's adapter on every visual token, W as keys and values.
-        return torch.as_tensor(pipe.backend.refine(v[None], W.to(v.dtype)))[0].to(device=v.device, dtype=v.dtype)
+    def refiner(image):
+        # The pipeline's refinement: the bundle's adapter, W as keys and values, on every visual token
+        # or (Pipeline.refine_mask_z) only where the detector fires.
+        mask = pipe.refine_mask(image)
+
+        def refine(v: "torch.Tensor") -> "torch.Tensor":
+            out = torch.as_tensor(pipe.backend.refine(v[None], W.to(v.dtype)))[0].to(device=v.device, dtype=v.dtype)
+            if mask is None:
+                return out
+            return torch.where(torch.from_numpy(mask > 0).to(v.device)[:, None], out, v)
+        return refine
 
     items: dict[str, list[ImageAttention]] = {c: [] for c in CONDITIONS}
     per_image = []
@@ -332,6 +340,7 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
             codes = patch_groups(objs, rare_classes, image.size, grid, vlm.processor.image_processor)
             ids = answer_token_ids(vlm, ref.question, ref.answer, max_new_tokens) if answers == "reference" else None
             entry = {"image": ref.image}
+            refine = refiner(image)
             for cond in CONDITIONS:
                 it = image_attention(vlm, image, ref.question, codes, transform=refine if cond == "refined" else None,
                                      answer_ids=ids, max_new_tokens=max_new_tokens, query=query)
@@ -362,6 +371,7 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
         "vlm": {"family": vlm.name, "layers": layers, "heads": heads, "grid": grid},
         "patches": {g: float(np.mean([e["patches"][g] for e in per_image])) for g in GROUPS[:TEXT]},
         "middle_layers": middle, "conditions": conditions, "per_image": per_image,
+        "refine_mask_z": pipe.refine_mask_z,  # None: every visual token refined
     }
 
 
@@ -378,7 +388,9 @@ def report_markdown(res: dict) -> str:
     lines = [
         f"Attention of the answer's object-name tokens ({res['query']} rows, {res['answers']} answers) on "
         f"{res['images']} {res['split']} images; {b['name_tokens']} name tokens baseline ({b['rare_name_tokens']} of rare "
-        f"classes), {r['name_tokens']} refined ({r['rare_name_tokens']} rare); objects from the {res['objects_from']}.",
+        f"classes), {r['name_tokens']} refined ({r['rare_name_tokens']} rare); objects from the {res['objects_from']}; "
+        + ("every visual token refined." if res.get("refine_mask_z") is None else
+           f"tokens refined where a class's detector z-score exceeds {res['refine_mask_z']:g} (--refine-mask-z)."),
         "",
         "Per patch, relative to uniform (1 = the image's attention spread evenly over its patches):",
         "",
@@ -508,6 +520,8 @@ def write_report(res: dict, out_dir: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from rtrt.tools.infer import REFINE_MASK_HELP, refine_mask_arg
+
     p = argparse.ArgumentParser(prog="rtrt analyze", description="Analyses of how the VLM sees, with and without the plug-in.")
     sub = p.add_subparsers(dest="analysis", required=True, metavar="{attention}")
     a = sub.add_parser("attention", help="per decoder layer, the attention of the answer's object names on rare, common and "
@@ -526,6 +540,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the name tokens' own attention rows (default) or the rows that predicted them (one position earlier)")
     a.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit, also for reference answers (default: 96)")
     a.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
+    a.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")
@@ -540,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_run_args(args.limit, 1, args.max_new_tokens)
     pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend="torch", vlm_backend="torch", device=args.device,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens, refine_mask_z=args.refine_mask_z)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_attention(pipe, data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         query=args.query, answers=args.answers, progress=not args.quiet)

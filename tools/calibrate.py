@@ -12,7 +12,9 @@ default to ``auto``: the pair with the best micro hint F1 against the detector's
 image's annotation holds, on this split; ``--min-precision P``: instead, the pair with the highest
 hint recall at a precision of at least P there. Fit on a split you do not report (val), then measure on
 another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
-``detector`` section in one atomic bundle update.
+``detector`` section in one atomic bundle update. ``--refine-mask-z Z`` also sets the bundle's default
+refinement mask (``manifest.adapter.refine_mask_z``, see ``Pipeline.refine_mask_z``), which the
+calibrated z-scores decide; ``off`` removes it.
 """
 from __future__ import annotations
 
@@ -95,9 +97,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "percent, instead of the best F1 (falls back to the best F1, and says so, when none reaches P)")
     p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="detector backend (default: ort)")
     p.add_argument("--batch-size", type=int, default=16, help="images per detector call (default: %(default)s)")
+    p.add_argument("--refine-mask-z", type=_mask_arg, default="keep", metavar="{Z,off,keep}",
+                   help="the bundle's default refinement mask (manifest adapter.refine_mask_z, what Pipeline and rtrt "
+                        "infer/eval use unless told otherwise): Z = the adapter's change kept only at the image-token cells "
+                        "where a class's calibrated z-score exceeds Z (an addition to the paper's method; LLaVA grids); "
+                        "off = every token refined (the paper); keep = leave the bundle's setting (default: keep)")
     p.add_argument("--dry-run", action="store_true", help="print the fit and its hint quality without writing the bundle")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p.parse_args(argv)
+
+
+def _mask_arg(text: str) -> float | str | None:
+    from rtrt.tools.infer import refine_mask_arg
+
+    return refine_mask_arg(text, default="keep")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not split_dir.is_dir():
         raise InputError(f"{split_dir}: no CODA-LM split {args.split!r} under {args.data}")
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, load_vlm_model=False)
+    adapter = pipe.bundle.manifest.adapter
+    if args.refine_mask_z not in ("keep", None) and adapter is None:
+        raise InputError(f"{pipe.bundle.root}: --refine-mask-z needs a bundle with an adapter")
+    mask_z = (adapter.refine_mask_z if adapter is not None else None) if args.refine_mask_z == "keep" else args.refine_mask_z
     names = pipe.class_names
     refs = read_tasks(task_file(split_dir / "vqa_anno", "general_perception"))
     anns = [a for _, a in iter_annotations(split_dir)]
@@ -145,11 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           min_precision=args.min_precision)
     before = hint_quality(_hinted(np.stack(scores), pipe.detector_cfg.threshold, pipe.detector_cfg.top_k), present)
     result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
-              "hints_before": before, "hints_after": fit["quality"], "written": not args.dry_run}
+              "hints_before": before, "hints_after": fit["quality"], "refine_mask_z": mask_z, "written": not args.dry_run}
     if not args.dry_run:
         b = pipe.bundle
         b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=fit["score_mean"], score_std=fit["score_std"],
                                                   z_threshold=fit["z_threshold"], top_k=fit["top_k"])
+        if adapter is not None:
+            b.manifest.adapter = dataclasses.replace(adapter, refine_mask_z=mask_z)
         b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
                                               "min_precision": args.min_precision, "hints_after": fit["quality"]}
         b.add_files({})  # rewrites the manifest in one atomic bundle update
@@ -165,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty = "-" if q["no_hint_when_nothing_rare"] is None else f"{q['no_hint_when_nothing_rare']:.0f}%"
         print(f"  {label:<22} precision {q['precision']:.1f}  recall {q['recall']:.1f}  F1 {q['f1']:.1f}  "
               f"hints/image {q['per_image']:.2f}  no hint when nothing rare {empty}")
+    if adapter is not None:
+        print("  refinement: every visual token (the paper)" if mask_z is None else
+              f"  refinement: only the image-token cells where a class's z-score exceeds {mask_z:g} (--refine-mask-z)")
     print(f"{'(dry run, nothing written)' if args.dry_run else 'written to ' + str(pipe.bundle.root / 'manifest.json')}")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from rtrt.runtime.names import BACKENDS, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
+from rtrt.tools.infer import REFINE_MASK_HELP, refine_mask_arg
 
 __all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "check_run_args", "demo_test_world", "run_eval", "parse_args", "main"]
 
@@ -262,8 +263,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
-                   help="keep the adapter's change only at the image-token cells where a class's calibrated z-score of the detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM unrefined; LLaVA grids; default: off, every token refined)")
+    p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM, torch = transformers "
                         "(default: ort when the bundle carries the exported VLM, else torch)")

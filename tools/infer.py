@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,27 @@ __all__ = ["IMAGE_SUFFIXES", "image_paths", "parse_args", "main"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
 
+REFINE_MASK_HELP = (
+    "where the adapter's change is kept: Z = only at the image-token cells where a class's calibrated z-score of the "
+    "detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM "
+    "unrefined; LLaVA grids); off = every visual token refined (the paper); bundle = the bundle's own setting "
+    "(rtrt calibrate --refine-mask-z; the demo bundle's is 0) (default: bundle)")
+
+
+def refine_mask_arg(text: str, default: str = "bundle") -> float | str | None:
+    """``--refine-mask-z``: ``default`` (``bundle``: the bundle's setting), ``off`` (None: every token
+    refined) or a finite number."""
+    if text in (default, "off"):
+        return None if text == "off" else text
+    try:
+        z = float(text)
+    except ValueError:
+        z = float("nan")
+    if not math.isfinite(z):
+        raise argparse.ArgumentTypeError(f"expected a finite number, off or {default}, not {text!r}")
+    return z
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt infer", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--image", required=True, nargs="+", metavar="IMAGE",
@@ -39,8 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
-    p.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
-                   help="keep the adapter's change only at the image-token cells where a class's calibrated z-score of the detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM unrefined; LLaVA grids; default: off, every token refined)")
+    p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM on ONNX Runtime (no torch needed), torch = "
                         "transformers (default: ort when the bundle carries the exported VLM, else torch)")

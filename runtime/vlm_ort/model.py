@@ -40,6 +40,8 @@ from ..names import (
     VLM_ONNX_DIR,
     VLM_PRECISIONS,
     VLM_VISION_OUTPUTS,
+    VLM_REFINE_MASK,
+    VLM_TOKENS_PER_ROW,
     past_names,
     vlm_onnx_file,
 )
@@ -130,7 +132,7 @@ class OrtVLM:
         """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint).
         ``min_new_tokens``: end-of-sequence is not chosen before this many tokens (benchmarks).
         ``refine_mask`` [T_total] (with ``refine``): the refined tokens only where it is non-zero, the
-        plain vision encoder's elsewhere (both encoders run); None: refined everywhere."""
+        plain vision encoder's elsewhere (one run of the refined encoder); None: refined everywhere."""
         texts = [user_text(q, hints[i] if hints is not None else None) for i, q in enumerate(questions)]
         with self._lock:
             tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -141,21 +143,42 @@ class OrtVLM:
 
     def vision_features(self, feeds: dict[str, np.ndarray], refine: bool, refine_mask: np.ndarray | None = None) -> np.ndarray:
         """Visual tokens [T_total, D] of every image of the batch (refined when ``refine``; with
-        ``refine_mask``, only where it is non-zero)."""
-        if refine and refine_mask is not None:
-            plain, refined = self.vision_features(feeds, False), self.vision_features(feeds, True)
-            if refine_mask.shape != (plain.shape[0],):
-                raise InputError(f"the refinement mask covers {refine_mask.shape[0]} visual tokens, the vision encoder gave {plain.shape[0]}")
-            return np.where((refine_mask > 0)[:, None], refined, plain)
+        ``refine_mask``, only where it is non-zero: the refined encoder's ``refine_mask`` input)."""
         graph = VISION_ENCODER_REFINED if refine else VISION_ENCODER
         if graph not in self.sessions:
             raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
         names = self._vision_inputs[graph]
-        missing = [n for n in names if n not in feeds]
+        takes_mask = refine and VLM_REFINE_MASK in names
+        if refine and refine_mask is not None and not takes_mask:
+            raise BundleError(f"{self.root}: the exported refined vision encoder takes no {VLM_REFINE_MASK} (exported by an "
+                              f"older rtrt); re-export it with `rtrt export --bundle {self.root} --vlm`")
+        missing = [n for n in names if n not in feeds and n != VLM_REFINE_MASK]
         if missing:
             raise InputError(f"the vision encoder needs {', '.join(missing)}, which preprocessing did not give")
-        (out,) = self.sessions[graph].run(list(VLM_VISION_OUTPUTS), {n: feeds[n] for n in names})
+        run = {n: feeds[n] for n in names if n != VLM_REFINE_MASK}
+        if takes_mask:
+            total = self.visual_token_count(feeds)
+            if refine_mask is None:
+                refine_mask = np.ones(total, np.float32)
+            self._check_mask(refine_mask, total)
+            run[VLM_REFINE_MASK] = np.ascontiguousarray(refine_mask, dtype=np.float32)
+        (out,) = self.sessions[graph].run(list(VLM_VISION_OUTPUTS), run)
         return out.reshape(-1, out.shape[-1])
+
+    @staticmethod
+    def _check_mask(mask: np.ndarray, tokens: int) -> None:
+        if np.shape(mask) != (tokens,):
+            raise InputError(f"the refinement mask covers {np.shape(mask)} visual tokens, the vision encoder gives {tokens}")
+
+    def visual_token_count(self, feeds: dict[str, np.ndarray]) -> int:
+        """Visual tokens the refined encoder gives for ``feeds`` (images or tiles times the tokens each
+        gives, which the export wrote into the graph's metadata)."""
+        meta = self.sessions[VISION_ENCODER_REFINED].get_modelmeta().custom_metadata_map
+        per = meta.get(VLM_TOKENS_PER_ROW, "")
+        if not per.isdigit() or int(per) < 1:
+            raise BundleError(f"{self.root}: the refined vision encoder takes {VLM_REFINE_MASK} but its metadata "
+                              f"has no valid {VLM_TOKENS_PER_ROW} ({per!r}); re-export with `rtrt export --vlm`")
+        return int(feeds["pixel_values"].shape[0]) * int(per)
 
     def prefill_inputs(self, images: Sequence, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The processor's feeds (ids, mask, positions, pixels) plus the vision encoder's extra inputs."""

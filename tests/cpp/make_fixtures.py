@@ -98,7 +98,7 @@ def error_message(fn) -> str:
     raise AssertionError(f"{fn} did not raise an RtrtError")
 
 
-def option_records(image: Path) -> list[str]:
+def option_records(image: Path, mask_image: Path) -> list[str]:
     """Options that must reach Pipeline.from_bundle: precision and threads, on the demo bundle's ORT graphs."""
     from rtrt.runtime.assets import default_bundle
     from rtrt.runtime.pipeline import Pipeline
@@ -112,10 +112,18 @@ def option_records(image: Path) -> list[str]:
     # The CPU has no TensorRT EP: fp16 on ORT is refused. A bad thread count is refused by the runtime.
     fp16 = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, precision="fp16"))
     threads = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, threads=-1))
-    # refine_mask_z: the masked answer (with the VLM), and the refusal without one.
-    masked = Pipeline.from_bundle(demo, "ort", refine_mask_z=0.0)(image).answer
+    # refine_mask_z on an image where refinement changes the answer: the bundle's own setting (describe()
+    # says which), a z no cell reaches (no token refined), every token refined; the refusal without a VLM.
+    pipe = Pipeline.from_bundle(demo, "ort")
+    own = (pipe(mask_image).answer, str(pipe.describe()["refine_mask_z"]))  # as describe() in C++ prints it
+    pipe.refine_mask_z = 1e6
+    none = pipe(mask_image).answer
+    pipe.refine_mask_z = None
+    every = pipe(mask_image).answer
+    assert none != every, f"refinement does not change the answer on {mask_image}: the mask records could not tell"
     no_vlm = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, refine_mask_z=0.0))
-    return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}", f"omask {hexs(masked)} {hexs(no_vlm)}"]
+    return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}",
+                    f"omask {hexs(str(mask_image))} {hexs(own[0])} {hexs(own[1])} {hexs(none)} {hexs(every)} {hexs(no_vlm)}"]
 
 
 def verify_records(bundle: Path, out: Path, backend: str) -> list[str]:
@@ -214,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(f"tampered {hexs(str(missing))} "
                  f"{hexs(error_message(lambda: Pipeline.from_bundle(missing, backend=args.backend)))}")
 
-    lines += option_records(images[0][0])
+    lines += option_records(images[0][0], images[1][0])
     lines += verify_records(bundle, out, args.backend)
 
     (out / "expected.txt").write_text("\n".join(lines) + "\n")

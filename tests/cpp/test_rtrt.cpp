@@ -80,7 +80,10 @@ struct Expected {
   std::vector<std::string> classes;
   std::vector<ImageCase> images;
   std::vector<std::pair<std::string, std::string>> bad_images, bad_bundles;  // path, message
-  std::string demo_bundle, fp16_unavailable, bad_threads, masked_answer, mask_without_vlm;
+  std::string demo_bundle, fp16_unavailable, bad_threads, mask_without_vlm;
+  struct {
+    std::string image, own, own_z, unrefined, every;  // answers: the bundle's setting (own_z: str() of it), z 1e6, every token
+  } mask;
   int option_threads = 0;
   std::vector<PrecisionCase> precisions;
   std::vector<VerifyCase> verify;
@@ -158,7 +161,10 @@ Expected read_expected(const std::string& dir) {
     } else if (key == "othreads") {
       in >> a, e.bad_threads = unhex(a);
     } else if (key == "omask") {
-      in >> a >> b, e.masked_answer = unhex(a), e.mask_without_vlm = unhex(b);
+      std::string c, d, f, g;
+      in >> a >> b >> c >> d >> f >> g;
+      e.mask = {unhex(a), unhex(b), unhex(c), unhex(d), unhex(f)};
+      e.mask_without_vlm = unhex(g);
     } else if (key == "verify") {
       std::string c;
       in >> a >> b >> c, e.verify.push_back({unhex(a), unhex(b), unhex(c)});
@@ -386,16 +392,35 @@ void test_options(const Expected& e) {
   bad_threads.load_vlm = false;
   err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, bad_threads); }, "threads -1");
   CHECK(err.kind() == rtrt::ErrorKind::Input && err.what() == e.bad_threads, "threads -1: " << err.what());
-  // refine_mask_z reaches the runtime: the masked answer is Python's, and without a VLM it is refused.
-  CHECK(!e.masked_answer.empty(), "expected.txt has no omask record");
+  // refine_mask_z reaches the runtime: the bundle's own setting by default, another z, or every token
+  // refined (refine_every_token), each answer Python's; both set, or a z without a VLM, refused.
+  CHECK(!e.mask.image.empty() && e.mask.unrefined != e.mask.every, "expected.txt has no usable omask record");
+  const rtrt::Image mimg = rtrt::load_image(e.mask.image);
+  {
+    rtrt::Pipeline pipe(e.demo_bundle);
+    CHECK(pipe.describe()["refine_mask_z"] == e.mask.own_z, "describe() says refine_mask_z " << pipe.describe()["refine_mask_z"]
+          << ", Python " << e.mask.own_z);
+    const std::string got = pipe.answer(mimg.rgb.data(), mimg.width, mimg.height).answer;
+    CHECK(got == e.mask.own, "the bundle's refinement: '" << got << "' != Python's '" << e.mask.own << "'");
+  }
   rtrt::Options masked;
-  masked.refine_mask_z = 0.0;
+  masked.refine_mask_z = 1e6;
   {
     rtrt::Pipeline pipe(e.demo_bundle, masked);
-    CHECK(pipe.describe()["refine_mask_z"] == "0.0", "describe() says refine_mask_z " << pipe.describe()["refine_mask_z"]);
-    const std::string got = pipe.answer(img.rgb.data(), img.width, img.height).answer;
-    CHECK(got == e.masked_answer, "masked answer '" << got << "' != Python's '" << e.masked_answer << "'");
+    const std::string got = pipe.answer(mimg.rgb.data(), mimg.width, mimg.height).answer;
+    CHECK(got == e.mask.unrefined, "refine_mask_z 1e6: '" << got << "' != Python's '" << e.mask.unrefined << "'");
   }
+  rtrt::Options every;
+  every.refine_every_token = true;
+  {
+    rtrt::Pipeline pipe(e.demo_bundle, every);
+    CHECK(pipe.describe()["refine_mask_z"] == "None", "refine_every_token: describe() says " << pipe.describe()["refine_mask_z"]);
+    const std::string got = pipe.answer(mimg.rgb.data(), mimg.width, mimg.height).answer;
+    CHECK(got == e.mask.every, "refine_every_token: '" << got << "' != Python's '" << e.mask.every << "'");
+  }
+  every.refine_mask_z = 0.0;
+  err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, every); }, "refine_mask_z with refine_every_token");
+  CHECK(err.kind() == rtrt::ErrorKind::Input, "both mask options: " << err.what());
   masked.load_vlm = false;
   err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, masked); }, "refine_mask_z without a VLM");
   CHECK(err.kind() == rtrt::ErrorKind::ModelMismatch && err.what() == e.mask_without_vlm, "refine_mask_z: " << err.what());

@@ -45,7 +45,7 @@ STAGE_FIELDS = {
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
                "phase2_tasks", "phase2_null_slot", "phase2_keep", "phase2_keep_z",
                "phase2_refine_mask_z"),
-    "export": (),
+    "export": ("refine_mask_z",),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
@@ -361,8 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "--images", str(out / "examples"), "--vlm"])
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
+    # The bundle's refinement mask (plan.refine_mask_z) is set with it: the calibrated z-scores decide it.
+    mask = ["--refine-mask-z", "off" if plan.refine_mask_z is None else str(plan.refine_mask_z)]
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val",
-                                                               *min_precision])
+                                                               *min_precision, *mask])
     # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.
     probes = work / "probes.json"
     timer.run("probes", _call_main, "rtrt.tools.demo.probe", ["--bundle", str(phase2), "--data", str(world), "--split", "test",

@@ -264,6 +264,8 @@ Pipeline::Pipeline(const std::string& bundle_dir, const std::string& backend) : 
 }()) {}
 
 Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std::make_unique<Impl>()) {
+  if (o.refine_every_token && o.refine_mask_z)
+    throw Error(ErrorKind::Input, "", "Options: refine_mask_z and refine_every_token are both set; choose one");
   impl_->pipe = with_python([&] {
     return api().pipeline_cls.attr("from_bundle")(
         bundle_dir, "backend"_a = o.backend, "vlm"_a = o.vlm.empty() ? py::object(py::none()) : py::str(o.vlm),
@@ -273,7 +275,9 @@ Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std:
         "verify"_a = o.verify,
         "vlm_backend"_a = o.vlm_backend.empty() ? py::object(py::none()) : py::object(py::str(o.vlm_backend)),
         "vlm_precision"_a = o.vlm_precision,
-        "refine_mask_z"_a = o.refine_mask_z ? py::object(py::float_(*o.refine_mask_z)) : py::object(py::none()));
+        "refine_mask_z"_a = o.refine_mask_z        ? py::object(py::float_(*o.refine_mask_z))
+                            : o.refine_every_token ? py::object(py::none())
+                                                   : py::object(py::str("bundle")));
   });
 }
 

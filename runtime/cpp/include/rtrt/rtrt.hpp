@@ -97,7 +97,10 @@ struct Options {
   bool load_vlm = true;                     // false: detector only (answer() then throws ErrorKind::Input)
   std::string on_engine_mismatch = "rebuild";  // cached TensorRT engine of another GPU/version: rebuild|fallback|fail
   std::optional<double> refine_mask_z;      // set: refine only the image-token cells where a class's calibrated detector
-                                            // z-score exceeds it (Pipeline.refine_mask_z); empty: every token (the paper)
+                                            // z-score exceeds it (Pipeline.refine_mask_z); empty: the bundle's own setting
+                                            // (rtrt calibrate --refine-mask-z; the demo bundle's is 0)
+  bool refine_every_token = false;          // true: every visual token refined (the paper), whatever the bundle says;
+                                            // with refine_mask_z set too: ErrorKind::Input
 };
 
 // Per-call switches of answer(): the method's two remedies and the length limit.
