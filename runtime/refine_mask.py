@@ -1,7 +1,8 @@
 """Where the adapter may change the visual tokens: the detector's cells (numpy, no torch).
 
 The paper's refinement changes every visual token. With ``Pipeline.refine_mask_z`` (an addition to the
-paper's recipe, off by default) the adapter's residual is kept only at the LLaVA token cells where the
+paper's recipe; a bundle's default is its ``adapter.refine_mask_z``, 0 in the demo bundle, none unless
+``rtrt calibrate --refine-mask-z`` set it) the adapter's residual is kept only at the LLaVA token cells where the
 calibrated detector finds a rare class: a class's z-score of the detector's similarity, sampled at the
 cell's centre, exceeds ``z``. Tokens of common objects and background then reach the VLM unchanged.
 

@@ -3,7 +3,7 @@
 //     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]
 //                   [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]
 //                   [--device cpu|cuda:0] [--max-new-tokens N]
-//                   [--no-hints] [--no-refine]
+//                   [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle]
 //
 // IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
 // other format (PNG, JPEG, ...; decoded by the runtime exactly as `rtrt infer` does).
@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iomanip>
@@ -26,7 +27,7 @@ const char* kUsage =
     "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]\n"
     "                     [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]\n"
     "                     [--device DEV] [--max-new-tokens N]\n"
-    "                     [--no-hints] [--no-refine]\n";
+    "                     [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle]\n";
 
 // The whole argument must be a number ("3x" is refused, not read as 3).
 int to_int(const std::string& flag, const std::string& v) {
@@ -37,6 +38,18 @@ int to_int(const std::string& flag, const std::string& v) {
   } catch (const std::exception&) {
   }
   std::cerr << "rtrt_cpp_demo: error: " << flag << " must be an integer, got " << v << "\n";
+  std::exit(2);
+}
+
+// A finite number, the whole argument ("0x" is refused).
+double to_double(const std::string& flag, const std::string& v) {
+  try {
+    std::size_t used = 0;
+    const double x = std::stod(v, &used);
+    if (used == v.size() && std::isfinite(x)) return x;
+  } catch (const std::exception&) {
+  }
+  std::cerr << "rtrt_cpp_demo: error: " << flag << " must be a finite number, off or bundle, got " << v << "\n";
   std::exit(2);
 }
 
@@ -92,6 +105,11 @@ int main(int argc, char** argv) {
       call.hints = false;
     } else if (a == "--no-refine") {
       call.refine = false;
+    } else if (a == "--refine-mask-z") {  // as rtrt infer: the bundle's setting unless told otherwise
+      const std::string v = value("--refine-mask-z");
+      options.refine_mask_z.reset();
+      options.refine_every_token = v == "off";
+      if (v != "off" && v != "bundle") options.refine_mask_z = to_double("--refine-mask-z", v);
     } else if (a.rfind("--", 0) == 0) {
       std::cerr << "rtrt_cpp_demo: error: unknown option " << a << "\n" << kUsage;
       return 2;
