@@ -98,7 +98,7 @@ def error_message(fn) -> str:
     raise AssertionError(f"{fn} did not raise an RtrtError")
 
 
-def option_records(image: Path, mask_image: Path) -> list[str]:
+def option_records(image: Path, mask_candidates: list[Path]) -> list[str]:
     """Options that must reach Pipeline.from_bundle: precision and threads, on the demo bundle's ORT graphs."""
     from rtrt.runtime.assets import default_bundle
     from rtrt.runtime.pipeline import Pipeline
@@ -114,13 +114,20 @@ def option_records(image: Path, mask_image: Path) -> list[str]:
     threads = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, threads=-1))
     # refine_mask_z on an image where refinement changes the answer: the bundle's own setting (describe()
     # says which), a z no cell reaches (no token refined), every token refined; the refusal without a VLM.
+    # The first candidate where refinement changes the answer (none of them: the records could not tell).
     pipe = Pipeline.from_bundle(demo, "ort")
-    own = (pipe(mask_image).answer, str(pipe.describe()["refine_mask_z"]))  # as describe() in C++ prints it
-    pipe.refine_mask_z = 1e6
-    none = pipe(mask_image).answer
-    pipe.refine_mask_z = None
-    every = pipe(mask_image).answer
-    assert none != every, f"refinement does not change the answer on {mask_image}: the mask records could not tell"
+    bundle_z = pipe.refine_mask_z  # the bundle's own setting, which from_bundle applied
+    for mask_image in mask_candidates:
+        pipe.refine_mask_z = bundle_z
+        own = (pipe(mask_image).answer, str(pipe.describe()["refine_mask_z"]))  # as describe() in C++ prints it
+        pipe.refine_mask_z = 1e6
+        none = pipe(mask_image).answer
+        pipe.refine_mask_z = None
+        every = pipe(mask_image).answer
+        if none != every:
+            break
+    else:
+        raise AssertionError(f"refinement changes the answer on none of {[str(p) for p in mask_candidates]}")
     no_vlm = error_message(lambda: Pipeline.from_bundle(demo, "ort", load_vlm_model=False, refine_mask_z=0.0))
     return lines + [f"ofp16 {hexs(fp16)}", f"othreads {hexs(threads)}",
                     f"omask {hexs(str(mask_image))} {hexs(own[0])} {hexs(own[1])} {hexs(none)} {hexs(every)} {hexs(no_vlm)}"]
@@ -222,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(f"tampered {hexs(str(missing))} "
                  f"{hexs(error_message(lambda: Pipeline.from_bundle(missing, backend=args.backend)))}")
 
-    lines += option_records(images[0][0], images[1][0])
+    lines += option_records(images[0][0], [images[1][0], images[0][0], *sorted((REPO / "runtime" / "assets" / "examples").glob("*.jpg"))])
     lines += verify_records(bundle, out, args.backend)
 
     (out / "expected.txt").write_text("\n".join(lines) + "\n")
