@@ -5,7 +5,7 @@
 
     vlm_onnx/config.json, tokenizer.json, ...            the VLM's own configs (the VLM_CONFIG_FILES it has)
     vlm_onnx/onnx/vision_encoder.onnx                    tower + projector -> image_features [T_total, D]
-    vlm_onnx/onnx/vision_encoder_refined.onnx            the same + the bundle's adapter, W a constant
+    vlm_onnx/onnx/vision_encoder_refined.onnx            the same + the bundle's adapter, W a constant (+ refine_mask)
     vlm_onnx/onnx/embed_tokens.onnx                      input_ids -> inputs_embeds
     vlm_onnx/onnx/decoder_model_merged.onnx              language model + LM head with a KV cache
     vlm_onnx/onnx/decoder_model_merged_quantized.onnx    (quantized=True) int8 weight-only decoder for CPUs
@@ -25,7 +25,10 @@ How each graph is made (torch's dynamo exporter at ``OPSET``; a graph whose weig
   Qwen2.5-VL's comes from ``rtrt.export.vlm_onnx_qwen``. Every image's tokens in image-token order,
   [T_total, D], as ``VLMFamily.visual_tokens`` gives them.
 - refined encoder: the stock one followed by ``adapter(image_features[None], W)[0]``: every token of
-  the batch as one row, as ``Pipeline`` refines them (``names.ADAPTER_CALL``).
+  the batch as one row, as ``Pipeline`` refines them (``names.ADAPTER_CALL``). LLaVA's and InternVL's
+  also take ``refine_mask`` [T_total] (``names.VLM_REFINE_MASK``; its length a derived dynamic dim, the
+  images or tiles times the tokens each gives, written into the graph's metadata as
+  ``rtrt.tokens_per_row``): where it is 0 the stock token comes out unchanged (``Pipeline.refine_mask_z``).
 - quantized decoder: ONNX Runtime's ``MatMulNBitsQuantizer`` with 8 bits, symmetric, per block of
   ``QUANT_BLOCK`` weights along K: int8 weights, nothing calibrated. ``QUANT_ACCURACY_LEVEL`` 4 lets
   ORT's CPU kernel multiply with activations quantised per block at run time, its fast 8-bit path.
@@ -320,7 +323,8 @@ def export_vision_encoder(family, path: str | os.PathLike, adapter: CrossAttenti
                           W: torch.Tensor | None = None, *, verbose: bool = False) -> Path:
     """``vision_encoder.onnx`` (or, with ``adapter`` and ``W`` [C, D], ``vision_encoder_refined.onnx``) of any family.
 
-    LLaVA and InternVL take ``pixel_values`` [N, 3, H, W] (images or tiles, N dynamic); Qwen2.5-VL
+    LLaVA and InternVL take ``pixel_values`` [N, 3, H, W] (images or tiles, N dynamic), their refined
+    encoder also ``refine_mask`` [N * tokens per row] (metadata ``rtrt.tokens_per_row``); Qwen2.5-VL
     is exported by ``rtrt.export.vlm_onnx_qwen.export_qwen_vision`` (inputs ``QWEN_VISION_INPUTS``).
     """
     _check_family(family)

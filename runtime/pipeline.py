@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .errors import InputError, ModelMismatchError
+from .errors import BundleError, InputError, ModelMismatchError, RtrtError
 from .image import ImageInput, load_image, spec_pixels
 from .detection import Detection, select_detections
 from .names import VLM_BACKENDS
@@ -74,6 +74,7 @@ class Result:
     precision: str | None = None  # the graphs' precision that ran (None: plugin=False)
     providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers used ([] for torch/trt)
     vlm_backend: str | None = None  # how the VLM ran: "torch" (transformers) or "ort" (exported graphs)
+    refine_mask_z: float | None = None  # the refinement mask that ran (Pipeline.refine_mask_z); None: every token, or no refinement
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rtrt infer --json`` object."""
@@ -85,6 +86,7 @@ class Result:
             "precision": self.precision,
             "providers": list(self.providers),
             "vlm_backend": self.vlm_backend,
+            "refine_mask_z": self.refine_mask_z,
         }
 
 
@@ -190,6 +192,9 @@ class Pipeline:
             if self.vlm is None or getattr(self.vlm, "name", None) != "llava" or not per_image:
                 name = None if self.vlm is None else getattr(self.vlm, "name", "?")
                 raise ModelMismatchError(f"refine_mask_z needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
+            if self.vlm_backend == "ort" and not self.vlm.takes_refine_mask:
+                raise BundleError(f"{self.bundle.root}: the exported refined vision encoder takes no refinement mask (exported "
+                                  f"by an older rtrt); re-export it with `rtrt export --bundle {self.bundle.root} --vlm`")
         self._refine_mask_z = z
 
     def refine_mask(self, image) -> np.ndarray | None:
@@ -284,7 +289,13 @@ class Pipeline:
             if refine_mask_z != "bundle":
                 raise InputError(f"refine_mask_z must be 'bundle', a finite number or None, not {refine_mask_z!r}")
             adapter = bundle.manifest.adapter
-            refine_mask_z = adapter.refine_mask_z if adapter is not None and family is not None else None
+            own = adapter.refine_mask_z if adapter is not None and family is not None else None
+            try:
+                pipe.refine_mask_z = own
+            except RtrtError as e:  # the bundle's own setting: say so, and how to run without it
+                raise type(e)(f"the bundle's adapter.refine_mask_z {own:g}: {e}; pass refine_mask_z=None "
+                              "(--refine-mask-z off) to refine every token") from None
+            return pipe
         pipe.refine_mask_z = refine_mask_z  # checked: a calibrated detector and LLaVA's grid
         return pipe
 
@@ -401,7 +412,7 @@ class Pipeline:
         ran = self.describe()
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
-                   self.vlm_backend)
+                   self.vlm_backend, z if refine else None)
             for a, r, h in zip(answers, dets, hint_names)
         ]
 

@@ -160,6 +160,31 @@ def test_calibrate_sets_keeps_and_removes_the_refinement_mask(world_and_bundle, 
         assert "--refine-mask-z: expected a finite number, off or keep" in capsys.readouterr().err
 
 
+def test_calibrate_refuses_a_mask_the_bundle_cannot_run(world_and_bundle, tmp_path, capsys):
+    """No adapter, or a VLM without LLaVA's fixed token grid: one line, exit 2, nothing written."""
+    world, src = world_and_bundle
+    import shutil
+
+    from rtrt.runtime.bundle import VLMSpec
+
+    for name, change, message in (
+        ("no_adapter", lambda m: setattr(m, "adapter", None), "needs a bundle with an adapter"),
+        ("internvl", lambda m: setattr(m, "vlm", VLMSpec(family="internvl", ref="/opt/models/internvl", hidden_size=64)),
+         "needs LLaVA's fixed image-token grid, not a 'internvl' VLM"),
+    ):
+        bundle = tmp_path / name
+        shutil.copytree(src, bundle)
+        b = load_bundle(bundle)
+        change(b.manifest)
+        b.add_files({})
+        before = (bundle / "manifest.json").read_bytes()
+        assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch",
+                          "--refine-mask-z", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert (bundle / "manifest.json").read_bytes() == before
+
+
 def test_a_refinement_mask_in_the_manifest_is_a_finite_number(tmp_path):
     from rtrt.runtime.bundle import Manifest
     from rtrt.runtime.errors import BundleError

@@ -137,11 +137,15 @@ def test_refine_mask_errors(pipes, tmp_path, capsys):
     no_vlm = Pipeline.from_bundle(DEMO, load_vlm_model=False)
     with pytest.raises(ModelMismatchError, match="LLaVA's fixed image-token grid"):
         no_vlm.refine_mask_z = 0.0
-    answers = {}
+    answers, ran = {}, {}
     for arg in ("0", "off", "bundle", "1e6"):
         assert main(["infer", "--image", IMAGES[0], "--refine-mask-z", arg, "--json", "--max-new-tokens", "12"]) == 0
-        answers[arg] = json.loads(capsys.readouterr().out)["answer"]
+        out = json.loads(capsys.readouterr().out)
+        answers[arg], ran[arg] = out["answer"], out["refine_mask_z"]
+    assert ran == {"0": 0.0, "off": None, "bundle": 0.0, "1e6": 1e6}  # --json says which mask ran
     assert answers["0"] == answers["bundle"] and answers["off"] != answers["1e6"]
+    assert main(["infer", "--image", IMAGES[0], "--no-refine", "--json", "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["refine_mask_z"] is None  # nothing refined
     for bad in ("nan", "inf", "x"):
         with pytest.raises(SystemExit):
             main(["infer", "--image", IMAGES[0], "--refine-mask-z", bad])
@@ -149,12 +153,31 @@ def test_refine_mask_errors(pipes, tmp_path, capsys):
 
 
 def test_a_refined_encoder_without_the_mask_input_is_refused(pipes, monkeypatch):
-    """A bundle exported before the refined encoder took ``refine_mask``: masked refinement names the fix."""
+    """A bundle exported before the refined encoder took ``refine_mask``: a mask is refused when it is
+    set (at load for the bundle's own), with the fix in one line; every token refined still runs."""
     from rtrt.runtime.errors import BundleError
     from rtrt.runtime.names import VISION_ENCODER_REFINED
 
-    vlm = pipes[0].vlm
-    monkeypatch.setitem(vlm._vision_inputs, VISION_ENCODER_REFINED, ["pixel_values"])  # what such a graph lists
-    feeds = vlm.prefill_inputs([load_image(IMAGES[0])], ["Describe the objects."])
+    pipe = pipes[0]
+    own = pipe.refine_mask_z
+    monkeypatch.setitem(pipe.vlm._vision_inputs, VISION_ENCODER_REFINED, ["pixel_values"])  # what such a graph lists
+    assert not pipe.vlm.takes_refine_mask
+    with pytest.raises(BundleError, match=r"takes no refinement mask .*rtrt export --bundle .* --vlm`$"):
+        pipe.refine_mask_z = 0.5
+    assert pipe.refine_mask_z == own
+    feeds = pipe.vlm.prefill_inputs([load_image(IMAGES[0])], ["Describe the objects."])
     with pytest.raises(BundleError, match=r"takes no refine_mask .*rtrt export --bundle .* --vlm"):
-        vlm.vision_features(feeds, True, np.ones(196, np.float32))
+        pipe.vlm.vision_features(feeds, True, np.ones(196, np.float32))
+    # The bundle's own setting is checked at load and names itself and the way around it.
+    from rtrt.runtime.vlm_ort import OrtVLM
+
+    real = OrtVLM.from_bundle.__func__
+
+    def old_export(cls, *a, **k):
+        vlm = real(cls, *a, **k)
+        vlm._vision_inputs[VISION_ENCODER_REFINED] = ["pixel_values"]
+        return vlm
+    monkeypatch.setattr(OrtVLM, "from_bundle", classmethod(old_export))
+    with pytest.raises(BundleError, match=r"^the bundle's adapter\.refine_mask_z 0: .* pass refine_mask_z=None \(--refine-mask-z off\)"):
+        Pipeline.from_bundle(DEMO)
+    assert Pipeline.from_bundle(DEMO, refine_mask_z=None).refine_mask_z is None

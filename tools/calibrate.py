@@ -113,6 +113,24 @@ def _mask_arg(text: str) -> float | str | None:
     return refine_mask_arg(text, default="keep")
 
 
+def _check_mask_bundle(bundle) -> None:
+    """A bundle that can run a refinement mask: an adapter, a LLaVA VLM (its fixed token grid), and an
+    exported refined vision encoder (if any) that takes the mask; else one-line InputError."""
+    from rtrt.runtime.errors import InputError
+    from rtrt.runtime.names import VISION_ENCODER_REFINED, VLM_REFINE_MASK
+
+    m = bundle.manifest
+    if m.adapter is None:
+        raise InputError(f"{bundle.root}: --refine-mask-z needs a bundle with an adapter")
+    family = m.vlm.family if m.vlm is not None else None
+    if family not in (None, "", "llava"):
+        raise InputError(f"{bundle.root}: --refine-mask-z needs LLaVA's fixed image-token grid, not a {family!r} VLM")
+    refined = m.exports.vlm.graph(VISION_ENCODER_REFINED) if m.exports.vlm is not None else None
+    if refined is not None and VLM_REFINE_MASK not in refined.inputs:
+        raise InputError(f"{bundle.root}: its exported refined vision encoder takes no refinement mask; re-export it with "
+                         f"`rtrt export --bundle {bundle.root} --vlm` first")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
@@ -144,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"{split_dir}: no CODA-LM split {args.split!r} under {args.data}")
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, load_vlm_model=False)
     adapter = pipe.bundle.manifest.adapter
-    if args.refine_mask_z not in ("keep", None) and adapter is None:
-        raise InputError(f"{pipe.bundle.root}: --refine-mask-z needs a bundle with an adapter")
+    if args.refine_mask_z not in ("keep", None):
+        _check_mask_bundle(pipe.bundle)
     mask_z = (adapter.refine_mask_z if adapter is not None else None) if args.refine_mask_z == "keep" else args.refine_mask_z
     names = pipe.class_names
     refs = read_tasks(task_file(split_dir / "vqa_anno", "general_perception"))

@@ -26,7 +26,7 @@ from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import ImageError, InputError
 from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
 
-__all__ = ["IMAGE_SUFFIXES", "image_paths", "parse_args", "main"]
+__all__ = ["IMAGE_SUFFIXES", "REFINE_MASK_HELP", "image_paths", "refine_mask_arg", "parse_args", "main"]
 
 # Files of a folder given to --image that are read as images (a file named directly is always tried).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")

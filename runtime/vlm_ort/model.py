@@ -148,7 +148,7 @@ class OrtVLM:
         if graph not in self.sessions:
             raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
         names = self._vision_inputs[graph]
-        takes_mask = refine and VLM_REFINE_MASK in names
+        takes_mask = refine and self.takes_refine_mask
         if refine and refine_mask is not None and not takes_mask:
             raise BundleError(f"{self.root}: the exported refined vision encoder takes no {VLM_REFINE_MASK} (exported by an "
                               f"older rtrt); re-export it with `rtrt export --bundle {self.root} --vlm`")
@@ -165,10 +165,16 @@ class OrtVLM:
         (out,) = self.sessions[graph].run(list(VLM_VISION_OUTPUTS), run)
         return out.reshape(-1, out.shape[-1])
 
+    @property
+    def takes_refine_mask(self) -> bool:
+        """Whether the refined vision encoder takes ``refine_mask`` (bundles exported before it do not)."""
+        return VLM_REFINE_MASK in self._vision_inputs.get(VISION_ENCODER_REFINED, ())
+
     @staticmethod
     def _check_mask(mask: np.ndarray, tokens: int) -> None:
-        if np.shape(mask) != (tokens,):
-            raise InputError(f"the refinement mask covers {np.shape(mask)} visual tokens, the vision encoder gives {tokens}")
+        if np.ndim(mask) != 1 or np.size(mask) != tokens:
+            raise InputError(f"the refinement mask must hold one value per visual token ({tokens}), not an array of shape "
+                             f"{np.shape(mask)}")
 
     def visual_token_count(self, feeds: dict[str, np.ndarray]) -> int:
         """Visual tokens the refined encoder gives for ``feeds`` (images or tiles times the tokens each
