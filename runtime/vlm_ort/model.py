@@ -81,6 +81,15 @@ class OrtVLM:
         self._vision_inputs = {g: [i.name for i in s.get_inputs()] for g, s in sessions.items()
                                if g in (VISION_ENCODER, VISION_ENCODER_REFINED)}
         self.providers = list(dict.fromkeys(p for s in sessions.values() for p in s.get_providers()))
+        # The refined encoder's visual tokens per pixel_values row (its metadata), read once: the length of its
+        # refine_mask input is that times the rows. None: no refined encoder, or one without the mask input.
+        self._tokens_per_row: int | None = None
+        if self.takes_refine_mask:
+            per = sessions[VISION_ENCODER_REFINED].get_modelmeta().custom_metadata_map.get(VLM_TOKENS_PER_ROW, "")
+            if not per.isdigit() or int(per) < 1:
+                raise BundleError(f"{self.root}: the refined vision encoder takes {VLM_REFINE_MASK} but its metadata "
+                                  f"has no valid {VLM_TOKENS_PER_ROW} ({per!r}); re-export with `rtrt export --vlm`")
+            self._tokens_per_row = int(per)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -179,12 +188,9 @@ class OrtVLM:
     def visual_token_count(self, feeds: dict[str, np.ndarray]) -> int:
         """Visual tokens the refined encoder gives for ``feeds`` (images or tiles times the tokens each
         gives, which the export wrote into the graph's metadata)."""
-        meta = self.sessions[VISION_ENCODER_REFINED].get_modelmeta().custom_metadata_map
-        per = meta.get(VLM_TOKENS_PER_ROW, "")
-        if not per.isdigit() or int(per) < 1:
-            raise BundleError(f"{self.root}: the refined vision encoder takes {VLM_REFINE_MASK} but its metadata "
-                              f"has no valid {VLM_TOKENS_PER_ROW} ({per!r}); re-export with `rtrt export --vlm`")
-        return int(feeds["pixel_values"].shape[0]) * int(per)
+        if self._tokens_per_row is None:
+            raise BundleError(f"{self.root}: the refined vision encoder takes no {VLM_REFINE_MASK}")
+        return int(feeds["pixel_values"].shape[0]) * self._tokens_per_row
 
     def prefill_inputs(self, images: Sequence, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The processor's feeds (ids, mask, positions, pixels) plus the vision encoder's extra inputs."""
