@@ -165,6 +165,8 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
         (dict(rare_categories=("unicorn",)), "rare_categories"),
         (dict(rare_scale=0.0), "rare_scale must be in [0.25, 4]"),
         (dict(object_scale=5.0), "object_scale must be in [0.25, 4]"),
+        (dict(max_distance=10.0), "from 12 .the farthest near limit, traffic lights.. to 200 m, got 10.0"),
+        (dict(max_distance=-1.0), "to 200 m, got -1.0"),
     ],
 )
 def test_config_validation(kwargs, needle):
@@ -185,6 +187,20 @@ def test_rare_scale_enlarges_rare_objects_and_object_scale_every_object():
                 assert (x1 - x0) / o.ppm == pytest.approx(w_m * k) and (y1 - y0) / o.ppm == pytest.approx(h_m * k)
                 seen["rare" if o.category in RARE_CATEGORIES else "common"] += 1
     assert min(seen.values()) > 20
+
+
+def test_max_distance_caps_every_placement_and_only_those_beyond_it():
+    # Rare kinds reach at most 30 m on their own, so a 30-m cap leaves them alone and pulls common ones in.
+    far = {"capped": 0, "default": 0}
+    for cap in (0.0, 30.0):
+        cfg = WorldConfig(max_distance=cap, rare_prob=1.0)
+        for i in range(60):
+            for o in world.sample_scene(cfg, np.random.default_rng([0, 9, i])).objects:
+                if o.category not in world._ROWS:  # a row's later members stand behind its first
+                    assert o.z <= (cap or world._SPEC[o.category][5][1]) + 1e-9
+                    far["capped" if cap else "default"] += o.z > 30.0
+    assert far["default"] > 20 and far["capped"] == 0
+    assert max(spec[5][1] for c, spec in world._SPEC.items() if c in RARE_CATEGORIES) <= 30.0
 
 
 def test_scale_one_is_todays_world(tmp_path):
@@ -211,12 +227,12 @@ def test_scale_one_is_todays_world(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--seed", "5", "--pretrain", "2", "--plugin", "1", "--val", "1", "--test", "0",
-            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--object-scale", "1.25", "--quiet"]
+            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--object-scale", "1.25", "--max-distance", "25", "--quiet"]
     assert world.main(argv) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     cfg = json.loads((out / "world.json").read_text())["config"]
-    assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"], cfg["rare_scale"], cfg["object_scale"]) == (
-        64, 48, "png", ["dog", "tire"], 1.5, 1.25)
+    assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"], cfg["rare_scale"], cfg["object_scale"],
+            cfg["max_distance"]) == (64, 48, "png", ["dog", "tire"], 1.5, 1.25, 25.0)
     assert (out / "plugin/images/000000.png").is_file()
     assert world.main(argv) == 2  # exists: refused
     assert "exists and is not empty" in capsys.readouterr().err

@@ -117,6 +117,7 @@ class WorldConfig:
     rare_categories: tuple[str, ...] = RARE_CATEGORIES  # rare kinds that may appear
     rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
     object_scale: float = 1.6  # every object's physical size times this (on top of rare_scale), rare and common alike: the demo's world draws objects 1.6x life size so that a 16-px patch VFM sees them (1: true to life)
+    max_distance: float = 0.0  # metres: no object is placed farther ahead than this (0: each kind's own range; rare kinds reach 20-30 m, common ones 40-70 m, where a traffic light is under half of a 32-px patch)
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -132,6 +133,9 @@ class WorldConfig:
         for name in ("rare_scale", "object_scale"):
             if not 0.25 <= getattr(self, name) <= 4.0:
                 raise ValueError(f"{name} must be in [0.25, 4], got {getattr(self, name)}")
+        nearest = max(spec[5][0] for spec in _SPEC.values())
+        if self.max_distance and not nearest <= self.max_distance <= 200:
+            raise ValueError(f"max_distance must be 0 (off) or from {nearest:g} (the farthest near limit, traffic lights') to 200 m, got {self.max_distance}")
         if self.max_rare < 0 or self.max_common < 0 or self.max_regions < 0 or self.noise < 0:
             raise ValueError("max_rare, max_common, max_regions and noise must be >= 0")
         if self.image_format not in FORMATS:
@@ -410,6 +414,8 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
         w_m, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
         scale = (cfg.rare_scale if cat in RARE_CATEGORIES else 1.0) * cfg.object_scale
         w_m, depth_m = w_m * scale, depth_m * scale
+        if cfg.max_distance:
+            z_hi = min(z_hi, cfg.max_distance)
         zone_names = list(zones)
         zone = zone_names[int(rng.choice(len(zones), p=np.array(list(zones.values())) / sum(zones.values())))]
         count = int(rng.integers(_ROWS[cat][0], _ROWS[cat][1] + 1)) if cat in _ROWS and rng.random() < 0.6 else 1
@@ -1249,6 +1255,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="rare objects' physical size times this (default 1: as common objects, true to life)")
     p.add_argument("--object-scale", type=float, default=d.object_scale,
                    help="every object's physical size times this, rare and common alike (default 1.6, the demo's world; 1: true to life)")
+    p.add_argument("--max-distance", type=float, default=d.max_distance,
+                   help="metres: place no object farther ahead than this (default 0: each kind's own range, rare kinds up to 30 m, common ones up to 70 m)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -1264,6 +1272,7 @@ def config_from_args(args: argparse.Namespace) -> WorldConfig:
         occlusion_prob=args.occlusion_prob, noise=args.noise, max_regions=args.max_regions,
         image_format=args.format, jpeg_quality=args.jpeg_quality, boxed_images=not args.no_boxed_images,
         rare_categories=tuple(args.rare), rare_scale=args.rare_scale, object_scale=args.object_scale,
+        max_distance=args.max_distance,
     )
 
 
