@@ -19,7 +19,8 @@ Steps (each printed with its time):
 4. ``--vlm``: the bundle's whole VLM in ONNX under ``vlm_onnx/`` (onnx-community layout: stock and
    refined vision encoders, token embedding, decoder with a KV cache; with ``--precision int8`` also
    the int8 weight-only decoder), checked against the torch VLM on two of the parity images: every
-   graph within ``--vlm-tolerance``, greedy tokens identical (``rtrt.export.vlm_onnx``); recorded as
+   graph within ``--vlm-tolerance`` times max(1, the output's largest magnitude), greedy tokens
+   identical (``rtrt.export.vlm_onnx``); recorded as
    ``exports.vlm``. ``--precision fp16`` makes no VLM graphs and is refused with ``--vlm``.
 
 Everything is produced in a temporary directory first. If any parity report is outside its
@@ -78,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also export the bundle's whole VLM to ONNX under vlm_onnx/ (vision encoders, token embedding, decoder with KV "
                         "cache; with --precision int8 also an int8 weight-only decoder), parity-checked against PyTorch")
     p.add_argument("--vlm-tolerance", type=float, default=VLM_TOLERANCE,
-                   help="max abs error of every fp32 VLM graph output vs PyTorch, logits included (default %(default)g)")
+                   help="max abs error of every fp32 VLM graph output vs PyTorch, logits included, times max(1, the output's largest magnitude) (default %(default)g)")
     p.add_argument("--reference-images", type=int, default=2,
                    help="how many parity images (and their VLM tokens) are stored in reference.safetensors for rtrt check (1-4, default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the exports written to the manifest as JSON on stdout")

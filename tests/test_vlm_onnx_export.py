@@ -235,6 +235,10 @@ def test_record_describes_what_the_runtime_needs(vlm):
     assert parity["passed"] and parity["tokens_identical"] and parity["first_step_logits_error"] < TOL
     assert set(parity["max_abs_error"]) >= {VISION_ENCODER, VISION_ENCODER_REFINED, EMBED_TOKENS, f"{DECODER}.prefill_logits",
                                             f"{DECODER}.decode_logits"}
+    # The bound is the tolerance times max(1, the torch output's largest magnitude), recorded per output.
+    assert set(parity["scale"]) == set(parity["max_abs_error"]) | {"first_step_logits"}
+    assert parity["scale"][f"{DECODER}.prefill_logits"] > 0 and parity["scale"][EMBED_TOKENS] > 0
+    assert all(v <= parity["tolerance"] * max(1.0, parity["scale"][k]) for k, v in parity["max_abs_error"].items())
 
 
 def test_weights_over_the_limit_go_to_external_data(tmp_path, tmp_path_factory, monkeypatch):
@@ -295,7 +299,7 @@ def test_a_vlm_parity_failure_writes_nothing(tmp_path, tmp_path_factory, monkeyp
     before = (plain / "manifest.json").read_bytes()
     assert export_main(["--bundle", str(plain), "--vlm", "--vlm-tolerance", "1e-9"]) == 2
     err = capsys.readouterr().err
-    assert "nothing was written" in err and f"vlm: {DECODER}.prefill_logits max abs error" in err
+    assert "nothing was written" in err and f"vlm: {DECODER}.prefill_logits max abs error" in err and "1e-09 x max(1, max |torch|" in err
     assert (plain / "manifest.json").read_bytes() == before and not (plain / VLM_ONNX_DIR).exists()
 
 
