@@ -167,6 +167,7 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
         (dict(object_scale=5.0), "object_scale must be in [0.25, 4]"),
         (dict(max_distance=10.0), "from 12 .the farthest near limit, traffic lights.. to 200 m, got 10.0"),
         (dict(max_distance=-1.0), "to 200 m, got -1.0"),
+        (dict(cyclist_width=0.3), "cyclist_width must be in [0.5, 2] m, got 0.3"),
     ],
 )
 def test_config_validation(kwargs, needle):
@@ -203,6 +204,23 @@ def test_max_distance_caps_every_placement_and_only_those_beyond_it():
     assert max(spec[5][1] for c, spec in world._SPEC.items() if c in RARE_CATEGORIES) <= 30.0
 
 
+def test_cyclist_width_widens_cyclists_only():
+    # The same draws with a side-on cyclist: its box is cyclist_width x object_scale wide, every other box unchanged.
+    seen = 0
+    for i in range(60):
+        rng_args = [0, 9, i]
+        narrow = world.sample_scene(WorldConfig(), np.random.default_rng(rng_args)).objects
+        wide = world.sample_scene(WorldConfig(cyclist_width=1.7), np.random.default_rng(rng_args)).objects
+        for o in wide:
+            x0, _, x1, _ = o.fbox
+            w_m = 1.7 if o.category == "cyclist" else world._SPEC[o.category][0]
+            assert (x1 - x0) / o.ppm == pytest.approx(w_m * 1.6)
+            seen += o.category == "cyclist"
+        if not any(o.category == "cyclist" for o in narrow + wide):
+            assert [(o.category, o.fbox) for o in narrow] == [(o.category, o.fbox) for o in wide]
+    assert seen >= 3
+
+
 def test_scale_one_is_todays_world(tmp_path):
     # At object_scale 1.0 the world draws what it drew before the knobs existed: these boxes (seed 0, test images 1
     # and 2 of the demo world before issue 14) were taken from the code without the knobs.
@@ -227,12 +245,12 @@ def test_scale_one_is_todays_world(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--seed", "5", "--pretrain", "2", "--plugin", "1", "--val", "1", "--test", "0",
-            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--object-scale", "1.25", "--max-distance", "25", "--quiet"]
+            "--size", "64x48", "--format", "png", "--rare", "dog", "tire", "--rare-scale", "1.5", "--object-scale", "1.25", "--max-distance", "25", "--cyclist-width", "1.5", "--quiet"]
     assert world.main(argv) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     cfg = json.loads((out / "world.json").read_text())["config"]
     assert (cfg["width"], cfg["height"], cfg["image_format"], cfg["rare_categories"], cfg["rare_scale"], cfg["object_scale"],
-            cfg["max_distance"]) == (64, 48, "png", ["dog", "tire"], 1.5, 1.25, 25.0)
+            cfg["max_distance"], cfg["cyclist_width"]) == (64, 48, "png", ["dog", "tire"], 1.5, 1.25, 25.0, 1.5)
     assert (out / "plugin/images/000000.png").is_file()
     assert world.main(argv) == 2  # exists: refused
     assert "exists and is not empty" in capsys.readouterr().err

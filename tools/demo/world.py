@@ -118,6 +118,7 @@ class WorldConfig:
     rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
     object_scale: float = 1.6  # every object's physical size times this (on top of rare_scale), rare and common alike: the demo's world draws objects 1.6x life size so that a 16-px patch VFM sees them (1: true to life)
     max_distance: float = 0.0  # metres: no object is placed farther ahead than this (0: each kind's own range; rare kinds reach 20-30 m, common ones 40-70 m, where a traffic light is under half of a 32-px patch)
+    cyclist_width: float = 0.7  # metres (before object_scale): a cyclist's box width; 0.7 draws the bicycle foreshortened, narrow as a pedestrian with small wheels, 1.7 side-on with round wheels
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -136,6 +137,8 @@ class WorldConfig:
         nearest = max(spec[5][0] for spec in _SPEC.values())
         if self.max_distance and not nearest <= self.max_distance <= 200:
             raise ValueError(f"max_distance must be 0 (off) or from {nearest:g} (the farthest near limit, traffic lights') to 200 m, got {self.max_distance}")
+        if not 0.5 <= self.cyclist_width <= 2.0:
+            raise ValueError(f"cyclist_width must be in [0.5, 2] m, got {self.cyclist_width}")
         if self.max_rare < 0 or self.max_common < 0 or self.max_regions < 0 or self.noise < 0:
             raise ValueError("max_rare, max_common, max_regions and noise must be >= 0")
         if self.image_format not in FORMATS:
@@ -346,8 +349,10 @@ def _sample_x(scene: Scene, zone: str, rng: np.random.Generator, width_m: float)
     raise AssertionError(zone)
 
 
-def _project(scene: Scene, cat: str, xw: float, z: float, scale: float = 1.0) -> tuple[tuple[float, float, float, float], float, float]:
+def _project(scene: Scene, cat: str, xw: float, z: float, scale: float = 1.0,
+             width: float | None = None) -> tuple[tuple[float, float, float, float], float, float]:
     w_m, h_m, elev, _, _, _ = _SPEC[cat]
+    w_m = w_m if width is None else width
     w_m, h_m = w_m * scale, h_m * scale
     ppm = scene.focal / z
     ground_y = scene.horizon + scene.focal * CAM_HEIGHT / z
@@ -412,6 +417,8 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     objects: list[WorldObject] = []
     for gid, cat in enumerate(placements):
         w_m, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
+        width = cfg.cyclist_width if cat == "cyclist" else None
+        w_m = w_m if width is None else width
         scale = (cfg.rare_scale if cat in RARE_CATEGORIES else 1.0) * cfg.object_scale
         w_m, depth_m = w_m * scale, depth_m * scale
         if cfg.max_distance:
@@ -430,7 +437,7 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
                 xw = lane * scene.lane_width + float(rng.uniform(-0.3, 0.3))
             step = float(rng.uniform(2.0, 4.0))
             row = [(xw, z0 + k * step) for k in range(count)]
-            boxes = [_project(scene, cat, x, z, scale) for x, z in row]
+            boxes = [_project(scene, cat, x, z, scale, width) for x, z in row]
             fps = [(x - w_m / 2, x + w_m / 2, z - depth_m / 2, z + depth_m / 2) for x, z in row]
             free = all(
                 not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]) for a in fps for b in footprints
@@ -1257,6 +1264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="every object's physical size times this, rare and common alike (default 1.6, the demo's world; 1: true to life)")
     p.add_argument("--max-distance", type=float, default=d.max_distance,
                    help="metres: place no object farther ahead than this (default 0: each kind's own range, rare kinds up to 30 m, common ones up to 70 m)")
+    p.add_argument("--cyclist-width", type=float, default=d.cyclist_width,
+                   help="metres before --object-scale: a cyclist's box width (default 0.7: the bicycle foreshortened, narrow as a pedestrian; 1.7: side-on, round wheels)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -1272,7 +1281,7 @@ def config_from_args(args: argparse.Namespace) -> WorldConfig:
         occlusion_prob=args.occlusion_prob, noise=args.noise, max_regions=args.max_regions,
         image_format=args.format, jpeg_quality=args.jpeg_quality, boxed_images=not args.no_boxed_images,
         rare_categories=tuple(args.rare), rare_scale=args.rare_scale, object_scale=args.object_scale,
-        max_distance=args.max_distance,
+        max_distance=args.max_distance, cyclist_width=args.cyclist_width,
     )
 
 
