@@ -349,11 +349,10 @@ def _sample_x(scene: Scene, zone: str, rng: np.random.Generator, width_m: float)
     raise AssertionError(zone)
 
 
-def _project(scene: Scene, cat: str, xw: float, z: float, scale: float = 1.0,
-             width: float | None = None) -> tuple[tuple[float, float, float, float], float, float]:
-    w_m, h_m, elev, _, _, _ = _SPEC[cat]
-    w_m = w_m if width is None else width
-    w_m, h_m = w_m * scale, h_m * scale
+def _project(scene: Scene, cat: str, xw: float, z: float, scale: float,
+             width_m: float) -> tuple[tuple[float, float, float, float], float, float]:
+    _, h_m, elev, _, _, _ = _SPEC[cat]
+    w_m, h_m = width_m * scale, h_m * scale
     ppm = scene.focal / z
     ground_y = scene.horizon + scene.focal * CAM_HEIGHT / z
     cx = scene.cx + scene.focal * xw / z
@@ -416,11 +415,11 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     footprints: list[tuple[float, float, float, float]] = []  # x0, x1, z0, z1 in metres
     objects: list[WorldObject] = []
     for gid, cat in enumerate(placements):
-        w_m, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
-        width = cfg.cyclist_width if cat == "cyclist" else None
-        w_m = w_m if width is None else width
+        width, _, _, depth_m, zones, (z_lo, z_hi) = _SPEC[cat]
+        if cat == "cyclist":
+            width = cfg.cyclist_width
         scale = (cfg.rare_scale if cat in RARE_CATEGORIES else 1.0) * cfg.object_scale
-        w_m, depth_m = w_m * scale, depth_m * scale
+        w_m, depth_m = width * scale, depth_m * scale
         if cfg.max_distance:
             z_hi = min(z_hi, cfg.max_distance)
         zone_names = list(zones)
