@@ -50,6 +50,30 @@ def test_fit_picks_the_best_f1_and_respects_given_values():
                                                        "no_hint_when_nothing_rare": 100.0}
 
 
+def test_absent_stats_standardise_each_class_by_the_images_without_it():
+    # Class 0 is in most images, class 1 in few: over every image, class 0's mean sits among its
+    # positives, so one z threshold hints it less readily than class 1; over absent images only,
+    # both classes' z-scores measure the distance from their own false-hint level.
+    rng = np.random.default_rng(1)
+    present = [({0} if i % 5 else set()) | ({1} if i % 10 == 0 else set()) for i in range(200)]
+    scores = rng.normal(0.3, 0.01, (200, 2))
+    for i, p in enumerate(present):
+        for c in p:
+            scores[i, c] += 0.1
+    absent0 = np.array([0 not in p for p in present])
+    fit = fit_calibration(scores, present, z=2.0, max_hints=2, stats="absent")
+    assert fit["stats"] == "absent"
+    assert fit["score_mean"][0] == pytest.approx(scores[absent0, 0].mean())
+    assert fit["score_std"][0] == pytest.approx(scores[absent0, 0].std())
+    plain = fit_calibration(scores, present, z=2.0, max_hints=2)
+    assert plain["stats"] == "all" and plain["score_mean"][0] == pytest.approx(scores[:, 0].mean())
+    # Over every image class 0's z threshold of 2 lies above its positives (recall lost); over its
+    # absent images both classes are found.
+    assert fit["quality"]["recall"] == 100.0 and plain["quality"]["recall"] < 50.0
+    with pytest.raises(ValueError, match="stats"):
+        fit_calibration(scores, present, stats="present")
+
+
 def test_min_precision_picks_the_highest_recall_that_keeps_the_precision():
     # Class 0 separates well, class 1 overlaps its absent images: the best F1 hints class 0 alone
     # (a high threshold); a precision floor of 60 lowers it until recall is as high as that floor allows.
@@ -134,6 +158,25 @@ def test_min_precision_is_recorded(world_and_bundle, tmp_path, capsys):
     assert "rule:" in capsys.readouterr().out
     cal = load_bundle(bundle).manifest.training["calibration"]
     assert cal["min_precision"] == 10.0 and "min_precision_met" in cal["hints_after"]
+
+
+def test_absent_stats_are_recorded_and_stored(world_and_bundle, tmp_path, capsys):
+    world, src = world_and_bundle
+    import shutil
+
+    means = {}
+    for stats in ("all", "absent"):
+        bundle = tmp_path / stats
+        shutil.copytree(src, bundle)
+        assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--stats", stats, "--backend", "torch"]) == 0
+        m = load_bundle(bundle).manifest
+        assert m.training["calibration"].get("stats", "all") == stats
+        means[stats] = m.detector.score_mean
+    capsys.readouterr()
+    assert means["all"] != means["absent"]
+    with pytest.raises(SystemExit) as bad:
+        rtrt_main(["calibrate", "--bundle", str(src), "--data", str(world), "--stats", "present"])
+    assert bad.value.code == 2 and "--stats" in capsys.readouterr().err
 
 
 def test_calibrate_sets_keeps_and_removes_the_refinement_mask(world_and_bundle, tmp_path, capsys):

@@ -58,15 +58,26 @@ def _hinted(values: np.ndarray, threshold: float, k: int) -> list[list[int]]:
 
 
 def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float | None = None, max_hints: int | None = None,
-                    top_k: int = 5, min_precision: float | None = None) -> dict:
+                    top_k: int = 5, min_precision: float | None = None, stats: str = "all") -> dict:
     """Per-class mean/std of ``scores`` [N, C] and the (z threshold, k) with the best hint F1 (or the given ones).
 
     ``min_precision`` (0-100): instead of the best F1, the pair with the highest hint recall whose
     precision on this split is at least that (ties: the higher precision); when no pair reaches it,
-    the best F1 as without it (``quality["min_precision_met"]`` says which)."""
+    the best F1 as without it (``quality["min_precision_met"]`` says which).
+    ``stats``: ``"all"`` standardises each class by its scores on every image; ``"absent"`` by its
+    scores on the images that do not hold it (one threshold then means one false-hint rate per class,
+    whatever the class's prevalence; a class with fewer than 2 such images falls back to every image)."""
+    if stats not in ("all", "absent"):
+        raise ValueError(f"stats must be 'all' or 'absent', not {stats!r}")
     scores = np.asarray(scores, dtype=np.float64)
     mean = scores.mean(axis=0)
     std = np.maximum(scores.std(axis=0), 1e-6)
+    if stats == "absent":
+        for c in range(scores.shape[1]):
+            absent = np.array([c not in p for p in present], dtype=bool)
+            if absent.sum() >= 2:
+                mean[c] = scores[absent, c].mean()
+                std[c] = max(scores[absent, c].std(), 1e-6)
     zs = (scores - mean) / std
     ks = [max_hints] if max_hints else list(range(1, max(top_k, 1) + 1))
     thresholds = [z] if z is not None else list(_Z_GRID)
@@ -82,7 +93,7 @@ def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float
     if min_precision is not None:
         q = {**q, "min_precision": float(min_precision), "min_precision_met": bool(key[0])}
     return {"score_mean": [float(v) for v in mean], "score_std": [float(v) for v in std], "z_threshold": float(t),
-            "top_k": int(k), "quality": q}
+            "top_k": int(k), "stats": stats, "quality": q}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -95,6 +106,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-precision", type=float, default=None, metavar="P",
                    help="with auto --z/--max-hints: the highest hint recall whose precision on the split is at least P "
                         "percent, instead of the best F1 (falls back to the best F1, and says so, when none reaches P)")
+    p.add_argument("--stats", choices=("all", "absent"), default="all",
+                   help="each class's mean/std over every image of the split (all), or over the images that do not hold it "
+                        "(absent: one z threshold then means one false-hint rate per class; an addition, ablated in the "
+                        "README) (default: all)")
     p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="detector backend (default: ort)")
     p.add_argument("--batch-size", type=int, default=16, help="images per detector call (default: %(default)s)")
     p.add_argument("--refine-mask-z", type=_mask_arg, default="keep", metavar="{Z,off,keep}",
@@ -177,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for res in pipe.detect_batch([load_image(Path(args.data) / r.image) for r in chunk]):
             scores.append(np.asarray(res.scores, dtype=np.float64))
     fit = fit_calibration(np.stack(scores), present, z=z, max_hints=k, top_k=pipe.detector_cfg.top_k,
-                          min_precision=args.min_precision)
+                          min_precision=args.min_precision, stats=args.stats)
     before = hint_quality(_hinted(np.stack(scores), pipe.detector_cfg.threshold, pipe.detector_cfg.top_k), present)
     result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
               "hints_before": before, "hints_after": fit["quality"], "refine_mask_z": mask_z, "written": not args.dry_run}
@@ -188,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if adapter is not None:
             b.manifest.adapter = dataclasses.replace(adapter, refine_mask_z=mask_z)
         b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
-                                              "min_precision": args.min_precision, "hints_after": fit["quality"]}
+                                              "min_precision": args.min_precision, "hints_after": fit["quality"],
+                                              **({} if args.stats == "all" else {"stats": args.stats})}
         b.add_files({})  # rewrites the manifest in one atomic bundle update
     if args.json:
         print(json.dumps(result))

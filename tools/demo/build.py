@@ -41,7 +41,7 @@ STAGE_FIELDS = {
     "vlm": ("vlm", "eval_images"),
     # phase 1 calibrates its bundle when phase 2 trains with the detector's hints, so the calibration belongs to it
     "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema",
-               "calibrate_min_precision"),
+               "calibrate_min_precision", "calibrate_stats"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
                "phase2_tasks", "phase2_null_slot", "phase2_keep", "phase2_keep_z",
                "phase2_refine_mask_z"),
@@ -310,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     synonyms = write_synonyms(work / "synonyms.json", classes)
     report["classes"] = classes
     phase1 = work / "bundle_phase1"
-    min_precision = [] if plan.calibrate_min_precision is None else ["--min-precision", str(plan.calibrate_min_precision)]
+    calibrate_args = [] if plan.calibrate_min_precision is None else ["--min-precision", str(plan.calibrate_min_precision)]
+    calibrate_args += [] if plan.calibrate_stats == "all" else ["--stats", plan.calibrate_stats]
     if runs("phase1"):
         timer.run("phase1", _call_main, "rtrt.trainer.cli", [
             "embeddings", "--annotations", str(world / "CODA-LM" / "plugin"), "--images", str(world),
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Phase 2 trains with the detector's hints as users get them: calibrated on val (as step 7 does
             # again on the exported bundle), so its prompts carry no hint where the shipped bundle gives none.
             timer.run("phase1 calibrate", _call_main, "rtrt.tools.calibrate", [
-                "--bundle", str(phase1), "--data", str(world), "--split", "val", "--backend", "torch", *min_precision])
+                "--bundle", str(phase1), "--data", str(world), "--split", "val", "--backend", "torch", *calibrate_args])
         save("phase1")
     if args.stop_after == "phase1":
         return finish("phase1")
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The bundle's refinement mask (plan.refine_mask_z) is set with it: the calibrated z-scores decide it.
     mask = ["--refine-mask-z", "off" if plan.refine_mask_z is None else str(plan.refine_mask_z)]
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val",
-                                                               *min_precision, *mask])
+                                                               *calibrate_args, *mask])
     # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.
     probes = work / "probes.json"
     timer.run("probes", _call_main, "rtrt.tools.demo.probe", ["--bundle", str(phase2), "--data", str(world), "--split", "test",

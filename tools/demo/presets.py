@@ -42,6 +42,7 @@ class BuildPlan:
     phase2_refine_mask_z: float | None = None  # rtrt train adapter --refine-mask-z (None: every token refined in training)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
     calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
+    calibrate_stats: str = "all"  # rtrt calibrate --stats (absent: each class standardised over the val images without it)
     refine_mask_z: float | None = None  # rtrt calibrate --refine-mask-z: the bundle's refinement mask (None: every token refined)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
 
