@@ -40,6 +40,7 @@ class BuildPlan:
     phase2_keep: float = 0.0  # rtrt train adapter --w-keep (reconstruction where the detector sees no rare class)
     phase2_keep_z: float | None = None  # rtrt train adapter --keep-z (None: the detector's z threshold)
     phase2_refine_mask_z: float | None = None  # rtrt train adapter --refine-mask-z (None: every token refined in training)
+    phase2_attn_prior: float = 0.0  # rtrt train adapter --attn-prior (KL toward the detector's per-patch similarity; 0: off)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
     calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
     calibrate_stats: str = "all"  # rtrt calibrate --stats (absent: each class standardised over the val images without it)
