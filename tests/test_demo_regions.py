@@ -178,9 +178,10 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     from rtrt.tools.eval import run_eval
     from rtrt.trainer.coda import read_tasks
 
-    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH})
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH, "pseudo_regions": 1.0, "pseudo_answers": "drawn"})
     report = vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
     assert report["region_samples"] > 0 and report["images"] == 8 + report["region_samples"]
+    assert report["pseudo_region_samples"] > 0  # stage 0b's extra rare-box questions ran
     assert len(report["stage1_epoch_losses"]) == cfg.tag_epochs and report["epoch_losses"]
     fam = load_vlm(tmp_path / "vlm")
     bundle = make_tiny_bundle(tmp_path / "bundle", d_llm=fam.hidden_size,
@@ -197,3 +198,45 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     general, region = vlm.write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tmp_path / "tasks", BOTH)
     recs = read_tasks(region)
     assert recs and all(r.answer.startswith(vlm.REGION_PREFIX) for r in recs) and general.name == "general_perception.jsonl"
+
+
+def test_pseudo_regions_box_a_rare_object_in_view_and_name_it(world):
+    from transformers import CLIPImageProcessor
+
+    from rtrt.trainer.coda import CATEGORIES, REGION_QUESTION
+    from rtrt.tools.demo.world import RARE_CATEGORIES
+    from rtrt.tools.judge import find_mentions
+
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "tasks": BOTH, "pseudo_regions": 1.0, "region_hint_prob": 0.5})
+    samples = vlm.load_samples(world, "pretrain", cfg)
+    index = {rel: i for i, rel in enumerate(sorted({s.image for s in samples}))}
+    labels = vlm._scene_labels(world, index, cfg.image_size, cfg.patch_size, {s.image: s.base for s in samples if s.base})
+    size = cfg.image_size
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    extra, ex_labels, ex_boxes = vlm.pseudo_region_samples(world, samples, index, labels, proc, cfg)
+    bases = {s.image for s in samples if s.box is None}
+    scenes = dict(vlm._scenes(world, "pretrain", bases))
+    grid = size // cfg.patch_size
+    in_view = 0
+    for rel, scene in scenes.items():  # share 1: every image with a rare object on a patch of its box gets one
+        lab = labels[index[rel]].flatten()
+        in_view += any(o.category in RARE_CATEGORIES and bool((lab == 1 + CATEGORIES.index(o.category)).any())
+                       for o in scene.objects)
+    assert 0 < len(extra) <= in_view and len(extra) == len(ex_labels) == len(ex_boxes)
+    assert len({s.image for s in extra}) == len(extra)  # one per image
+    hinted = 0
+    for s, lab, box in zip(extra, ex_labels, ex_boxes):
+        (cat,) = find_mentions(s.answer)
+        assert cat in RARE_CATEGORIES and s.answer == vlm.region_short_answer(cat) and s.question == REGION_QUESTION
+        assert s.base == s.image and torch.equal(lab, labels[index[s.image]])  # its image's labels, in a row of its own
+        assert any(o.category == cat and tuple(o.box) == s.box for o in scenes[s.image].objects)
+        assert bool((lab.flatten()[box.flatten() > 0] == 1 + CATEGORIES.index(cat)).any())  # in view inside its box
+        assert set(s.hint) <= set(RARE_CATEGORIES)
+        hinted += bool(s.hint)
+    assert 0 < hinted < len(extra)
+    again = vlm.pseudo_region_samples(world, samples, index, labels, proc, cfg)
+    assert [(s.image, s.box, s.hint) for s in again[0]] == [(s.image, s.box, s.hint) for s in extra]
+    none = vlm.pseudo_region_samples(world, samples, index, labels, proc, dataclasses.replace(cfg, pseudo_regions=0.0))
+    assert none[0] == [] and none[1].shape == (0, grid, grid)
+    with pytest.raises(ValueError, match="pseudo_regions"):
+        vlm.VLMConfig(**{**TINY_VLM, "tasks": ("general_perception",), "pseudo_regions": 0.5})
