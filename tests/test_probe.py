@@ -49,6 +49,9 @@ def test_probe_end_to_end(setup, capsys):
     assert (d["mean_auroc"] is None) == (not known)
     if known:
         assert d["mean_auroc"] == pytest.approx(sum(known) / len(known))
+    r = res["region_oracle"]  # the tiny world writes region questions
+    assert r["rare_boxes"] > 0 and 0 <= r["named"] <= r["rare_boxes"] and 0 <= r["named_with_name_embedding"] <= r["rare_boxes"]
+    assert r["share"] == pytest.approx(r["named"] / r["rare_boxes"]) and r["rare_boxes"] <= 3
     text = capsys.readouterr().out
     assert "distinct answers" in text and "detector AUROC" in text
 

@@ -19,7 +19,12 @@ the pipeline's own path:
    the baseline visual tokens how often the head-averaged attention's argmax row of W is the
    object's own class (against chance 1 / C); and the cosine of each row of W with its class name's
    embedding (the oracle's vector: is W written in words the LLM reads?);
-5. ``detector``: per-class AUROC of its scores (class annotated in the image vs not), and the mean.
+5. ``detector``: per-class AUROC of its scores (class annotated in the image vs not), and the mean;
+6. ``region_oracle`` (where the split has region questions; the first ``--limit`` of those about a
+   rare object): how often the answer names the rare object in the red box, without hints, as it
+   is and with its class name's embedding added to the box's slots (added, not written over: the
+   slots keep the tower's red-box signal). High with the embedding: the LLM names a rare object in a
+   red box when its eyes show it.
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
 """
@@ -189,6 +194,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                      "difference": None if p_share is None or a_share is None else p_share - a_share}
     per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
     known = [v for v in per_class.values() if v is not None]
+    region = _region_oracle(vlm, split_dir, grid, offset, name_emb, limit, batch_size, progress)
     gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
     return {
         "split": split,
@@ -201,7 +207,59 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                     "w_name_cosine": w_name_cosine,
                     "mean_w_name_cosine": sum(w_name_cosine.values()) / len(w_name_cosine) if w_name_cosine else None},
         "detector": {"auroc": per_class, "mean_auroc": sum(known) / len(known) if known else None},
+        "region_oracle": region,
     }
+
+
+def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict, limit: int | None, batch_size: int,
+                   progress: bool) -> dict | None:
+    """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
+    as it is and with the class name's embedding added to the box's slots (the tower's red-box signal
+    kept: a region prompt must still show which object it asks about). ``None`` without region questions.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from rtrt.runtime.image import load_image
+    from rtrt.tools.demo.vlm import region_sources
+    from rtrt.tools.demo.world import RARE_CATEGORIES
+    from rtrt.tools.judge import find_mentions
+    from rtrt.trainer.coda import read_tasks, task_file
+
+    path = task_file(split_dir / "vqa_anno", "region_perception")
+    if not path.is_file():
+        return None
+    recs = read_tasks(path)
+    items = [(r, reg) for r, (_, reg) in zip(recs, region_sources(split_dir, recs)) if reg.category_name in RARE_CATEGORIES]
+    items = items[:limit] if limit is not None else items
+    tokens = int(vlm.image_token_layout()["tokens_per_image"])
+    named = oracle = total = 0
+    bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = [load_image(split_dir.parent.parent / r.image) for r, _ in chunk]
+        batch = vlm.prepare(images, [r.question for r, _ in chunk], None)
+        slots = [[b * tokens + offset + k for k in box_slots(reg.box, images[b].size, grid, vlm.processor.image_processor)]
+                 for b, (_, reg) in enumerate(chunk)]
+
+        def add_names(v: torch.Tensor) -> torch.Tensor:
+            v = v.clone()
+            for b, (_, reg) in enumerate(chunk):
+                if slots[b]:
+                    v[slots[b]] = v[slots[b]] + name_emb[reg.category_name].to(v.dtype)
+            return v
+
+        with torch.inference_mode():
+            plain = vlm.decode(vlm.generate(batch, max_new_tokens=24))
+            written = vlm.decode(vlm.generate(batch, transform=add_names, max_new_tokens=24))
+        for (_, reg), a, w in zip(chunk, plain, written):
+            total += 1
+            named += int(reg.category_name in find_mentions(a))
+            oracle += int(reg.category_name in find_mentions(w))
+        bar.update(len(chunk))
+    bar.close()
+    return {"rare_boxes": total, "named": named, "named_with_name_embedding": oracle,
+            "share": _share(named, total), "share_with_name_embedding": _share(oracle, total)}
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -221,6 +279,11 @@ def report_text(res: dict) -> str:
     lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
                  f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])}); "
                  f"W's cosine with its class names' embeddings: mean {_fmt(a['mean_w_name_cosine'], False)}")
+    r = res.get("region_oracle")
+    if r:
+        lines.append(f"region questions on a rare object: named {r['named']} of {r['rare_boxes']} ({_fmt(r['share'])}); "
+                     f"with its name embedding added to the red box's slots {r['named_with_name_embedding']} "
+                     f"({_fmt(r['share_with_name_embedding'])})")
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
     return "\n".join(lines)
