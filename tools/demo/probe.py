@@ -22,9 +22,10 @@ the pipeline's own path:
 5. ``detector``: per-class AUROC of its scores (class annotated in the image vs not), and the mean;
 6. ``region_oracle`` (where the split has region questions; the first ``--limit`` of those about a
    rare object): how often the answer names the rare object in the red box, without hints, as it
-   is and with its class name's embedding added to the box's slots (added, not written over: the
-   slots keep the tower's red-box signal). High with the embedding: the LLM names a rare object in a
-   red box when its eyes show it.
+   is and with the box's slots showing it as the demo VLM's stage 0b showed a boxed object
+   (``VLMConfig.pseudo_gain`` times its class name's embedding plus the " red box" marker's; the
+   name alone would leave the LLM no way to tell which object the question is about). High with
+   the embedding: the LLM names a rare object in a red box when its eyes show it.
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
 """
@@ -214,14 +215,14 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
 def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict, limit: int | None, batch_size: int,
                    progress: bool) -> dict | None:
     """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
-    as it is and with the class name's embedding added to the box's slots (the tower's red-box signal
-    kept: a region prompt must still show which object it asks about). ``None`` without region questions.
+    as it is and with the box's slots written as stage 0b showed a boxed object (see the module's
+    item 6). ``None`` without region questions.
     """
     import torch
     from tqdm import tqdm
 
     from rtrt.runtime.image import load_image
-    from rtrt.tools.demo.vlm import region_sources
+    from rtrt.tools.demo.vlm import VLMConfig, region_sources
     from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import read_tasks, task_file
@@ -233,6 +234,12 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict,
     items = [(r, reg) for r, (_, reg) in zip(recs, region_sources(split_dir, recs)) if reg.category_name in RARE_CATEGORIES]
     items = items[:limit] if limit is not None else items
     tokens = int(vlm.image_token_layout()["tokens_per_image"])
+    # The slots as the demo VLM's stage 0b showed a boxed object: gain * (its name's embedding + the " red box" marker's).
+    gain = VLMConfig.pseudo_gain
+    with torch.inference_mode():
+        ids = torch.tensor(vlm.processor.tokenizer(" red box", add_special_tokens=False).input_ids, device=vlm.device)
+        marker = vlm.model.get_input_embeddings()(ids).float().mean(0)
+    name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
     named = oracle = total = 0
     bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -246,7 +253,7 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict,
             v = v.clone()
             for b, (_, reg) in enumerate(chunk):
                 if slots[b]:
-                    v[slots[b]] = v[slots[b]] + name_emb[reg.category_name].to(v.dtype)
+                    v[slots[b]] = (gain * (name_emb[reg.category_name] + marker)).to(v.dtype)
             return v
 
         with torch.inference_mode():
@@ -282,7 +289,7 @@ def report_text(res: dict) -> str:
     r = res.get("region_oracle")
     if r:
         lines.append(f"region questions on a rare object: named {r['named']} of {r['rare_boxes']} ({_fmt(r['share'])}); "
-                     f"with its name embedding added to the red box's slots {r['named_with_name_embedding']} "
+                     f"with its name and the red-box marker's embeddings in the box's slots {r['named_with_name_embedding']} "
                      f"({_fmt(r['share_with_name_embedding'])})")
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
