@@ -195,7 +195,8 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                      "difference": None if p_share is None or a_share is None else p_share - a_share}
     per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
     known = [v for v in per_class.values() if v is not None]
-    region = _region_oracle(vlm, split_dir, grid, offset, name_emb, limit, batch_size, progress)
+    region = _region_oracle(vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, limit, batch_size,
+                            pipe.max_new_tokens, progress)
     gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
     return {
         "split": split,
@@ -212,8 +213,8 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     }
 
 
-def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict, limit: int | None, batch_size: int,
-                   progress: bool) -> dict | None:
+def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, limit: int | None,
+                   batch_size: int, max_new_tokens: int, progress: bool) -> dict | None:
     """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
     as it is and with the box's slots written as stage 0b showed a boxed object (see the module's
     item 6). ``None`` without region questions.
@@ -222,7 +223,7 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict,
     from tqdm import tqdm
 
     from rtrt.runtime.image import load_image
-    from rtrt.tools.demo.vlm import VLMConfig, region_sources
+    from rtrt.tools.demo.vlm import VLMConfig, _marker_ids, region_sources
     from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import read_tasks, task_file
@@ -233,12 +234,10 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict,
     recs = read_tasks(path)
     items = [(r, reg) for r, (_, reg) in zip(recs, region_sources(split_dir, recs)) if reg.category_name in RARE_CATEGORIES]
     items = items[:limit] if limit is not None else items
-    tokens = int(vlm.image_token_layout()["tokens_per_image"])
     # The slots as the demo VLM's stage 0b showed a boxed object: gain * (its name's embedding + the " red box" marker's).
     gain = VLMConfig.pseudo_gain
     with torch.inference_mode():
-        ids = torch.tensor(vlm.processor.tokenizer(" red box", add_special_tokens=False).input_ids, device=vlm.device)
-        marker = vlm.model.get_input_embeddings()(ids).float().mean(0)
+        marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
     named = oracle = total = 0
     bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
@@ -257,8 +256,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, name_emb: dict,
             return v
 
         with torch.inference_mode():
-            plain = vlm.decode(vlm.generate(batch, max_new_tokens=24))
-            written = vlm.decode(vlm.generate(batch, transform=add_names, max_new_tokens=24))
+            plain = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
+            written = vlm.decode(vlm.generate(batch, transform=add_names, max_new_tokens=max_new_tokens))
         for (_, reg), a, w in zip(chunk, plain, written):
             total += 1
             named += int(reg.category_name in find_mentions(a))
