@@ -52,6 +52,9 @@ def test_probe_end_to_end(setup, capsys):
     r = res["region_oracle"]  # the tiny world writes region questions
     assert r["rare_boxes"] > 0 and 0 <= r["named"] <= r["rare_boxes"] and 0 <= r["named_with_name_embedding"] <= r["rare_boxes"]
     assert r["share"] == pytest.approx(r["named"] / r["rare_boxes"]) and r["rare_boxes"] <= 3
+    for k in ("name_added", "name_and_marker_added"):
+        assert 0 <= r[f"named_with_{k}"] <= r["rare_boxes"]
+        assert r[f"share_with_{k}"] == pytest.approx(r[f"named_with_{k}"] / r["rare_boxes"])
     text = capsys.readouterr().out
     assert "distinct answers" in text and "detector AUROC" in text
 

@@ -25,7 +25,10 @@ the pipeline's own path:
    is and with the box's slots showing it as the demo VLM's stage 0b showed a boxed object
    (``VLMConfig.pseudo_gain`` times its class name's embedding plus the " red box" marker's; the
    name alone would leave the LLM no way to tell which object the question is about). High with
-   the embedding: the LLM names a rare object in a red box when its eyes show it.
+   the embedding: the LLM names a rare object in a red box when its eyes show it. Also with the
+   same vectors *added* to the box's own tokens (the name alone; the name and the marker), as a
+   residual refinement such as the adapter writes: how much of the oracle an additive remedy can
+   reach, and whether it must write the marker too.
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
 """
@@ -239,7 +242,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     with torch.inference_mode():
         marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
-    named = oracle = total = 0
+    named = total = 0
+    hits = [0, 0, 0]  # replaced by name + marker, name added, name + marker added
     bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -248,24 +252,36 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
         slots = [[b * tokens + offset + k for k in box_slots(reg.box, images[b].size, grid, vlm.processor.image_processor)]
                  for b, (_, reg) in enumerate(chunk)]
 
-        def add_names(v: torch.Tensor) -> torch.Tensor:
-            v = v.clone()
-            for b, (_, reg) in enumerate(chunk):
-                if slots[b]:
-                    v[slots[b]] = (gain * (name_emb[reg.category_name] + marker)).to(v.dtype)
-            return v
+        def write(replace: bool, marked: bool):
+            # replace: the slots become the stage-0b vector; else it is added to the tower's own tokens
+            # there (what a residual refinement such as the adapter could write at most).
+            def f(v: torch.Tensor) -> torch.Tensor:
+                v = v.clone()
+                for b, (_, reg) in enumerate(chunk):
+                    if slots[b]:
+                        w = (gain * (name_emb[reg.category_name] + (marker if marked else 0))).to(v.dtype)
+                        v[slots[b]] = w if replace else v[slots[b]] + w
+                return v
+            return f
 
         with torch.inference_mode():
             plain = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
-            written = vlm.decode(vlm.generate(batch, transform=add_names, max_new_tokens=max_new_tokens))
-        for (_, reg), a, w in zip(chunk, plain, written):
+            runs = [vlm.decode(vlm.generate(batch, transform=write(*how), max_new_tokens=max_new_tokens))
+                    for how in ((True, True), (False, False), (False, True))]
+        for k, (_, reg) in enumerate(chunk):
             total += 1
-            named += int(reg.category_name in find_mentions(a))
-            oracle += int(reg.category_name in find_mentions(w))
+            named += int(reg.category_name in find_mentions(plain[k]))
+            for j, answers in enumerate(runs):
+                hits[j] += int(reg.category_name in find_mentions(answers[k]))
         bar.update(len(chunk))
     bar.close()
+    oracle, added, added_marked = hits
     return {"rare_boxes": total, "named": named, "named_with_name_embedding": oracle,
-            "share": _share(named, total), "share_with_name_embedding": _share(oracle, total)}
+            "share": _share(named, total), "share_with_name_embedding": _share(oracle, total),
+            # Added to the box's own tokens, as a residual refinement writes: the name's embedding alone,
+            # and the name's with the red-box marker's.
+            "named_with_name_added": added, "share_with_name_added": _share(added, total),
+            "named_with_name_and_marker_added": added_marked, "share_with_name_and_marker_added": _share(added_marked, total)}
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -289,7 +305,9 @@ def report_text(res: dict) -> str:
     if r:
         lines.append(f"region questions on a rare object: named {r['named']} of {r['rare_boxes']} ({_fmt(r['share'])}); "
                      f"with its name and the red-box marker's embeddings in the box's slots {r['named_with_name_embedding']} "
-                     f"({_fmt(r['share_with_name_embedding'])})")
+                     f"({_fmt(r['share_with_name_embedding'])}); added to the box's own tokens: the name "
+                     f"{r['named_with_name_added']} ({_fmt(r['share_with_name_added'])}), the name and the marker "
+                     f"{r['named_with_name_and_marker_added']} ({_fmt(r['share_with_name_and_marker_added'])})")
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
     return "\n".join(lines)
