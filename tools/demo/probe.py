@@ -28,7 +28,8 @@ the pipeline's own path:
    the embedding: the LLM names a rare object in a red box when its eyes show it. Also with the
    same vectors *added* to the box's own tokens (the name alone; the name and the marker), as a
    residual refinement such as the adapter writes: how much of the oracle an additive remedy can
-   reach, and whether it must write the marker too.
+   reach, and whether it must write the marker too; and what the adapter writes into those boxes
+   (its change's size relative to the token, its cosine with the name's and the marker's embeddings).
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
 """
@@ -199,7 +200,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
     known = [v for v in per_class.values() if v is not None]
     region = _region_oracle(vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, limit, batch_size,
-                            pipe.max_new_tokens, progress)
+                            pipe.max_new_tokens, progress, adapter, W)
     gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
     return {
         "split": split,
@@ -217,7 +218,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
 
 
 def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, limit: int | None,
-                   batch_size: int, max_new_tokens: int, progress: bool) -> dict | None:
+                   batch_size: int, max_new_tokens: int, progress: bool, adapter=None, W=None) -> dict | None:
     """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
     as it is and with the box's slots written as stage 0b showed a boxed object (see the module's
     item 6). ``None`` without region questions.
@@ -244,6 +245,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
     named = total = 0
     hits = [0, 0, 0]  # replaced by name + marker, name added, name + marker added
+    change: dict[str, list[float]] = {"relative_norm": [], "cosine_with_name": [], "cosine_with_marker": []}
+    cos = torch.nn.functional.cosine_similarity
     bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -254,7 +257,7 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
 
         def write(replace: bool, marked: bool):
             # replace: the slots become the stage-0b vector; else it is added to the tower's own tokens
-            # there (what a residual refinement such as the adapter could write at most).
+            # there (as a residual refinement such as the adapter writes).
             def f(v: torch.Tensor) -> torch.Tensor:
                 v = v.clone()
                 for b, (_, reg) in enumerate(chunk):
@@ -264,6 +267,18 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
                 return v
             return f
 
+        if adapter is not None:
+            # What the adapter itself writes into the box (every token refined): its change's size
+            # relative to the token and its direction against the name's and the marker's embeddings.
+            with torch.inference_mode():
+                V = vlm.visual_tokens(batch).float().cpu()
+                d = adapter(V[None], W.float())[0] - V
+            for b, (_, reg) in enumerate(chunk):
+                if slots[b]:
+                    db, vb = d[slots[b]], V[slots[b]]
+                    change["relative_norm"].append(float((db.norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()))
+                    change["cosine_with_name"].append(float(cos(db, name_emb[reg.category_name].cpu()[None]).mean()))
+                    change["cosine_with_marker"].append(float(cos(db, marker.cpu()[None]).mean()))
         with torch.inference_mode():
             plain = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
             runs = [vlm.decode(vlm.generate(batch, transform=write(*how), max_new_tokens=max_new_tokens))
@@ -281,7 +296,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
             # Added to the box's own tokens, as a residual refinement writes: the name's embedding alone,
             # and the name's with the red-box marker's.
             "named_with_name_added": added, "share_with_name_added": _share(added, total),
-            "named_with_name_and_marker_added": added_marked, "share_with_name_and_marker_added": _share(added_marked, total)}
+            "named_with_name_and_marker_added": added_marked, "share_with_name_and_marker_added": _share(added_marked, total),
+            "adapter_change_in_box": {k: (sum(v) / len(v) if v else None) for k, v in change.items()}}
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -308,6 +324,10 @@ def report_text(res: dict) -> str:
                      f"({_fmt(r['share_with_name_embedding'])}); added to the box's own tokens: the name "
                      f"{r['named_with_name_added']} ({_fmt(r['share_with_name_added'])}), the name and the marker "
                      f"{r['named_with_name_and_marker_added']} ({_fmt(r['share_with_name_and_marker_added'])})")
+        c = r.get("adapter_change_in_box") or {}
+        if c.get("relative_norm") is not None:
+            lines.append(f"  the adapter's change in those boxes: {_fmt(c['relative_norm'])} of the token's norm, cosine "
+                         f"{_fmt(c['cosine_with_name'], False)} with the name, {_fmt(c['cosine_with_marker'], False)} with the marker")
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
     return "\n".join(lines)
