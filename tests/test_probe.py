@@ -39,6 +39,9 @@ def test_probe_end_to_end(setup, capsys):
             assert e["difference"] == pytest.approx(e["named_when_present"] - e["named_when_absent"])
     o = res["oracle"]
     assert o["rare_objects"] > 0 and 0 <= o["named"] <= o["rare_objects"] and o["share"] == pytest.approx(o["named"] / o["rare_objects"])
+    for k in ("name_added", "name_and_marker_added"):
+        assert 0 <= o[f"named_with_{k}"] <= o["rare_objects"]
+        assert o[f"share_with_{k}"] == pytest.approx(o[f"named_with_{k}"] / o["rare_objects"])
     a = res["adapter"]
     # The tiny bundle's gate is 0.5.
     assert a["tanh_gate"] == [pytest.approx(0.46211715726)]

@@ -14,7 +14,9 @@ the pipeline's own path:
    name's tokens, written as the name appears inside a sentence, with its leading space) is written
    into the image-token slots its box overlaps (LLaVA's row-major grid over the processor's resized
    and cropped image); the answer without hints is asked again, and the share of rare objects whose
-   class it names is reported. High: the LLM reads its image slots and knows the name;
+   class it names is reported. High: the LLM reads its image slots and knows the name. Also with
+   ``VLMConfig.pseudo_gain`` times the name's embedding *added* to the object's own tokens, alone and
+   with the " red box" marker's (item 6): what a residual refinement must write for general answers;
 4. ``adapter``: tanh of its gate (the factor on its residual branch), and on the rare-object slots of
    the baseline visual tokens how often the head-averaged attention's argmax row of W is the
    object's own class (against chance 1 / C); and the cosine of each row of W with its class name's
@@ -138,6 +140,11 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                for a, ref in zip(anns, refs)]
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
+    added_hits = [0, 0]  # the stage-0b slot vector added to the object's own tokens: the name alone; with the red-box marker
+    from rtrt.tools.demo.vlm import VLMConfig, _marker_ids
+
+    with torch.inference_mode():
+        marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     attn_hits = attn_total = 0
     det_scores: list[list[float]] = []
     bar = tqdm(total=len(refs), desc="probe", unit="img", disable=not progress)
@@ -179,12 +186,25 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                     v[[base + s for s in slots]] = name_emb[cat].to(v.dtype)
                 return v
 
+            def add_names(marked: bool):
+                def f(v: torch.Tensor) -> torch.Tensor:
+                    v = v.clone()
+                    for b, cat, slots in rare:
+                        idx = [(where[b] - b) * tokens_per_image + s for s in slots]
+                        v[idx] = v[idx] + (VLMConfig.pseudo_gain * (name_emb[cat] + (marker if marked else 0))).to(v.dtype)
+                    return v
+                return f
+
             with torch.inference_mode():
                 out = vlm.generate(sub, transform=write_names, max_new_tokens=pipe.max_new_tokens)
+                added = [vlm.decode(vlm.generate(sub, transform=add_names(m), max_new_tokens=pipe.max_new_tokens))
+                         for m in (False, True)]
             answers = [a.strip() for a in vlm.decode(out)]
             for b, cat, _ in rare:
                 oracle_total += 1
                 oracle_hits += int(cat in find_mentions(answers[where[b]]))
+                for j in range(2):
+                    added_hits[j] += int(cat in find_mentions(added[j][where[b]]))
         bar.update(len(chunk))
     bar.close()
 
@@ -207,7 +227,11 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
         "images": len(refs),
         "baseline": {"distinct_answers": len(set(baseline)), "answers": len(baseline)},
         "common": common,
-        "oracle": {"rare_objects": oracle_total, "named": oracle_hits, "share": _share(oracle_hits, oracle_total)},
+        "oracle": {"rare_objects": oracle_total, "named": oracle_hits, "share": _share(oracle_hits, oracle_total),
+                   # pseudo_gain x the name's embedding added to the object's own tokens, alone and with the red-box marker's
+                   "named_with_name_added": added_hits[0], "share_with_name_added": _share(added_hits[0], oracle_total),
+                   "named_with_name_and_marker_added": added_hits[1],
+                   "share_with_name_and_marker_added": _share(added_hits[1], oracle_total)},
         "adapter": {"tanh_gate": gates, "rare_patches": attn_total,
                     "attention_on_own_class": _share(attn_hits, attn_total), "chance": 1.0 / len(names),
                     "w_name_cosine": w_name_cosine,
@@ -313,7 +337,10 @@ def report_text(res: dict) -> str:
         diff = "-" if e["difference"] is None else f"{100 * e['difference']:+.1f} points"
         lines.append(f"  {c:14s} {_fmt(e['named_when_present'])} - {_fmt(e['named_when_absent'])} = {diff}")
     o, a, d = res["oracle"], res["adapter"], res["detector"]
-    lines.append(f"oracle name embedding in the rare slots: named {o['named']} of {o['rare_objects']} ({_fmt(o['share'])})")
+    lines.append(f"oracle name embedding in the rare slots: named {o['named']} of {o['rare_objects']} ({_fmt(o['share'])}); "
+                 f"added to the object's own tokens: the name {o['named_with_name_added']} ({_fmt(o['share_with_name_added'])}), "
+                 f"the name and the red-box marker {o['named_with_name_and_marker_added']} "
+                 f"({_fmt(o['share_with_name_and_marker_added'])})")
     lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
                  f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])}); "
                  f"W's cosine with its class names' embeddings: mean {_fmt(a['mean_w_name_cosine'], False)}")
