@@ -101,6 +101,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
 
     from rtrt.runtime.errors import InputError, ModelMismatchError
     from rtrt.runtime.image import load_image
+    from rtrt.tools.demo.vlm import VLMConfig, _marker_ids
     from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
@@ -141,8 +142,6 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
     added_hits = [0, 0]  # the stage-0b slot vector added to the object's own tokens: the name alone; with the red-box marker
-    from rtrt.tools.demo.vlm import VLMConfig, _marker_ids
-
     with torch.inference_mode():
         marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     attn_hits = attn_total = 0
