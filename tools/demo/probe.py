@@ -142,6 +142,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
     added_hits = [0, 0]  # the stage-0b slot vector added to the object's own tokens: the name alone; with the red-box marker
+    # The " red box" marker's embedding (stage 0b's boxed objects): the general oracle's and the region oracle's.
     with torch.inference_mode():
         marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     attn_hits = attn_total = 0
@@ -218,7 +219,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                      "difference": None if p_share is None or a_share is None else p_share - a_share}
     per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
     known = [v for v in per_class.values() if v is not None]
-    region = _region_oracle(vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, limit, batch_size,
+    region = _region_oracle(vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, marker, limit, batch_size,
                             pipe.max_new_tokens, progress, adapter, W)
     gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
     return {
@@ -240,8 +241,8 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     }
 
 
-def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, limit: int | None,
-                   batch_size: int, max_new_tokens: int, progress: bool, adapter=None, W=None) -> dict | None:
+def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, marker, limit: int | None,
+                   batch_size: int, max_new_tokens: int, progress: bool, adapter, W) -> dict | None:
     """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
     as it is and with the box's slots written as stage 0b showed a boxed object (see the module's
     item 6). ``None`` without region questions.
@@ -250,7 +251,7 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     from tqdm import tqdm
 
     from rtrt.runtime.image import load_image
-    from rtrt.tools.demo.vlm import VLMConfig, _marker_ids, region_sources
+    from rtrt.tools.demo.vlm import VLMConfig, region_sources
     from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
     from rtrt.trainer.coda import read_tasks, task_file
@@ -263,8 +264,6 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     items = items[:limit] if limit is not None else items
     # The slots as the demo VLM's stage 0b showed a boxed object: gain * (its name's embedding + the " red box" marker's).
     gain = VLMConfig.pseudo_gain
-    with torch.inference_mode():
-        marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
     name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
     named = total = 0
     hits = [0, 0, 0]  # replaced by name + marker, name added, name + marker added
@@ -290,18 +289,17 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
                 return v
             return f
 
-        if adapter is not None:
-            # What the adapter itself writes into the box (every token refined): its change's size
-            # relative to the token and its direction against the name's and the marker's embeddings.
-            with torch.inference_mode():
-                V = vlm.visual_tokens(batch).float().cpu()
-                d = adapter(V[None], W.float())[0] - V
-            for b, (_, reg) in enumerate(chunk):
-                if slots[b]:
-                    db, vb = d[slots[b]], V[slots[b]]
-                    change["relative_norm"].append(float((db.norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()))
-                    change["cosine_with_name"].append(float(cos(db, name_emb[reg.category_name].cpu()[None]).mean()))
-                    change["cosine_with_marker"].append(float(cos(db, marker.cpu()[None]).mean()))
+        # What the adapter itself writes into the box (every token refined): its change's size
+        # relative to the token and its direction against the name's and the marker's embeddings.
+        with torch.inference_mode():
+            V = vlm.visual_tokens(batch).float().cpu()
+            d = adapter(V[None], W.float())[0] - V
+        for b, (_, reg) in enumerate(chunk):
+            if slots[b]:
+                db, vb = d[slots[b]], V[slots[b]]
+                change["relative_norm"].append(float((db.norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()))
+                change["cosine_with_name"].append(float(cos(db, name_emb[reg.category_name].cpu()[None]).mean()))
+                change["cosine_with_marker"].append(float(cos(db, marker.cpu()[None]).mean()))
         with torch.inference_mode():
             plain = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
             runs = [vlm.decode(vlm.generate(batch, transform=write(*how), max_new_tokens=max_new_tokens))
