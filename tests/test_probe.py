@@ -42,6 +42,12 @@ def test_probe_end_to_end(setup, capsys):
     for k in ("name_added", "name_and_marker_added"):
         assert 0 <= o[f"named_with_{k}"] <= o["rare_objects"]
         assert o[f"share_with_{k}"] == pytest.approx(o[f"named_with_{k}"] / o["rare_objects"])
+    assert 0 <= res["baseline"]["with_a_repeat"] <= 3
+    e = res["hint_echo"]
+    assert 1 <= e["answers"] <= 3 and 0 <= e["with_a_repeat"] <= e["answers"] and e["hinted"] >= e["answers"]
+    assert e["hinted"] == sum(v["hinted"] for v in e["per_class"].values()) and 0 <= e["named"] <= e["hinted"]
+    assert e["named"] == sum(v["named"] for v in e["per_class"].values())
+    assert all(v["hinted"] > 0 and v["share"] == pytest.approx(v["named"] / v["hinted"]) for v in e["per_class"].values())
     a = res["adapter"]
     # The tiny bundle's gate is 0.5.
     assert a["tanh_gate"] == [pytest.approx(0.46211715726)]
@@ -62,6 +68,14 @@ def test_probe_end_to_end(setup, capsys):
     assert c["relative_norm"] >= 0 and all(-1 - 1e-6 <= c[k] <= 1 + 1e-6 for k in ("cosine_with_name", "cosine_with_marker"))
     text = capsys.readouterr().out
     assert "distinct answers" in text and "detector AUROC" in text
+
+
+def test_repeated_categories_by_hand():
+    assert probe.repeated_categories("Objects that influence the ego car: car, cat, cat, garbage bag.") == ["cat"]
+    assert probe.repeated_categories("Objects that influence the ego car: warning sign, warning sign, traffic light.") == ["warning_sign"]
+    assert probe.repeated_categories("Objects that influence the ego car: car, traffic light, traffic cone.") == []
+    assert probe.repeated_categories("Objects that influence the ego car: car, sedan, truck.") == ["car"]  # a synonym counts
+    assert probe.repeated_categories("") == []
 
 
 def test_auroc_by_hand():

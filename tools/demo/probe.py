@@ -6,7 +6,8 @@ its eyes, does the adapter write what the LLM reads, does the detector rank.
 On the split's general-perception questions (the first ``--limit``), with the frozen VLM through
 the pipeline's own path:
 
-1. ``baseline``: how many distinct answers the VLM gives without hints and refinement;
+1. ``baseline``: how many distinct answers the VLM gives without hints and refinement, and how many
+   name one category twice ("car, cat, cat.": ``repeated_categories``);
 2. ``common``: per common class of the world, the share of answers naming it when the image holds
    it minus the share when it does not ("naming" is the keyword judge's ``find_mentions``, so it
    means what the score means);
@@ -32,6 +33,10 @@ the pipeline's own path:
    residual refinement such as the adapter writes: how much of the oracle an additive remedy can
    reach, and whether it must write the marker too; and what the adapter writes into those boxes
    (its change's size relative to the token, its cosine with the name's and the marker's embeddings).
+7. ``hint_echo``: each image with rare objects answered with an oracle hint that names exactly its
+   rare classes (no adapter): per rare class, how often the answer repeats the hinted name, and how
+   many answers name a category twice. Low for a class: the text remedy cannot work for it, however
+   good the detector (a VLM whose answers turn the hint "traffic cone" into "traffic light").
 
 Only LLaVA-family VLMs have the fixed token grid the oracle and adapter probes need.
 """
@@ -45,7 +50,7 @@ from typing import Sequence
 
 from rtrt.runtime.names import BACKENDS
 
-__all__ = ["auroc", "box_slots", "run_probe", "report_text", "parse_args", "main"]
+__all__ = ["auroc", "box_slots", "repeated_categories", "run_probe", "report_text", "parse_args", "main"]
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -93,9 +98,20 @@ def _share(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def repeated_categories(answer: str) -> list[str]:
+    """Categories a short answer names more than once ("car, cat, cat." -> ["cat"]), each list item
+    judged alone with the keyword judge's matching (the demo VLM answers with a comma-separated list)."""
+    from rtrt.tools.judge import find_mentions
+
+    seen: list[str] = []
+    for item in answer.split(":", 1)[-1].split(","):
+        seen += sorted(find_mentions(item))
+    return sorted({c for c in seen if seen.count(c) > 1})
+
+
 def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None = None, batch_size: int = 8,
               progress: bool = True) -> dict:
-    """All five probes on one split; returns the JSON object ``main`` writes."""
+    """Every probe on one split; returns the JSON object ``main`` writes."""
     import torch
     from tqdm import tqdm
 
@@ -142,6 +158,10 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     baseline: list[str] = []
     oracle_hits = oracle_total = 0
     added_hits = [0, 0]  # the stage-0b slot vector added to the object's own tokens: the name alone; with the red-box marker
+    # Hint echo: each image with rare objects answered with an oracle hint naming exactly its rare classes (no adapter):
+    # per class, how often the answer repeats a hinted name (the LLM's side of the text remedy).
+    echo = {c: [0, 0] for c in RARE_CATEGORIES}  # class -> [hinted, named]
+    echo_repeats = echo_answers = 0
     # The " red box" marker's embedding (stage 0b's boxed objects): the general oracle's and the region oracle's.
     with torch.inference_mode():
         marker = vlm.model.get_input_embeddings()(_marker_ids(vlm.processor.tokenizer).to(vlm.device)).float().mean(0)
@@ -200,6 +220,17 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                 added = [vlm.decode(vlm.generate(sub, transform=add_names(m), max_new_tokens=pipe.max_new_tokens))
                          for m in (False, True)]
             answers = [a.strip() for a in vlm.decode(out)]
+            oracle_hints = [sorted({cat for bb, cat, _ in rare if bb == b}, key=RARE_CATEGORIES.index) for b in with_rare]
+            hinted = vlm.prepare([images[b] for b in with_rare], [questions[b] for b in with_rare], oracle_hints)
+            with torch.inference_mode():
+                hinted_answers = [x.strip() for x in vlm.decode(vlm.generate(hinted, max_new_tokens=pipe.max_new_tokens))]
+            for hints_b, answer in zip(oracle_hints, hinted_answers):
+                named = find_mentions(answer)
+                for cat in hints_b:
+                    echo[cat][0] += 1
+                    echo[cat][1] += int(cat in named)
+                echo_answers += 1
+                echo_repeats += bool(repeated_categories(answer))
             for b, cat, _ in rare:
                 oracle_total += 1
                 oracle_hits += int(cat in find_mentions(answers[where[b]]))
@@ -225,13 +256,18 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     return {
         "split": split,
         "images": len(refs),
-        "baseline": {"distinct_answers": len(set(baseline)), "answers": len(baseline)},
+        "baseline": {"distinct_answers": len(set(baseline)), "answers": len(baseline),
+                     "with_a_repeat": sum(bool(repeated_categories(x)) for x in baseline)},
         "common": common,
         "oracle": {"rare_objects": oracle_total, "named": oracle_hits, "share": _share(oracle_hits, oracle_total),
                    # pseudo_gain x the name's embedding added to the object's own tokens, alone and with the red-box marker's
                    "named_with_name_added": added_hits[0], "share_with_name_added": _share(added_hits[0], oracle_total),
                    "named_with_name_and_marker_added": added_hits[1],
                    "share_with_name_and_marker_added": _share(added_hits[1], oracle_total)},
+        "hint_echo": {"answers": echo_answers, "with_a_repeat": echo_repeats,
+                      "hinted": sum(h for h, _ in echo.values()), "named": sum(n for _, n in echo.values()),
+                      "share": _share(sum(n for _, n in echo.values()), sum(h for h, _ in echo.values())),
+                      "per_class": {c: {"hinted": h, "named": n, "share": _share(n, h)} for c, (h, n) in echo.items() if h}},
         "adapter": {"tanh_gate": gates, "rare_patches": attn_total,
                     "attention_on_own_class": _share(attn_hits, attn_total), "chance": 1.0 / len(names),
                     "w_name_cosine": w_name_cosine,
@@ -338,6 +374,12 @@ def report_text(res: dict) -> str:
                  f"added to the object's own tokens: the name {o['named_with_name_added']} ({_fmt(o['share_with_name_added'])}), "
                  f"the name and the red-box marker {o['named_with_name_and_marker_added']} "
                  f"({_fmt(o['share_with_name_and_marker_added'])})")
+    e = res.get("hint_echo")
+    if e:
+        lines.append(f"oracle hints (exactly the image's rare classes, no adapter): {e['named']} of {e['hinted']} hinted names "
+                     f"repeated ({_fmt(e['share'])}); answers naming a category twice {e['with_a_repeat']} of {e['answers']}")
+        weak = sorted(e["per_class"].items(), key=lambda kv: (kv[1]["share"], kv[0]))[:3]
+        lines.append("  least repeated: " + ", ".join(f"{c} {v['named']} of {v['hinted']}" for c, v in weak))
     lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
                  f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])}); "
                  f"W's cosine with its class names' embeddings: mean {_fmt(a['mean_w_name_cosine'], False)}")
