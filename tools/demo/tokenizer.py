@@ -7,13 +7,15 @@ a ``<pad>``, a BOS put in front of every sequence (as Llama's tokenizer does) an
 template ("USER: <image>\\n... ASSISTANT:"). Byte-level means every string round-trips, words the
 corpus never saw included; words it saw often become single tokens.
 
-Training is deterministic for the same texts in the same order.
+Training is deterministic for the same texts in the same order. ``word_tokens`` (``name_words``:
+the multi-word category names after a space, " traffic cone") are added as whole tokens after the
+learned ones: the text is split at them before the BPE runs, so each such name is one token.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["SPECIAL_TOKENS", "IMAGE_TOKEN", "LLAVA_CHAT_TEMPLATE", "train_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "IMAGE_TOKEN", "LLAVA_CHAT_TEMPLATE", "name_words", "train_tokenizer"]
 
 # In id order: Llama's three at 0-2, then LLaVA's image token and the pad token.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
@@ -32,11 +34,19 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2):
+def name_words(categories: Iterable[str]) -> tuple[str, ...]:
+    """The multi-word categories' display names as written after another word: ``(" traffic cone", ...)``."""
+    from rtrt.runtime.names import display_name
+
+    return tuple(" " + display_name(c) for c in categories if " " in display_name(c))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2, word_tokens: Iterable[str] = ()):
     """A ``PreTrainedTokenizerFast`` whose BPE merges are learned from ``texts``.
 
-    ``vocab_size`` counts the 256 byte symbols and the special tokens; ``min_frequency`` is the
-    fewest occurrences a pair needs to be merged.
+    ``vocab_size`` counts the 256 byte symbols and the special tokens (``word_tokens`` come on top);
+    ``min_frequency`` is the fewest occurrences a pair needs to be merged. Each of ``word_tokens`` is
+    one token wherever its exact text occurs (not special: it decodes as its text).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -52,6 +62,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
         show_progress=False,
     )
     raw.train_from_iterator(texts, trainer=trainer)
+    words = list(dict.fromkeys(word_tokens))
+    if words:
+        raw.add_tokens([AddedToken(w, special=False, normalized=False) for w in words])
     bos = raw.token_to_id("<s>")
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(

@@ -183,6 +183,7 @@ class VLMConfig:
     text_heads: int = 4  # Llama attention heads (and key/value heads)
     text_intermediate: int = 688  # Llama MLP width
     vocab_size: int = 1024  # BPE vocabulary, byte symbols and special tokens included
+    name_tokens: bool = False  # each multi-word category name written after a space (" traffic cone", " garbage bag", ...) becomes one token of its own beside the BPE's (a tiny LLM reading "traffic" then had to pick " light", " sign" or " cone" and could turn a hinted cone into a traffic light)
     tie_embeddings: bool = True  # the LM head shares the input embedding matrix
     max_positions: int = 1024  # Llama context length
     tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files; "region_perception" adds the red-box questions (see below)
@@ -1159,9 +1160,9 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     Returns a report (sizes, losses, seconds); it is also written to ``out/demo_vlm.json``.
     """
     from rtrt.trainer.coda import CATEGORIES
-    from rtrt.tools.demo.world import RARE_CATEGORIES
+    from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
 
-    from .tokenizer import train_tokenizer
+    from .tokenizer import name_words, train_tokenizer
 
     world, out = Path(world), Path(out)
     t0 = time.time()
@@ -1172,7 +1173,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     # The chat template's words belong to the text a tokenizer is learned from, as on the web.
     corpus = [f"USER: {q} ASSISTANT:" for q in sorted({s.question for s in samples})]
     corpus += [_user_text("", s.hint) for s in samples if s.hint] + [s.answer for s in samples]
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    words = name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES)) if cfg.name_tokens else ()  # the world's categories
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, word_tokens=words)
     model, processor = build_vlm(tokenizer, cfg)
     pixels, index, normalise, cache, seqs = _image_inputs(world, samples, processor, cfg, progress)
     t_data = time.time() - t0
