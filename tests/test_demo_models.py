@@ -59,6 +59,35 @@ def test_tokenizer_round_trips_and_has_the_llava_template():
     assert again.get_vocab() == tok.get_vocab()
 
 
+def test_name_tokens_make_each_multiword_name_one_token(world, tmp_path):
+    # VLMConfig.name_tokens: " traffic cone" is one token (not " traffic" + " cone", whose first token it shares
+    # with traffic light and traffic sign), in the saved tokenizer too (the ONNX runtime reads tokenizer.json).
+    from tokenizers import Tokenizer
+
+    from rtrt.tools.demo.world import COMMON_CATEGORIES, RARE_CATEGORIES
+    from rtrt.trainer.name_embeddings import name_token_ids
+
+    words = tokenizer.name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES))
+    assert " traffic cone" in words and " traffic light" in words and " garbage bag" in words and " car" not in words
+    answer = "Objects that influence the ego car: car, traffic light, traffic cone, garbage bag."
+    plain = tokenizer.train_tokenizer([answer] * 20, vocab_size=320)
+    assert len(name_token_ids(plain, "traffic_cone")) == 2
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "name_tokens": True, "tag_epochs": 0, "text_epochs": 0, "pseudo_epochs": 0,
+                           "align_epochs": 0, "epochs": 0})
+    vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "vlm", local_files_only=True)
+    for name in ("traffic_cone", "traffic_light", "traffic_sign", "warning_sign", "concrete_block", "garbage_bag"):
+        (i,) = name_token_ids(tok, name)
+        assert tok.decode([i]) == " " + name.replace("_", " ")
+    assert len(set(name_token_ids(tok, "traffic_cone") + name_token_ids(tok, "traffic_light"))) == 2
+    ids = tok(answer, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == answer and tok.convert_tokens_to_ids(" traffic cone") in ids
+    raw = Tokenizer.from_file(str(tmp_path / "vlm" / "tokenizer.json"))
+    assert raw.encode(answer, add_special_tokens=False).ids == ids and raw.decode(ids) == answer
+
+
 def test_vlm_pretraining_lowers_the_loss(trained_vlm):
     _, report = trained_vlm
     losses = report["epoch_losses"]
@@ -445,6 +474,14 @@ def test_rebuild_from_vfm_and_phase2_reuses_the_work_and_gives_the_same_bundle(t
     report = json.loads((out / "build_report.json").read_text())
     assert report["reused"] == ["world", "vlm", "vfm", "phase1"] and "vlm_recall" in report and "vfm_probe" in report
     assert {"phase2", "export", "vlm"} <= set(report["seconds"])  # reused stages keep their recorded times
+    # --from vlm retrains the VLM and reuses the VFM built with the same plan (it does not read the VLM): same bytes.
+    vfm_file = tmp_path / "demo.work" / "vfm" / "vfm.safetensors"
+    vfm_stamp = vfm_file.stat().st_mtime_ns
+    assert build.main([*argv, "--keep-work", "--from", "vlm"]) == 0
+    assert json.loads((out / "build_report.json").read_text())["reused"] == ["world", "vfm"]
+    assert vfm_file.stat().st_mtime_ns == vfm_stamp
+    for rel in ("bundle/vlm/model.safetensors", "bundle/vfm/model.safetensors", "bundle/adapter.safetensors"):
+        assert (out / rel).read_bytes() == (tiny_rebuild / rel).read_bytes(), rel
     # A plan that changes phase 1 cannot reuse phase 1; another seed cannot reuse anything.
     changed = dataclasses.replace(presets.PRESETS["tiny"], phase1_epochs=2)
     with pytest.MonkeyPatch.context() as mp:

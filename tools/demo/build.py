@@ -158,7 +158,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="stop after this stage (the bundle is written only by a full run)")
     p.add_argument("--from", dest="start", choices=STAGES, default="world",
                    help="start at this stage, reusing the earlier stages' outputs in --work (kept with --keep-work by a build "
-                        "with the same seed, threads and plan fields for those stages); default: from nothing")
+                        "with the same seed, threads and plan fields for those stages; with vlm, a VFM built with the same "
+                        "plan is reused too, since it does not read the VLM); default: from nothing")
     p.add_argument("--realign-vlm", action="store_true",
                    help="with --from vlm: keep the VLM in --work (its stages 0-1, built with the same seed, threads and VLM plan "
                         "apart from its stage-2 fields) and redo only its stage 2, minutes instead of an hour; needs the plan's "
@@ -209,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"rtrt demo build: error: --realign-vlm: {problem}", file=sys.stderr)
                 return 2
             vlm_state = state
-            # The VFM does not read the VLM: one built with the same plan is reused too.
+        if args.start == "vlm":
+            # The VFM does not read the VLM: one in --work built with the same plan is reused.
+            vlm_state = state
             reuse_vfm = "vfm" in state.get("done", []) and all(
                 state["key"].get(k) == v for k, v in _stage_key(report, ["vfm"]).items()) and (work / "vfm").is_dir()
         done = list(before)
