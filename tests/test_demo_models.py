@@ -69,10 +69,12 @@ def test_name_tokens_make_each_multiword_name_one_token(world, tmp_path):
 
     words = tokenizer.name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES))
     assert " traffic cone" in words and " traffic light" in words and " garbage bag" in words and " car" not in words
+    assert tokenizer.name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES), shared_only=True) == (
+        " traffic light", " traffic sign", " traffic cone")
     answer = "Objects that influence the ego car: car, traffic light, traffic cone, garbage bag."
     plain = tokenizer.train_tokenizer([answer] * 20, vocab_size=320)
     assert len(name_token_ids(plain, "traffic_cone")) == 2
-    cfg = vlm.VLMConfig(**{**TINY_VLM, "name_tokens": True, "tag_epochs": 0, "text_epochs": 0, "pseudo_epochs": 0,
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "name_tokens": "all", "tag_epochs": 0, "text_epochs": 0, "pseudo_epochs": 0,
                            "align_epochs": 0, "epochs": 0})
     vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
     from transformers import AutoTokenizer
@@ -86,6 +88,8 @@ def test_name_tokens_make_each_multiword_name_one_token(world, tmp_path):
     assert tok.decode(ids) == answer and tok.convert_tokens_to_ids(" traffic cone") in ids
     raw = Tokenizer.from_file(str(tmp_path / "vlm" / "tokenizer.json"))
     assert raw.encode(answer, add_special_tokens=False).ids == ids and raw.decode(ids) == answer
+    with pytest.raises(ValueError, match="name_tokens"):
+        vlm.VLMConfig(name_tokens="some")
 
 
 def test_vlm_pretraining_lowers_the_loss(trained_vlm):

@@ -34,11 +34,14 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def name_words(categories: Iterable[str]) -> tuple[str, ...]:
-    """The multi-word categories' display names as written after another word: ``(" traffic cone", ...)``."""
+def name_words(categories: Iterable[str], shared_only: bool = False) -> tuple[str, ...]:
+    """The multi-word categories' display names as written after another word: ``(" traffic cone", ...)``;
+    ``shared_only``: only those whose first word starts another category's name too (traffic light, sign, cone)."""
     from rtrt.runtime.names import display_name
 
-    return tuple(" " + display_name(c) for c in categories if " " in display_name(c))
+    names = [display_name(c) for c in categories]
+    firsts = [n.split()[0] for n in names]
+    return tuple(" " + n for n in names if " " in n and (not shared_only or firsts.count(n.split()[0]) > 1))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2, word_tokens: Iterable[str] = ()):

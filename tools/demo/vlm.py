@@ -183,7 +183,7 @@ class VLMConfig:
     text_heads: int = 4  # Llama attention heads (and key/value heads)
     text_intermediate: int = 688  # Llama MLP width
     vocab_size: int = 1024  # BPE vocabulary, byte symbols and special tokens included
-    name_tokens: bool = False  # each multi-word category name written after a space (" traffic cone", " garbage bag", ...) becomes one token of its own beside the BPE's (a tiny LLM reading "traffic" then had to pick " light", " sign" or " cone" and could turn a hinted cone into a traffic light)
+    name_tokens: str = "none"  # "all": each multi-word category name written after a space (" traffic cone", " garbage bag", ...) becomes one token of its own beside the BPE's (a tiny LLM reading "traffic" then had to pick " light", " sign" or " cone" and could turn a hinted cone into a traffic light); "shared": only the names whose first word starts another category's name too (traffic light, sign and cone); "none": the BPE's tokens only
     tie_embeddings: bool = True  # the LM head shares the input embedding matrix
     max_positions: int = 1024  # Llama context length
     tasks: tuple[str, ...] = ("general_perception",)  # pretraining task files; "region_perception" adds the red-box questions (see below)
@@ -230,6 +230,8 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        if self.name_tokens not in ("none", "all", "shared"):
+            raise ValueError(f"name_tokens must be 'none', 'all' or 'shared', got {self.name_tokens!r}")
         if self.text_answers not in ("named", "hint"):
             raise ValueError(f"text_answers must be 'named' or 'hint', got {self.text_answers!r}")
         if self.pseudo_answers not in ("named", "drawn"):
@@ -1173,7 +1175,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
     # The chat template's words belong to the text a tokenizer is learned from, as on the web.
     corpus = [f"USER: {q} ASSISTANT:" for q in sorted({s.question for s in samples})]
     corpus += [_user_text("", s.hint) for s in samples if s.hint] + [s.answer for s in samples]
-    words = name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES)) if cfg.name_tokens else ()  # the world's categories
+    words = name_words((*COMMON_CATEGORIES, *RARE_CATEGORIES), shared_only=cfg.name_tokens == "shared") \
+        if cfg.name_tokens != "none" else ()  # the world's categories
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, word_tokens=words)
     model, processor = build_vlm(tokenizer, cfg)
     pixels, index, normalise, cache, seqs = _image_inputs(world, samples, processor, cfg, progress)
