@@ -209,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 print(f"rtrt demo build: error: --realign-vlm: {problem}", file=sys.stderr)
                 return 2
-            vlm_state = state
-        if args.start == "vlm":
+        if args.start == "vlm":  # --realign-vlm goes with it (checked above)
             # The VFM does not read the VLM: one in --work built with the same plan is reused.
             vlm_state = state
             reuse_vfm = "vfm" in state.get("done", []) and all(
