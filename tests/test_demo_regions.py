@@ -240,3 +240,35 @@ def test_pseudo_regions_box_a_rare_object_in_view_and_name_it(world):
     assert none[0] == [] and none[1].shape == (0, grid, grid)
     with pytest.raises(ValueError, match="pseudo_regions"):
         vlm.VLMConfig(**{**TINY_VLM, "tasks": ("general_perception",), "pseudo_regions": 0.5})
+
+
+def test_hidden_hints_blank_only_the_hinted_objects_and_keep_their_names(monkeypatch):
+    from rtrt.trainer.coda import CATEGORIES
+
+    cone, car, dog = (1 + CATEGORIES.index(c) for c in ("traffic_cone", "car", "dog"))
+    labels = torch.tensor([[[cone, car], [dog, 0]], [[car, car], [0, 0]]])  # two images, 2 x 2 patches
+    boxes = torch.zeros((2, 2, 2))
+    samples = [vlm.Sample("a.png", "q", "", hint=["traffic_cone"]),  # hinted general sample on image 0
+               vlm.Sample("b.png", "q", ""),  # no hint: keeps its row
+               vlm.Sample("a.png", "q", "", hint=["dog"], box=(0.0, 0.0, 1.0, 1.0), base="a.png")]  # region: keeps its row
+    rows, out, out_boxes = vlm.hide_hinted(samples, [0, 1, 0], labels, 1.0, seed=0, boxes=boxes)
+    assert rows[1:] == [1, 0] and rows[0] == 2 and out.shape == (3, 2, 2) and out_boxes.shape == (3, 2, 2)
+    assert out[2].tolist() == [[0, car], [dog, 0]]  # the hinted cone is background, the rest as drawn
+    assert torch.equal(out[:2], labels)  # the shared rows are untouched
+    # The drawn answer still names the hidden cone: only the hint can tell it now.
+    monkeypatch.setattr(vlm, "_prompt_ids", lambda *a: [])
+    monkeypatch.setattr(vlm, "_answer_ids", lambda tok, answer, cfg: answer)
+    (_, answer), = vlm._drawn_seqs(samples[:1], rows[:1], out, None, None, vlm.VLMConfig(**TINY_VLM), {})
+    assert answer == vlm.short_answer_of({"car", "dog", "traffic_cone"})
+    none = vlm.hide_hinted(samples, [0, 1, 0], labels, 0.0, seed=0, boxes=boxes)
+    assert none[0] == [0, 1, 0] and none[1] is labels
+    some = [vlm.hide_hinted([samples[0]] * 200, [0] * 200, labels, 0.5, seed=s)[0] for s in (0, 0, 1)]
+    assert some[0] == some[1] != some[2] and 60 < sum(r != 0 for r in some[0]) < 140  # seeded share
+    with pytest.raises(ValueError, match="pseudo_hint_hide"):
+        vlm.VLMConfig(**{**TINY_VLM, "pseudo_hint_hide": 1.5})
+
+
+def test_pretrain_with_hidden_hints_runs_stage_0b(world, tmp_path):
+    cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0, "pseudo_hint_hide": 1.0, "pseudo_answers": "drawn"})
+    report = vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
+    assert len(report["stage0b_epoch_losses"]) == cfg.pseudo_epochs and report["config"]["pseudo_hint_hide"] == 1.0

@@ -204,6 +204,7 @@ class VLMConfig:
     pseudo_gain: float = 0.25  # stage 0b: a slot holds gain * the mean input embedding of its label's name (as the projector starts)
     pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
     pseudo_regions: float = 0.0  # stage 0b: share of pretrain images with a rare object in view that get one region question more about one of them (labels only, answer its category, a hint as region_hint_prob): the world's region annotations list rare objects as seldom as its texts name them, so without these the LLM learns that a red box holds a common object (0: none)
+    pseudo_hint_hide: float = 0.0  # stage 0b: share of the hinted general samples (seeded) whose hinted categories' patches are all shown as background, so the answer can name them only from the hint, as the runtime's hints name objects its VLM does not see (0: hinted objects keep their slots, and the language model may learn to read a hinted name's last words from the slots instead: a hinted traffic cone then became "traffic light")
     pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
     rare_gain: float = 1.0  # stage 2 starts the projector sending rare categories to their names at this fraction of the common ones' gain (1: aligned alike; < 1: weakly, as the web's captions leave them)
     align_slots: float = 0.0  # stage 2a: weight of the projector's distance to stage 0b's slots (names x unit gain), relative to their size, object and background slots half each (0: answers only, as LLaVA)
@@ -238,6 +239,8 @@ class VLMConfig:
             raise ValueError(f"pseudo_answers must be 'named' or 'drawn', got {self.pseudo_answers!r}")
         if self.region_per_image < 0 or not 0.0 <= self.region_share <= 1.0 or not 0.0 <= self.region_hint_prob <= 1.0:
             raise ValueError(f"region_per_image must be >= 0 and region_share in [0, 1], got {self.region_per_image}, {self.region_share}")
+        if not 0.0 <= self.pseudo_hint_hide <= 1.0:
+            raise ValueError(f"pseudo_hint_hide must be in [0, 1], got {self.pseudo_hint_hide}")
         if not 0.0 <= self.pseudo_regions <= 1.0 or (self.pseudo_regions and "region_perception" not in self.tasks):
             raise ValueError(f"pseudo_regions must be in [0, 1] and needs the region_perception task, got {self.pseudo_regions}")
         if self.hint_classes not in ("rare", "any"):
@@ -960,6 +963,35 @@ def pseudo_region_samples(world: str | Path, samples: Sequence[Sample], index: d
     return out, torch.stack(labels), torch.stack(boxes)
 
 
+def hide_hinted(samples: Sequence[Sample], rows: Sequence[int], patch_labels: torch.Tensor, share: float, seed: int,
+                boxes: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
+    """Stage 0b's hidden hints (``cfg.pseudo_hint_hide``): ``(rows, patch labels, box labels)`` where a
+    seeded share ``share`` of the general samples with a hint get a row of their own, their image's
+    labels with every hinted category's patches set to background (0). Their answers (``_drawn_seqs``:
+    the drawn categories + the hint) still name the hinted objects, which the language model then can
+    read only from the hint: the runtime's hints name what its VLM misses. Region questions and
+    unhinted samples keep their rows; ``boxes`` get all-zero rows beside the new ones."""
+    from rtrt.trainer.coda import CATEGORIES
+
+    rng = random.Random(seed + 5)  # a stream of its own: the other draws do not move
+    rows, extra = list(rows), []
+    n = len(patch_labels)
+    for j, s in enumerate(samples):
+        if s.box is not None or not s.hint or rng.random() >= share:
+            continue
+        lab = patch_labels[rows[j]].clone()
+        for c in s.hint:
+            lab[lab == 1 + CATEGORIES.index(c)] = 0
+        rows[j] = n + len(extra)
+        extra.append(lab)
+    if not extra:
+        return rows, patch_labels, boxes
+    labels = torch.cat([patch_labels, torch.stack(extra)])
+    if boxes is not None:
+        boxes = torch.cat([boxes, boxes.new_zeros((len(extra), *boxes.shape[1:]))])
+    return rows, labels, boxes
+
+
 def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: torch.Tensor, tokenizer, processor,
                 cfg: VLMConfig, cache: dict) -> list[tuple[list[int], list[int]]]:
     """Stage-0b sequences whose answers name every category with a slot in the pseudo-image, plus the hint.
@@ -1217,6 +1249,8 @@ def pretrain_vlm(world: str | Path, out: str | Path, cfg: VLMConfig, progress: b
             boxes0b = torch.cat([boxes, extra_boxes])
             seqs0b = seqs + [(_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, s.answer, cfg))
                              for s in extra]
+        if cfg.pseudo_hint_hide:
+            rows0b, labels0b, boxes0b = hide_hinted(samples0b, rows0b, labels0b, cfg.pseudo_hint_hide, cfg.seed, boxes0b)
         pseudo_seqs = seqs0b if cfg.pseudo_answers == "named" else _drawn_seqs(samples0b, rows0b, labels0b, tokenizer, processor, cfg, cache)
         pseudo_losses = _train_answers(model, pseudo_seqs, rows0b, None, gen, epochs=cfg.pseudo_epochs, batch_size=cfg.batch_size,
                                        lr=cfg.lr, cfg=cfg, desc="vlm stage 0b (pseudo-images)", progress=progress,
