@@ -272,3 +272,7 @@ def test_pretrain_with_hidden_hints_runs_stage_0b(world, tmp_path):
     cfg = vlm.VLMConfig(**{**TINY_VLM, "hint_prob": 1.0, "pseudo_hint_hide": 1.0, "pseudo_answers": "drawn"})
     report = vlm.pretrain_vlm(world, tmp_path / "vlm", cfg, progress=False)
     assert len(report["stage0b_epoch_losses"]) == cfg.pseudo_epochs and report["config"]["pseudo_hint_hide"] == 1.0
+    # The hidden rows reached stage 0b: the same build without them trains on other pseudo-images.
+    shown = vlm.pretrain_vlm(world, tmp_path / "shown", dataclasses.replace(cfg, pseudo_hint_hide=0.0), progress=False)
+    assert shown["stage0_epoch_losses"] == report["stage0_epoch_losses"]  # stage 0 does not read it
+    assert shown["stage0b_epoch_losses"] != report["stage0b_epoch_losses"]
