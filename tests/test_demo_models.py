@@ -284,6 +284,15 @@ def test_presets_are_valid_configs():
         assert all(getattr(cfg, k) == v for k, v in plan.world.items())
 
 
+def test_world_defaults_are_the_demo_world():
+    # `rtrt world --seed N` with no other flag draws from the shipped demo's distribution (issue 14).
+    from rtrt.tools.demo.world import WorldConfig
+
+    plan = presets.PRESETS["full"]
+    assert plan.world and all(getattr(WorldConfig(), k) == v for k, v in plan.world.items())
+    assert (WorldConfig().width, WorldConfig().height) == (plan.size, plan.size)
+
+
 def test_plan_world_flags_reach_the_world_and_the_eval_test_split():
     from rtrt.tools.demo.world import config_from_args, parse_args
 

@@ -14,6 +14,8 @@ from rtrt.tools.demo.world import RARE_CATEGORIES, WORLD_CATEGORIES, WorldConfig
 from rtrt.trainer import coda
 
 SMALL = dict(pretrain=4, plugin=3, val=2, test=2, width=96, height=80)
+# The world's defaults before the demo's last rebuild (rare_prob 0.7, at most 5 common objects, each kind's own range, narrow cyclists)
+BEFORE_KNOBS = dict(rare_prob=0.7, max_common=5, max_distance=0.0, cyclist_width=0.7)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -179,7 +181,7 @@ def test_rare_scale_enlarges_rare_objects_and_object_scale_every_object():
     # Every drawn box is the object's physical size times pixels per metre: rare ones times rare_scale, all times object_scale.
     seen = {"rare": 0, "common": 0}
     for scale, every in ((1.0, 1.0), (1.8, 1.0), (1.0, 1.5), (1.3, 1.4)):
-        cfg = WorldConfig(rare_scale=scale, object_scale=every, rare_prob=1.0)
+        cfg = WorldConfig(rare_scale=scale, object_scale=every, rare_prob=1.0, cyclist_width=0.7)  # 0.7: the spec's cyclist width
         for i in range(30):
             for o in world.sample_scene(cfg, np.random.default_rng([0, 9, i])).objects:
                 w_m, h_m = world._SPEC[o.category][:2]
@@ -206,11 +208,12 @@ def test_max_distance_caps_every_placement_and_only_those_beyond_it():
 
 def test_cyclist_width_widens_cyclists_only():
     # The same draws with a side-on cyclist: its box is cyclist_width x object_scale wide, every other box unchanged.
+    # On the world's earlier defaults: with today's (up to 9 common objects) a cyclist's width also moves other draws in some scenes.
     seen = 0
     for i in range(60):
         rng_args = [0, 9, i]
-        narrow = world.sample_scene(WorldConfig(), np.random.default_rng(rng_args)).objects
-        wide = world.sample_scene(WorldConfig(cyclist_width=1.7), np.random.default_rng(rng_args)).objects
+        narrow = world.sample_scene(WorldConfig(**BEFORE_KNOBS), np.random.default_rng(rng_args)).objects
+        wide = world.sample_scene(WorldConfig(**{**BEFORE_KNOBS, "cyclist_width": 1.7}), np.random.default_rng(rng_args)).objects
         for o in wide:
             x0, _, x1, _ = o.fbox
             w_m = 1.7 if o.category == "cyclist" else world._SPEC[o.category][0]
@@ -232,13 +235,13 @@ def test_scale_one_is_todays_world(tmp_path):
             ("stroller", (280, 187, 27, 44))],
     }
     for i, want in before.items():
-        scene = world.sample_scene(WorldConfig(object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
+        scene = world.sample_scene(WorldConfig(object_scale=1.0, **BEFORE_KNOBS), np.random.default_rng([0, world.SPLITS["test"], i]))
         assert [(o.category, o.box) for o in scene.objects] == want
     big = tmp_path / "big"
     generate_world(WorldConfig(seed=3, rare_scale=2.0, **SMALL), big, progress=False)
     assert json.loads((big / "world.json").read_text())["config"]["rare_scale"] == 2.0
     for i, want in before.items():  # rare_scale 1 is the default too
-        scene = world.sample_scene(WorldConfig(rare_scale=1.0, object_scale=1.0), np.random.default_rng([0, world.SPLITS["test"], i]))
+        scene = world.sample_scene(WorldConfig(rare_scale=1.0, object_scale=1.0, **BEFORE_KNOBS), np.random.default_rng([0, world.SPLITS["test"], i]))
         assert [(o.category, o.box) for o in scene.objects] == want
 
 

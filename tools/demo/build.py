@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save("export")
     report["bundle_bytes"] = _dir_bytes(bundle)
     if report["bundle_bytes"] > MAX_BUNDLE_BYTES:
-        print(f"[demo] warning: bundle is {report['bundle_bytes'] / 2**20:.1f} MiB, over the 25 MiB budget", file=sys.stderr)
+        print(f"[demo] warning: bundle is {report['bundle_bytes'] / 2**20:.1f} MiB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MiB budget", file=sys.stderr)
     rc = finish("export")
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)

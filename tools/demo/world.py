@@ -102,9 +102,9 @@ class WorldConfig:
     test: int = 100  # images in the test split
     width: int = 448  # image width in pixels
     height: int = 448  # image height in pixels
-    rare_prob: float = 0.7  # probability that an image holds any rare object
+    rare_prob: float = 0.9  # probability that an image holds any rare object (the demo's world; 0.7 before its last rebuild)
     max_rare: int = 3  # most rare placements per image (a row of cones or bollards is one)
-    max_common: int = 5  # most common objects per image
+    max_common: int = 9  # most common objects per image (the demo's world; 5 before its last rebuild)
     pretrain_name_prob: float = 0.1  # chance a rare object is named in pretrain texts (long tail)
     name_prob: float = 1.0  # chance a rare object is named in plugin/val/test texts
     occlusion_prob: float = 0.25  # chance an object gets a foreground occluder (post or bush)
@@ -117,8 +117,8 @@ class WorldConfig:
     rare_categories: tuple[str, ...] = RARE_CATEGORIES  # rare kinds that may appear
     rare_scale: float = 1.0  # rare objects' physical size (width, height, footprint) times this; common ones keep theirs
     object_scale: float = 1.6  # every object's physical size times this (on top of rare_scale), rare and common alike: the demo's world draws objects 1.6x life size so that a 16-px patch VFM sees them (1: true to life)
-    max_distance: float = 0.0  # metres: no object is placed farther ahead than this (0: each kind's own range; rare kinds reach 20-30 m, common ones 40-70 m, where a traffic light is under half of a 32-px patch)
-    cyclist_width: float = 0.7  # metres (before object_scale): a cyclist's box width; 0.7 draws the bicycle foreshortened, narrow as a pedestrian with small wheels, 1.7 side-on with round wheels
+    max_distance: float = 30.0  # metres: no object is placed farther ahead than this (the demo's world: 30; 0: each kind's own range; rare kinds reach 20-30 m, common ones 40-70 m, where a traffic light is under half of a 32-px patch)
+    cyclist_width: float = 1.7  # metres (before object_scale): a cyclist's box width; 1.7 (the demo's world) draws it side-on with round wheels, 0.7 foreshortened, narrow as a pedestrian with small wheels
 
     def __post_init__(self) -> None:
         self.rare_categories = tuple(self.rare_categories)
@@ -1246,9 +1246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for split in SPLITS:
         p.add_argument(f"--{split}", type=int, default=d.count(split), help=f"number of {split} images (default {d.count(split)})")
     p.add_argument("--size", type=_size, default=(d.width, d.height), help="image size, N or WxH (default 448)")
-    p.add_argument("--rare-prob", type=float, default=d.rare_prob, help="probability that an image holds rare objects")
+    p.add_argument("--rare-prob", type=float, default=d.rare_prob, help="probability that an image holds rare objects (default 0.9, the demo's world)")
     p.add_argument("--max-rare", type=int, default=d.max_rare, help="most rare placements per image")
-    p.add_argument("--max-common", type=int, default=d.max_common, help="most common objects per image")
+    p.add_argument("--max-common", type=int, default=d.max_common, help="most common objects per image (default 9, the demo's world)")
     p.add_argument("--pretrain-name-prob", type=float, default=d.pretrain_name_prob, help="chance a rare object is named in pretrain texts")
     p.add_argument("--name-prob", type=float, default=d.name_prob, help="chance a rare object is named in plugin/val/test texts")
     p.add_argument("--occlusion-prob", type=float, default=d.occlusion_prob, help="chance an object gets a foreground occluder")
@@ -1262,9 +1262,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--object-scale", type=float, default=d.object_scale,
                    help="every object's physical size times this, rare and common alike (default 1.6, the demo's world; 1: true to life)")
     p.add_argument("--max-distance", type=float, default=d.max_distance,
-                   help="metres: place no object farther ahead than this (default 0: each kind's own range, rare kinds up to 30 m, common ones up to 70 m)")
+                   help="metres: place no object farther ahead than this (default 30, the demo's world; 0: each kind's own range, rare kinds up to 30 m, common ones up to 70 m)")
     p.add_argument("--cyclist-width", type=float, default=d.cyclist_width,
-                   help="metres before --object-scale: a cyclist's box width (default 0.7: the bicycle foreshortened, narrow as a pedestrian; 1.7: side-on, round wheels)")
+                   help="metres before --object-scale: a cyclist's box width (default 1.7, the demo's world: side-on, round wheels; 0.7: the bicycle foreshortened, narrow as a pedestrian)")
     p.add_argument("--rare", nargs="+", choices=RARE_CATEGORIES, default=list(d.rare_categories), help="rare categories that may appear")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
