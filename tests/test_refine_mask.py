@@ -26,7 +26,7 @@ from rtrt.runtime.refine_mask import cell_centres, hot_cells, processor_geometry
 from rtrt.tools.cli import main
 
 DEMO = default_bundle()
-IMAGES = [str(p) for p in example_images()]  # refinement alone changes five of the six answers (the shipped bundle)
+IMAGES = [str(p) for p in example_images()]  # refinement alone changes all six answers (the shipped bundle)
 
 
 def test_sample_cells_is_torch_grid_sample():
