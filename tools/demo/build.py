@@ -1,12 +1,13 @@
 """Rebuild the demo from nothing: world -> base VLM -> VFM -> phase 1 -> phase 2 -> export -> calibration -> probes -> bundle.
 
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
-command on the same software gives the same bundle. Timings per stage are printed and written to
-``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and
-common recall without and with hints, bundle size, and the probes of ``rtrt.tools.demo.probe`` on
-the build's test split).
+command on the same software and the same CPU model gives the same bundle (another CPU model
+generates the same world but trains other weights: PyTorch's CPU kernels round differently; README,
+"Demo"). Timings per stage are printed and written to ``OUT/build_report.json`` with the measured
+numbers (VFM probe accuracy, the base VLM's rare and common recall without and with hints, bundle
+size, and the probes of ``rtrt.tools.demo.probe`` on the build's test split).
 
-    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (77 min measured, 2 CPU cores)
+    python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (65 min on a 2-core Intel Xeon)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)
 
 Output: ``OUT/bundle/`` (the demo bundle, VFM and VLM carried inside), ``OUT/examples/*.jpg`` (test
