@@ -1,0 +1,84 @@
+"""`python -m rtrt.tools.demo.report`: the README's demo tables from measurements (issue 14's tooling)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from rtrt.tools.demo import report
+from fixtures.tiny_bundle import tiny_world_and_llava_bundle
+
+
+def test_parse_split():
+    assert report.parse_split("test=") == report.Split("test", None)
+    assert report.parse_split("s1=/w/one") == report.Split("s1", "/w/one", "test")
+    assert report.parse_split("val=work/world:val") == report.Split("val", "work/world", "val")
+    assert report.parse_split("val=work/world:val").args() == ["--data", "work/world", "--split", "val"]
+    for bad in ("test", "=x", "a b=x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=.DIR"):
+            report.parse_split(bad)
+
+
+def _row(rare, common, all_, rare_recall=0.0, common_recall=80.0, hints=None):
+    e = {"groups": {"all": {"f1": all_}},
+         "rare_common": {"rare": {"f1": rare, "recall": rare_recall}, "common": {"f1": common, "recall": common_recall}}}
+    if hints:
+        e["hints"] = {"precision": hints[0], "recall": hints[1], "per_image": 1.5}
+    return e
+
+
+def _write_scores(out, name, rows):
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "scores.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_tables_and_targets_from_measurements(tmp_path):
+    # Split a meets every target; split b misses refinement (+9.9), common (-2.5) and hint recall (59.9).
+    _write_scores(tmp_path, "general_a", {
+        "baseline": _row(None, 80.0, 60.0), "text_hints": _row(50.0, 80.0, 68.0, hints=(55.0, 65.0)),
+        "visual_refine": _row(12.0, 79.0, 61.0), "both": _row(55.0, 79.5, 69.0, hints=(55.0, 65.0))})
+    _write_scores(tmp_path, "general_b", {
+        "baseline": _row(0.0, 80.0, 60.0), "text_hints": _row(50.0, 80.0, 68.0, hints=(55.0, 59.9)),
+        "visual_refine": _row(9.9, 79.0, 61.0), "both": _row(55.0, 77.5, 69.0, hints=(55.0, 59.9))})
+    t = report.targets(json.loads((tmp_path / "general_a" / "scores.json").read_text())["rows"])
+    assert all(met for met, _ in t.values()) and t["refinement alone >= +10 rare F1"][1] == "+12.0"
+    t = report.targets(json.loads((tmp_path / "general_b" / "scores.json").read_text())["rows"])
+    missed = {k for k, (met, _) in t.items() if not met}
+    assert missed == {"refinement alone >= +10 rare F1", "both: common F1 within 2", "hints: precision >= 50 at recall >= 60"}
+    md = report.tables(tmp_path, ["a", "b", "absent"])
+    assert "| baseline | - / 80.0 / 60.0 | 0.0 / 80.0 / 60.0 |" in md  # "absent" has no column
+    assert "| change with visual refinement | +12.0 / -1.0 / +1.0 | +9.9 / -1.0 / +1.0 |" in md
+    assert "| hint precision / recall (per image) | 55.0 / 65.0 (1.50) | 55.0 / 59.9 (1.50) |" in md
+    assert "| refinement alone >= +10 rare F1 | met (+12.0) | **missed** (+9.9) |" in md
+    assert "region" not in md  # nothing measured there
+
+
+def test_probe_targets():
+    p = {"baseline": {"distinct_answers": 34, "answers": 100},
+         "common": {"car": {"difference": 0.9}, "traffic_light": {"difference": 0.278}},
+         "oracle": {"share": 0.93}, "detector": {"mean_auroc": 0.899}}
+    t = report.probe_targets(p)
+    assert t["distinct baseline answers >= 50 (of 200)"] == (None, "34 of 100")  # not for 100 answers
+    assert t["every common class >= +30 points"] == (False, "traffic light +27.8")
+    assert t["oracle names >= 50%"][0] and not t["detector mean AUROC >= 0.90"][0]
+
+
+def test_measure_on_a_tiny_bundle_then_resume(tmp_path):
+    _, _, bundle = tiny_world_and_llava_bundle(tmp_path)
+    out = tmp_path / "m"
+    argv = ["--out", str(out), "--bundle", str(bundle), "--split", f"t={tmp_path / 'world'}", "--limit", "2", "--backend", "torch"]
+    assert report.main(argv) == 0
+    rows = json.loads((out / "general_t" / "scores.json").read_text())["rows"]
+    assert list(rows) == list(report.ROWS)
+    md = (out / "report.md").read_text()
+    assert "## general questions" in md and "| + both |" in md and "issue 14's ablation targets" in md
+    before = (out / "general_t" / "scores.json").stat().st_mtime_ns
+    assert report.main(argv) == 0  # measured already: not run again
+    assert (out / "general_t" / "scores.json").stat().st_mtime_ns == before
+
+def test_a_failing_measurement_is_one_line(tmp_path, capsys):
+    assert report.main(["--out", str(tmp_path / "m"), "--bundle", str(tmp_path / "nosuch"), "--split", "t=", "--limit", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rtrt demo report: error: rtrt eval --task general on t failed (exit ")

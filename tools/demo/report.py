@@ -1,0 +1,323 @@
+"""Measure a demo bundle the way the README reports it, and print the README's tables.
+
+    python -m rtrt.tools.demo.report --out M [--bundle B] [--split NAME=[DIR][:SPLIT] ...]
+                                     [--task general region] [--mask-off] [--probes] [--examples DIR]
+
+Runs, for every ``--split``, ``rtrt eval --ablation`` per task (into ``M/<task>_<NAME>/``; with
+``--mask-off`` again with ``--refine-mask-z off`` into ``M/<task>-off_<NAME>/``), with ``--probes``
+``python -m rtrt.tools.demo.probe`` (``M/probe_<NAME>.json``), and with ``--examples DIR``
+``rtrt infer`` on the examples in four settings (``M/examples_<row>.jsonl``, scored against
+``DIR/examples.json``'s references). A measurement whose output exists is not run again (delete it,
+or pass ``--redo``), so an interrupted report resumes. Then ``M/report.md`` gets the tables the
+README's demo section prints, from whatever is measured: the four-way ablation per task and split
+(rare / common / all-groups F1), the changes against the baseline, the hints' precision / recall,
+issue 14's targets as pass / miss per split, the probes and the examples' recall / precision.
+
+``--split`` is ``NAME=`` for the build's test split (what ``rtrt eval`` generates without
+``--data``), ``NAME=DIR`` for the test split of a world in CODA-LM layout, ``NAME=DIR:SPLIT`` for
+another split of it (``val=work/world:val``). Default: ``test=``.
+
+``--tables-only`` writes the tables from an existing ``M`` without measuring anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["Split", "parse_split", "measure", "tables", "targets", "probe_targets", "main"]
+
+ROWS = ("baseline", "text_hints", "visual_refine", "both")
+LABELS = {"baseline": "baseline", "text_hints": "+ text hints", "visual_refine": "+ visual refinement", "both": "+ both"}
+TASKS = ("general", "region")
+EXAMPLE_ROWS = {"base": ["--no-hints", "--no-refine"], "hints": ["--no-refine"], "refine": ["--no-hints"], "both": []}
+COMMON = ("car", "truck", "bus", "pedestrian", "traffic_sign", "traffic_light", "cyclist")
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    data: str | None  # None: the build's test split (rtrt eval's default)
+    split: str = "test"
+
+    def args(self) -> list[str]:
+        return [] if self.data is None else ["--data", self.data, "--split", self.split]
+
+
+def parse_split(text: str) -> Split:
+    """``NAME=``, ``NAME=DIR`` or ``NAME=DIR:SPLIT``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected NAME=[DIR][:SPLIT] with a plain NAME")
+    if not rest:
+        return Split(name, None)
+    data, _, split = rest.rpartition(":") if ":" in rest else (rest, "", "test")
+    return Split(name, data, split or "test")
+
+
+def _run(label: str, cmd: list[str], out_file: Path | None, log: Path) -> float:
+    """Runs one measurement command; its stdout into ``out_file`` (if given), stderr into ``log``."""
+    t = time.monotonic()
+    with open(log, "w") as err:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE if out_file else subprocess.DEVNULL, stderr=err, text=True)
+    if res.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{label} failed (exit {res.returncode}): {tail[0]} (log: {log})")
+    if out_file is not None:
+        from rtrt.runtime.fileio import atomic_write_text
+
+        atomic_write_text(out_file, res.stdout)
+    return time.monotonic() - t
+
+
+def measure(out: Path, bundle: str | None, splits: Sequence[Split], tasks: Sequence[str], *, mask_off: bool = False,
+            probes: bool = False, examples: str | None = None, limit: int | None = None, backend: str = "ort",
+            redo: bool = False, echo=print) -> None:
+    """Every measurement the options ask for, each skipped where its output exists (unless ``redo``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    py = [sys.executable, "-m"]
+    b = ([] if bundle is None else ["--bundle", bundle]) + ["--backend", backend]
+    lim = [] if limit is None else ["--limit", str(limit)]
+    jobs: list[tuple[str, Path, list[str], bool]] = []  # (label, output, command, output is the command's stdout)
+    for sp in splits:
+        for task in tasks:
+            for off in ((False, True) if mask_off else (False,)):
+                d = out / f"{task}{'-off' if off else ''}_{sp.name}"
+                jobs.append((f"rtrt eval --task {task} on {sp.name}{' --refine-mask-z off' if off else ''}", d / "scores.json", [*py, "rtrt.tools.cli", "eval", *b, *sp.args(), "--task", task, "--ablation",
+                                                 "--out", str(d), "--quiet", *lim,
+                                                 *(["--refine-mask-z", "off"] if off else [])], False))
+        if probes:
+            p = out / f"probe_{sp.name}.json"
+            jobs.append((f"probe on {sp.name}", p, [*py, "rtrt.tools.demo.probe", *b, *sp.args(), "--json", str(p), "--quiet", *lim], False))
+    if examples is not None:
+        for row, flags in EXAMPLE_ROWS.items():
+            jobs.append((f"rtrt infer ({row})", out / f"examples_{row}.jsonl", [*py, "rtrt.tools.cli", "infer", *b, "--image", examples, "--json", *flags], True))
+    for i, (label, target, cmd, stdout) in enumerate(jobs, 1):
+        if target.exists() and not redo:
+            echo(f"[{i}/{len(jobs)}] {target.relative_to(out)}: measured already")
+            continue
+        secs = _run(label, cmd, target if stdout else None, logs / f"{target.parent.name if target.name == 'scores.json' else target.stem}.log")
+        echo(f"[{i}/{len(jobs)}] {target.relative_to(out)}: {secs:.0f} s")
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _scores(out: Path, task: str, split: str) -> dict | None:
+    p = out / f"{task}_{split}" / "scores.json"
+    return json.loads(p.read_text())["rows"] if p.exists() else None
+
+
+def _triple(entry: dict) -> tuple[float | None, float | None, float | None]:
+    rc = entry.get("rare_common", {})
+    return rc.get("rare", {}).get("f1"), rc.get("common", {}).get("f1"), entry["groups"]["all"]["f1"]
+
+
+def _change(rows: dict, row: str) -> tuple[float, float, float]:
+    """F1 change against the baseline; an undefined F1 ("-": nothing named) counts 0, as the README does."""
+    return tuple((a or 0.0) - (b or 0.0) for a, b in zip(_triple(rows[row]), _triple(rows["baseline"])))
+
+
+def ablation_table(out: Path, task: str, names: Sequence[str]) -> str | None:
+    """The README's four-way ablation table of one task (``task`` may be ``general-off`` etc.)."""
+    data = {n: _scores(out, task, n) for n in names}
+    names = [n for n in names if data[n] is not None]
+    if not names:
+        return None
+    lines = [f"| row | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for row in ROWS:
+        lines.append(f"| {LABELS[row]} | " + " | ".join(" / ".join(map(_f, _triple(data[n][row]))) for n in names) + " |")
+    for row in ROWS[1:]:
+        lines.append(f"| change with {LABELS[row][2:]} | "
+                     + " | ".join(" / ".join(f"{v:+.1f}" for v in _change(data[n], row)) for n in names) + " |")
+    if any("hints" in data[n]["text_hints"] for n in names):
+        cells = []
+        for n in names:
+            h = data[n]["text_hints"].get("hints")
+            cells.append(f"{_f(h['precision'])} / {_f(h['recall'])} ({h['per_image']:.2f})" if h else "-")
+        lines.append("| hint precision / recall (per image) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(rows: dict, with_hints: bool = True) -> dict[str, tuple[bool, str]]:
+    """Issue 14's ablation targets on one split's rows: name -> (met, measured value)."""
+    base = rows["baseline"]["rare_common"]
+    rr, cr = base.get("rare", {}).get("recall") or 0.0, base.get("common", {}).get("recall") or 0.0
+    ref, both = _change(rows, "visual_refine"), _change(rows, "both")
+    res = {
+        "baseline rare recall <= half of common": (rr <= 0.5 * cr, f"{rr:.1f} vs {cr:.1f}"),
+        "refinement alone >= +10 rare F1": (ref[0] >= 10, f"{ref[0]:+.1f}"),
+        "both >= +25 rare F1": (both[0] >= 25, f"{both[0]:+.1f}"),
+        "both: common F1 within 2": (abs(both[1]) <= 2, f"{both[1]:+.1f}"),
+        "both: all-groups F1 >= +5": (both[2] >= 5, f"{both[2]:+.1f}"),
+    }
+    h = rows["text_hints"].get("hints")
+    if with_hints and h:
+        p, r = h["precision"] or 0.0, h["recall"] or 0.0
+        res["hints: precision >= 50 at recall >= 60"] = (p >= 50 and r >= 60, f"{p:.1f} / {r:.1f}")
+    return res
+
+
+def targets_table(out: Path, task: str, names: Sequence[str]) -> str | None:
+    data = {n: _scores(out, task, n) for n in names}
+    names = [n for n in names if data[n] is not None]
+    if not names:
+        return None
+    per = {n: targets(data[n]) for n in names}
+    keys = list(dict.fromkeys(k for n in names for k in per[n]))
+    lines = [f"| target | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(
+            (f"{_verdict(per[n][k][0])} ({per[n][k][1]})" if k in per[n] else "-") for n in names) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(out: Path, names: Sequence[str]) -> str | None:
+    data = {n: json.loads((out / f"probe_{n}.json").read_text()) for n in names if (out / f"probe_{n}.json").exists()}
+    if not data:
+        return None
+    names = list(data)
+
+    def row(label: str, fn) -> str:
+        cells = []
+        for n in names:
+            try:
+                cells.append(fn(data[n]))
+            except (KeyError, TypeError, IndexError):
+                cells.append("-")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines = [f"| probe | {' | '.join(names)} |", "|---|" + "---|" * len(names),
+             row("distinct baseline answers", lambda p: str(p["baseline"]["distinct_answers"]))]
+    for c in COMMON:
+        lines.append(row(f"{c.replace('_', ' ')}: named when present minus absent (points)",
+                         lambda p, c=c: f"{100 * p['common'][c]['difference']:+.1f}"))
+    lines += [
+        row("oracle: rare objects named with their name's embedding in their slots",
+            lambda p: f"{100 * p['oracle']['share']:.1f}% ({p['oracle']['named']} of {p['oracle']['rare_objects']})"),
+        row("region oracle: as is / slots written as stage 0b showed them",
+            lambda p: f"{100 * p['region_oracle']['share']:.1f}% / {100 * p['region_oracle']['share_with_name_embedding']:.1f}%"),
+        row("hint echo: hinted names repeated", lambda p: f"{100 * p['hint_echo']['share']:.1f}%"),
+        row("adapter tanh(gate); attention on the object's own row of W",
+            lambda p: f"{p['adapter']['tanh_gate'][0]:.3f}; {100 * p['adapter']['attention_on_own_class']:.1f}%"),
+        row("detector mean AUROC", lambda p: f"{p['detector']['mean_auroc']:.3f}"),
+        row("detector's weakest classes", lambda p: ", ".join(
+            f"{k.replace('_', ' ')} {v:.2f}" for k, v in sorted(p["detector"]["auroc"].items(), key=lambda kv: kv[1])[:2])),
+        "",
+        f"| probe target | {' | '.join(names)} |", "|---|" + "---|" * len(names),
+    ]
+    per = {n: probe_targets(data[n]) for n in names}
+    for k in dict.fromkeys(k for n in names for k in per[n]):
+        lines.append(f"| {k} | " + " | ".join(
+            (f"{_verdict(per[n][k][0])} ({per[n][k][1]})" if k in per[n] else "-") for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else "met" if met else "**missed**"
+
+
+def probe_targets(p: dict) -> dict[str, tuple[bool, str]]:
+    """Issue 14's probe targets on one split's probe results: name -> (met or None where it does not apply, value)."""
+    n, d = p["baseline"].get("answers"), p["baseline"]["distinct_answers"]
+    # The target is for the 200 test images; on fewer answers it does not apply (None).
+    res = {"distinct baseline answers >= 50 (of 200)": (d >= 50 if n is None or n >= 200 else None, f"{d} of {n or '?'}")}
+    diffs = {c: 100 * v["difference"] for c, v in p["common"].items() if v.get("difference") is not None}
+    if diffs:
+        worst = min(diffs, key=diffs.get)
+        res["every common class >= +30 points"] = (diffs[worst] >= 30, f"{worst.replace('_', ' ')} {diffs[worst]:+.1f}")
+    res["oracle names >= 50%"] = (p["oracle"]["share"] >= 0.5, f"{100 * p['oracle']['share']:.1f}%")
+    res["detector mean AUROC >= 0.90"] = (p["detector"]["mean_auroc"] >= 0.90, f"{p['detector']['mean_auroc']:.3f}")
+    return res
+
+
+def examples_table(out: Path, examples: str | None) -> str | None:
+    if examples is None or not (Path(examples) / "examples.json").exists():
+        return None
+    from rtrt.tools.judge import find_mentions
+
+    refs = {k: find_mentions(v["reference"]) for k, v in json.loads((Path(examples) / "examples.json").read_text()).items()}
+    lines = ["| setting | recall | precision | answers |", "|---|---:|---:|---:|"]
+    for row in EXAMPLE_ROWS:
+        p = out / f"examples_{row}.jsonl"
+        if not p.exists():
+            continue
+        tp = n_ref = n_got = n = 0
+        for line in p.read_text().splitlines():
+            rec = json.loads(line)
+            got, ref = find_mentions(rec["answer"]), refs.get(Path(rec["image"]).name, set())
+            tp, n_ref, n_got, n = tp + len(got & ref), n_ref + len(ref), n_got + len(got), n + 1
+        lines.append(f"| {row} | {100 * tp / max(n_ref, 1):.1f} | {100 * tp / max(n_got, 1):.1f} | {n} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def tables(out: Path, names: Sequence[str], tasks: Sequence[str] = TASKS, examples: str | None = None) -> str:
+    """``report.md``'s text from whatever ``out`` holds."""
+    parts = [f"# Demo bundle report ({out})", ""]
+    for task in tasks:
+        for suffix, title in (("", ""), ("-off", ", `--refine-mask-z off`")):
+            t = ablation_table(out, task + suffix, names)
+            if t:
+                parts += [f"## {task} questions{title}: rare / common / all-groups F1", "", t, ""]
+        t = targets_table(out, task, names)
+        if t:
+            parts += [f"## issue 14's ablation targets, {task} questions", "", t, ""]
+    for title, t in (("probes", probe_table(out, names)), ("examples (keyword judge against examples.json)", examples_table(out, examples))):
+        if t:
+            parts += [f"## {title}", "", t, ""]
+    return "\n".join(parts)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rtrt.tools.demo.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder of the measurements and report.md")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
+    p.add_argument("--split", dest="splits", type=parse_split, action="append", default=None,
+                   help="NAME=[DIR][:SPLIT], repeatable (default: test=, the build's test split)")
+    p.add_argument("--task", dest="tasks", choices=TASKS, action="append", default=None, help="repeatable (default: general)")
+    p.add_argument("--mask-off", action="store_true", help="also every ablation with --refine-mask-z off")
+    p.add_argument("--probes", action="store_true", help="also the probes per split")
+    p.add_argument("--examples", default=None, help="folder of example images with examples.json: rtrt infer in four settings")
+    p.add_argument("--backend", default="ort", choices=("ort", "torch"), help="detector/adapter backend (default: ort)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions / images of each split")
+    p.add_argument("--redo", action="store_true", help="measure again where outputs exist")
+    p.add_argument("--tables-only", action="store_true", help="write report.md from --out without measuring")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits = args.splits or [Split("test", None)]
+    names = [s.name for s in splits]
+    if len(set(names)) != len(names):
+        print("rtrt demo report: error: --split names must differ", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.tables_only and not out.is_dir():
+        print(f"rtrt demo report: error: --tables-only: no folder {out}", file=sys.stderr)
+        return 2
+    if not args.tables_only:
+        try:
+            measure(out, args.bundle, splits, args.tasks or ["general"], mask_off=args.mask_off, probes=args.probes,
+                    examples=args.examples, limit=args.limit, backend=args.backend, redo=args.redo, echo=lambda m: print(m, file=sys.stderr))
+        except RuntimeError as e:
+            print(f"rtrt demo report: error: {e}", file=sys.stderr)
+            return 1
+    text = tables(out, names, TASKS, args.examples)
+    from rtrt.runtime.fileio import atomic_write_text
+
+    atomic_write_text(out / "report.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
