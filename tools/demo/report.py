@@ -280,8 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rtrt.tools.demo.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder of the measurements and report.md")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
-    p.add_argument("--split", dest="splits", type=parse_split, action="append", default=None,
-                   help="NAME=[DIR][:SPLIT], repeatable (default: test=, the build's test split)")
+    p.add_argument("--split", dest="splits", type=parse_split, action="append", default=None, metavar="NAME=[DIR][:SPLIT]",
+                   help="a split to measure, repeatable: NAME= the build's test split, NAME=DIR a world's test split, "
+                        "NAME=DIR:SPLIT another split of it (default: test=)")
     p.add_argument("--task", dest="tasks", choices=TASKS, action="append", default=None, help="repeatable (default: general)")
     p.add_argument("--mask-off", action="store_true", help="also every ablation with --refine-mask-z off")
     p.add_argument("--probes", action="store_true", help="also the probes per split")
