@@ -32,11 +32,12 @@ from typing import Sequence
 
 __all__ = ["Split", "parse_split", "measure", "tables", "targets", "probe_targets", "main"]
 
-ROWS = ("baseline", "text_hints", "visual_refine", "both")
+from rtrt.tools.eval import ABLATION_ROWS
+
+ROWS = tuple(r.name for r in ABLATION_ROWS)  # baseline, text_hints, visual_refine, both
 LABELS = {"baseline": "baseline", "text_hints": "+ text hints", "visual_refine": "+ visual refinement", "both": "+ both"}
 TASKS = ("general", "region")
 EXAMPLE_ROWS = {"base": ["--no-hints", "--no-refine"], "hints": ["--no-refine"], "refine": ["--no-hints"], "both": []}
-COMMON = ("car", "truck", "bus", "pedestrian", "traffic_sign", "traffic_light", "cyclist")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def ablation_table(out: Path, task: str, names: Sequence[str]) -> str | None:
     return "\n".join(lines)
 
 
-def targets(rows: dict, with_hints: bool = True) -> dict[str, tuple[bool, str]]:
+def targets(rows: dict) -> dict[str, tuple[bool, str]]:
     """Issue 14's ablation targets on one split's rows: name -> (met, measured value)."""
     base = rows["baseline"]["rare_common"]
     rr, cr = base.get("rare", {}).get("recall") or 0.0, base.get("common", {}).get("recall") or 0.0
@@ -160,7 +161,7 @@ def targets(rows: dict, with_hints: bool = True) -> dict[str, tuple[bool, str]]:
         "both: all-groups F1 >= +5": (both[2] >= 5, f"{both[2]:+.1f}"),
     }
     h = rows["text_hints"].get("hints")
-    if with_hints and h:
+    if h:
         p, r = h["precision"] or 0.0, h["recall"] or 0.0
         res["hints: precision >= 50 at recall >= 60"] = (p >= 50 and r >= 60, f"{p:.1f} / {r:.1f}")
     return res
@@ -171,13 +172,17 @@ def targets_table(out: Path, task: str, names: Sequence[str]) -> str | None:
     names = [n for n in names if data[n] is not None]
     if not names:
         return None
-    per = {n: targets(data[n]) for n in names}
-    keys = list(dict.fromkeys(k for n in names for k in per[n]))
-    lines = [f"| target | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
-    for k in keys:
+    return "\n".join(_verdict_rows("target", {n: targets(data[n]) for n in names}))
+
+
+def _verdict_rows(head: str, per: dict[str, dict[str, tuple[bool | None, str]]]) -> list[str]:
+    """A markdown table of target verdicts: a row per target, a column per split."""
+    names = list(per)
+    lines = [f"| {head} | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for k in dict.fromkeys(k for n in names for k in per[n]):
         lines.append(f"| {k} | " + " | ".join(
             (f"{_verdict(per[n][k][0])} ({per[n][k][1]})" if k in per[n] else "-") for n in names) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def probe_table(out: Path, names: Sequence[str]) -> str | None:
@@ -197,7 +202,7 @@ def probe_table(out: Path, names: Sequence[str]) -> str | None:
 
     lines = [f"| probe | {' | '.join(names)} |", "|---|" + "---|" * len(names),
              row("distinct baseline answers", lambda p: str(p["baseline"]["distinct_answers"]))]
-    for c in COMMON:
+    for c in dict.fromkeys(c for n in names for c in data[n].get("common", {})):
         lines.append(row(f"{c.replace('_', ' ')}: named when present minus absent (points)",
                          lambda p, c=c: f"{100 * p['common'][c]['difference']:+.1f}"))
     lines += [
@@ -212,12 +217,8 @@ def probe_table(out: Path, names: Sequence[str]) -> str | None:
         row("detector's weakest classes", lambda p: ", ".join(
             f"{k.replace('_', ' ')} {v:.2f}" for k, v in sorted(p["detector"]["auroc"].items(), key=lambda kv: kv[1])[:2])),
         "",
-        f"| probe target | {' | '.join(names)} |", "|---|" + "---|" * len(names),
+        *_verdict_rows("probe target", {n: probe_targets(data[n]) for n in names}),
     ]
-    per = {n: probe_targets(data[n]) for n in names}
-    for k in dict.fromkeys(k for n in names for k in per[n]):
-        lines.append(f"| {k} | " + " | ".join(
-            (f"{_verdict(per[n][k][0])} ({per[n][k][1]})" if k in per[n] else "-") for n in names) + " |")
     return "\n".join(lines)
 
 
