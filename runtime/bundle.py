@@ -184,8 +184,9 @@ class Manifest:
         d["exports"] = self.exports.to_dict()
         if d.get("adapter") is not None:
             # Written only when set: a bundle without them keeps the manifest bytes older rtrt wrote and reads.
-            if not d["adapter"].get("null_slot"):
-                d["adapter"].pop("null_slot", None)
+            for key in ("null_slot", "slot_value"):
+                if not d["adapter"].get(key):
+                    d["adapter"].pop(key, None)
             if d["adapter"].get("refine_mask_z") is None:
                 d["adapter"].pop("refine_mask_z", None)
         return d

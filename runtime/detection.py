@@ -44,10 +44,15 @@ class AdapterConfig:
     width: int = 512  # bottleneck width in which attention runs (queries, keys, values)
     heads: int = 8  # attention heads; must divide ``width``
     null_slot: bool = False  # an extra learned key with a zero value, so a token can attend to nothing and stay unchanged
+    slot_value: bool = False  # with null_slot: that slot's value is learned too (a class-free write, e.g. the red-box marker)
     # The runtime's default refinement mask (Pipeline.refine_mask_z): the adapter's change is kept only
     # at LLaVA's image-token cells where a class's calibrated detector z-score exceeds this; None:
     # every token refined (the paper). Written by ``rtrt calibrate --refine-mask-z``.
     refine_mask_z: float | None = None
+
+    def __post_init__(self):
+        if self.slot_value and not self.null_slot:
+            raise ValueError("adapter slot_value needs null_slot")
 
 
 @dataclass

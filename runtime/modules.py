@@ -104,16 +104,18 @@ class CrossAttentionAdapter(nn.Module):
     With ``null_slot`` the softmax also runs over one learned key per head whose value is zero (an
     addition to the paper's adapter): a token that attends to it gets no class's value, so the
     refinement can leave tokens of common objects and background as they are; the returned
-    attention is then the share on the C classes (1 minus it is the null slot's).
+    attention is then the share on the C classes (1 minus it is the null slot's). With ``slot_value``
+    as well, that slot's value is learned too (zero at first, so it starts as the null slot): a write
+    that depends on no class, for tokens whose query selects it (another addition, ablated in the README).
     Attention is written with plain matmul/softmax (no fused kernel) so ONNX export keeps
     B, N and C dynamic and TensorRT sees only MatMul/Softmax/Reshape.
     """
 
-    def __init__(self, d_model: int, width: int = 512, heads: int = 8, null_slot: bool = False):
+    def __init__(self, d_model: int, width: int = 512, heads: int = 8, null_slot: bool = False, slot_value: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"adapter width {width} is not divisible by {heads} heads")
-        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads, null_slot=null_slot)
+        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads, null_slot=null_slot, slot_value=slot_value)
         self.heads = heads
         self.head_dim = width // heads
         self.norm_q = nn.LayerNorm(d_model)
@@ -127,10 +129,13 @@ class CrossAttentionAdapter(nn.Module):
         if null_slot:
             # One key per head, zero at first (its logit starts at 0, beside the classes' q.k).
             self.null_key = nn.Parameter(torch.zeros(heads, self.head_dim))
+        if slot_value:
+            # The slot's value per head, zero at first: training starts from the null slot.
+            self.null_value = nn.Parameter(torch.zeros(heads, self.head_dim))
 
     @classmethod
     def from_config(cls, cfg: AdapterConfig) -> "CrossAttentionAdapter":
-        return cls(cfg.d_model, cfg.width, cfg.heads, cfg.null_slot)
+        return cls(cfg.d_model, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value)
 
     def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, return_attention: bool = False):
         x = visual_tokens
@@ -147,10 +152,15 @@ class CrossAttentionAdapter(nn.Module):
             # Softmax over C + 1 written out (max-subtracted) so the graph needs no concat of dynamic C.
             top = torch.maximum(logits.amax(dim=-1, keepdim=True), null)
             e = torch.exp(logits - top)
-            attn = e / (e.sum(dim=-1, keepdim=True) + torch.exp(null - top))
+            e_null = torch.exp(null - top)
+            denom = e.sum(dim=-1, keepdim=True) + e_null
+            attn = e / denom
         else:
             attn = torch.softmax(logits, dim=-1)
-        o = torch.matmul(attn, v).transpose(1, 2).flatten(2)  # [B, N, width]
+        o = torch.matmul(attn, v)  # [B, h, N, dh]
+        if self.config.slot_value:
+            o = o + (e_null / denom) * self.null_value.unsqueeze(1)  # the slot's share of its value
+        o = o.transpose(1, 2).flatten(2)  # [B, N, width]
         delta = torch.tanh(self.gate) * self.out_proj(o)
         if return_attention:
             return x + delta.to(x.dtype), attn

@@ -91,16 +91,20 @@ def test_ort_adapter_matches_torch(exported, refs, batch, tokens, classes):
     assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
-def test_adapter_with_null_slot_exports_with_dynamic_shapes(tmp_path):
-    """The null slot (a zero-value key beside W's rows) keeps B, N and C dynamic and TensorRT-friendly."""
+@pytest.mark.parametrize("slot_value", [False, True])
+def test_adapter_with_null_slot_exports_with_dynamic_shapes(tmp_path, slot_value):
+    """The null slot (a zero-value key beside W's rows, or a learned value with ``slot_value``) keeps
+    B, N and C dynamic and TensorRT-friendly."""
     from rtrt.export.onnx_export import export_adapter
     from rtrt.runtime.modules import CrossAttentionAdapter
 
     torch.manual_seed(0)
-    ad = CrossAttentionAdapter(64, 32, 4, null_slot=True).eval()
+    ad = CrossAttentionAdapter(64, 32, 4, null_slot=True, slot_value=slot_value).eval()
     with torch.no_grad():
         ad.gate.fill_(0.7)
         ad.null_key.normal_()
+        if slot_value:
+            ad.null_value.normal_()
     path = export_adapter(ad, tmp_path / "adapter.onnx")
     assert tensorrt_problems(path) == []
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -91,12 +91,14 @@ def test_class_embeddings_validation():
 
 
 def _null_reference(ad, v, w):
-    """The null slot written the plain way: one more key per head (the learned one) whose value is zero."""
+    """The null slot written the plain way: one more key per head (the learned one) whose value is zero
+    (with ``slot_value``, the learned one)."""
     h, dh = ad.heads, ad.head_dim
     q = ad.q_proj(ad.norm_q(v)).unflatten(-1, (h, dh)).transpose(1, 2)
     kv = ad.norm_kv(w)
     k = torch.cat([ad.k_proj(kv).unflatten(-1, (h, dh)).transpose(0, 1), ad.null_key[:, None]], 1)
-    val = torch.cat([ad.v_proj(kv).unflatten(-1, (h, dh)).transpose(0, 1), torch.zeros(h, 1, dh)], 1)
+    slot = ad.null_value[:, None] if ad.config.slot_value else torch.zeros(h, 1, dh)
+    val = torch.cat([ad.v_proj(kv).unflatten(-1, (h, dh)).transpose(0, 1), slot], 1)
     attn = torch.softmax(q @ k.transpose(-1, -2) / dh**0.5, dim=-1)
     return v + torch.tanh(ad.gate) * ad.out_proj((attn @ val).transpose(1, 2).flatten(2)), attn
 
@@ -124,6 +126,34 @@ def test_adapter_null_slot_is_a_zero_value_key():
     assert not torch.allclose(out[1], v[1], atol=1e-3)
 
 
+def test_adapter_slot_value_is_the_null_slot_with_a_learned_value():
+    torch.manual_seed(0)
+    ad = CrossAttentionAdapter(64, 32, 4, null_slot=True, slot_value=True)
+    assert ad.config.slot_value and ad.null_value.shape == (4, 8)
+    v, w = torch.randn(2, 5, 64), torch.randn(6, 64)
+    with torch.no_grad():
+        ad.gate.fill_(1.0)
+        ad.null_key.normal_()
+    null = CrossAttentionAdapter(64, 32, 4, null_slot=True)
+    null.load_state_dict({k: t for k, t in ad.state_dict().items() if k != "null_value"})
+    torch.testing.assert_close(ad(v, w), null(v, w), rtol=0, atol=0)  # zero value at first: the null slot
+    with torch.no_grad():
+        ad.null_value.normal_()
+    out, attn = ad(v, w, return_attention=True)
+    ref, ref_attn = _null_reference(ad, v, w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn, ref_attn[..., :6], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out, null(v, w), atol=1e-3)
+    # A token whose queries all pick the slot gets the slot's value (through out_proj), whatever W holds.
+    with torch.no_grad():
+        ad.null_key.copy_(1e4 * ad.q_proj(ad.norm_q(v[0, 0])).unflatten(-1, (4, 8)))
+    want = v[0, 0] + torch.tanh(ad.gate) * ad.out_proj(ad.null_value.flatten())
+    torch.testing.assert_close(ad(v, w)[0, 0], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ad(v, torch.randn(3, 64))[0, 0], want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="slot_value needs null_slot"):
+        CrossAttentionAdapter(64, 32, 4, slot_value=True)
+
+
 def test_adapter_null_slot_round_trips_through_a_manifest():
     from rtrt.runtime.bundle import ClassInfo, Manifest
     from rtrt.runtime.errors import BundleError
@@ -138,3 +168,10 @@ def test_adapter_null_slot_round_trips_through_a_manifest():
     d["adapter"]["null_slot"] = "yes"
     with pytest.raises(BundleError, match="null_slot must be true or false"):
         Manifest.from_dict(d)
+    assert "slot_value" not in off["adapter"]
+    valued = Manifest(classes=[ClassInfo(name="cone")], d_llm=64,
+                      adapter=AdapterConfig(64, 32, 4, null_slot=True, slot_value=True)).to_dict()
+    assert valued["adapter"]["slot_value"] is True and Manifest.from_dict(valued).adapter.slot_value is True
+    valued["adapter"]["null_slot"] = False
+    with pytest.raises(BundleError, match="slot_value needs null_slot"):
+        Manifest.from_dict(valued)

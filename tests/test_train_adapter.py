@@ -295,3 +295,4 @@ def test_null_slot_is_trained_stored_and_loaded(env, tmp_path):
     adapter = b.adapter()  # strict load: the stored null_key fills the module's
     assert adapter.config.null_slot and adapter.null_key.abs().sum() > 0  # trained away from its zero start
     assert "null_slot" in json.loads((out / "manifest.json").read_text())["adapter"]
+    assert b.manifest.adapter.slot_value is False and not hasattr(adapter, "null_value")

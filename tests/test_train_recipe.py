@@ -238,6 +238,24 @@ def test_attn_prior_pulls_the_adapters_attention_toward_the_detector(env, tmp_pa
     assert (cfg["attn_prior"], cfg["attn_prior_temperature"], cfg["recon"]) == (5.0, 0.05, "absolute")
 
 
+def test_slot_value_trains_with_the_prior_on_the_rows_share(env, tmp_path):
+    out = tmp_path / "slot"
+    assert train_main(_phase2(env, out, "--null-slot", "--slot-value", "--attn-prior", "5", epochs=2)) == 0
+    b = load_bundle(out)
+    assert (b.manifest.adapter.null_slot, b.manifest.adapter.slot_value) == (True, True)
+    cfg = b.manifest.training["adapter"]["config"]
+    assert (cfg["null_slot"], cfg["slot_value"], cfg["attn_prior"]) == (True, True, 5.0)
+    adapter = b.adapter()  # strict load: the stored slot value fills the module's
+    assert adapter.null_value.abs().sum() > 0  # trained away from its zero start
+    epochs = _epochs(out)
+    assert epochs[-1]["attn_prior"] < epochs[0]["attn_prior"]
+    # The prior is held against the rows' share renormalised: the slot keeps a share of its own.
+    w = b.class_embeddings().weight.detach()
+    with torch.no_grad():
+        _, attn = adapter(torch.randn(1, 7, w.shape[1]), w, return_attention=True)
+    assert (attn.sum(-1) < 1).all()
+
+
 @pytest.mark.parametrize("flag", ["--attn-prior", "--w-keep"])
 def test_detector_cell_options_need_llava_and_sane_values(env, tmp_path, capsys, flag):
     out = tmp_path / "out"
@@ -310,7 +328,7 @@ def test_keep_and_null_slot_options_refuse_what_they_cannot_honour(env, tmp_path
     _fails(capsys, _phase2(env, out, "--keep-z", "0", epochs=1), "--keep-z needs --w-keep")
     _fails(capsys, _phase2(env, out, "--w-keep", "1", "--keep-z", "nan", epochs=1), "--keep-z needs --w-keep and a finite value")
     _fails(capsys, _phase2(env, out, "--w-keep", "nan", epochs=1), "--w-keep must be >= 0")
-    _fails(capsys, _phase2(env, out, "--null-slot", "--attn-prior", "1", epochs=1), "do not go together")
+    _fails(capsys, _phase2(env, out, "--slot-value", epochs=1), "--slot-value needs --null-slot")
     assert not out.exists()
 
 

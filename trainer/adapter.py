@@ -82,6 +82,7 @@ class AdapterTrainConfig:
     width: int = 512  # adapter attention width
     heads: int = 8  # adapter attention heads
     null_slot: bool = False  # a learned key with a zero value beside W's rows: a token may attend to nothing (not in the paper)
+    slot_value: bool = False  # with null_slot: the slot's value is learned too, a write that depends on no class (not in the paper)
     w_reconstruction: float = 1.0  # weight of the reconstruction loss (refined tokens stay near the originals)
     recon: str = "absolute"  # reconstruction distance: "absolute", mean squared difference (the paper); "relative", per token ||refined - V||^2 / ||V||^2, mean
     attn_prior: float = 0.0  # weight of KL(softmax(detector similarity / temperature) || adapter attention) per image token (0: off; LLaVA only)
@@ -336,10 +337,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--keep-z needs --w-keep and a finite value")
     if cfg.refine_mask_z is not None and not math.isfinite(cfg.refine_mask_z):
         raise InputError("--refine-mask-z must be a finite number")
-    if cfg.null_slot and cfg.attn_prior > 0:
-        # The prior is a distribution over W's rows; with a null slot the rows' share is below 1 and the
-        # KL term would push the null slot's share to 0 everywhere.
-        raise InputError("--attn-prior and --null-slot do not go together (the prior leaves no share to the null slot)")
+    if cfg.slot_value and not cfg.null_slot:
+        raise InputError("--slot-value needs --null-slot (it learns the null slot's value)")
     source = load_bundle(cfg.bundle)
     if cfg.keep_z is not None and source.manifest.detector is not None and not source.manifest.detector.calibrated:
         raise InputError(f"{source.root}: --keep-z needs a calibrated detector (rtrt calibrate); without it --w-keep uses the raw threshold")
@@ -400,7 +399,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     limit = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
 
     loop.seed_all(cfg.seed)
-    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads, cfg.null_slot).to(d.device)
+    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value).to(d.device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
@@ -429,6 +428,10 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
                 refined, attn = net(tokens[None], weight, return_attention=True)
                 # Head-averaged attention of each image's grid tokens against that image's prior.
                 per_image = attn[0].mean(0).unflatten(0, (len(idx), -1))[:, grid_slots]  # [B, grid * grid, C]
+                if cfg.null_slot:
+                    # The prior says which of W's rows, not how much: it is held against the rows' share
+                    # renormalised, and the null slot's share stays free.
+                    per_image = per_image / per_image.sum(-1, keepdim=True).clamp(min=1e-12)
                 target = torch.stack([priors[pairs[i].image] for i in idx])
                 parts["attn_prior"] = prior_kl(target.flatten(0, 1), per_image.flatten(0, 1))
                 refined = refined[0]

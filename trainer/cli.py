@@ -115,7 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--heads", type=int, default=8, help="attention heads of the adapter")
     a.add_argument("--null-slot", action="store_true",
                    help="give the adapter's attention a learned key with a zero value beside W's rows, so a token can "
-                        "attend to nothing and stay unchanged (an addition to the paper's adapter; default: off)")
+                        "attend to nothing and stay unchanged (an addition to the paper's adapter; default: off); with "
+                        "--attn-prior the prior is held against the rows' share renormalised")
+    a.add_argument("--slot-value", action="store_true",
+                   help="with --null-slot: learn that slot's value too (zero at first), a write that depends on no "
+                        "class, for example the red-box marker region questions need (an addition; default: off)")
     a.add_argument("--w-reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
     a.add_argument("--recon", choices=("absolute", "relative"), default="absolute",
                    help="reconstruction distance: absolute, mean squared difference of every element (default, the "

@@ -44,7 +44,7 @@ STAGE_FIELDS = {
     "phase1": ("phase1_epochs", "phase1_detection", "phase1_negatives", "phase1_w_init", "phase1_name_tie", "phase1_ema",
                "calibrate_min_precision", "calibrate_stats"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
-               "phase2_tasks", "phase2_null_slot", "phase2_keep", "phase2_keep_z",
+               "phase2_tasks", "phase2_null_slot", "phase2_slot_value", "phase2_keep", "phase2_keep_z",
                "phase2_refine_mask_z", "phase2_attn_prior"),
     "export": ("refine_mask_z",),
 }
@@ -347,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--max-answer-tokens", "48", "--hints", plan.phase2_hints,
             *(["--hint-share", str(plan.phase2_hint_share)] if plan.phase2_hints == "detector" else []), "--recon", plan.phase2_recon,
             "--w-reconstruction", str(plan.phase2_reconstruction), *(["--null-slot"] if plan.phase2_null_slot else []),
+            *(["--slot-value"] if plan.phase2_slot_value else []),
             *(["--w-keep", str(plan.phase2_keep)] if plan.phase2_keep else []),
             *(["--keep-z", str(plan.phase2_keep_z)] if plan.phase2_keep and plan.phase2_keep_z is not None else []),
             *(["--refine-mask-z", str(plan.phase2_refine_mask_z)] if plan.phase2_refine_mask_z is not None else []),

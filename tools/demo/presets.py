@@ -37,6 +37,7 @@ class BuildPlan:
     phase2_recon: str = "absolute"  # rtrt train adapter --recon (relative: each token's error over its own norm)
     phase2_reconstruction: float = 1.0  # rtrt train adapter --w-reconstruction (weight of the reconstruction loss)
     phase2_null_slot: bool = False  # rtrt train adapter --null-slot (a token may attend to nothing)
+    phase2_slot_value: bool = False  # rtrt train adapter --slot-value (with the null slot: its value learned too)
     phase2_keep: float = 0.0  # rtrt train adapter --w-keep (reconstruction where the detector sees no rare class)
     phase2_keep_z: float | None = None  # rtrt train adapter --keep-z (None: the detector's z threshold)
     phase2_refine_mask_z: float | None = None  # rtrt train adapter --refine-mask-z (None: every token refined in training)
