@@ -303,7 +303,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     name_emb = {c: e.float().to(marker.device) for c, e in name_emb.items()}
     named = total = 0
     hits = [0, 0, 0]  # replaced by name + marker, name added, name + marker added
-    change: dict[str, list[float]] = {"relative_norm": [], "cosine_with_name": [], "cosine_with_marker": []}
+    change: dict[str, list[float]] = {"relative_norm": [], "cosine_with_name": [], "cosine_with_marker": [],
+                                      "oracle_relative_norm": []}  # the additive oracle's write (name + marker), for scale
     cos = torch.nn.functional.cosine_similarity
     bar = tqdm(total=len(items), desc="region oracle", unit="q", disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -336,6 +337,8 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
                 change["relative_norm"].append(float((db.norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()))
                 change["cosine_with_name"].append(float(cos(db, name_emb[reg.category_name].cpu()[None]).mean()))
                 change["cosine_with_marker"].append(float(cos(db, marker.cpu()[None]).mean()))
+                oracle = (gain * (name_emb[reg.category_name] + marker)).cpu()
+                change["oracle_relative_norm"].append(float((oracle.norm() / vb.norm(dim=-1).clamp_min(1e-12)).mean()))
         with torch.inference_mode():
             plain = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
             runs = [vlm.decode(vlm.generate(batch, transform=write(*how), max_new_tokens=max_new_tokens))
@@ -393,7 +396,8 @@ def report_text(res: dict) -> str:
         c = r.get("adapter_change_in_box") or {}
         if c.get("relative_norm") is not None:
             lines.append(f"  the adapter's change in those boxes: {_fmt(c['relative_norm'])} of the token's norm, cosine "
-                         f"{_fmt(c['cosine_with_name'], False)} with the name, {_fmt(c['cosine_with_marker'], False)} with the marker")
+                         f"{_fmt(c['cosine_with_name'], False)} with the name, {_fmt(c['cosine_with_marker'], False)} with the marker"
+                         + (f" (the additive oracle's write: {_fmt(c['oracle_relative_norm'])})" if c.get("oracle_relative_norm") is not None else ""))
     lines.append("detector AUROC: " + ", ".join(f"{c} {_fmt(v, False)}" for c, v in d["auroc"].items())
                  + f"; mean {_fmt(d['mean_auroc'], False)}")
     return "\n".join(lines)
