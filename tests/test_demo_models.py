@@ -276,6 +276,8 @@ def test_presets_are_valid_configs():
         assert plan.size >= 32 and plan.test > 0 and plan.plugin > 0
         assert plan.phase2_tasks and set(plan.phase2_tasks) <= {"general_perception", "region_perception"}  # write_short_tasks' styles
     assert build.parse_args(["--out", "x"]).preset == "full"
+    with pytest.raises(ValueError, match="phase2_slot_value needs phase2_null_slot"):
+        dataclasses.replace(presets.PRESETS["tiny"], phase2_slot_value=True, phase2_null_slot=False)
     from rtrt.tools.demo.world import config_from_args, parse_args
 
     for plan in presets.PRESETS.values():  # every plan's world flags are rtrt world's

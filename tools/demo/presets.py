@@ -48,6 +48,11 @@ class BuildPlan:
     refine_mask_z: float | None = None  # rtrt calibrate --refine-mask-z: the bundle's refinement mask (None: every token refined)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
 
+    def __post_init__(self):
+        # Refused when the plan is made, not after an hour of building at phase 2.
+        if self.phase2_slot_value and not self.phase2_null_slot:
+            raise ValueError("BuildPlan.phase2_slot_value needs phase2_null_slot")
+
     def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
         """``rtrt world`` arguments of this plan's world (``splits``: image counts other than the plan's)."""
         counts = {"pretrain": self.pretrain, "plugin": self.plugin, "val": self.val, "test": self.test, **(splits or {})}
