@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
-__all__ = ["ImageInput", "MAX_PIXELS", "RESAMPLE", "load_image", "vfm_resize", "vfm_pixels", "spec_pixels"]
+__all__ = ["ImageInput", "MAX_PIXELS", "RESAMPLE", "load_image", "vfm_resize", "vfm_pixels", "spec_pixels", "draw_region"]
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -176,3 +176,13 @@ def spec_pixels(images: Sequence[Image.Image], spec, size: int | None = None, *,
     """``vfm_pixels`` with everything taken from a ``VFMSpec`` (``size`` overrides its image size)."""
     return vfm_pixels(images, int(size or spec.image_size), spec.mean, spec.std,
                       resample=spec.resample, reducing_gap=spec.reducing_gap, numpy=numpy)
+
+
+def draw_region(image: Image.Image, box: Sequence[float]) -> Image.Image:
+    """A copy of ``image`` (RGB) with ``box`` [x0, y0, x1, y1] outlined in red, 2 pixels wide: how
+    CODA-LM's region questions show the object they ask about (``images_w_boxes``)."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    ImageDraw.Draw(out).rectangle([float(v) for v in box], outline="red", width=2)
+    return out

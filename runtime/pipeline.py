@@ -31,10 +31,11 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError, ModelMismatchError, RtrtError
 from .image import ImageInput, load_image, spec_pixels
-from .detection import Detection, select_detections
+from .detection import Detection, check_region, region_detection, select_detections
+from .image import draw_region
 from .names import VLM_BACKENDS
 
-__all__ = ["DEFAULT_QUESTION", "VLM_BACKENDS", "DetectResult", "Result", "Pipeline"]
+__all__ = ["DEFAULT_QUESTION", "REGION_QUESTION", "VLM_BACKENDS", "DetectResult", "Result", "Pipeline"]
 
 # CODA-LM's general-perception question: the default question of `rtrt infer`.
 DEFAULT_QUESTION = (
@@ -42,6 +43,9 @@ DEFAULT_QUESTION = (
     "have a great influence on ego car driving behavior in the scene, describe these objects and the reasons "
     "why they influence ego car driving."
 )
+
+# CODA-LM's region-perception question, about the object in a red box (``Pipeline(..., region=box)``).
+REGION_QUESTION = "Please describe the object inside the red rectangle in the image and explain why it affect ego car driving."
 
 
 @dataclass
@@ -75,12 +79,14 @@ class Result:
     providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers used ([] for torch/trt)
     vlm_backend: str | None = None  # how the VLM ran: "torch" (transformers) or "ort" (exported graphs)
     refine_mask_z: float | None = None  # the refinement mask that ran (Pipeline.refine_mask_z); None: every token, or no refinement
+    region: Detection | None = None  # a region question's hinted class (``region_detection``; its box is the region); None: no region, or nothing stands out in it
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``rtrt infer --json`` object."""
+        """The ``rtrt infer --json`` object (``region`` only for a region question)."""
         return {
             "answer": self.answer,
             "detections": [d.to_dict() for d in self.detections],  # name, label, score, box, peak
+            **({"region": self.region.to_dict()} if self.region is not None else {}),
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "backend": self.backend,
             "precision": self.precision,
@@ -357,8 +363,12 @@ class Pipeline:
         hints: bool = True,
         refine: bool = True,
         max_new_tokens: int | None = None,
+        region: Sequence[float] | None = None,
+        region_image: ImageInput | None = None,
     ) -> Result:
-        return self.batch([image], [question], hints=hints, refine=refine, max_new_tokens=max_new_tokens)[0]
+        return self.batch([image], [question], hints=hints, refine=refine, max_new_tokens=max_new_tokens,
+                          regions=None if region is None else [region],
+                          region_images=None if region_image is None else [region_image])[0]
 
     def batch(
         self,
@@ -370,8 +380,19 @@ class Pipeline:
         max_new_tokens: int | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         plugin: bool = True,
+        regions: Sequence[Sequence[float] | None] | None = None,
+        region_images: Sequence[ImageInput | None] | None = None,
     ) -> list[Result]:
         """Answer several (image, question) pairs in one VLM batch (left padding, greedy).
+
+        Region questions (CODA-LM's "the object inside the red rectangle"): ``regions[i]`` is the box
+        [x0, y0, x1, y1] in pixels of ``images[i]``, the frame *without* a box. The detector runs on
+        that frame, and the hint is the one class whose mean similarity over the box stands out most
+        (``region_detection``; ``Result.region``), not the image's classes, and none when its z-score
+        does not exceed the calibrated ``region_z_threshold`` (``rtrt calibrate``); the VLM sees
+        ``region_images[i]`` (the same frame with the box drawn, e.g. CODA-LM's ``images_w_boxes``;
+        None: the box drawn in red, 2 pixels wide, as CODA-LM draws it). None in ``regions``: an
+        ordinary question.
 
         ``generate_kwargs`` go to ``generate`` as they are (e.g. ``min_new_tokens`` for benchmarks).
         ``plugin=False`` is the frozen VLM alone through the same code path: no detector call, no
@@ -393,27 +414,52 @@ class Pipeline:
         new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
+        regs = [None] * len(images) if regions is None else list(regions)
+        if len(regs) != len(images):
+            raise InputError(f"{len(images)} images but {len(regs)} regions")
+        if region_images is not None and len(region_images) != len(images):
+            raise InputError(f"{len(images)} images but {len(region_images)} region images")
         timer = _Timer()
         with timer("image_decode"):
             pil = [load_image(im) for im in images]
+            seen = list(pil)  # what the VLM sees: a region question's frame with its box drawn
+            for i, box in enumerate(regs):
+                if box is None:
+                    continue
+                try:
+                    regs[i] = box = check_region(box, *pil[i].size)
+                except ValueError as e:
+                    raise InputError(str(e)) from None
+                given = None if region_images is None else region_images[i]
+                seen[i] = draw_region(pil[i], box) if given is None else load_image(given)
+                if seen[i].size != pil[i].size:
+                    raise InputError(f"the region image is {seen[i].size[0]}x{seen[i].size[1]}, its frame "
+                                     f"{pil[i].size[0]}x{pil[i].size[1]}: they must be the same picture")
         if not plugin:
             with self._vlm_lock:
-                answers = self._answer(pil, qs, None, None, new_tokens, timer, generate_kwargs or {})
+                answers = self._answer(seen, qs, None, None, new_tokens, timer, generate_kwargs or {})
             return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
         dets = self._detect_images(pil, timer)
-        hint_names = [[d.name for d in r.detections] if hints else [] for r in dets]
+        cfg = self.detector_cfg
+        if any(box is not None and np.ndim(r.similarity) != 3 for r, box in zip(dets, regs)):
+            raise ModelMismatchError("region questions need the detector's similarity as a [C, gh, gw] map (a square VFM patch grid)")
+        rank, cut = (cfg.decision_scores, cfg.region_z_threshold) if cfg.calibrated else (None, None)
+        in_box = [None if box is None else region_detection(r.similarity, box, im.size, self.class_names, rank, cut)
+                  for r, box, im in zip(dets, regs, pil)]
+        hint_names = [([] if not hints else [d.name for d in r.detections] if box is None else [rd.name] if rd is not None else [])
+                      for r, rd, box in zip(dets, in_box, regs)]
         mask, z = None, self._refine_mask_z  # read once: another thread may set it meanwhile
         if refine and z is not None:
             with timer("refine_mask"):
                 mask = self._refine_masks(pil, dets, z)
         with self._vlm_lock:
-            answers = self._answer(pil, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
+            answers = self._answer(seen, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
                                    mask)
         ran = self.describe()
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
-                   self.vlm_backend, z if refine else None)
-            for a, r, h in zip(answers, dets, hint_names)
+                   self.vlm_backend, z if refine else None, rd)
+            for a, r, h, rd in zip(answers, dets, hint_names, in_box)
         ]
 
     def _context_length(self) -> int | None:

@@ -239,3 +239,81 @@ def test_a_refinement_mask_in_the_manifest_is_a_finite_number(tmp_path):
             Manifest.from_dict(d)
     d["adapter"]["refine_mask_z"] = -1
     assert Manifest.from_dict(d).adapter.refine_mask_z == -1
+
+
+# ----------------------------------------------------------------------------- region questions
+def test_region_threshold_rule():
+    from rtrt.tools.calibrate import fit_region_threshold, region_quality
+
+    # Six boxes: the best class's z, whether it is the box's category, whether the box is rare.
+    z = np.array([2.0, 1.5, 0.5, -0.5, -1.0, -2.0])
+    right = np.array([1, 1, 0, 1, 0, 0], dtype=bool)
+    rare = np.array([1, 1, 1, 1, 0, 0], dtype=bool)
+    q = region_quality(z, right, rare, None)
+    assert (q["precision"], q["recall"], q["per_region"]) == (50.0, 75.0, 1.0)
+    # At precision >= 70: z > -0.6 .. -0.5 hint 4 boxes, 3 right (75 / 75); the highest such threshold wins the tie.
+    fit = fit_region_threshold(z, right, rare, min_precision=70.0)
+    assert fit["region_z_threshold"] == -0.6 and fit["quality"]["min_precision_met"]
+    assert (fit["quality"]["precision"], fit["quality"]["recall"]) == (75.0, 75.0)
+    # Without a floor: the best F1 (also 75 / 75 here); with one nothing reaches: the same, said.
+    assert fit_region_threshold(z, right, rare)["region_z_threshold"] == -0.6
+    none = fit_region_threshold(z, right, rare, min_precision=100.1)
+    assert not none["quality"]["min_precision_met"] and none["region_z_threshold"] == -0.6
+    # Every box right: every box hinted; of the thresholds that do it, the highest (-2.1 < -2.0).
+    assert fit_region_threshold(z, np.ones(6, bool), np.ones(6, bool), min_precision=50.0)["region_z_threshold"] == -2.1
+    # A z below the grid on a right box: only no threshold at all hints it.
+    assert fit_region_threshold(np.array([-9.0, 1.0]), np.ones(2, bool), np.ones(2, bool))["region_z_threshold"] is None
+    with pytest.raises(ValueError, match="1-D of one length"):
+        fit_region_threshold(z, right[:3], rare)
+
+
+def test_calibrate_fits_the_region_threshold_and_the_pipeline_applies_it(world_and_bundle, tmp_path, capsys):
+    import shutil
+
+    from rtrt.runtime.detection import region_means
+    from rtrt.tools.calibrate import fit_region_threshold
+    from rtrt.trainer.coda import iter_annotations
+
+    world, src = world_and_bundle
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = load_bundle(bundle).manifest.detector
+    # Recomputed by hand from the frames: the fit is over every region box of the split.
+    pipe = Pipeline.from_bundle(bundle, "torch", load_vlm_model=False)
+    names = pipe.class_names
+    zs, right, rare = [], [], []
+    for path, ann in iter_annotations(world / "CODA-LM" / "val"):
+        frame = Image.open(world / "val" / "images" / (path.stem.split("_", 1)[1] + ".jpg")).convert("RGB")
+        sim = pipe.detect(frame).similarity
+        for reg in ann.region_perception:
+            x, y, w, h = reg.box
+            zb = cfg.decision_scores(region_means(sim, (x, y, x + w, y + h), frame.size))
+            zs.append(zb.max())
+            right.append(names[int(zb.argmax())] == reg.category_name)
+            rare.append(reg.category_name in names)
+    assert any(rare), "the tiny world's val split holds rare region boxes"
+    want = fit_region_threshold(np.array(zs), np.array(right), np.array(rare))
+    assert cfg.region_z_threshold == want["region_z_threshold"] == out["region_z_threshold"]
+    assert out["region_hints"]["regions"] == len(zs) and out["region_hints"]["rare_regions"] == sum(rare)
+    # Applied: a threshold nothing reaches gives a region question no hint; one everything passes, one hint.
+    frame = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for cut, n in ((1e9, 0), (-1e9, 1)):
+        b = load_bundle(bundle)
+        b.manifest.detector = dataclasses.replace(cfg, region_z_threshold=cut)
+        b.add_files({})
+        p = Pipeline.from_bundle(bundle, "torch", load_vlm_model=False)
+        sim = p.detect(frame).similarity
+        from rtrt.runtime.detection import region_detection
+
+        got = region_detection(sim, (4, 4, 40, 40), frame.size, p.class_names, p.detector_cfg.decision_scores,
+                               p.detector_cfg.region_z_threshold)
+        assert (got is not None) == bool(n)
+    # off: always hinted (None); a number: that number; anything else: one line, exit 2.
+    for arg, want_t in (("off", None), ("0.7", 0.7)):
+        assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch", "--region-z", arg]) == 0
+        assert load_bundle(bundle).manifest.detector.region_z_threshold == want_t
+        assert "region questions: the box's best class hinted" in capsys.readouterr().out
+    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--region-z", "high"]) == 2
+    assert "--region-z" in capsys.readouterr().err

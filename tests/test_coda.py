@@ -210,6 +210,13 @@ def test_questions_and_image_paths():
         coda.image_path_for("0001.json")
 
 
+def test_region_frame_is_the_image_the_box_was_drawn_on():
+    assert coda.region_frame("val/images_w_boxes/000012_object_3.jpg") == "val/images/000012.jpg"
+    assert coda.region_frame("test/images_w_boxes/a_b_object_10.png") == "test/images/a_b.png"
+    for same in ("val/images/000012.jpg", "val/images_w_boxes/000012.jpg", "val/images_w_boxes/x_object_y.jpg"):
+        assert coda.region_frame(same) == same
+
+
 def test_draw_region_box_red_width_2():
     img = Image.new("RGB", (20, 20), (0, 128, 0))
     out = coda.draw_region_box(img, [4, 5, 10, 8])

@@ -9,6 +9,8 @@ Run: ``.venv/bin/pytest tests/test_demo_regions.py``
 """
 from __future__ import annotations
 
+import json
+
 import dataclasses
 
 import numpy as np
@@ -192,8 +194,29 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     assert {"vehicle", "vru", "traffic_cone", "barrier", "miscellaneous", "all"} <= set(groups)
     # Each region question's reference holds at least its own category.
     assert groups["all"]["support"] >= 4 and 0 <= (groups["all"]["f1"] or 0) <= 100
-    answers = (tmp_path / "eval" / "both" / "region_perception_answer.jsonl").read_text().splitlines()
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "both" / "region_perception_answer.jsonl").read_text().splitlines()]
     assert len(answers) == 4
+    # Hints from the box (the default): one class each, the box's on the frame without the box.
+    from rtrt.runtime.detection import region_detection
+    from rtrt.runtime.image import load_image
+    from rtrt.trainer.coda import iter_annotations, region_frame
+
+    assert res["region_hints"] == "box"
+    boxes = [r.box for _, a in iter_annotations(world / "CODA-LM" / "test") for r in a.region_perception]
+    cfg = pipe.detector_cfg
+    for a, (x, y, w, h) in zip(answers, boxes):
+        frame = load_image(world / region_frame(a["image"]))
+        sim = pipe.detect(frame).similarity
+        want = region_detection(sim, (x, y, x + w, y + h), frame.size, pipe.class_names,
+                                cfg.decision_scores if cfg.calibrated else None)
+        assert a["hints"] == [want.name]
+    # "image": the boxed image's own detections, as a general question's.
+    res2 = run_eval(bundle, world, "region", tmp_path / "eval2", limit=4, batch_size=2, pipeline=pipe, progress=False,
+                    region_hints="image")
+    assert res2["region_hints"] == "image"
+    for line in (tmp_path / "eval2" / "both" / "region_perception_answer.jsonl").read_text().splitlines():
+        a = json.loads(line)
+        assert a["hints"] == [d["name"] for d in a["detections"]] == [d.name for d in pipe.detect(world / a["image"]).detections]
     # Phase 2's task files in the same style (build.py: --task region_perception).
     general, region = vlm.write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tmp_path / "tasks", BOTH)
     recs = read_tasks(region)

@@ -84,6 +84,52 @@ def test_refine_changes_answer_path_and_hints_go_into_prompt(pipe, assets):
     assert all(set(x) == {"name", "label", "score", "box", "peak"} for x in d["detections"])
 
 
+def test_region_question_hints_the_box_class_and_the_vlm_sees_the_box(pipe, assets, monkeypatch):
+    from rtrt.runtime.detection import region_detection
+    from rtrt.runtime.image import draw_region
+
+    frame = Image.open(assets["images"][2]).convert("RGB")
+    box = (8.0, 10.0, 40.0, 30.0)
+    seen = {}
+    detect, answer = pipe._detect_images, pipe._answer
+    monkeypatch.setattr(pipe, "_detect_images", lambda ims, t: seen.setdefault("detector", list(ims)) and detect(ims, t))
+    monkeypatch.setattr(pipe, "_answer", lambda ims, *a, **k: seen.setdefault("vlm", list(ims)) and answer(ims, *a, **k))
+    res = pipe(frame, "what is in the box?", region=box)
+    cfg = pipe.detector_cfg
+    want = region_detection(res.similarity, box, frame.size, pipe.class_names,
+                            cfg.decision_scores if cfg.calibrated else None)
+    assert res.region == want and res.hints == [want.name]  # one class, the box's, not the image's detections
+    assert res.to_dict()["region"] == want.to_dict()
+    # The detector saw the frame, the VLM the frame with the box drawn as CODA-LM draws it.
+    assert np.array_equal(np.asarray(seen["detector"][0]), np.asarray(frame))
+    assert np.array_equal(np.asarray(seen["vlm"][0]), np.asarray(draw_region(frame, box)))
+    monkeypatch.undo()
+    # A given boxed image is what the VLM sees; drawn by hand it answers the same.
+    given = pipe(frame, "what is in the box?", region=box, region_image=draw_region(frame, box))
+    assert given.answer == res.answer and given.hints == res.hints
+    plain = pipe(frame, "what is in the box?")
+    assert plain.region is None and "region" not in plain.to_dict() and plain.hints == [d.name for d in plain.detections]
+    off = pipe(frame, "what is in the box?", region=box, hints=False)
+    assert off.hints == [] and off.region == want  # the region is still reported
+
+
+def test_region_refusals(pipe, assets):
+    img = assets["images"][0]  # 64 x 48
+    with pytest.raises(InputError, match="outside the 64x48 image"):
+        pipe(img, "q", region=(70, 0, 80, 10))
+    with pytest.raises(InputError, match="empty"):
+        pipe(img, "q", region=(10, 10, 5, 20))
+    with pytest.raises(InputError, match="same picture"):
+        pipe(img, "q", region=(0, 0, 10, 10), region_image=assets["images"][1])
+    with pytest.raises(InputError, match="2 images but 1 regions"):
+        pipe.batch(assets["images"][:2], ["q", "q"], regions=[(0, 0, 10, 10)])
+    with pytest.raises(InputError, match="2 images but 3 region images"):
+        pipe.batch(assets["images"][:2], ["q", "q"], regions=[None, None], region_images=[None] * 3)
+    # A batch mixes region and ordinary questions.
+    mixed = pipe.batch(assets["images"][:2], ["q", "q"], regions=[None, (0, 0, 30, 20)])
+    assert mixed[0].region is None and mixed[1].region is not None and len(mixed[1].hints) == 1
+
+
 def test_same_frame_same_answer(pipe, assets):
     a = pipe(assets["images"][1], "q")
     b = pipe(assets["images"][1], "q")
@@ -226,6 +272,21 @@ def test_infer_json_and_viz(assets, capsys, tmp_path):
     assert isinstance(d["answer"], str) and isinstance(d["detections"], list) and "detector" in d["timings_ms"]
     im = Image.open(viz)
     assert im.format == "PNG" and im.size == Image.open(assets["images"][0]).size
+
+
+def test_infer_region(assets, capsys):
+    base = ["--image", str(assets["images"][0]), "--bundle", str(assets["bundle"]), "--backend", "torch", "--max-new-tokens", "4"]
+    code, out, err = _infer([*base, "--json", "--region", "2,3,30,20"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["region"]["box"] == [2.0, 3.0, 30.0, 20.0] and d["region"]["name"]
+    code, out, err = _infer([*base, "--region", "2, 3, 30, 20"], capsys)
+    assert code == 0 and "in the region [2, 3, 30, 20]: " in out
+    with pytest.raises(SystemExit) as bad:  # argparse's usage and error, exit 2
+        _infer([*base, "--region", "2,3,30"], capsys)
+    assert bad.value.code == 2 and "expected X0,Y0,X1,Y1" in capsys.readouterr().err
+    code, out, err = _infer([*base, "--region", "200,3,300,20"], capsys)
+    assert code == 2 and "outside the 64x48 image" in err and len(err.strip().splitlines()) == 1
 
 
 def test_infer_human_output(assets, capsys):

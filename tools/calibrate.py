@@ -14,7 +14,9 @@ hint recall at a precision of at least P there. Fit on a split you do not report
 another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
 ``detector`` section in one atomic bundle update. ``--refine-mask-z Z`` also sets the bundle's default
 refinement mask (``manifest.adapter.refine_mask_z``, see ``Pipeline.refine_mask_z``), which the
-calibrated z-scores decide; ``off`` removes it.
+calibrated z-scores decide; ``off`` removes it. Region questions (``Pipeline(..., region=box)``) are
+hinted with the box's best class (``region_detection``) when its z-score exceeds
+``detector.region_z_threshold``, fitted by the same rule over the split's region boxes (``--region-z``).
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["fit_calibration", "hint_quality", "parse_args", "main"]
+__all__ = ["fit_calibration", "fit_region_threshold", "hint_quality", "parse_args", "main"]
 
 _Z_GRID = tuple(round(0.1 * i, 1) for i in range(0, 41))  # 0.0 .. 4.0
+_REGION_Z_GRID = tuple(round(0.1 * i, 1) for i in range(-40, 41))  # -4.0 .. 4.0 (a box's mean sits below an image's max)
 
 
 def hint_quality(hinted: Sequence[Sequence[int]], present: Sequence[set[int]]) -> dict[str, float]:
@@ -96,6 +99,42 @@ def fit_calibration(scores: np.ndarray, present: Sequence[set[int]], *, z: float
             "top_k": int(k), "stats": stats, "quality": q}
 
 
+def region_quality(z: np.ndarray, right: np.ndarray, rare: np.ndarray, threshold: float | None) -> dict[str, float]:
+    """Precision and recall (0-100) of region hints: hinted = the box's best class's z-score above ``threshold``
+    (None: every box); precision over the hinted boxes, recall over the boxes holding a rare class."""
+    on = np.ones_like(right, dtype=bool) if threshold is None else np.asarray(z) > threshold
+    tp = int((on & right).sum())
+    p = 100.0 * tp / on.sum() if on.sum() else 0.0
+    r = 100.0 * tp / rare.sum() if rare.sum() else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "per_region": float(on.mean()) if on.size else 0.0, "regions": int(on.size), "rare_regions": int(rare.sum())}
+
+
+def fit_region_threshold(z, right, rare, *, min_precision: float | None = None) -> dict:
+    """The region-hint threshold by ``fit_calibration``'s rule, over the boxes of a split's region questions.
+
+    ``z`` [R]: the z-score of each box's best class (its mean similarity over the box, standardised by
+    the calibration's per-class statistics), ``right`` [R]: that class is the box's category, ``rare``
+    [R]: the box holds one of the detector's classes. Candidates: no threshold (every box hinted) and
+    -4.0 to 4.0 in steps of 0.1. ``min_precision``: the highest recall at a precision of at least that
+    (ties: the higher precision, then the higher threshold), else (or when none reaches it) the best F1."""
+    z, right, rare = (np.asarray(v) for v in (z, right, rare))
+    if not (z.shape == right.shape == rare.shape) or z.ndim != 1:
+        raise ValueError(f"z, right and rare must be 1-D of one length, got {z.shape}, {right.shape}, {rare.shape}")
+    best = None
+    for t in (None, *_REGION_Z_GRID):
+        q = region_quality(z, right.astype(bool), rare.astype(bool), t)
+        met = min_precision is not None and q["precision"] >= min_precision
+        order = -1e9 if t is None else t
+        key = (1, q["recall"], q["precision"], order) if met else (0, q["f1"], q["precision"], order)
+        if best is None or key > best[0]:
+            best = (key, t, q)
+    key, t, q = best
+    if min_precision is not None:
+        q = {**q, "min_precision": float(min_precision), "min_precision_met": bool(key[0])}
+    return {"region_z_threshold": None if t is None else float(t), "quality": q}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt calibrate", description=__doc__.split("\n")[0].replace("``", ""))
     p.add_argument("--bundle", required=True, help="bundle directory to calibrate (its manifest's detector section is updated)")
@@ -110,6 +149,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="each class's mean/std over every image of the split (all), or over the images that do not hold it "
                         "(absent: one z threshold then means one false-hint rate per class; an addition, ablated in the "
                         "README) (default: all)")
+    p.add_argument("--region-z", default="auto", metavar="{auto,Z,off}",
+                   help="region questions' hint (the box's best class) only when its z-score exceeds this: auto = fitted "
+                        "on the split's region boxes by the same rule as the image hints (kept as it is when the split "
+                        "has no rare region); off = always hinted (default: auto)")
     p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="detector backend (default: ort)")
     p.add_argument("--batch-size", type=int, default=16, help="images per detector call (default: %(default)s)")
     p.add_argument("--refine-mask-z", type=_mask_arg, default="keep", metavar="{Z,off,keep}",
@@ -152,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rtrt.runtime.errors import InputError
     from rtrt.runtime.image import load_image
+    from rtrt.runtime.detection import region_means
     from rtrt.runtime.pipeline import Pipeline
     from rtrt.trainer.coda import iter_annotations, read_tasks, task_file
 
@@ -167,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return v
 
     z = number(args.z, float, "--z")
+    region_z = None if args.region_z in ("auto", "off") else number(args.region_z, float, "--region-z")
     k = number(args.max_hints, int, "--max-hints")
     if args.min_precision is not None and not 0.0 <= args.min_precision <= 100.0:
         raise InputError(f"--min-precision must be a percentage from 0 to 100, not {args.min_precision:g}")
@@ -186,24 +231,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not refs or len(refs) != len(anns):
         raise InputError(f"{split_dir}: {len(refs)} general questions for {len(anns)} annotations")
     present = [{names.index(r.category_name) for r in a.region_perception if r.category_name in names} for a in anns]
-    scores = []
+    scores, box_means, box_cats = [], [], []  # box_*: each region box's per-class mean similarity and its category
     for i in tqdm(range(0, len(refs), args.batch_size), desc="detector", disable=not sys.stderr.isatty(), leave=False):
         chunk = refs[i: i + args.batch_size]
-        for res in pipe.detect_batch([load_image(Path(args.data) / r.image) for r in chunk]):
+        frames = [load_image(Path(args.data) / r.image) for r in chunk]
+        for res, frame, ann in zip(pipe.detect_batch(frames), frames, anns[i: i + args.batch_size]):
             scores.append(np.asarray(res.scores, dtype=np.float64))
+            if args.region_z == "auto" and np.ndim(res.similarity) == 3:
+                for reg in ann.region_perception:
+                    x, y, w, h = (float(v) for v in reg.box)
+                    box_means.append(region_means(res.similarity, (x, y, x + w, y + h), frame.size))
+                    box_cats.append(reg.category_name)
     fit = fit_calibration(np.stack(scores), present, z=z, max_hints=k, top_k=pipe.detector_cfg.top_k,
                           min_precision=args.min_precision, stats=args.stats)
     before = hint_quality(_hinted(np.stack(scores), pipe.detector_cfg.threshold, pipe.detector_cfg.top_k), present)
+    # Region hints: the box's best class by its z-score under the statistics just fitted (``region_detection``).
+    region_fit, rare_boxes = None, [c in names for c in box_cats]
+    if args.region_z == "auto" and any(rare_boxes):
+        bz = (np.stack(box_means) - np.asarray(fit["score_mean"])) / np.asarray(fit["score_std"])
+        top = bz.argmax(axis=1)
+        region_fit = fit_region_threshold(bz[np.arange(len(top)), top], np.array([names[t] == c for t, c in zip(top, box_cats)]),
+                                          np.array(rare_boxes), min_precision=args.min_precision)
+        region_threshold = region_fit["region_z_threshold"]
+    elif args.region_z == "auto":  # nothing to fit on: the bundle's own setting stays
+        region_threshold = pipe.detector_cfg.region_z_threshold
+    else:
+        region_threshold = region_z
     result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
-              "hints_before": before, "hints_after": fit["quality"], "refine_mask_z": mask_z, "written": not args.dry_run}
+              "hints_before": before, "hints_after": fit["quality"], "refine_mask_z": mask_z,
+              "region_z_threshold": region_threshold, "region_hints": None if region_fit is None else region_fit["quality"],
+              "written": not args.dry_run}
     if not args.dry_run:
         b = pipe.bundle
         b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=fit["score_mean"], score_std=fit["score_std"],
-                                                  z_threshold=fit["z_threshold"], top_k=fit["top_k"])
+                                                  z_threshold=fit["z_threshold"], top_k=fit["top_k"],
+                                                  region_z_threshold=region_threshold)
         if adapter is not None:
             b.manifest.adapter = dataclasses.replace(adapter, refine_mask_z=mask_z)
         b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
                                               "min_precision": args.min_precision, "hints_after": fit["quality"],
+                                              **({} if region_fit is None else {"region_hints": region_fit["quality"]}),
                                               **({} if args.stats == "all" else {"stats": args.stats})}
         b.add_files({})  # rewrites the manifest in one atomic bundle update
     if args.json:
@@ -218,6 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty = "-" if q["no_hint_when_nothing_rare"] is None else f"{q['no_hint_when_nothing_rare']:.0f}%"
         print(f"  {label:<22} precision {q['precision']:.1f}  recall {q['recall']:.1f}  F1 {q['f1']:.1f}  "
               f"hints/image {q['per_image']:.2f}  no hint when nothing rare {empty}")
+    if region_fit is not None:
+        rq = region_fit["quality"]
+        print(f"  region questions ({rq['regions']} boxes, {rq['rare_regions']} rare): the box's best class hinted "
+              + ("always" if region_threshold is None else f"when its z-score > {region_threshold:.1f}")
+              + f": precision {rq['precision']:.1f}  recall {rq['recall']:.1f}  hinted {100 * rq['per_region']:.0f}% of boxes")
+    else:
+        print("  region questions: the box's best class hinted " + ("always" if region_threshold is None else
+              f"when its z-score > {region_threshold:.1f}") + (" (no rare region box on this split to fit on)"
+                                                               if args.region_z == "auto" else ""))
     if adapter is not None:
         print("  refinement: every visual token (the paper)" if mask_z is None else
               f"  refinement: only the image-token cells where a class's z-score exceeds {mask_z:g} (--refine-mask-z)")

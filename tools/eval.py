@@ -89,14 +89,20 @@ def run_eval(
     max_new_tokens: int = 96,
     progress: bool = True,
     pipeline=None,
+    region_hints: str = "box",
 ) -> dict:
     """Predict and judge; returns ``{"rows": {row: {"groups": ..., "rare_common": ...}}, "table": md}``.
 
     ``backend``/``precision``/``device``/``vlm_backend``/``vlm_precision`` build the pipeline unless
     ``pipeline`` is given; scores.json records what ran (``Pipeline.describe()``: backend, precision,
-    ONNX Runtime providers, VLM backend)."""
+    ONNX Runtime providers, VLM backend). ``region_hints`` (region questions): ``"box"`` gives the
+    pipeline each question's box and the frame without it (``Pipeline.batch(regions=...)``: the hint is
+    the box's class), ``"image"`` only the boxed image (the hints are the whole image's classes, as
+    for general questions; the ablation's earlier rows)."""
     from tqdm import tqdm
 
+    if region_hints not in ("box", "image"):
+        raise ValueError(f"region_hints must be 'box' or 'image', got {region_hints!r}")
     from rtrt.runtime.bundle import atomic_write_bytes, atomic_write_json
     from rtrt.runtime.errors import InputError
     from rtrt.runtime.image import load_image
@@ -109,6 +115,7 @@ def run_eval(
         iter_annotations,
         read_tasks,
         region_category_names,
+        region_frame,
         task_file,
     )
 
@@ -131,17 +138,27 @@ def run_eval(
                                             device=device, vlm_backend=vlm_backend, vlm_precision=vlm_precision)
     ran = pipe.describe()
 
+    by_box = coda_task == "region_perception" and region_hints == "box"
+
     def image_of(i: int, rec: TaskRecord):
         img = load_image(data / rec.image)
         if coda_task == "region_perception" and "images_w_boxes" not in rec.image and i < len(regions):
             img = draw_region_box(img, regions[i].box)
         return img
 
+    def region_of(i: int, rec: TaskRecord):
+        """(frame without the box, [x0, y0, x1, y1]) of region question i, for hints from the box (``region_hints="box"``)."""
+        if not by_box or i >= len(regions):
+            return None, None
+        x, y, w, h = (float(v) for v in regions[i].box)
+        return load_image(data / region_frame(rec.image)), (x, y, x + w, y + h)
+
     out = Path(out_dir)
     results: dict = {"task": coda_task, "split": split, "judge": getattr(judge, "name", "?"),
                      "backend": ran["backend"], "precision": ran["precision"], "providers": ran["providers"],
                      "device": ran["device"], "vlm_backend": ran["vlm_backend"], "vlm_precision": ran["vlm_precision"],
                      **({"refine_mask_z": ran["refine_mask_z"]} if ran.get("refine_mask_z") is not None else {}),
+                     **({"region_hints": region_hints} if coda_task == "region_perception" else {}),
                      "rows": {}}
     tables = {}
     indexed = list(enumerate(refs))
@@ -151,10 +168,17 @@ def run_eval(
         preds: list[TaskRecord] = []
         for chunk in _chunks(indexed, batch_size):
             images = [image_of(i, r) for i, r in chunk]
-            answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine)
+            if by_box:  # the detector sees the frame, the VLM the boxed image as before
+                frames, boxes = zip(*(region_of(i, r) for i, r in chunk))
+                answers = pipe.batch([f if f is not None else im for f, im in zip(frames, images)],
+                                     [r.question for _, r in chunk], hints=row.hints, refine=row.refine, regions=list(boxes),
+                                     region_images=[im if f is not None else None for f, im in zip(frames, images)])
+            else:
+                answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine)
             for (_, rec), res in zip(chunk, answers):
                 preds.append(TaskRecord(rec.question_id, rec.image, rec.question, res.answer,
-                                        {"hints": res.hints, "detections": [d.to_dict() for d in res.detections]}))
+                                        {"hints": res.hints, "detections": [d.to_dict() for d in res.detections],
+                                         **({"region": res.region.to_dict()} if res.region is not None else {})}))
             bar.update(len(chunk))
             bar.set_postfix(row=row.name)
         lines = "".join(json.dumps({"question_id": p.question_id, "image": p.image, "question": p.question,
@@ -269,6 +293,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default: ort when the bundle carries the exported VLM, else torch)")
     p.add_argument("--vlm-precision", default="fp32", choices=VLM_PRECISIONS,
                    help="the exported VLM's decoder: int8 = weight-only int8 (ort VLM backend; default: fp32)")
+    p.add_argument("--region-hints", default="box", choices=["box", "image"],
+                   help="region questions: box = the hint is the class the detector sees in the red box, on the frame "
+                        "without it; image = the whole boxed image's classes, as for general questions (default: box)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, help="images per VLM batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit (default: 96)")
@@ -303,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 refine_mask_z=args.refine_mask_z)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_eval(bundle, data, args.task, args.out, split=args.split, rows=rows, judge=judge, limit=args.limit,
-                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe)
+                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe,
+                   region_hints=args.region_hints)
     print(res["table"])
     print(f"\npredictions and scores written to {args.out}")
     return 0

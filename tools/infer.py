@@ -53,12 +53,28 @@ def refine_mask_arg(text: str, default: str = "bundle") -> float | str | None:
     return z
 
 
+def region_arg(text: str) -> tuple[float, float, float, float]:
+    """``--region X0,Y0,X1,Y1``: four numbers (pixels)."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        vals = tuple(float(t) for t in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1 (four numbers, pixels), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rtrt infer", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--image", required=True, nargs="+", metavar="IMAGE",
                    help="image files (PNG, JPEG, ...) or folders (their images in name order); the models load once")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded demo bundle)")
-    p.add_argument("--question", default=None, help="question to ask (default: CODA-LM's general-perception question)")
+    p.add_argument("--question", default=None,
+                   help="question to ask (default: CODA-LM's general-perception question; with --region its region question)")
+    p.add_argument("--region", default=None, metavar="X0,Y0,X1,Y1", type=region_arg,
+                   help="ask about this box (pixels of the image, which shows no box): the VLM sees it drawn in red as in "
+                        "CODA-LM, and the hint is the one class the detector sees in it")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
     p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
@@ -141,6 +157,8 @@ def _print_text(res, warmup: int) -> None:
             print(f"  {d.label} ({d.score:.2f}){where}")
     else:
         print("rare objects: none above threshold")
+    if res.region is not None:
+        print("in the region [" + ", ".join(f"{v:.0f}" for v in res.region.box) + f"]: {res.region.label} ({res.region.score:.2f})")
     warm = f", after {warmup} warm-up call{'s' if warmup != 1 else ''}" if warmup else ""
     print(f"timings (ms{warm}): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_ms.items()))
 
@@ -174,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         refine_mask_z=args.refine_mask_z,
     )
     options = {"hints": not args.no_hints, "refine": not args.no_refine}
+    question = args.question
+    if args.region is not None:
+        options["region"] = args.region
+        if question is None:
+            from rtrt.runtime.pipeline import REGION_QUESTION
+
+            question = REGION_QUESTION
     failed = 0
     warm = args.warmup == 0
     if several:
@@ -194,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if not warm:  # untimed calls on the first good image
             for _ in range(args.warmup):
-                pipe(image, args.question, **options)
+                pipe(image, question, **options)
             warm = True
-        res = pipe(image, args.question, **options)
+        res = pipe(image, question, **options)
         if out is not None:
             from rtrt.tools.viz import save_viz
 

@@ -25,12 +25,14 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from rtrt.runtime.errors import RtrtError
+from rtrt.runtime.image import draw_region
+from rtrt.runtime.pipeline import REGION_QUESTION  # CODA-LM's region question, which the runtime asks too
 from rtrt.runtime.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "region_category_names",
     "image_path_for",
     "draw_region_box",
+    "region_frame",
     "atomic_write_bytes",
     "atomic_write_text",
 ]
@@ -108,7 +111,6 @@ GENERAL_QUESTION = (
     "have a great influence on ego car driving behavior in the scene, describe these objects and the reasons "
     "why they influence ego car driving."
 )
-REGION_QUESTION = "Please describe the object inside the red rectangle in the image and explain why it affect ego car driving."
 SUGGESTION_QUESTION = (
     "There is an image of traffic captured from the perspective of the ego car. Please provide driving "
     "suggestions for the ego car based on the current scene."
@@ -393,9 +395,17 @@ def image_path_for(annotation_name: str, ext: str = ".jpg") -> str:
     return f"{folder}/images/{image_id}{ext}"
 
 
+def region_frame(image: str) -> str:
+    """The frame a region question's boxed image was drawn on: ``<folder>/images_w_boxes/<id>_object_<k>.<ext>``
+    -> ``<folder>/images/<id>.<ext>`` (CODA-LM's layout); any other path is returned as it is."""
+    p = PurePosixPath(image)
+    stem, sep, k = p.stem.rpartition("_object_")
+    if p.parent.name != "images_w_boxes" or not sep or not k.isdigit():
+        return image
+    return (p.parent.parent / "images" / f"{stem}{p.suffix}").as_posix()
+
+
 def draw_region_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
     """A copy of ``image`` with ``box`` [x, y, w, h] outlined in red, width 2, as CODA-LM's region questions."""
     x, y, w, h = (float(v) for v in box)
-    out = image.convert("RGB") if image.mode != "RGB" else image.copy()
-    ImageDraw.Draw(out).rectangle([x, y, x + w, y + h], outline="red", width=2)
-    return out
+    return draw_region(image, (x, y, x + w, y + h))

@@ -29,12 +29,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 
-# (id, question or None for the default question, hints, refine, max_new_tokens or 0 for the default)
+# (id, question or None for the default question, hints, refine, max_new_tokens or 0 for the default,
+#  region [x0, y0, x1, y1] or None: a region question about that box)
 ANSWER_CASES = (
-    ("default", None, True, True, 0),
-    ("question", "What is on the road?", True, True, 0),
-    ("plain", "What is on the road?", False, False, 0),
-    ("short", "Describe the scene.", True, False, 5),
+    ("default", None, True, True, 0, None),
+    ("question", "What is on the road?", True, True, 0, None),
+    ("plain", "What is on the road?", False, False, 0, None),
+    ("short", "Describe the scene.", True, False, 5, None),
+    ("region", "region", True, True, 0, (10.0, 8.0, 58.5, 40.0)),
 )
 
 
@@ -196,9 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(f"image {hexs(str(png))} {hexs(str(ppm))}")
         for d in pipe.detect(png).detections:  # a path, as rtrt infer passes it
             lines.append(f"detect {detection_fields(d)}")
-        for cid, q, hints, refine, n in ANSWER_CASES:
-            res = pipe(png, q, hints=hints, refine=refine, max_new_tokens=n or None)
+        for cid, q, hints, refine, n, region in ANSWER_CASES:
+            if q == "region":
+                from rtrt.runtime.pipeline import REGION_QUESTION as q
+            res = pipe(png, q, hints=hints, refine=refine, max_new_tokens=n or None, region=region)
             lines.append(f"case {hexs(cid)} {hexs(q) if q is not None else '*'} {int(hints)} {int(refine)} {n}")
+            if region is not None:
+                lines.append("cregion " + " ".join(repr(float(v)) for v in region))
+                lines.append(f"aregion {detection_fields(res.region)}" if res.region is not None else "aregion -")
             lines.append(f"answer {hexs(res.answer)}")
             lines += [f"hint {hexs(h)}" for h in res.hints]
             lines += [f"adetect {detection_fields(d)}" for d in res.detections]

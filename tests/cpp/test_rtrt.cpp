@@ -12,6 +12,7 @@
 #include <pybind11/embed.h>  // host_python: a host that already runs Python; options: a look at the ORT sessions
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -56,6 +57,8 @@ struct Case {
   std::vector<std::string> hints;
   std::vector<rtrt::Detection> detections;
   std::set<std::string> timing_keys;
+  bool has_region = false;              // a region question: Python's Result.region below
+  std::optional<rtrt::Detection> region;
 };
 
 struct ImageCase {
@@ -134,6 +137,16 @@ Expected read_expected(const std::string& dir) {
       c.options.hints = hints != 0;
       c.options.refine = refine != 0;
       e.images.back().cases.push_back(c);
+    } else if (key == "cregion") {
+      std::array<float, 4> box{};
+      for (auto& x : box) in >> a, x = static_cast<float>(std::stod(a));
+      e.images.back().cases.back().options.region = box;
+    } else if (key == "aregion") {
+      auto& c = e.images.back().cases.back();
+      c.has_region = true;
+      if (in.peek() == ' ') in.get();
+      if (in.peek() == '-') c.region.reset();
+      else c.region = parse_detection(in);
     } else if (key == "answer") {
       in >> a, e.images.back().cases.back().answer = unhex(a);
     } else if (key == "hint") {
@@ -216,6 +229,8 @@ void check_answer(const rtrt::Answer& got, const Case& want, const std::string& 
     CHECK(kv.second >= 0, what << ": timing " << kv.first << " is negative");
   }
   CHECK(keys == want.timing_keys, what << ": timing stages differ");
+  CHECK(got.region.has_value() == (want.has_region && want.region.has_value()), what << ": region presence differs");
+  if (got.region) check_detections({*got.region}, {*want.region}, what + " region");
 }
 
 template <class F>
@@ -272,7 +287,12 @@ void test_answer(const Expected& e) {
     const rtrt::Image img = rtrt::load_image(ic.png);
     for (const auto& c : ic.cases) check_answer(ask(pipe, img, c), c, ic.png + " case " + c.id), ++n;
   }
-  std::cout << n << " answers equal the Python API's\n";
+  int regions = 0;
+  for (const auto& ic : e.images)
+    for (const auto& c : ic.cases) regions += c.options.region.has_value();
+  CHECK(regions > 0, "no region question among the cases");
+  CHECK(rtrt::region_question().find("red rectangle") != std::string::npos, "region_question() is not CODA-LM's");
+  std::cout << n << " answers equal the Python API's (" << regions << " region questions)\n";
 }
 
 void test_bad_image(const Expected& e) {

@@ -102,7 +102,7 @@ void ensure_python() {
 // Python objects used by every call, imported once. Guarded by the GIL (not a C++ static guard:
 // a thread blocked on that guard while holding the GIL would deadlock an import that yields it).
 struct PyApi {
-  py::object pipeline_cls, load_image, default_question;
+  py::object pipeline_cls, load_image, default_question, region_question;
   std::vector<std::pair<py::object, ErrorKind>> errors;  // most specific first
   py::object format_exception;
 };
@@ -128,6 +128,7 @@ PyApi& api() {  // GIL held
   py::module_ pipeline = py::module_::import("rtrt.runtime.pipeline");
   a->pipeline_cls = pipeline.attr("Pipeline");
   a->default_question = pipeline.attr("DEFAULT_QUESTION");
+  a->region_question = pipeline.attr("REGION_QUESTION");
   a->load_image = py::module_::import("rtrt.runtime.image").attr("load_image");
   if (g_api) {  // another thread finished first while an import let the GIL go
     delete a;
@@ -309,13 +310,20 @@ static Answer call_answer(const py::object& pipe, const std::uint8_t* rgb, int w
   return with_python([&] {
     py::object q = question ? py::object(py::str(*question)) : py::object(py::none());
     py::object n = o.max_new_tokens > 0 ? py::object(py::int_(o.max_new_tokens)) : py::object(py::none());
+    py::object region = py::none();
+    if (o.region) {
+      const auto& r = *o.region;
+      region = py::make_tuple(r[0], r[1], r[2], r[3]);
+    }
     py::object res = pipe(image_view(rgb, width, height, stride), q, "hints"_a = o.hints, "refine"_a = o.refine,
-                          "max_new_tokens"_a = n);
+                          "max_new_tokens"_a = n, "region"_a = region);
     Answer a;
     a.answer = res.attr("answer").cast<std::string>();
     a.detections = to_detections(res.attr("detections"));
     a.hints = res.attr("hints").cast<std::vector<std::string>>();
     a.timings_ms = res.attr("timings_ms").cast<std::map<std::string, double>>();
+    py::object got = res.attr("region");
+    if (!got.is_none()) a.region = to_detections(py::make_tuple(got)).at(0);
     return a;
   });
 }
@@ -368,6 +376,10 @@ std::string default_bundle() {
 
 std::string default_question() {
   return with_python([] { return api().default_question.cast<std::string>(); });
+}
+
+std::string region_question() {
+  return with_python([] { return api().region_question.cast<std::string>(); });
 }
 
 std::string version() {

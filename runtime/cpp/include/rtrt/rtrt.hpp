@@ -78,6 +78,8 @@ struct Answer {
   std::vector<Detection> detections;      // what the detector found, best first (also with hints off)
   std::vector<std::string> hints;         // class names put into the prompt (empty with hints off)
   std::map<std::string, double> timings_ms;  // per stage: image_decode, detector, vision_tower, adapter, prefill, decode, ...
+  std::optional<Detection> region;        // a region question's hinted class (its box is the region; score: mean cosine
+                                          // over the box); empty: no region, or nothing stands out in it
 };
 
 // How a Pipeline is loaded: Pipeline.from_bundle's arguments, each passed through as is, so the
@@ -108,6 +110,11 @@ struct AnswerOptions {
   bool hints = true;       // put detected class names into the prompt
   bool refine = true;      // refine the visual tokens with the adapter
   int max_new_tokens = 0;  // 0: the pipeline's default
+  // Set: a region question about this box (x0, y0, x1, y1 in pixels of the image, which shows no box), as
+  // Python's region=: the VLM sees the box drawn in red as CODA-LM draws it, the detector the image without
+  // it, and the hint is the one class it finds in the box (Answer::region). Ask CODA-LM's region question
+  // (region_question()) with it.
+  std::optional<std::array<float, 4>> region;
 };
 
 // A decoded RGB8 image (row-major, packed, 3 bytes per pixel).
@@ -166,6 +173,9 @@ RTRT_API std::string default_bundle();
 
 // CODA-LM's general-perception question, the default question of answer() and `rtrt infer`.
 RTRT_API std::string default_question();
+
+// CODA-LM's region question ("the object inside the red rectangle"), to ask with AnswerOptions::region.
+RTRT_API std::string region_question();
 
 // The version of the embedded rtrt Python package.
 RTRT_API std::string version();
