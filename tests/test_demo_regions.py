@@ -202,6 +202,15 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     from rtrt.trainer.coda import iter_annotations, region_frame
 
     assert res["region_hints"] == "box"
+    # Hint quality per region question: precision over the hinted boxes, recall over the boxes holding a class.
+    cats = [r.category_name for _, a in iter_annotations(world / "CODA-LM" / "test") for r in a.region_perception][:4]
+    hinted = [a["hints"] for a in answers]
+    tp = sum(h == [c] for h, c in zip(hinted, cats))
+    q = res["rows"]["both"]["hints"]
+    assert q["per_image"] == sum(map(len, hinted)) / 4
+    assert q["precision"] == (100.0 * tp / sum(map(len, hinted)) if any(hinted) else None)
+    known = sum(c in pipe.class_names for c in cats)
+    assert q["recall"] == (100.0 * tp / known if known else None)
     boxes = [r.box for _, a in iter_annotations(world / "CODA-LM" / "test") for r in a.region_perception]
     cfg = pipe.detector_cfg
     for a, (x, y, w, h) in zip(answers, boxes):
@@ -213,7 +222,7 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     # "image": the boxed image's own detections, as a general question's.
     res2 = run_eval(bundle, world, "region", tmp_path / "eval2", limit=4, batch_size=2, pipeline=pipe, progress=False,
                     region_hints="image")
-    assert res2["region_hints"] == "image"
+    assert res2["region_hints"] == "image" and "hints" not in res2["rows"]["both"]
     for line in (tmp_path / "eval2" / "both" / "region_perception_answer.jsonl").read_text().splitlines():
         a = json.loads(line)
         assert a["hints"] == [d["name"] for d in a["detections"]] == [d.name for d in pipe.detect(world / a["image"]).detections]

@@ -192,6 +192,9 @@ def run_eval(
             entry["rare_common"] = _rare_common(report, set(RARE_CATEGORIES), set(COMMON_CATEGORIES))
         if row.hints and coda_task != "region_perception":
             entry["hints"] = _hint_quality([p.extra["hints"] for p in preds], all_cats[: len(preds)], pipe.class_names)
+        elif row.hints and by_box:  # a region question's hint against its box's category
+            entry["hints"] = _hint_quality([p.extra["hints"] for p in preds], [[c] for c in region_cats[: len(preds)]],
+                                           pipe.class_names)
         results["rows"][row.name] = entry
     bar.close()
     metrics = ("f1", "recall") if isinstance(judge, KeywordJudge) else ("score",)
@@ -209,11 +212,14 @@ def run_eval(
         tables[metric] = md
     hinted = {k: e["hints"] for k, e in results["rows"].items() if "hints" in e}
     if hinted:
-        tables["hints"] = "| row | hint precision | hint recall | hints per image |\n|---|---:|---:|---:|\n" + "\n".join(
+        per = "region" if coda_task == "region_perception" else "image"
+        tables["hints"] = f"| row | hint precision | hint recall | hints per {per} |\n|---|---:|---:|---:|\n" + "\n".join(
             f"| {k} | {_fmt(h['precision'])} | {_fmt(h['recall'])} | {h['per_image']:.2f} |" for k, h in hinted.items())
     results["tables"] = tables
     atomic_write_json(out / "scores.json", results)
-    text = "\n\n".join((f"### detector hints on {split}, against the detector's classes each annotation holds" if m == "hints"
+    hints_title = ("the box's category, for the boxes that hold a detector class" if coda_task == "region_perception"
+                   else "the detector's classes each annotation holds")
+    text = "\n\n".join((f"### detector hints on {split}, against {hints_title}" if m == "hints"
                          else f"### {coda_task} on {split}, {results['judge']} judge, {m}") + f"\n\n{t}" for m, t in tables.items())
     atomic_write_bytes(out / "scores.md", (text + "\n").encode())
     results["table"] = text
