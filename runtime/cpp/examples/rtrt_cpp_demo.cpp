@@ -3,7 +3,7 @@
 //     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]
 //                   [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]
 //                   [--device cpu|cuda:0] [--max-new-tokens N]
-//                   [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle]
+//                   [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--region X0,Y0,X1,Y1]
 //
 // IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
 // other format (PNG, JPEG, ...; decoded by the runtime exactly as `rtrt infer` does).
@@ -12,6 +12,7 @@
 #include <rtrt/rtrt.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -27,7 +28,7 @@ const char* kUsage =
     "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]\n"
     "                     [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]\n"
     "                     [--device DEV] [--max-new-tokens N]\n"
-    "                     [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle]\n";
+    "                     [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--region X0,Y0,X1,Y1]\n";
 
 // The whole argument must be a number ("3x" is refused, not read as 3).
 int to_int(const std::string& flag, const std::string& v) {
@@ -51,6 +52,32 @@ double to_double(const std::string& flag, const std::string& v) {
   }
   std::cerr << "rtrt_cpp_demo: error: " << flag << " must be a finite number, off or bundle, got " << v << "\n";
   std::exit(2);
+}
+
+// --region X0,Y0,X1,Y1: four finite numbers (the runtime checks the box against the image).
+std::array<float, 4> to_box(const std::string& v) {
+  std::vector<std::string> parts(1);
+  for (char c : v) {
+    if (c == ',') parts.emplace_back();
+    else parts.back().push_back(c);
+  }
+  std::array<float, 4> box{};
+  bool ok = parts.size() == 4;
+  for (std::size_t k = 0; ok && k < 4; ++k) {
+    try {
+      std::size_t used = 0;
+      const double x = std::stod(parts[k], &used);
+      ok = used == parts[k].size() && std::isfinite(x);
+      box[k] = static_cast<float>(x);
+    } catch (const std::exception&) {
+      ok = false;
+    }
+  }
+  if (!ok) {
+    std::cerr << "rtrt_cpp_demo: error: --region must be X0,Y0,X1,Y1 (four numbers, pixels), got " << v << "\n";
+    std::exit(2);
+  }
+  return box;
 }
 
 std::string lower_ext(const std::string& path) {
@@ -110,6 +137,8 @@ int main(int argc, char** argv) {
       options.refine_mask_z.reset();
       options.refine_every_token = v == "off";
       if (v != "off" && v != "bundle") options.refine_mask_z = to_double("--refine-mask-z", v);
+    } else if (a == "--region") {  // as rtrt infer --region: CODA-LM's region question about this box
+      call.region = to_box(value("--region"));
     } else if (a.rfind("--", 0) == 0) {
       std::cerr << "rtrt_cpp_demo: error: unknown option " << a << "\n" << kUsage;
       return 2;
@@ -130,7 +159,7 @@ int main(int argc, char** argv) {
     const std::string bundle = positional.size() > 1 ? positional[1] : rtrt::default_bundle();
 
     rtrt::Pipeline pipe(bundle, options);
-    const std::string q = has_question ? question : rtrt::default_question();
+    const std::string q = has_question ? question : call.region ? rtrt::region_question() : rtrt::default_question();
     const rtrt::Answer res = pipe.answer(image, q, call);
 
     std::cout << res.answer << "\n\n";
@@ -145,6 +174,13 @@ int main(int argc, char** argv) {
                       d.box[1], d.box[2], d.box[3], d.peak[0], d.peak[1]);
         std::cout << "  " << std::left << std::setw(16) << d.label << " " << where << "\n";
       }
+    }
+    if (res.region) {
+      const auto& r = *res.region;
+      char where[160];
+      std::snprintf(where, sizeof where, "in the region [%.0f, %.0f, %.0f, %.0f]: %s (%.2f)\n", r.box[0], r.box[1], r.box[2],
+                    r.box[3], r.label.c_str(), r.score);
+      std::cout << where;
     }
     // Stages in pipeline order (as rtrt infer prints them), then any others.
     std::vector<std::string> order = {"image_decode", "detector", "prompt_build", "vision_tower", "adapter",
