@@ -243,6 +243,8 @@ def check_region(box, width: int, height: int) -> tuple[float, float, float, flo
     """``box`` as four floats [x0, y0, x1, y1] in pixels of a ``width`` x ``height`` image, or a ``ValueError``
     naming what is wrong (not four finite numbers, empty, or outside the image)."""
     try:
+        if isinstance(box, (str, bytes)):
+            raise TypeError
         vals = tuple(float(v) for v in box)
     except (TypeError, ValueError):
         raise ValueError(f"a region is four numbers x0, y0, x1, y1 in pixels, got {box!r}") from None

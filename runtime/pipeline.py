@@ -79,7 +79,7 @@ class Result:
     providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers used ([] for torch/trt)
     vlm_backend: str | None = None  # how the VLM ran: "torch" (transformers) or "ort" (exported graphs)
     refine_mask_z: float | None = None  # the refinement mask that ran (Pipeline.refine_mask_z); None: every token, or no refinement
-    region: Detection | None = None  # a region question's hinted class (``region_detection``; its box is the region); None: no region, or nothing stands out in it
+    region: Detection | None = None  # a region question's box class (``region_detection``; its box is the region; hinted when hints are on); None: no region, or nothing stands out in it
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rtrt infer --json`` object (``region`` only for a region question)."""
@@ -425,6 +425,8 @@ class Pipeline:
             seen = list(pil)  # what the VLM sees: a region question's frame with its box drawn
             for i, box in enumerate(regs):
                 if box is None:
+                    if region_images is not None and region_images[i] is not None:
+                        raise InputError("a region image needs its region (the box it shows)")
                     continue
                 try:
                     regs[i] = box = check_region(box, *pil[i].size)

@@ -315,5 +315,7 @@ def test_calibrate_fits_the_region_threshold_and_the_pipeline_applies_it(world_a
         assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch", "--region-z", arg]) == 0
         assert load_bundle(bundle).manifest.detector.region_z_threshold == want_t
         assert "region questions: the box's best class hinted" in capsys.readouterr().out
-    assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--region-z", "high"]) == 2
-    assert "--region-z" in capsys.readouterr().err
+    for bad in ("high", "nan", "inf"):  # refused before anything is written: the bundle still loads
+        assert rtrt_main(["calibrate", "--bundle", str(bundle), "--data", str(world), "--region-z", bad]) == 2
+        assert "--region-z must be a finite number, auto or off" in capsys.readouterr().err
+    assert load_bundle(bundle).manifest.detector.region_z_threshold == 0.7

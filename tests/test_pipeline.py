@@ -113,6 +113,34 @@ def test_region_question_hints_the_box_class_and_the_vlm_sees_the_box(pipe, asse
     assert off.hints == [] and off.region == want  # the region is still reported
 
 
+def test_region_threshold_of_a_calibrated_bundle_is_applied(assets, tmp_path):
+    import dataclasses
+    import shutil
+
+    from rtrt.runtime.detection import region_detection
+
+    frame, box = Image.open(assets["images"][2]).convert("RGB"), (8.0, 10.0, 40.0, 30.0)
+    bundle = tmp_path / "b"
+    shutil.copytree(assets["bundle"], bundle)
+    for cut in (1e9, -1e9, None):
+        b = load_bundle(bundle)
+        n = len(b.manifest.class_names)
+        # Per-class statistics that reorder the classes: the box's raw best class is not its z-score's best.
+        b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=[0.5] + [0.0] * (n - 1),
+                                                  score_std=[0.1] * n,
+                                                  z_threshold=0.5, region_z_threshold=cut)
+        b.add_files({})
+        p = Pipeline.from_bundle(bundle, backend="torch", max_new_tokens=4)
+        res = p(frame, "what is in the box?", region=box)
+        cfg = p.detector_cfg
+        best = region_detection(res.similarity, box, frame.size, p.class_names, cfg.decision_scores)
+        assert best.name != region_detection(res.similarity, box, frame.size, p.class_names).name
+        if cut == 1e9:  # nothing stands out that much: no region, no hint (not the image's detections either)
+            assert res.region is None and res.hints == []
+        else:  # ranked by the calibrated z-scores
+            assert res.region == best and res.hints == [best.name]
+
+
 def test_region_refusals(pipe, assets):
     img = assets["images"][0]  # 64 x 48
     with pytest.raises(InputError, match="outside the 64x48 image"):
@@ -123,6 +151,8 @@ def test_region_refusals(pipe, assets):
         pipe(img, "q", region=(0, 0, 10, 10), region_image=assets["images"][1])
     with pytest.raises(InputError, match="2 images but 1 regions"):
         pipe.batch(assets["images"][:2], ["q", "q"], regions=[(0, 0, 10, 10)])
+    with pytest.raises(InputError, match="a region image needs its region"):
+        pipe(img, "q", region_image=img)
     with pytest.raises(InputError, match="2 images but 3 region images"):
         pipe.batch(assets["images"][:2], ["q", "q"], regions=[None, None], region_images=[None] * 3)
     # A batch mixes region and ordinary questions.
@@ -287,6 +317,12 @@ def test_infer_region(assets, capsys):
     assert bad.value.code == 2 and "expected X0,Y0,X1,Y1" in capsys.readouterr().err
     code, out, err = _infer([*base, "--region", "200,3,300,20"], capsys)
     assert code == 2 and "outside the 64x48 image" in err and len(err.strip().splitlines()) == 1
+    # Several images: a box outside one (64 x 48) fails that one only; the 64 x 64 one is answered.
+    code, out, err = _infer(["--image", str(assets["images"][0]), str(assets["images"][2]), *base[2:], "--json",
+                             "--region", "2,50,30,60"], capsys)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "outside the 64x48 image" in err
+    assert "error" in lines[0] and lines[1]["region"]["box"] == [2.0, 50.0, 30.0, 60.0]
 
 
 def test_infer_human_output(assets, capsys):

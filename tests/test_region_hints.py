@@ -58,7 +58,7 @@ def test_non_square_frames_map_cells_to_pixels():
 
 
 @pytest.mark.parametrize("box, match", [
-    ((1, 2, 3), "four"), (("a", 1, 2, 3), "four numbers"), ((1, 2, float("nan"), 4), "finite"),
+    ((1, 2, 3), "four"), (("a", 1, 2, 3), "four numbers"), ("1234", "four numbers"), ((1, 2, float("nan"), 4), "finite"),
     ((10, 10, 10, 20), "empty"), ((10, 20, 30, 5), "empty"), ((70, 0, 80, 10), "outside"), ((-9, -9, 0, 5), "outside"),
 ])
 def test_bad_regions_are_refused_with_what_is_wrong(box, match):

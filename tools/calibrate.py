@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -211,7 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return v
 
     z = number(args.z, float, "--z")
-    region_z = None if args.region_z in ("auto", "off") else number(args.region_z, float, "--region-z")
+    region_z = None
+    if args.region_z not in ("auto", "off"):
+        try:
+            region_z = float(args.region_z)
+        except ValueError:
+            region_z = math.nan
+        if not math.isfinite(region_z):
+            raise InputError(f"--region-z must be a finite number, auto or off, not {args.region_z!r}")
     k = number(args.max_hints, int, "--max-hints")
     if args.min_precision is not None and not 0.0 <= args.min_precision <= 100.0:
         raise InputError(f"--min-precision must be a percentage from 0 to 100, not {args.min_precision:g}")
@@ -253,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         region_fit = fit_region_threshold(bz[np.arange(len(top)), top], np.array([names[t] == c for t, c in zip(top, box_cats)]),
                                           np.array(rare_boxes), min_precision=args.min_precision)
         region_threshold = region_fit["region_z_threshold"]
-    elif args.region_z == "auto":  # nothing to fit on: the bundle's own setting stays
+    elif args.region_z == "auto":  # nothing to fit on: the bundle's own setting stays (said below)
         region_threshold = pipe.detector_cfg.region_z_threshold
     else:
         region_threshold = region_z
@@ -292,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f": precision {rq['precision']:.1f}  recall {rq['recall']:.1f}  hinted {100 * rq['per_region']:.0f}% of boxes")
     else:
         print("  region questions: the box's best class hinted " + ("always" if region_threshold is None else
-              f"when its z-score > {region_threshold:.1f}") + (" (no rare region box on this split to fit on)"
+              f"when its z-score > {region_threshold:.1f}") + (" (kept: no rare region box on this split to fit on; it "
+                                                               "was fitted under the earlier statistics, refit it with "
+                                                               "--region-z on a split that has some)"
                                                                if args.region_z == "auto" else ""))
     if adapter is not None:
         print("  refinement: every visual token (the paper)" if mask_z is None else

@@ -217,6 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
             continue
+        if args.region is not None and several:  # a box that misses one image of several: that image fails, the rest run
+            from rtrt.runtime.detection import check_region
+
+            try:
+                check_region(args.region, *image.size)
+            except ValueError as e:
+                failed += 1
+                print(f"rtrt infer: error: {path}: {e}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+                continue
         if not warm:  # untimed calls on the first good image
             for _ in range(args.warmup):
                 pipe(image, question, **options)

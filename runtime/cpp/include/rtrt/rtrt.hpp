@@ -78,8 +78,8 @@ struct Answer {
   std::vector<Detection> detections;      // what the detector found, best first (also with hints off)
   std::vector<std::string> hints;         // class names put into the prompt (empty with hints off)
   std::map<std::string, double> timings_ms;  // per stage: image_decode, detector, vision_tower, adapter, prefill, decode, ...
-  std::optional<Detection> region;        // a region question's hinted class (its box is the region; score: mean cosine
-                                          // over the box); empty: no region, or nothing stands out in it
+  std::optional<Detection> region;        // a region question's box class (its box is the region; score: mean cosine
+                                          // over the box; hinted when hints are on); empty: no region, or nothing stands out in it
 };
 
 // How a Pipeline is loaded: Pipeline.from_bundle's arguments, each passed through as is, so the
