@@ -208,14 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = tqdm(paths, unit="image", disable=not sys.stderr.isatty())
     else:
         items = paths
+    def skip(path, error: str, shown: str) -> None:
+        """One image fails (one line on stderr, an error line with --json); the others still run."""
+        print(f"rtrt infer: error: {shown}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"image": str(path), "error": error}), flush=True)
+
     for k, (path, out) in enumerate(zip(items, viz)):
         try:
             image = first if first is not None else load_image(path)
         except ImageError as e:
             failed += 1
-            print(f"rtrt infer: error: {e}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+            skip(path, str(e), str(e))
             continue
         if args.region is not None and several:  # a box that misses one image of several: that image fails, the rest run
             from rtrt.runtime.detection import check_region
@@ -224,9 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_region(args.region, *image.size)
             except ValueError as e:
                 failed += 1
-                print(f"rtrt infer: error: {path}: {e}", file=sys.stderr)
-                if args.json:
-                    print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+                skip(path, str(e), f"{path}: {e}")
                 continue
         if not warm:  # untimed calls on the first good image
             for _ in range(args.warmup):
