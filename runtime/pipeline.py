@@ -30,9 +30,8 @@ import numpy as np
 
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError, ModelMismatchError, RtrtError
-from .image import ImageInput, load_image, spec_pixels
+from .image import ImageInput, draw_region, load_image, spec_pixels
 from .detection import Detection, check_region, region_detection, select_detections
-from .image import draw_region
 from .names import VLM_BACKENDS
 
 __all__ = ["DEFAULT_QUESTION", "REGION_QUESTION", "VLM_BACKENDS", "DetectResult", "Result", "Pipeline"]

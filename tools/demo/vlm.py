@@ -121,20 +121,20 @@ def region_sources(split_dir: str | Path, records: Sequence[TaskRecord]) -> list
     with the red box of the k-th region of its annotation (``<folder>_<id>.json``) drawn in. The
     record's answer, if any, must be that region's text (a stale task file is refused).
     """
-    from rtrt.trainer.coda import image_path_for, iter_annotations
+    from rtrt.trainer.coda import image_path_for, iter_annotations, region_frame
 
     split_dir = Path(split_dir)
     anns: dict[str, CodaAnnotation] = {}
     out = []
     for rec in records:
-        rel = Path(rec.image)
-        stem, sep, k = rel.stem.rpartition("_object_")
-        if rel.parent.name != "images_w_boxes" or not sep or not k.isdigit():
+        base = region_frame(rec.image)
+        if base == rec.image:
             raise ValueError(f"{rec.image}: region question {rec.question_id} does not show a boxed image "
                              "(<folder>/images_w_boxes/<id>_object_<k>; world written with --no-boxed-images?)")
+        rel = Path(rec.image)
+        k = rel.stem.rpartition("_object_")[2]
         if not anns:
             anns = {image_path_for(p.name, rel.suffix): a for p, a in iter_annotations(split_dir)}
-        base = f"{rel.parent.parent.as_posix()}/images/{stem}{rel.suffix}"
         ann = anns.get(base)
         if ann is None or not 1 <= int(k) <= len(ann.region_perception):
             raise ValueError(f"{rec.image}: no region {k} of {base} in {split_dir}")
