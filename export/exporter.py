@@ -21,8 +21,8 @@ from rtrt.runtime.bundle import Bundle, load_bundle
 from rtrt.runtime.errors import BackendUnavailableError, RtrtError
 from rtrt.runtime.exports import EngineExport, Exports, GraphExport, OnnxExports, ReferenceExport, ReferenceGraph, VlmExport
 from rtrt.runtime.fileio import sha256_file
-from rtrt.runtime.names import (ADAPTER, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, VLM_ONNX_DIR, VLM_PRECISIONS, engine_file,
-                                engine_name, graph_key, onnx_file)
+from rtrt.runtime.names import (DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, VLM_ONNX_DIR, VLM_PRECISIONS, adapter_spec,
+                                engine_file, engine_name, graph_key, onnx_file)
 from rtrt.runtime.trt_build import build_engine, dim_ranges, source_graph
 
 from .common import BACKEND_CHOICES, VLM_TOLERANCE, ExportError
@@ -34,6 +34,7 @@ from .parity import (
     adapter_case_from_tokens,
     adapter_cases,
     cross_validate,
+    with_class_bias,
     detector_cases,
     ort_runner,
     parity_pil_images,
@@ -103,7 +104,7 @@ def _capture_visual_tokens(b: Bundle, vlm_ref: str | None, images: list, log: Ca
         return None, f"cannot load the VLM ({e})"
 
 
-def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dict[str, str]) -> ReferenceExport:
+def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dict[str, str], specs=SPECS) -> ReferenceExport:
     """Write ``reference.safetensors``: every graph's reference feeds and PyTorch outputs; returns the manifest entry."""
     from safetensors.numpy import save_file
 
@@ -113,13 +114,13 @@ def _reference_file(path: Path, refs: dict, cases: dict[str, dict], sources: dic
     meta = {}
     entry = ReferenceExport(file=path.name, format=REFERENCE_FORMAT)
     for g, feeds in cases.items():
-        out = torch_runner(refs[g], SPECS[g])(feeds)
-        for n in SPECS[g].inputs:
+        out = torch_runner(refs[g], specs[g])(feeds)
+        for n in specs[g].inputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(feeds[n])
-        for n in SPECS[g].outputs:
+        for n in specs[g].outputs:
             tensors[reference_key(g, n)] = np.ascontiguousarray(out[n])
         meta[g] = sources[g]
-        entry.graphs[g] = ReferenceGraph(inputs=sources[g], shapes={n: list(np.shape(feeds[n])) for n in SPECS[g].inputs})
+        entry.graphs[g] = ReferenceGraph(inputs=sources[g], shapes={n: list(np.shape(feeds[n])) for n in specs[g].inputs})
     # One metadata key holding sorted JSON: safetensors writes a metadata map in no fixed order,
     # and the shipped bundle must rebuild byte for byte.
     save_file(tensors, str(path), metadata={"rtrt": json.dumps({"format": REFERENCE_FORMAT, "inputs": meta}, sort_keys=True)})
@@ -241,6 +242,7 @@ def export_bundle(
     w = b.class_embeddings().weight.detach().float().numpy()
     c = len(w)
     graphs_with = [g for g, ok in (("detector", has_det), ("adapter", has_ad)) if ok]
+    specs = {"detector": DETECTOR, "adapter": adapter_spec(m.adapter)}  # a detector_bias adapter takes class_bias too
     steps = len(graphs_with) * (1 + (1 if precision == "int8" else 0) + (1 if precision == "int8" and want_trt else 0) + (1 if want_trt else 0)) + 1 + int(vlm_onnx)
     prog = _Progress(log, steps)
     failures: list[str] = []
@@ -293,9 +295,15 @@ def export_bundle(
                 reference["adapter"] = adapter_cases(w, [(1, n_opt, c)])[0]
                 sources["adapter"] = f"synthetic visual tokens around the bundle's W ({why})"
                 calibration["adapter"] = [reference["adapter"]] + synthetic
+            if m.adapter.detector_bias:
+                # z-scores as the calibrated detector gives them (standard normal, a few standing out), seeded
+                reference["adapter"], *synthetic = with_class_bias([reference["adapter"]] + synthetic)
+                calibration["adapter"] = [reference["adapter"]] + (synthetic if tokens is None else [])
+                sources["adapter"] += "; class_bias: synthetic z-scores"
             cases["adapter"] = [reference["adapter"]] + synthetic
-            rep = check(cross_validate(torch_runner(refs["adapter"], ADAPTER), ort_runner(path, ADAPTER), cases["adapter"], tol["fp32"],
-                                       spec=ADAPTER, graph="adapter", precision="fp32", inputs=sources["adapter"]))
+            spec = specs["adapter"]
+            rep = check(cross_validate(torch_runner(refs["adapter"], spec), ort_runner(path, spec), cases["adapter"], tol["fp32"],
+                                       spec=spec, graph="adapter", precision="fp32", inputs=sources["adapter"]))
             graphs["adapter"] = _entry(path, rep)
             files[path.name] = path
             prog.done()
@@ -307,16 +315,16 @@ def export_bundle(
                 else:
                     prog.step(f"{onnx_file(g, 'int8')}: ONNX Runtime dynamic int8 (MatMul/Gemm weights per channel)")
                     q = quantize_dynamic(tmp / onnx_file(g), tmp / onnx_file(g, "int8"))
-                rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["int8"],
-                                           spec=SPECS[g], graph=g, precision="int8", inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
+                                           spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
                 graphs[graph_key(g, "int8")] = _entry(q, rep, method=int8_method)
                 files[q.name] = q
                 prog.done()
                 if want_trt:
                     prog.step(f"{onnx_file(g, 'qdq')}: symmetric static int8 (QDQ) for TensorRT, calibrated on the parity inputs")
                     q = quantize_static(tmp / onnx_file(g), tmp / onnx_file(g, "qdq"), calibration[g], symmetric=True)
-                    rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["int8"],
-                                               spec=SPECS[g], graph=g, precision="int8", inputs=sources[g]))
+                    rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["int8"],
+                                               spec=specs[g], graph=g, precision="int8", inputs=sources[g]))
                     graphs[graph_key(g, "qdq")] = _entry(q, rep, method="static-symmetric-qdq")
                     files[q.name] = q
                     prog.done()
@@ -326,8 +334,8 @@ def export_bundle(
             for g in graphs_with:
                 log(f"      {onnx_file(g, 'fp16')}: fp16 graph for strongly typed TensorRT (fp32 inputs/outputs; {', '.join(FP32_OPS)} in fp32)")
                 q = convert_to_fp16(tmp / onnx_file(g), tmp / onnx_file(g, "fp16"))
-                rep = check(cross_validate(torch_runner(refs[g], SPECS[g]), ort_runner(q, SPECS[g]), cases[g], tol["fp16"],
-                                           spec=SPECS[g], graph=g, precision="fp16", inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(refs[g], specs[g]), ort_runner(q, specs[g]), cases[g], tol["fp16"],
+                                           spec=specs[g], graph=g, precision="fp16", inputs=sources[g]))
                 graphs[graph_key(g, "fp16")] = _entry(q, rep, method="onnxruntime float16, fp32 inputs/outputs, fp32 " + "/".join(FP32_OPS))
                 files[q.name] = q
         if want_trt and not failures:
@@ -340,8 +348,8 @@ def export_bundle(
                                            cache_dir=cache_dir, workspace_gb=workspace_gb, log=log)
                 meta.source_graph = source
                 ref_gpu = refs[g].to("cuda")
-                rep = check(cross_validate(torch_runner(ref_gpu, SPECS[g], device="cuda"), _trt_runner(TrtEngine(epath), SPECS[g]), cases[g],
-                                           tol[precision], spec=SPECS[g], graph=g, precision=precision, inputs=sources[g]))
+                rep = check(cross_validate(torch_runner(ref_gpu, specs[g], device="cuda"), _trt_runner(TrtEngine(epath), specs[g]), cases[g],
+                                           tol[precision], spec=specs[g], graph=g, precision=precision, inputs=sources[g]))
                 refs[g].to("cpu")
                 meta.parity = rep.to_dict()
                 engines[engine_name(g, precision)] = meta
@@ -358,7 +366,7 @@ def export_bundle(
             raise ExportError("parity outside tolerance, nothing was written: " + "; ".join(failures))
 
         files[REFERENCE_FILE] = tmp / REFERENCE_FILE
-        reference_entry = _reference_file(files[REFERENCE_FILE], refs, reference, sources)
+        reference_entry = _reference_file(files[REFERENCE_FILE], refs, reference, sources, specs)
         prog.step(f"writing {len(files)} file(s) into {b.root}")
         onnx = OnnxExports(opset=OPSET, image_size=size, precision=precision, family=fam,
                            exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions(), graphs=graphs)

@@ -43,7 +43,7 @@ from torch import nn
 
 from rtrt.runtime.graphs import AdapterGraph, DetectorGraph
 from rtrt.runtime.modules import CrossAttentionAdapter, RareObjectDetector
-from rtrt.runtime.names import ADAPTER, DETECTOR, GraphSpec
+from rtrt.runtime.names import ADAPTER, DETECTOR, GraphSpec, adapter_spec
 
 from .common import ExportError
 
@@ -223,9 +223,12 @@ def export_adapter(adapter: CrossAttentionAdapter, path: str | os.PathLike, *, o
     """Export ``AdapterGraph(adapter)`` with dynamic B, N, C to ``path``."""
     graph = AdapterGraph(adapter).eval()
     d = adapter.config.d_model
+    spec = adapter_spec(adapter.config)
     args = (torch.randn(2, 7, d), torch.randn(3, d))
+    if adapter.config.detector_bias:  # the detector's z-scores, a third input (ADAPTER_BIASED)
+        args = args + (torch.randn(2, 7, 3),)
     meta = {"rtrt.graph": "adapter", "rtrt.d_llm": str(d)}
-    return _export(graph, args, ADAPTER, Path(path), opset, meta, verbose)
+    return _export(graph, args, spec, Path(path), opset, meta, verbose)
 
 
 def _dims(value_info) -> list[Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "adapter_case_from_tokens",
     "detector_cases",
     "adapter_cases",
+    "with_class_bias",
 ]
 
 
@@ -201,6 +202,21 @@ def adapter_cases(class_embeddings: np.ndarray, shapes: Sequence[tuple[int, int,
         rows = w if c <= len(w) else np.concatenate([w, rng.normal(0, scale, (c - len(w), w.shape[1])).astype(np.float32)])
         cases.append({ADAPTER.inputs[0]: tokens.astype(np.float32), ADAPTER.inputs[1]: np.ascontiguousarray(rows[:c])})
     return cases
+
+
+def with_class_bias(cases: Sequence[dict[str, np.ndarray]], seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``cases`` with the ``class_bias`` input of an adapter trained with ``detector_bias`` ([B, N, C],
+    ``ADAPTER_BIASED``): standard-normal z-scores with a few cells standing out by 4, as a calibrated
+    detector's, seeded (the same cases every export)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for case in cases:
+        b, n, _ = case[ADAPTER.inputs[0]].shape
+        c = case[ADAPTER.inputs[1]].shape[0]
+        z = rng.standard_normal((b, n, c)).astype(np.float32)
+        z[rng.random((b, n, c)) < 0.05] += 4.0
+        out.append({**case, "class_bias": z})
+    return out
 
 
 def adapter_case_from_tokens(tokens: np.ndarray, class_embeddings: np.ndarray) -> dict[str, np.ndarray]:

@@ -79,6 +79,7 @@ from rtrt.runtime.names import (
     VLM_ONNX_DIR,
     VLM_VISION_OUTPUTS,
     VLM_REFINE_MASK,
+    VLM_CLASS_BIAS,
     VLM_TOKENS_PER_ROW,
     past_names,
     vlm_onnx_file,
@@ -227,14 +228,15 @@ class VisionEncoderGraph(nn.Module):
             picked = [h[:, 1:] for h in picked]
         return inner.multi_modal_projector(torch.cat(picked, dim=-1))
 
-    def forward(self, pixel_values, refine_mask=None):
+    def forward(self, pixel_values, refine_mask=None, class_bias=None):
         if self.family_name == "llava":
             features = self._llava(pixel_values)
         else:
             features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         features = features.reshape(-1, features.shape[-1])
         if self.adapter is not None:
-            refined = self.adapter(features[None], self.class_embeddings.to(features.dtype))[0]
+            bias = None if class_bias is None else class_bias[None].to(features.dtype)  # detector_bias: [1, T_total, C]
+            refined = self.adapter(features[None], self.class_embeddings.to(features.dtype), class_bias=bias)[0]
             # Where the mask is 0 the token stays the stock encoder's, bit for bit (Pipeline.refine_mask_z).
             features = refined if refine_mask is None else torch.where(refine_mask[:, None] > 0, refined, features)
         return features
@@ -328,6 +330,8 @@ def export_vision_encoder(family, path: str | os.PathLike, adapter: CrossAttenti
     is exported by ``rtrt.export.vlm_onnx_qwen.export_qwen_vision`` (inputs ``QWEN_VISION_INPUTS``).
     """
     _check_family(family)
+    if adapter is not None and adapter.config.detector_bias and family.name != "llava":
+        raise ExportError(f"an adapter trained with detector_bias needs LLaVA's fixed token grid, not {family.name!r}")
     if family.name == "qwen2_5_vl":
         from .vlm_onnx_qwen import export_qwen_vision
 
@@ -344,12 +348,19 @@ def export_vision_encoder(family, path: str | os.PathLike, adapter: CrossAttenti
                        VISION_ENCODER, family.name, verbose)
     # The refined encoder also takes the refinement mask, one value per visual token (ones: every
     # token refined); its length is the images' count times the tokens each gives, a fixed number.
-    with torch.no_grad():
-        per_image = int(module(pixels).shape[0]) // pixels.shape[0]
+    biased = adapter.config.detector_bias
+    with torch.no_grad():  # the stock encoder's rows: the refined one gives as many
+        per_image = int(VisionEncoderGraph(family).eval()(pixels).shape[0]) // pixels.shape[0]
     mask = torch.ones(pixels.shape[0] * per_image)
-    return _export(module, (pixels, mask), ("pixel_values", VLM_REFINE_MASK), VLM_VISION_OUTPUTS,
-                   {"pixel_values": {0: images}, VLM_REFINE_MASK: {0: images * per_image}}, Path(path), VISION_ENCODER_REFINED,
-                   family.name, verbose, {VLM_TOKENS_PER_ROW: str(per_image)})
+    if not biased:
+        return _export(module, (pixels, mask), ("pixel_values", VLM_REFINE_MASK), VLM_VISION_OUTPUTS,
+                       {"pixel_values": {0: images}, VLM_REFINE_MASK: {0: images * per_image}}, Path(path), VISION_ENCODER_REFINED,
+                       family.name, verbose, {VLM_TOKENS_PER_ROW: str(per_image)})
+    # detector_bias: also class_bias [T_total, C], the detector's z-scores at each token (C = W's rows, fixed).
+    bias = torch.randn(pixels.shape[0] * per_image, int(W.shape[0]), generator=torch.Generator().manual_seed(1))
+    return _export(module, (pixels, mask, bias), ("pixel_values", VLM_REFINE_MASK, VLM_CLASS_BIAS), VLM_VISION_OUTPUTS,
+                   {"pixel_values": {0: images}, VLM_REFINE_MASK: {0: images * per_image}, VLM_CLASS_BIAS: {0: images * per_image}},
+                   Path(path), VISION_ENCODER_REFINED, family.name, verbose, {VLM_TOKENS_PER_ROW: str(per_image)})
 
 
 def quantize_decoder(src: str | os.PathLike, dst: str | os.PathLike, *, block_size: int = QUANT_BLOCK) -> Path:
@@ -635,7 +646,18 @@ def vlm_parity(family, root: str | os.PathLike, images: Sequence, questions: Seq
     dims = decoder_dims(family)
     eos, pad = token_ids(family)
     W = None if W is None else W.detach().float()
-    transform = None if adapter is None else (lambda v: adapter(v[None], W.to(v.dtype))[0])
+    biased = adapter is not None and adapter.config.detector_bias
+    bias: np.ndarray | None = None  # detector_bias: synthetic z-scores [T_total, C] (seeded), the same for torch and ORT
+
+    def transform(v):
+        nonlocal bias
+        if biased and bias is None:
+            g = np.random.default_rng(0)
+            bias = g.standard_normal((v.shape[0], W.shape[0])).astype(np.float32)
+            bias[g.random(bias.shape) < 0.05] += 4.0
+        cb = None if bias is None else torch.from_numpy(bias).to(v.dtype)[None]
+        return adapter(v[None], W.to(v.dtype), class_bias=cb)[0]
+    transform = None if adapter is None else transform
     report = VlmParity(inputs=inputs, steps=steps, tolerance=tolerance, machine=machine_info())
     with torch.inference_mode():
         batch = family.prepare(list(images), list(questions))
@@ -660,12 +682,14 @@ def vlm_parity(family, root: str | os.PathLike, images: Sequence, questions: Seq
         s = _session(root / vlm_onnx_file(VISION_ENCODER_REFINED))
         names = [i.name for i in s.get_inputs()]
         every = {VLM_REFINE_MASK: np.ones(len(stock), np.float32)} if VLM_REFINE_MASK in names else {}
-        tokens = s.run(None, {n: feeds[n] for n in names if n != VLM_REFINE_MASK} | every)[0]
+        if VLM_CLASS_BIAS in names:
+            every[VLM_CLASS_BIAS] = bias
+        tokens = s.run(None, {n: feeds[n] for n in names if n not in every} | every)[0]
         report.max_abs_error[VISION_ENCODER_REFINED] = _max_err(tokens, refined.numpy())
         report.scale[VISION_ENCODER_REFINED] = _scale(refined.numpy())
         if every:  # every other token refined: those rows the refined tokens, the rest the stock ones
             alternate = (np.arange(len(stock)) % 2).astype(np.float32)
-            mixed = s.run(None, {n: feeds[n] for n in names if n != VLM_REFINE_MASK} | {VLM_REFINE_MASK: alternate})[0]
+            mixed = s.run(None, {n: feeds[n] for n in names if n not in every} | every | {VLM_REFINE_MASK: alternate})[0]
             expected = np.where(alternate[:, None] > 0, refined.numpy(), stock.numpy())
             report.max_abs_error[f"{VISION_ENCODER_REFINED}.masked"] = _max_err(mixed, expected)
             report.scale[f"{VISION_ENCODER_REFINED}.masked"] = _scale(expected)

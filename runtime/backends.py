@@ -37,7 +37,7 @@ from .devices import available_devices, check_device
 from .errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from .exports import EngineExport
 from .machine import cores
-from .names import ADAPTER, BACKENDS, DETECTOR, GRAPHS, MISMATCH_POLICIES, PRECISIONS, engine_name, graph_key, ort_variant, source_graph
+from .names import ADAPTER, ADAPTER_BIASED, BACKENDS, DETECTOR, GRAPHS, MISMATCH_POLICIES, PRECISIONS, engine_name, graph_key, ort_variant, source_graph
 from .trt_engine import TrtEngine, default_cache_dir, platform_info, tensorrt_status
 
 __all__ = [
@@ -101,13 +101,30 @@ class Backend:
             raise InputError(f"pixel_values must be [B, 3, {s}, {s}], got {list(px.shape)}")
         return self._detect(px, self._w(class_embeddings))
 
-    def refine(self, visual_tokens, class_embeddings=None):
+    def refine(self, visual_tokens, class_embeddings=None, class_bias=None):
+        """Refined tokens [B, N, D]. ``class_bias`` [B, N, C]: the detector's z-scores at each token
+        (``refine_mask.token_bias``), needed by an adapter trained with ``detector_bias`` and refused by others."""
         if not self.has_adapter:
             raise BundleError(f"{self.bundle.root}: bundle has no adapter")
         v = _array(visual_tokens)
         if len(v.shape) != 3 or v.shape[2] != self.d_llm:
             raise InputError(f"visual_tokens must be [B, N, {self.d_llm}], got {list(v.shape)}")
-        return self._refine(v, self._w(class_embeddings))
+        w = self._w(class_embeddings)
+        biased = bool(getattr(self.bundle.manifest.adapter, "detector_bias", False))
+        if biased != (class_bias is not None):
+            raise InputError(f"{self.bundle.root}: the adapter was trained with detector_bias: pass class_bias [B, N, C]" if biased
+                             else f"{self.bundle.root}: class_bias given, but the adapter was trained without detector_bias")
+        if class_bias is None:
+            return self._refine(v, w)
+        b = _array(class_bias)
+        want = [v.shape[0], v.shape[1], w.shape[0]]
+        if list(b.shape) != want:
+            raise InputError(f"class_bias must be {want} (batch, tokens, classes), got {list(b.shape)}")
+        return self._refine_biased(v, w, b)
+
+    def _refine_biased(self, v, w, b):
+        raise BundleError(f"{self.bundle.root}: the {getattr(self, 'name', '?')} backend cannot run an adapter trained with "
+                          "detector_bias yet (its exported graph takes no class_bias); use backend='torch'")
 
     def _detect(self, px, w) -> DetectOutput:
         raise NotImplementedError
@@ -168,6 +185,12 @@ class TorchBackend(Backend):
 
         with torch.inference_mode():
             return self._adapter(_torch(v).to(self.device), _torch(w).to(self.device))
+
+    def _refine_biased(self, v, w, b):
+        import torch
+
+        with torch.inference_mode():
+            return self._adapter(_torch(v).to(self.device), _torch(w).to(self.device), _torch(b).to(self.device))
 
 
 ORT_TRT_CACHE = "ort-trt"  # folder of the engine cache root holding the ORT TensorRT EP's engines and timing cache
@@ -277,6 +300,19 @@ class OrtBackend(Backend):
             return torch.from_numpy(out).to(v.dtype)
         return out.astype(v.dtype, copy=False)
 
+    def _refine_biased(self, v, w, b):
+        names = [i.name for i in self.sessions["adapter"].get_inputs()]
+        if ADAPTER_BIASED.inputs[2] not in names:
+            raise BundleError(f"{self.bundle.root}: the exported adapter graph takes no class_bias (exported before the adapter "
+                              f"was trained with detector_bias?); re-export it with `rtrt export --bundle {self.bundle.root}`")
+        (out,) = self.sessions["adapter"].run(list(ADAPTER.outputs), {ADAPTER.inputs[0]: self._np(v), ADAPTER.inputs[1]: self._np(w),
+                                                                     ADAPTER_BIASED.inputs[2]: self._np(b)})
+        if _is_tensor(v):
+            import torch
+
+            return torch.from_numpy(out).to(v.dtype)
+        return out.astype(v.dtype, copy=False)
+
 
 def engine_mismatch(entry: EngineExport | None, bundle: Bundle, source: str, platform) -> str | None:
     """Why a recorded engine cannot be used here (None when it can); ``source``: the graph key it is built from."""
@@ -320,6 +356,14 @@ class TrtBackend(Backend):
     def _refine(self, v, w):
         v = _torch(v)
         out = self.engines["adapter"]({ADAPTER.inputs[0]: v, ADAPTER.inputs[1]: _torch(w)})
+        return out[ADAPTER.outputs[0]].to(v.dtype)
+
+    def _refine_biased(self, v, w, b):
+        if ADAPTER_BIASED.inputs[2] not in self.engines["adapter"].input_names:
+            raise BundleError(f"{self.bundle.root}: the adapter engine takes no class_bias (built from a graph exported before the "
+                              f"adapter was trained with detector_bias?); re-export with `rtrt export --bundle {self.bundle.root} --backend trt`")
+        v = _torch(v)
+        out = self.engines["adapter"]({ADAPTER.inputs[0]: v, ADAPTER.inputs[1]: _torch(w), ADAPTER_BIASED.inputs[2]: _torch(b)})
         return out[ADAPTER.outputs[0]].to(v.dtype)
 
 

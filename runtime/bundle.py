@@ -184,7 +184,7 @@ class Manifest:
         d["exports"] = self.exports.to_dict()
         if d.get("adapter") is not None:
             # Written only when set: a bundle without them keeps the manifest bytes older rtrt wrote and reads.
-            for key in ("null_slot", "slot_value"):
+            for key in ("null_slot", "slot_value", "detector_bias", "region_box"):
                 if not d["adapter"].get(key):
                     d["adapter"].pop(key, None)
             if d["adapter"].get("refine_mask_z") is None:

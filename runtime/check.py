@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError, BundleError, InputError, ParityError
 from .machine import machine_info, machine_summary
-from .names import ADAPTER, BACKENDS, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS
+from .names import ADAPTER, BACKENDS, DETECTOR, PRECISIONS, REFERENCE_FILE, SPECS, adapter_spec
 from .parity import TOLERANCES, cross_validate
 
 __all__ = [
@@ -71,7 +71,8 @@ def load_reference(bundle) -> dict[str, dict[str, Any]]:
         raise BundleError(f"{REFERENCE_FILE}: format {got!r}, this rtrt reads {REFERENCE_FORMAT!r}")
     sources = meta.get("inputs") if isinstance(meta.get("inputs"), dict) else {}
     out: dict[str, dict[str, Any]] = {}
-    for graph, spec in SPECS.items():
+    specs = {**SPECS, "adapter": adapter_spec(bundle.manifest.adapter)}  # a detector_bias adapter's has class_bias
+    for graph, spec in specs.items():
         names = list(spec.inputs) + list(spec.outputs)
         have = [reference_key(graph, n) in tensors for n in names]
         if not any(have):
@@ -215,7 +216,7 @@ def _runner(backend, graph: str):
         if graph == "detector":
             out = backend.detect(feeds["pixel_values"], feeds["class_embeddings"])
             return {n: _as_numpy(v) for n, v in zip(DETECTOR.outputs, out)}
-        refined = backend.refine(feeds["visual_tokens"], feeds["class_embeddings"])
+        refined = backend.refine(feeds["visual_tokens"], feeds["class_embeddings"], class_bias=feeds.get("class_bias"))
         return {ADAPTER.outputs[0]: _as_numpy(refined)}
 
     return run
@@ -237,7 +238,8 @@ def check_backend(backend, reference: Mapping[str, dict[str, Any]], precision: s
             continue
         # Every backend takes numpy feeds and moves them where it runs (ORT host, torch/TensorRT device).
         rep = cross_validate(lambda _f, _r=ref: _r["outputs"], _runner(backend, graph), [ref["feeds"]], TOLERANCES[precision],
-                             spec=SPECS[graph], graph=graph, precision=precision, inputs=ref["inputs"])
+                             spec=adapter_spec(backend.bundle.manifest.adapter) if graph == "adapter" else SPECS[graph], graph=graph,
+                             precision=precision, inputs=ref["inputs"])
         rows.append(CheckRow(graph, backend.name, precision, _device_of(backend), rep.max_abs_error, rep.topk_agreement,
                              "pass" if rep.passed else "FAIL", "; ".join(rep.failures)))
     return rows

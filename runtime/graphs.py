@@ -39,5 +39,5 @@ class AdapterGraph(nn.Module):
         super().__init__()
         self.adapter = adapter
 
-    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.adapter(visual_tokens, class_embeddings)
+    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, class_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.adapter(visual_tokens, class_embeddings, class_bias=class_bias)

@@ -107,15 +107,21 @@ class CrossAttentionAdapter(nn.Module):
     attention is then the share on the C classes (1 minus it is the null slot's). With ``slot_value``
     as well, that slot's value is learned too (zero at first, so it starts as the null slot): a write
     that depends on no class, for tokens whose query selects it (another addition, ablated in the README).
+    With ``detector_bias`` (another addition, ablated in the README) ``forward`` also takes ``class_bias``
+    [B, N, C], the phase-1 detector's calibrated z-score of each class at each token's cell, and adds
+    ``bias_scale`` (learned, 1 at first) times it to the attention logits: the detector, which sees rare
+    objects through the VFM, tells each token which row of W to read; the adapter still learns what to write.
     Attention is written with plain matmul/softmax (no fused kernel) so ONNX export keeps
     B, N and C dynamic and TensorRT sees only MatMul/Softmax/Reshape.
     """
 
-    def __init__(self, d_model: int, width: int = 512, heads: int = 8, null_slot: bool = False, slot_value: bool = False):
+    def __init__(self, d_model: int, width: int = 512, heads: int = 8, null_slot: bool = False, slot_value: bool = False,
+                 detector_bias: bool = False, region_box: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"adapter width {width} is not divisible by {heads} heads")
-        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads, null_slot=null_slot, slot_value=slot_value)
+        self.config = AdapterConfig(d_model=d_model, width=width, heads=heads, null_slot=null_slot, slot_value=slot_value,
+                                    detector_bias=detector_bias, region_box=region_box)
         self.heads = heads
         self.head_dim = width // heads
         self.norm_q = nn.LayerNorm(d_model)
@@ -132,12 +138,20 @@ class CrossAttentionAdapter(nn.Module):
         if slot_value:
             # The slot's value per head, zero at first: training starts from the null slot.
             self.null_value = nn.Parameter(torch.zeros(heads, self.head_dim))
+        if detector_bias:
+            # Weight of the detector's z-scores in the attention logits, learned.
+            self.bias_scale = nn.Parameter(torch.ones(()))
 
     @classmethod
     def from_config(cls, cfg: AdapterConfig) -> "CrossAttentionAdapter":
-        return cls(cfg.d_model, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value)
+        return cls(cfg.d_model, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value, cfg.detector_bias, cfg.region_box)
 
-    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, return_attention: bool = False):
+    def forward(self, visual_tokens: torch.Tensor, class_embeddings: torch.Tensor, return_attention: bool = False,
+                class_bias: torch.Tensor | None = None):
+        if self.config.detector_bias and class_bias is None:
+            raise ValueError("this adapter was trained with detector_bias: pass class_bias [B, N, C], the detector's z-scores")
+        if class_bias is not None and not self.config.detector_bias:
+            raise ValueError("class_bias given to an adapter trained without detector_bias")
         x = visual_tokens
         wdtype = self.q_proj.weight.dtype
         q = self.q_proj(self.norm_q(x.to(wdtype)))  # [B, N, width]
@@ -147,6 +161,8 @@ class CrossAttentionAdapter(nn.Module):
         q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, h, N, dh]
         scale = 1.0 / math.sqrt(self.head_dim)
         logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, h, N, C]
+        if class_bias is not None:
+            logits = logits + self.bias_scale * class_bias.to(logits.dtype).unsqueeze(1)  # the same for every head
         if self.config.null_slot:
             null = torch.matmul(q, self.null_key.unsqueeze(-1)) * scale  # [B, h, N, 1]
             # Softmax over C + 1 written out (max-subtracted) so the graph needs no concat of dynamic C.

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 __all__ = ["display_name", 
     "GraphSpec",
     "ADAPTER",
+    "ADAPTER_BIASED",
+    "adapter_spec",
     "ADAPTER_CALL",
     "DETECTOR",
     "GRAPHS",
@@ -56,6 +58,7 @@ __all__ = ["display_name",
     "VLM_EMBED_OUTPUTS",
     "VLM_VISION_OUTPUTS",
     "VLM_REFINE_MASK",
+    "VLM_CLASS_BIAS",
     "VLM_TOKENS_PER_ROW",
 ]
 
@@ -80,6 +83,25 @@ ADAPTER = GraphSpec(
         "refined_tokens": {0: "batch", 1: "num_tokens"},
     },
 )
+
+# An adapter trained with ``detector_bias`` also takes the detector's z-score of each class at each
+# visual token (``rtrt.runtime.refine_mask.token_bias``), added to its attention logits.
+ADAPTER_BIASED = GraphSpec(
+    inputs=("visual_tokens", "class_embeddings", "class_bias"),
+    outputs=("refined_tokens",),
+    dynamic_axes={
+        "visual_tokens": {0: "batch", 1: "num_tokens"},
+        "class_embeddings": {0: "num_classes"},
+        "class_bias": {0: "batch", 1: "num_tokens", 2: "num_classes"},
+        "refined_tokens": {0: "batch", 1: "num_tokens"},
+    },
+)
+
+
+def adapter_spec(adapter) -> GraphSpec:
+    """The adapter graph's names for a bundle's ``AdapterConfig`` (``ADAPTER_BIASED`` with ``detector_bias``)."""
+    return ADAPTER_BIASED if getattr(adapter, "detector_bias", False) else ADAPTER
+
 
 # How the adapter is called, the same for the torch, ORT and TensorRT backends: once per VLM
 # batch, with ALL visual tokens of every image of the batch concatenated in image-token order,
@@ -224,4 +246,7 @@ VLM_VISION_OUTPUTS = ("image_features",)  # vision_encoder and vision_encoder_re
 # whose value is 0 keeps the stock encoder's output exactly, the others are refined (all ones: the
 # paper's refinement). Bundles exported before it have no such input: they refine every token or re-export.
 VLM_REFINE_MASK = "refine_mask"
+# An adapter trained with ``detector_bias``: its refined encoder also takes ``class_bias`` [T_total, C],
+# the detector's z-scores at each visual token (``refine_mask.token_bias``); LLaVA only.
+VLM_CLASS_BIAS = "class_bias"
 VLM_TOKENS_PER_ROW = "rtrt.tokens_per_row"  # that graph's metadata: visual tokens per pixel_values row (image or tile)

@@ -202,23 +202,76 @@ class Pipeline:
                                   f"by an older rtrt); re-export it with `rtrt export --bundle {self.bundle.root} --vlm`")
         self._refine_mask_z = z
 
-    def refine_mask(self, image) -> np.ndarray | None:
-        """Where the adapter may change ``image``'s visual tokens under ``refine_mask_z``: [T] float32,
-        1 refined, 0 left as the vision tower gave it; None when every token is refined (no mask)."""
-        z = self._refine_mask_z
-        if z is None:
-            return None
+    def refine_mask(self, image, region=None) -> np.ndarray | None:
+        """Where the adapter may change ``image``'s visual tokens: [T] float32, 1 refined, 0 left as the
+        vision tower gave it; None when every token is refined (no mask). ``refine_mask_z`` sets it, and
+        for a region question (``region`` [x0, y0, x1, y1]) an adapter trained with ``region_box`` its box."""
         pil = load_image(image)
-        return self._refine_masks([pil], self._detect_images([pil], _Timer()), z)
+        regs = [None if region is None else self._region(region, pil)]
+        if self._refine_mask_z is None and not self._box_regions(regs):
+            return None
+        return self._refine_masks([pil], self._detect_images([pil], _Timer()), self._refine_mask_z, regs)
 
-    def _refine_masks(self, pil, dets, z: float) -> np.ndarray:
-        """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token."""
-        from .refine_mask import processor_geometry, token_mask
+    def class_bias(self, image, region=None) -> np.ndarray | None:
+        """The adapter's ``class_bias`` for ``image`` (and ``region``, a region question's box): [T, C] float32,
+        the calibrated detector's z-score of each class at each visual token's cell (``refine_mask.token_bias``);
+        None when the bundle's adapter was trained without ``detector_bias``."""
+        pil = load_image(image)
+        regs = [None if region is None else self._region(region, pil)]
+        return self._class_biases([pil], self._detect_images([pil], _Timer()), regs)
 
-        layout = self.vlm.image_token_layout()
+    def _region(self, box, pil):
+        try:
+            return check_region(box, *pil.size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    def _adapter_flag(self, name: str) -> bool:
+        a = self.bundle.manifest.adapter
+        return bool(a is not None and getattr(a, name, False))
+
+    def _box_regions(self, regs) -> bool:
+        """Whether a region question's refinement lands in its box (the adapter's ``region_box``)."""
+        return self._adapter_flag("region_box") and any(r is not None for r in regs)
+
+    def _grid_layout(self, need: str) -> dict:
+        per_image = ((self.vlm.image_token_layout() or {}) if self.vlm is not None else {}).get("tokens_per_image")
+        if self.vlm is None or getattr(self.vlm, "name", None) != "llava" or not per_image:
+            name = None if self.vlm is None else getattr(self.vlm, "name", "?")
+            raise ModelMismatchError(f"{need} needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
+        return self.vlm.image_token_layout()
+
+    def _refine_masks(self, pil, dets, z: float | None, regions=None) -> np.ndarray:
+        """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token
+        (``refine_mask_z``'s cells; a region question's box cells when the adapter has ``region_box``)."""
+        from .refine_mask import box_mask, processor_geometry, token_mask
+
+        regions = regions if regions is not None else [None] * len(pil)
+        boxed = self._adapter_flag("region_box")
+        layout = self._grid_layout("the adapter's region_box" if boxed and any(r is not None for r in regions) else "refine_mask_z")
         geometry = processor_geometry(self.vlm.processor.image_processor)
-        return np.concatenate([token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, z)
-                               for im, r in zip(pil, dets)])
+        out = []
+        for im, r, box in zip(pil, dets, regions):
+            if boxed and box is not None:
+                out.append(box_mask(box, im.size, layout, geometry))
+            elif z is not None:
+                out.append(token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, z))
+            else:
+                out.append(np.ones(int(layout["tokens_per_image"]), dtype=np.float32))
+        return np.concatenate(out)
+
+    def _class_biases(self, pil, dets, regions=None) -> np.ndarray | None:
+        """[T_total, C] float32: the adapter's ``class_bias`` over the batch's visual tokens; None without ``detector_bias``."""
+        from .refine_mask import processor_geometry, token_bias
+
+        if not self._adapter_flag("detector_bias"):
+            return None
+        regions = regions if regions is not None else [None] * len(pil)
+        layout = self._grid_layout("the adapter's detector_bias")
+        geometry = processor_geometry(self.vlm.processor.image_processor)
+        boxed = self._adapter_flag("region_box")
+        return np.concatenate([token_bias(r.similarity, im.size, layout, geometry, self.detector_cfg, box if boxed else None)
+                               for im, r, box in zip(pil, dets, regions)])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -449,13 +502,16 @@ class Pipeline:
                   for r, box, im in zip(dets, regs, pil)]
         hint_names = [([] if not hints else [d.name for d in r.detections] if box is None else [rd.name] if rd is not None else [])
                       for r, rd, box in zip(dets, in_box, regs)]
-        mask, z = None, self._refine_mask_z  # read once: another thread may set it meanwhile
-        if refine and z is not None:
+        mask, bias, z = None, None, self._refine_mask_z  # read once: another thread may set it meanwhile
+        if refine and (z is not None or self._box_regions(regs)):
             with timer("refine_mask"):
-                mask = self._refine_masks(pil, dets, z)
+                mask = self._refine_masks(pil, dets, z, regs)
+        if refine and self._adapter_flag("detector_bias"):
+            with timer("class_bias"):
+                bias = self._class_biases(pil, dets, regs)
         with self._vlm_lock:
             answers = self._answer(seen, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
-                                   mask)
+                                   mask, bias)
         ran = self.describe()
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
@@ -472,9 +528,10 @@ class Pipeline:
         return int(n) if n else None
 
     def _answer(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict,
-                mask: np.ndarray | None = None) -> list[str]:
+                mask: np.ndarray | None = None, bias: np.ndarray | None = None) -> list[str]:
         """Prompt, generate, detokenise. ``refine=None``: the VLM alone (no adapter stage at all).
-        ``mask`` [T_total]: where the refinement applies (``refine_mask_z``); None: everywhere."""
+        ``mask`` [T_total]: where the refinement applies (``refine_mask_z``); None: everywhere.
+        ``bias`` [T_total, C]: the adapter's ``class_bias`` (``detector_bias``)."""
         ctx = self._context_length()
         if ctx is not None:
             # Cheap guard before tokenising: a token is at least one character of most text.
@@ -487,11 +544,11 @@ class Pipeline:
                 raise InputError(f"generate_kwargs {', '.join(extra)} are transformers' and need vlm_backend='torch' "
                                  "(the ort VLM takes min_new_tokens only)")
             return self.vlm.answer(pil, list(questions), hints, refine=bool(refine), max_new_tokens=new_tokens, timer=timer,
-                                   min_new_tokens=int(gen.get("min_new_tokens", 0)), refine_mask=mask)
-        return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen, mask)
+                                   min_new_tokens=int(gen.get("min_new_tokens", 0)), refine_mask=mask, class_bias=bias)
+        return self._answer_torch(pil, questions, hints, refine, new_tokens, timer, gen, mask, bias)
 
     def _answer_torch(self, pil, questions, hints, refine: bool | None, new_tokens: int, timer: _Timer, gen: dict,
-                      mask: np.ndarray | None = None) -> list[str]:
+                      mask: np.ndarray | None = None, bias: np.ndarray | None = None) -> list[str]:
         import torch
 
         ctx = self._context_length()
@@ -510,7 +567,10 @@ class Pipeline:
             # Called by the family with all visual tokens [T, D] once the vision tower has run.
             marks["vision_done"] = time.perf_counter()
             if refine:
-                out = backend.refine(v[None], W.to(v.dtype))
+                if bias is not None and bias.shape[0] != v.shape[0]:
+                    raise InputError(f"the class bias covers {bias.shape[0]} visual tokens, the VLM gave {v.shape[0]}")
+                cb = None if bias is None else torch.from_numpy(bias).to(device=v.device, dtype=v.dtype)[None]
+                out = backend.refine(v[None], W.to(v.dtype), class_bias=cb)
                 out = torch.as_tensor(out)[0].to(device=v.device, dtype=v.dtype)
                 if mask is not None:
                     if mask.shape[0] != v.shape[0]:

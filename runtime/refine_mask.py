@@ -12,6 +12,9 @@ cell's centre, exceeds ``z``. Tokens of common objects and background then reach
   (``torch.nn.functional.grid_sample`` with ``align_corners=False`` and border padding).
 - ``hot_cells``: the cells whose sampled similarity the detector's decision would report.
 - ``token_mask``: the 0/1 mask over one image's visual tokens (a CLS token, "full" strategy, gets 0).
+- ``box_cells``: the cells whose centre lies in a region question's box (at least the one nearest its centre).
+- ``token_bias``: the detector's calibrated z-score of each class at each token's cell, [tokens, C], for an
+  adapter trained with ``detector_bias`` (a region question's: the box cells' mean z at every token).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from .errors import ModelMismatchError
 
-__all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_mask"]
+__all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_mask", "box_cells", "box_mask", "token_bias"]
 
 
 def _hw(value: Any) -> tuple[int, int] | None:
@@ -91,13 +94,57 @@ def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any
                detector, z: float) -> np.ndarray:
     """``[tokens_per_image]`` float32: 1 at the visual tokens whose cell the detector reports a rare class
     in (at ``z``), 0 elsewhere; LLaVA's fixed grid (a first CLS token, "full" strategy, gets 0)."""
-    per_image = int(layout["tokens_per_image"])
-    grid = math.isqrt(per_image)
-    offset = per_image - grid * grid
-    if np.ndim(similarity) != 3:
-        raise ModelMismatchError(f"the refinement mask needs the detector's similarity as a [C, gh, gw] map, not of shape "
-                                 f"{np.shape(similarity)} (a non-square VFM patch grid)")
+    per_image, grid, offset = _grid(layout, similarity)
     cells = sample_cells(similarity, image_size, cell_centres(image_size, grid, geometry))
     mask = np.zeros(per_image, dtype=np.float32)
     mask[offset:] = hot_cells(cells, detector, z)
+    return mask
+
+
+def _grid(layout: Mapping[str, Any], similarity=None, need: str = "the refinement mask") -> tuple[int, int, int]:
+    """(tokens per image, grid side, offset of the grid's first token) of LLaVA's fixed grid."""
+    per_image = int(layout["tokens_per_image"])
+    grid = math.isqrt(per_image)
+    if similarity is not None and np.ndim(similarity) != 3:
+        raise ModelMismatchError(f"{need} needs the detector's similarity as a [C, gh, gw] map, not of shape "
+                                 f"{np.shape(similarity)} (a non-square VFM patch grid)")
+    return per_image, grid, per_image - grid * grid
+
+
+def box_cells(box, image_size: tuple[int, int], centres: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: the cells whose centre (``centres`` [N, 2], input pixels) lies in ``box`` [x0, y0, x1, y1]
+    (edges included); a box between centres gets the cell nearest its centre, so no region is left without one."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c = np.asarray(centres, dtype=np.float64)
+    inside = (c[:, 0] >= x0) & (c[:, 0] <= x1) & (c[:, 1] >= y0) & (c[:, 1] <= y1)
+    if not inside.any():
+        inside[int(np.argmin((c[:, 0] - (x0 + x1) / 2) ** 2 + (c[:, 1] - (y0 + y1) / 2) ** 2))] = True
+    return inside
+
+
+def token_bias(similarity, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any],
+               detector, box=None) -> np.ndarray:
+    """``[tokens_per_image, C]`` float32: the calibrated detector's z-score of each class at each token's cell
+    (the similarity sampled at the cell's centre, standardised by ``detector.decision_scores``), the input
+    ``class_bias`` of an adapter trained with ``detector_bias``. With ``box`` (a region question) every
+    token gets the mean over the box's cells of the sampled similarity, standardised: the one object the
+    question asks about. A CLS token ("full" strategy) gets 0."""
+    if not detector.calibrated:
+        raise ModelMismatchError("detector_bias needs a calibrated detector (rtrt calibrate): its z-scores are the bias")
+    per_image, grid, offset = _grid(layout, similarity, "detector_bias")
+    centres = cell_centres(image_size, grid, geometry)
+    cells = sample_cells(similarity, image_size, centres).astype(np.float64)
+    out = np.zeros((per_image, cells.shape[1]), dtype=np.float32)
+    if box is None:
+        out[offset:] = detector.decision_scores(cells)
+    else:
+        out[offset:] = detector.decision_scores(cells[box_cells(box, image_size, centres)].mean(0))[None]
+    return out
+
+
+def box_mask(box, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any]) -> np.ndarray:
+    """``[tokens_per_image]`` float32: 1 at the tokens whose cell lies in a region question's ``box`` (see ``box_cells``)."""
+    per_image, grid, offset = _grid(layout)
+    mask = np.zeros(per_image, dtype=np.float32)
+    mask[offset:] = box_cells(box, image_size, cell_centres(image_size, grid, geometry))
     return mask

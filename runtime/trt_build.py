@@ -43,7 +43,7 @@ from .engine_cache import EngineCache, engine_key
 from .errors import EngineBuildError
 from .fileio import atomic_write_bytes
 from .exports import EngineExport
-from .names import ADAPTER, DETECTOR, PRECISIONS, GraphSpec, engine_file
+from .names import ADAPTER, ADAPTER_BIASED, DETECTOR, PRECISIONS, GraphSpec, engine_file
 from .names import source_graph as _source_graph
 from .profiles import graph_ranges
 from .trt_engine import import_tensorrt, platform_info
@@ -292,7 +292,7 @@ def build_engine(
     """
     if isinstance(ranges.get(graph), Mapping):
         ranges = ranges[graph]
-    spec = DETECTOR if graph == "detector" else ADAPTER
+    spec = DETECTOR if graph == "detector" else ADAPTER_BIASED if ADAPTER_BIASED.inputs[2] in input_dims else ADAPTER
     profile = derive_profile(input_dims, spec, ranges)
     plat = platform_info()
     key = engine_key(onnx_path, precision, profile, plat)

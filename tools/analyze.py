@@ -322,9 +322,11 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
         # The pipeline's refinement: the bundle's adapter, W as keys and values, on every visual token
         # or (Pipeline.refine_mask_z) only where the detector fires.
         mask = pipe.refine_mask(image)
+        bias = pipe.class_bias(image)  # an adapter trained with detector_bias reads the detector's z-scores
 
         def refine(v: "torch.Tensor") -> "torch.Tensor":
-            out = torch.as_tensor(pipe.backend.refine(v[None], W.to(v.dtype)))[0].to(device=v.device, dtype=v.dtype)
+            cb = None if bias is None else torch.from_numpy(bias).to(device=v.device, dtype=v.dtype)[None]
+            out = torch.as_tensor(pipe.backend.refine(v[None], W.to(v.dtype), class_bias=cb))[0].to(device=v.device, dtype=v.dtype)
             if mask is None:
                 return out
             return torch.where(torch.from_numpy(mask > 0).to(v.device)[:, None], out, v)

@@ -27,6 +27,18 @@ token, KL(softmax(similarity / ``attn_prior_temperature``) || head-averaged atte
 similarity is the detector's per-patch cosine to each row of W, sampled at the token's cell centre
 (computed once per image before training). It needs a VLM with a fixed image-token grid (LLaVA).
 
+Detector-guided attention (``detector_bias``; our addition, off by default, ablated in the README): the
+adapter's attention logits over W's rows get + a learned scale times the phase-1 detector's calibrated
+z-score of each class at the token's cell (``rtrt.runtime.refine_mask.token_bias``), the input
+``class_bias`` the runtime computes the same way. Visual tokens of rare objects are what the VLM is
+blind to, so on their own they pick W's row poorly (the demo's adapter: 16% on the object's own row,
+chance 7%); the detector, which reads the VFM that has seen every class, says which row, and the
+adapter still learns what to write. Region questions (``region_box``; our addition): the adapter's
+change only at the cells of the asked box, the detector run on the frame without the red box, and
+with ``detector_bias`` every token's bias the box cells' mean z, as ``Pipeline.batch(regions=)`` runs
+them; the box is read from the annotation the boxed image was drawn from (``coda.region_box``).
+Both need LLaVA's fixed image-token grid.
+
 Only the adapter learns: every VLM parameter has ``requires_grad=False`` and stays bit-identical;
 W is a constant here. ``--bf16`` loads the VLM in bfloat16 and runs it under autocast, and
 ``--grad-checkpointing`` recomputes its decoder layers in backward: with both, a 7B-class VLM
@@ -87,6 +99,8 @@ class AdapterTrainConfig:
     recon: str = "absolute"  # reconstruction distance: "absolute", mean squared difference (the paper); "relative", per token ||refined - V||^2 / ||V||^2, mean
     attn_prior: float = 0.0  # weight of KL(softmax(detector similarity / temperature) || adapter attention) per image token (0: off; LLaVA only)
     w_keep: float = 0.0  # weight of the relative reconstruction over tokens where the calibrated detector finds no rare class (0: off; LLaVA only)
+    detector_bias: bool = False  # attention logits + learned scale * the calibrated detector's z per class at each token (not in the paper; LLaVA only)
+    region_box: bool = False  # region questions: the change only in the asked box, the detector on the frame (box mean z with detector_bias; LLaVA only)
     refine_mask_z: float | None = None  # train as Pipeline.refine_mask_z infers: the adapter's change only at the cells where a class's calibrated z exceeds it (None: every token; LLaVA only)
     keep_z: float | None = None  # with w_keep: a cell holds a rare class when its z-score exceeds this (None: the detector's z_threshold)
     attn_prior_temperature: float = 0.05  # temperature of the softmax over the detector's per-patch cosines in the attention prior
@@ -288,15 +302,32 @@ def _detector_hints(source, pairs: list[QAPair], d: loop.Dist) -> list[list[str]
     return [found[p.image] for p in pairs]
 
 
-def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str) -> tuple[dict[str, torch.Tensor], slice]:
+@dataclass
+class DetectorInputs:
+    """What the phase-1 detector gives phase 2, per image (each once), through the runtime's own code."""
+
+    cells: dict[str, torch.Tensor]  # [grid * grid, C]: the similarity sampled at each token cell
+    grid_slots: slice  # the image's visual tokens the grid covers (LLaVA's "full" strategy puts CLIP's CLS token first)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # [tokens per image, C]: the adapter's class_bias (detector_bias)
+    boxes: dict[str, torch.Tensor] = field(default_factory=dict)  # [grid * grid] bool: a region question's box cells (region_box)
+
+
+def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str, region_box: bool = False,
+                    detector_bias: bool = False) -> DetectorInputs:
     """The bundle detector's similarity sampled at each token cell, [grid * grid, C], of each pair's image
     (each image once), through the runtime's own ``Pipeline.detect``, and the slice of an image's visual
     tokens that the grid covers (LLaVA's "full" strategy puts CLIP's CLS token first). ``need`` names the
-    option that asked, for the errors."""
+    option that asked, for the errors. With ``region_box`` a region question's detector runs on its frame
+    (without the red box, as ``Pipeline.batch(regions=)``) and its box's cells are returned too; with
+    ``detector_bias`` the adapter's ``class_bias`` of each image (``refine_mask.token_bias``)."""
     from tqdm import tqdm
 
     from rtrt.runtime.backends import make_backend
     from rtrt.runtime.pipeline import Pipeline
+    from rtrt.runtime.refine_mask import box_cells, token_bias
+
+    from .coda import region_box as read_region_box
+    from .coda import region_frame
 
     m = source.manifest
     if m.detector is None or m.vfm is None:
@@ -306,14 +337,25 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str) -
         raise ModelMismatchError(f"{need} needs LLaVA's fixed image-token grid, not {vlm.name!r}")
     grid = math.isqrt(int(per_image))
     offset = int(per_image) - grid * grid
+    if detector_bias and not m.detector.calibrated:
+        raise InputError(f"{source.root}: --detector-bias needs a calibrated detector (rtrt calibrate): its z-scores are the bias")
     pipe = Pipeline(source, make_backend("torch", source, device=str(d.device)), device=str(d.device))
-    cells: dict[str, torch.Tensor] = {}
+    layout, geometry = vlm.image_token_layout(), processor_geometry(vlm.processor.image_processor)
+    out = DetectorInputs({}, slice(offset, offset + grid * grid))
     for p in tqdm(pairs, desc="detector cells", disable=not d.is_main, leave=False):
-        if p.image not in cells:
-            image = load_image(p.image)
-            centres = llava_cell_centres(image.size, grid, vlm.processor.image_processor)
-            cells[p.image] = sample_cells(pipe.detect(image).similarity, image.size, centres)
-    return cells, slice(offset, offset + grid * grid)
+        if p.image in out.cells:
+            continue
+        frame = region_frame(p.image) if region_box else p.image
+        box = read_region_box(p.image) if frame != p.image else None
+        image = load_image(frame)
+        similarity = pipe.detect(image).similarity
+        centres = llava_cell_centres(image.size, grid, vlm.processor.image_processor)
+        out.cells[p.image] = sample_cells(similarity, image.size, centres)
+        if box is not None:
+            out.boxes[p.image] = torch.from_numpy(box_cells(box, image.size, centres.double().numpy()))
+        if detector_bias:
+            out.biases[p.image] = torch.from_numpy(token_bias(similarity, image.size, layout, geometry, m.detector, box))
+    return out
 
 
 def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
@@ -339,6 +381,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         raise InputError("--refine-mask-z must be a finite number")
     if cfg.slot_value and not cfg.null_slot:
         raise InputError("--slot-value needs --null-slot (it learns the null slot's value)")
+    if cfg.detector_bias and cfg.null_slot:
+        raise InputError("--detector-bias and --null-slot cannot be combined (the slot has no detector score)")
     source = load_bundle(cfg.bundle)
     if cfg.keep_z is not None and source.manifest.detector is not None and not source.manifest.detector.calibrated:
         raise InputError(f"{source.root}: --keep-z needs a calibrated detector (rtrt calibrate); without it --w-keep uses the raw threshold")
@@ -378,15 +422,28 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     priors: dict[str, torch.Tensor] = {}
     keeps: dict[str, torch.Tensor] = {}
     hots: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     grid_slots = None
-    if cfg.attn_prior > 0 or cfg.w_keep > 0 or cfg.refine_mask_z is not None:
-        need = "--attn-prior" if cfg.attn_prior > 0 else "--w-keep" if cfg.w_keep > 0 else "--refine-mask-z"
-        cells, grid_slots = _detector_cells(source, vlm, pairs, d, need)
-        if cfg.refine_mask_z is not None:
-            hots = {k: torch.from_numpy(hot_cells(c.double().numpy(), source.manifest.detector, cfg.refine_mask_z)).to(d.device)
-                    for k, c in cells.items()}
+    if cfg.attn_prior > 0 or cfg.w_keep > 0 or cfg.refine_mask_z is not None or cfg.detector_bias or cfg.region_box:
+        need = next(n for n, on in (("--attn-prior", cfg.attn_prior > 0), ("--w-keep", cfg.w_keep > 0),
+                                    ("--refine-mask-z", cfg.refine_mask_z is not None), ("--detector-bias", cfg.detector_bias),
+                                    ("--region-box", True)) if on)
+        found = _detector_cells(source, vlm, pairs, d, need, cfg.region_box, cfg.detector_bias)
+        cells, grid_slots = found.cells, found.grid_slots
+        biases = {k: b.to(d.device) for k, b in found.biases.items()}
+        if cfg.region_box:
+            d.log(f"--region-box: {len(found.boxes)} region question images refined in their box only")
+        if cfg.refine_mask_z is not None or found.boxes:
+            def hot(k: str, c: torch.Tensor) -> torch.Tensor:
+                if k in found.boxes:
+                    return found.boxes[k]
+                if cfg.refine_mask_z is None:
+                    return torch.ones(c.shape[0], dtype=torch.bool)
+                return torch.from_numpy(hot_cells(c.double().numpy(), source.manifest.detector, cfg.refine_mask_z))
+
+            hots = {k: hot(k, c).to(d.device) for k, c in cells.items()}
             share = torch.cat(list(hots.values())).float().mean().item()
-            d.log(f"--refine-mask-z: the adapter changes {100 * share:.1f}% of the token cells")
+            d.log(f"the adapter changes {100 * share:.1f}% of the token cells ({need})")
         if cfg.attn_prior > 0:
             priors = {k: torch.softmax(c / cfg.attn_prior_temperature, dim=-1).to(d.device) for k, c in cells.items()}
         if cfg.w_keep > 0:
@@ -399,7 +456,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     limit = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
 
     loop.seed_all(cfg.seed)
-    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value).to(d.device)
+    adapter = CrossAttentionAdapter(vlm.hidden_size, cfg.width, cfg.heads, cfg.null_slot, cfg.slot_value,
+                                    cfg.detector_bias, cfg.region_box).to(d.device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     files = loop.RunFiles.for_output(out)
     config = loop.config_dict(cfg)
@@ -424,8 +482,9 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         parts: dict[str, torch.Tensor] = {}
 
         def transform(tokens: torch.Tensor) -> torch.Tensor:
+            bias = torch.cat([biases[pairs[i].image] for i in idx])[None].to(tokens.dtype) if cfg.detector_bias else None
             if cfg.attn_prior > 0:
-                refined, attn = net(tokens[None], weight, return_attention=True)
+                refined, attn = net(tokens[None], weight, return_attention=True, class_bias=bias)
                 # Head-averaged attention of each image's grid tokens against that image's prior.
                 per_image = attn[0].mean(0).unflatten(0, (len(idx), -1))[:, grid_slots]  # [B, grid * grid, C]
                 if cfg.null_slot:
@@ -436,7 +495,7 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
                 parts["attn_prior"] = prior_kl(target.flatten(0, 1), per_image.flatten(0, 1))
                 refined = refined[0]
             else:
-                refined = net(tokens[None], weight)[0]
+                refined = net(tokens[None], weight, class_bias=bias)[0]
             if hots:
                 # As the pipeline infers with refine_mask_z: only the grid tokens whose cell the detector fires at change.
                 refined = torch.where(token_cells(hots, idx, tokens)[:, None], refined, tokens)

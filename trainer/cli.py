@@ -132,6 +132,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weight of a relative reconstruction over only the image tokens whose cell the calibrated "
                         "detector finds no rare class in (an addition to the paper's recipe: the refinement is pushed "
                         "to leave common objects and background as they are; default: 0, off; LLaVA-family VLMs)")
+    a.add_argument("--detector-bias", action="store_true",
+                   help="detector-guided attention (not in the paper): each visual token's attention over W's rows gets "
+                        "+ a learned scale times the calibrated detector's z-score of each class at the token's cell, so "
+                        "the detector says which row to read (LLaVA only; needs a calibrated phase-1 bundle)")
+    a.add_argument("--region-box", action="store_true",
+                   help="region questions (region_perception): the adapter's change only at the asked box's cells, the "
+                        "detector run on the frame without the red box, and with --detector-bias the box's mean z-score at "
+                        "every token; the box is read from the annotation beside the frame (LLaVA only)")
     a.add_argument("--refine-mask-z", type=float, default=None, metavar="Z",
                    help="train as `rtrt infer --refine-mask-z Z` runs: the adapter's change kept only at the image tokens "
                         "whose cell the calibrated detector finds a rare class in (a class's z-score above Z; default: "

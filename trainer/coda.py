@@ -65,6 +65,7 @@ __all__ = [
     "image_path_for",
     "draw_region_box",
     "region_frame",
+    "region_box",
     "atomic_write_bytes",
     "atomic_write_text",
 ]
@@ -403,6 +404,31 @@ def region_frame(image: str) -> str:
     if p.parent.name != "images_w_boxes" or not sep or not k.isdigit():
         return image
     return (p.parent.parent / "images" / f"{stem}{p.suffix}").as_posix()
+
+
+def region_box(image: str | os.PathLike) -> tuple[float, float, float, float]:
+    """A region question's box (x0, y0, x1, y1) in its frame's pixels, read from the annotation the boxed image
+    was drawn from: ``<dir>/<folder>/images_w_boxes/<id>_object_<k>.<ext>`` is region k of
+    ``<dir>/CODA-LM/<folder>/<folder>_<id>.json`` (CODA-LM's layout, and ``rtrt world``'s: the images of a
+    split under the dataset root, its annotations under ``CODA-LM/``) or, failing that, of
+    ``<dir>/<folder>/<folder>_<id>.json`` (the annotations beside the images). Raises ``CodaFormatError``
+    naming the file when there is none or it has no region k."""
+    path = Path(image)
+    frame = Path(region_frame(path.as_posix()))
+    if frame == path:
+        raise CodaFormatError(f"{image}: not a region question's boxed image (<folder>/images_w_boxes/<id>_object_<k>)")
+    folder = frame.parent.parent
+    name = f"{folder.name}_{frame.stem}.json"
+    places = [folder.parent / "CODA-LM" / folder.name / name, folder / name]
+    ann_path = next((q for q in places if q.is_file()), None)
+    if ann_path is None:
+        raise CodaFormatError(f"{image}: its annotation is missing (the region's box is read from {places[0]} or {places[1]})")
+    k = int(path.stem.rpartition("_object_")[2])
+    regions = load_annotation(ann_path, check_categories=False).region_perception
+    if not 1 <= k <= len(regions):
+        raise CodaFormatError(f"{image}: {ann_path} has {len(regions)} regions, not a region {k}")
+    x, y, w, h = (float(v) for v in regions[k - 1].box)
+    return (x, y, x + w, y + h)
 
 
 def draw_region_box(image: Image.Image, box: Sequence[float]) -> Image.Image:

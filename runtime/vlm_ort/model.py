@@ -41,6 +41,7 @@ from ..names import (
     VLM_PRECISIONS,
     VLM_VISION_OUTPUTS,
     VLM_REFINE_MASK,
+    VLM_CLASS_BIAS,
     VLM_TOKENS_PER_ROW,
     past_names,
     vlm_onnx_file,
@@ -137,22 +138,25 @@ class OrtVLM:
     # ------------------------------------------------------------------ one batch
     def answer(self, images: Sequence, questions: Sequence[str], hints: Sequence[Sequence[str]] | None, *,
                refine: bool, max_new_tokens: int, timer=None, min_new_tokens: int = 0,
-               refine_mask: np.ndarray | None = None) -> list[str]:
+               refine_mask: np.ndarray | None = None, class_bias: np.ndarray | None = None) -> list[str]:
         """Greedy answers, one per (image, question); ``hints``: names per image or None (no hint).
         ``min_new_tokens``: end-of-sequence is not chosen before this many tokens (benchmarks).
         ``refine_mask`` [T_total] (with ``refine``): the refined tokens only where it is non-zero, the
-        plain vision encoder's elsewhere (one run of the refined encoder); None: refined everywhere."""
+        plain vision encoder's elsewhere (one run of the refined encoder); None: refined everywhere.
+        ``class_bias`` [T_total, C] (with ``refine``): the detector's z-scores, for an adapter trained with detector_bias."""
         texts = [user_text(q, hints[i] if hints is not None else None) for i, q in enumerate(questions)]
         with self._lock:
             tokens, ms = self.generate(images, texts, refine=refine, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                       refine_mask=refine_mask)
+                                       refine_mask=refine_mask, class_bias=class_bias)
         if timer is not None:
             timer.ms.update({k: timer.ms.get(k, 0.0) + v for k, v in ms.items()})
         return [a.strip() for a in self.processor.decode(tokens)]
 
-    def vision_features(self, feeds: dict[str, np.ndarray], refine: bool, refine_mask: np.ndarray | None = None) -> np.ndarray:
+    def vision_features(self, feeds: dict[str, np.ndarray], refine: bool, refine_mask: np.ndarray | None = None,
+                        class_bias: np.ndarray | None = None) -> np.ndarray:
         """Visual tokens [T_total, D] of every image of the batch (refined when ``refine``; with
-        ``refine_mask``, only where it is non-zero: the refined encoder's ``refine_mask`` input)."""
+        ``refine_mask``, only where it is non-zero: the refined encoder's ``refine_mask`` input;
+        ``class_bias``: its ``class_bias`` input, which an adapter trained with detector_bias needs)."""
         graph = VISION_ENCODER_REFINED if refine else VISION_ENCODER
         if graph not in self.sessions:
             raise BundleError(f"{self.root}: the bundle has no refined vision encoder (no adapter was exported)")
@@ -161,10 +165,22 @@ class OrtVLM:
         if refine and refine_mask is not None and not takes_mask:
             raise BundleError(f"{self.root}: the exported refined vision encoder takes no {VLM_REFINE_MASK} (exported by an "
                               f"older rtrt); re-export it with `rtrt export --bundle {self.root} --vlm`")
-        missing = [n for n in names if n not in feeds and n != VLM_REFINE_MASK]
+        takes_bias = refine and self.takes_class_bias
+        if refine and (class_bias is not None) != takes_bias:
+            raise BundleError(f"{self.root}: the exported refined vision encoder takes no {VLM_CLASS_BIAS}; re-export it with "
+                              f"`rtrt export --bundle {self.root} --vlm`" if class_bias is not None else
+                              f"{self.root}: the exported refined vision encoder needs {VLM_CLASS_BIAS} (its adapter was "
+                              "trained with detector_bias)")
+        extra = (VLM_REFINE_MASK, VLM_CLASS_BIAS)
+        missing = [n for n in names if n not in feeds and n not in extra]
         if missing:
             raise InputError(f"the vision encoder needs {', '.join(missing)}, which preprocessing did not give")
-        run = {n: feeds[n] for n in names if n != VLM_REFINE_MASK}
+        run = {n: feeds[n] for n in names if n not in extra}
+        if takes_bias:
+            total = self.visual_token_count(feeds)
+            if np.ndim(class_bias) != 2 or np.shape(class_bias)[0] != total:
+                raise InputError(f"the class bias must be [{total}, C] (one row per visual token), not {np.shape(class_bias)}")
+            run[VLM_CLASS_BIAS] = np.ascontiguousarray(class_bias, dtype=np.float32)
         if takes_mask:
             total = self.visual_token_count(feeds)
             if refine_mask is None:
@@ -173,6 +189,11 @@ class OrtVLM:
             run[VLM_REFINE_MASK] = np.ascontiguousarray(refine_mask, dtype=np.float32)
         (out,) = self.sessions[graph].run(list(VLM_VISION_OUTPUTS), run)
         return out.reshape(-1, out.shape[-1])
+
+    @property
+    def takes_class_bias(self) -> bool:
+        """Whether the refined vision encoder takes ``class_bias`` (an adapter trained with detector_bias)."""
+        return VLM_CLASS_BIAS in self._vision_inputs.get(VISION_ENCODER_REFINED, ())
 
     @property
     def takes_refine_mask(self) -> bool:
@@ -205,7 +226,7 @@ class OrtVLM:
         return feeds
 
     def generate(self, images: Sequence, texts: Sequence[str], *, refine: bool, max_new_tokens: int, min_new_tokens: int = 0,
-                 refine_mask: np.ndarray | None = None):
+                 refine_mask: np.ndarray | None = None, class_bias: np.ndarray | None = None):
         """New tokens [B, n] (n <= max_new_tokens) and stage timings in ms; as transformers' greedy
         ``generate`` with ``min_new_tokens``: the eos ids' logits are -inf before that many tokens."""
         ms: dict[str, float] = {}
@@ -216,7 +237,7 @@ class OrtVLM:
             raise InputError(f"prompt of {seq} tokens plus {max_new_tokens} new tokens exceeds the model's context of {ctx} tokens")
         t1 = time.perf_counter()
         ms["prompt_build"] = (t1 - t0) * 1e3
-        visual = self.vision_features(feeds, refine, refine_mask)
+        visual = self.vision_features(feeds, refine, refine_mask, class_bias)
         t2 = time.perf_counter()
         ms["vision_tower"] = (t2 - t1) * 1e3  # the adapter, when refining, runs inside this graph
         ids = feeds["input_ids"].astype(np.int64)

@@ -45,7 +45,7 @@ STAGE_FIELDS = {
                "calibrate_min_precision", "calibrate_stats"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
                "phase2_tasks", "phase2_null_slot", "phase2_slot_value", "phase2_keep", "phase2_keep_z",
-               "phase2_refine_mask_z", "phase2_attn_prior"),
+               "phase2_refine_mask_z", "phase2_attn_prior", "phase2_detector_bias", "phase2_region_box"),
     "export": ("refine_mask_z",),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
@@ -352,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *(["--keep-z", str(plan.phase2_keep_z)] if plan.phase2_keep and plan.phase2_keep_z is not None else []),
             *(["--refine-mask-z", str(plan.phase2_refine_mask_z)] if plan.phase2_refine_mask_z is not None else []),
             *(["--attn-prior", str(plan.phase2_attn_prior)] if plan.phase2_attn_prior else []),
+            *(["--detector-bias"] if plan.phase2_detector_bias else []), *(["--region-box"] if plan.phase2_region_box else []),
             "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
             "--overwrite",
         ])

@@ -42,6 +42,8 @@ class BuildPlan:
     phase2_keep_z: float | None = None  # rtrt train adapter --keep-z (None: the detector's z threshold)
     phase2_refine_mask_z: float | None = None  # rtrt train adapter --refine-mask-z (None: every token refined in training)
     phase2_attn_prior: float = 0.0  # rtrt train adapter --attn-prior (KL toward the detector's per-patch similarity; 0: off)
+    phase2_detector_bias: bool = False  # rtrt train adapter --detector-bias (the detector's z-scores in the adapter's attention)
+    phase2_region_box: bool = False  # rtrt train adapter --region-box (region questions refined in their box; needs region_perception in phase2_tasks)
     phase2_tasks: tuple[str, ...] = ("general_perception",)  # rtrt train adapter --task, each (region_perception: the red-box questions too)
     calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
     calibrate_stats: str = "all"  # rtrt calibrate --stats (absent: each class standardised over the val images without it)
@@ -52,6 +54,8 @@ class BuildPlan:
         # Refused when the plan is made, not after an hour of building at phase 2.
         if self.phase2_slot_value and not self.phase2_null_slot:
             raise ValueError("BuildPlan.phase2_slot_value needs phase2_null_slot")
+        if self.phase2_region_box and "region_perception" not in self.phase2_tasks:
+            raise ValueError("BuildPlan.phase2_region_box needs region_perception in phase2_tasks")
 
     def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
         """``rtrt world`` arguments of this plan's world (``splits``: image counts other than the plan's)."""

@@ -48,6 +48,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from rtrt.runtime.names import BACKENDS
 
 __all__ = ["auroc", "box_slots", "repeated_categories", "run_probe", "report_text", "parse_args", "main"]
@@ -188,7 +190,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
         # 4. adapter attention on the rare slots, with the adapter's own layers.
         with torch.inference_mode():
             # Head-averaged attention over W's rows (with a null slot, the share it leaves to the rows).
-            attn = adapter(V[None], W, return_attention=True)[1][0].mean(0)  # [N, C]
+            attn = adapter(V[None], W, return_attention=True, class_bias=_bias(pipe, images))[1][0].mean(0)  # [N, C]
         for _, cat, slots in rare:
             if cat in names:
                 attn_hits += int((attn[slots].argmax(-1) == names.index(cat)).sum())
@@ -250,7 +252,7 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
                      "difference": None if p_share is None or a_share is None else p_share - a_share}
     per_class = {c: auroc([s[j] for s in det_scores], [c in p for p in present]) for j, c in enumerate(names)}
     known = [v for v in per_class.values() if v is not None]
-    region = _region_oracle(vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, marker, limit, batch_size,
+    region = _region_oracle(pipe, vlm, split_dir, grid, offset, int(tokens_per_image), name_emb, marker, limit, batch_size,
                             pipe.max_new_tokens, progress, adapter, W)
     gates = torch.tanh(adapter.gate.detach().float()).flatten().tolist()
     return {
@@ -277,7 +279,17 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
     }
 
 
-def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, marker, limit: int | None,
+def _bias(pipe, images, regions=None):
+    """The adapter's ``class_bias`` [1, T, C] for a batch of images (a region question's: from its frame and box),
+    as the pipeline computes it; None for an adapter trained without ``detector_bias``."""
+    import torch
+
+    regions = regions or [None] * len(images)
+    parts = [pipe.class_bias(im, region=r) for im, r in zip(images, regions)]
+    return None if parts[0] is None else torch.from_numpy(np.concatenate(parts))[None]
+
+
+def _region_oracle(pipe, vlm, split_dir: Path, grid: int, offset: int, tokens: int, name_emb: dict, marker, limit: int | None,
                    batch_size: int, max_new_tokens: int, progress: bool, adapter, W) -> dict | None:
     """The oracle test on region questions: how often the frozen VLM names the rare object in the red box,
     as it is and with the box's slots written as stage 0b showed a boxed object (see the module's
@@ -290,7 +302,7 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
     from rtrt.tools.demo.vlm import VLMConfig, region_sources
     from rtrt.tools.demo.world import RARE_CATEGORIES
     from rtrt.tools.judge import find_mentions
-    from rtrt.trainer.coda import read_tasks, task_file
+    from rtrt.trainer.coda import read_tasks, region_frame, task_file
 
     path = task_file(split_dir / "vqa_anno", "region_perception")
     if not path.is_file():
@@ -330,7 +342,9 @@ def _region_oracle(vlm, split_dir: Path, grid: int, offset: int, tokens: int, na
         # relative to the token and its direction against the name's and the marker's embeddings.
         with torch.inference_mode():
             V = vlm.visual_tokens(batch).float().cpu()
-            d = adapter(V[None], W.float())[0] - V
+            frames = [load_image(split_dir.parent.parent / region_frame(r.image)) for r, _ in chunk]
+            regions = [(x, y, x + w, y + h) for x, y, w, h in (reg.box for _, reg in chunk)]
+            d = adapter(V[None], W.float(), class_bias=_bias(pipe, frames, regions))[0] - V
         for b, (_, reg) in enumerate(chunk):
             if slots[b]:
                 db, vb = d[slots[b]], V[slots[b]]
