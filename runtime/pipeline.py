@@ -570,7 +570,8 @@ class Pipeline:
                 if bias is not None and bias.shape[0] != v.shape[0]:
                     raise InputError(f"the class bias covers {bias.shape[0]} visual tokens, the VLM gave {v.shape[0]}")
                 cb = None if bias is None else torch.from_numpy(bias).to(device=v.device, dtype=v.dtype)[None]
-                out = backend.refine(v[None], W.to(v.dtype), class_bias=cb)
+                # class_bias only when the adapter takes it: a plain adapter's call stays refine(v, W)
+                out = backend.refine(v[None], W.to(v.dtype)) if cb is None else backend.refine(v[None], W.to(v.dtype), class_bias=cb)
                 out = torch.as_tensor(out)[0].to(device=v.device, dtype=v.dtype)
                 if mask is not None:
                     if mask.shape[0] != v.shape[0]:

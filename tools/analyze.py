@@ -326,7 +326,8 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
 
         def refine(v: "torch.Tensor") -> "torch.Tensor":
             cb = None if bias is None else torch.from_numpy(bias).to(device=v.device, dtype=v.dtype)[None]
-            out = torch.as_tensor(pipe.backend.refine(v[None], W.to(v.dtype), class_bias=cb))[0].to(device=v.device, dtype=v.dtype)
+            out = pipe.backend.refine(v[None], W.to(v.dtype)) if cb is None else pipe.backend.refine(v[None], W.to(v.dtype), class_bias=cb)
+            out = torch.as_tensor(out)[0].to(device=v.device, dtype=v.dtype)
             if mask is None:
                 return out
             return torch.where(torch.from_numpy(mask > 0).to(v.device)[:, None], out, v)
