@@ -173,12 +173,47 @@ def test_the_pipeline_hands_the_adapter_the_detectors_z_and_the_box(biased_bundl
     assert "class_bias" in result.timings_ms
 
 
-def test_graphs_exported_before_the_bias_are_refused_in_one_line(biased_bundle):
-    """The copy still carries the demo's graphs, exported without class_bias: each path says to re-export."""
-    ort = Pipeline.from_bundle(biased_bundle, backend="ort", vlm_backend="torch", max_new_tokens=2)
+@pytest.fixture(scope="module")
+def stale_graphs(biased_bundle, tmp_path_factory):
+    """The biased bundle with an adapter graph and a refined vision encoder exported without class_bias
+    (as graphs exported before the adapter was trained with detector_bias are)."""
+    from rtrt.export.onnx_export import export_adapter
+    from rtrt.export.vlm_onnx import export_vision_encoder
+    from rtrt.runtime.vlm import load_vlm
+
+    root = tmp_path_factory.mktemp("stale") / "bundle"
+    shutil.copytree(biased_bundle, root)
+    b = load_bundle(root)
+    plain = CrossAttentionAdapter.from_config(dataclasses.replace(b.manifest.adapter, detector_bias=False, region_box=False))
+    plain.load_state_dict({k: v for k, v in b.adapter().state_dict().items() if k != "bias_scale"})
+    work = root.parent
+    export_adapter(plain, work / "adapter.onnx")
+    W = b.class_embeddings().weight.detach()
+    export_vision_encoder(load_vlm(str(root / "vlm")), work / "vision_encoder_refined.onnx", plain.eval(), W)
+    b.add_files({"adapter.onnx": work / "adapter.onnx",
+                 "vlm_onnx/onnx/vision_encoder_refined.onnx": work / "vision_encoder_refined.onnx"})
+    return root
+
+
+def _plain_bundle(tmp_path):
+    """The demo bundle with its adapter as the paper's (no detector_bias, no region_box, no bias scale)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path / "plain"
+    shutil.copytree(DEMO, root)
+    b = load_bundle(root)
+    save_file({k: v.detach().clone() for k, v in b.adapter().state_dict().items() if k != "bias_scale"}, str(tmp_path / "a.safetensors"))
+    b.manifest.adapter = dataclasses.replace(b.manifest.adapter, detector_bias=False, region_box=False)
+    b.add_files({"adapter.safetensors": tmp_path / "a.safetensors"})
+    return root
+
+
+def test_graphs_exported_before_the_bias_are_refused_in_one_line(biased_bundle, stale_graphs, tmp_path):
+    """Graphs exported without class_bias under a detector_bias adapter: each path says to re-export."""
+    ort = Pipeline.from_bundle(stale_graphs, backend="ort", vlm_backend="torch", max_new_tokens=2)
     with pytest.raises(BundleError, match=r"exported adapter graph takes no class_bias .*re-export it with `rtrt export --bundle"):
         ort(IMAGES[0], hints=False)
-    exported_vlm = Pipeline.from_bundle(biased_bundle, backend="torch", vlm_backend="ort", max_new_tokens=2)
+    exported_vlm = Pipeline.from_bundle(stale_graphs, backend="torch", vlm_backend="ort", max_new_tokens=2)
     with pytest.raises(BundleError, match=r"refined vision encoder takes no class_bias; re-export it with `rtrt export --bundle .* --vlm`"):
         exported_vlm(IMAGES[0], hints=False)
     assert exported_vlm(IMAGES[0], hints=False, refine=False).answer  # without refinement nothing needs the bias
@@ -189,7 +224,7 @@ def test_graphs_exported_before_the_bias_are_refused_in_one_line(biased_bundle):
         torch_be.refine(v)
     with pytest.raises(InputError, match=rf"class_bias must be \[1, 4, {c}\]"):
         torch_be.refine(v, class_bias=np.zeros((1, 4, 3), np.float32))
-    plain = Pipeline.from_bundle(DEMO, backend="torch", load_vlm_model=False).backend
+    plain = Pipeline.from_bundle(_plain_bundle(tmp_path), backend="torch", load_vlm_model=False).backend
     with pytest.raises(InputError, match="without detector_bias"):
         plain.refine(v, class_bias=np.zeros((1, 4, c), np.float32))
 

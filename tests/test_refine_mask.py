@@ -78,9 +78,10 @@ def test_masked_tokens_are_the_plain_or_the_refined_encoders(pipes):
     images = [load_image(p) for p in IMAGES]
     dets = [ort.detect(im) for im in images]
     mask = ort._refine_masks(images, dets, 0.0)
+    bias = ort._class_biases(images, dets)  # the demo's adapter reads the detector's z-scores (detector_bias)
     feeds = ort.vlm.prefill_inputs(images, ["Describe the objects."] * len(images))
-    plain, refined = ort.vlm.vision_features(feeds, False), ort.vlm.vision_features(feeds, True)
-    got = ort.vlm.vision_features(feeds, True, mask)
+    plain, refined = ort.vlm.vision_features(feeds, False), ort.vlm.vision_features(feeds, True, None, bias)
+    got = ort.vlm.vision_features(feeds, True, mask, bias)
     on = mask > 0
     assert 0 < on.sum() < on.size  # the examples hold cells of both kinds
     assert np.array_equal(got[on], refined[on]) and np.array_equal(got[~on], plain[~on])

@@ -101,6 +101,7 @@ PRESETS: dict[str, BuildPlan] = {
         phase1_detection=6.0, phase1_w_init="names", phase1_name_tie=10.0, phase1_ema=1.0,
         phase2_hints="detector", phase2_hint_share=0.0, phase2_recon="relative", phase2_reconstruction=4.0, calibrate_min_precision=53.0,
         phase2_attn_prior=1.0, refine_mask_z=0.0,
+        phase2_tasks=("general_perception", "region_perception"), phase2_detector_bias=True, phase2_region_box=True,
         world={"object_scale": 1.6, "max_distance": 30, "cyclist_width": 1.7, "max_common": 9, "rare_prob": 0.9},
     ),
     # End to end in about 5 minutes; the models are weak, the numbers only show that every stage runs.
