@@ -269,21 +269,12 @@ def tiny(tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from fixtures.tiny_vlm import build_tiny_vlm
-    from fixtures.train_data import annotations_dir, make_dataset, phase1_args, tasks_dir
+    from fixtures.train_data import annotations_dir, llava_phase1, tasks_dir
 
-    from rtrt.trainer.cli import main as train_main
     from rtrt.trainer.coda import TaskRecord, draw_region_box, iter_annotations, write_tasks
 
     base = tmp_path_factory.mktemp("bias_train")
-    root = make_dataset(base / "data", n_images=6)
-    work = base / "work"
-    work.mkdir()
-    vlm = build_tiny_vlm("llava", work / "llava")
-    phase1 = base / "phase1"
-    args = phase1_args(root, work, phase1, epochs=1)
-    args[args.index("--d-llm"):args.index("--d-llm") + 2] = ["--vlm", str(vlm)]
-    assert train_main(args) == 0
+    root, _, vlm, phase1 = llava_phase1(base, n_images=6)
     b = load_bundle(phase1)
     n = len(b.manifest.class_names)
     b.manifest.detector = dataclasses.replace(b.manifest.detector, score_mean=[0.5] * n, score_std=[0.2] * n, z_threshold=0.0)

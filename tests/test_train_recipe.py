@@ -24,19 +24,12 @@ from rtrt.trainer import adapter as adapter_mod
 from rtrt.trainer.cli import main as train_main, parse_args
 from rtrt.trainer.name_embeddings import name_embeddings, name_token_ids
 from fixtures.tiny_vlm import build_tiny_vlm
-from fixtures.train_data import CLASSES, make_dataset, phase1_args, tasks_dir
+from fixtures.train_data import CLASSES, llava_phase1, phase1_args, tasks_dir
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("recipe")
-    root = make_dataset(base / "data", n_images=8)
-    work = base / "work"
-    work.mkdir()
-    vlm = build_tiny_vlm("llava", work / "llava")
-    phase1 = base / "phase1"
-    assert train_main(phase1_args(root, work, phase1, epochs=1)) == 0
-    return root, work, vlm, phase1
+    return llava_phase1(tmp_path_factory.mktemp("recipe"), n_images=8)
 
 
 def _phase1(env, out, *extra, epochs=4):
