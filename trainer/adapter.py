@@ -443,7 +443,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
 
             hots = {k: hot(k, c).to(d.device) for k, c in cells.items()}
             share = torch.cat(list(hots.values())).float().mean().item()
-            d.log(f"the adapter changes {100 * share:.1f}% of the token cells ({need})")
+            why = " and ".join(n for n, on in (("--refine-mask-z", cfg.refine_mask_z is not None), ("--region-box", bool(found.boxes))) if on)
+            d.log(f"the adapter changes {100 * share:.1f}% of the token cells ({why})")
         if cfg.attn_prior > 0:
             priors = {k: torch.softmax(c / cfg.attn_prior_temperature, dim=-1).to(d.device) for k, c in cells.items()}
         if cfg.w_keep > 0:
