@@ -376,3 +376,21 @@ def test_refine_mask_z_in_training_changes_only_the_detectors_cells(env, tmp_pat
     monkeypatch.undo()
     _fails(capsys, _phase2(env, tmp_path / "x", "--refine-mask-z", "0", epochs=1), "--refine-mask-z needs a calibrated detector")
     _fails(capsys, _phase2(env, tmp_path / "x", "--refine-mask-z", "nan", bundle=bundle, epochs=1), "--refine-mask-z must be a finite number")
+
+
+def test_hint_share_zero_skips_the_detector_and_trains_the_same(env, tmp_path, monkeypatch):
+    """``--hints detector --hint-share 0`` (the demo's phase 2) drops every hint: it runs no detector pass and
+    trains the very adapter a share that keeps none by its draw (1e-12) trains after that pass."""
+    real = adapter_mod._detector_hints
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(adapter_mod, "_detector_hints", spy)
+    zero, tiny_share = tmp_path / "zero", tmp_path / "tiny"
+    assert train_main(_phase2(env, zero, "--hints", "detector", "--hint-share", "0", epochs=1)) == 0
+    assert calls == []
+    assert train_main(_phase2(env, tiny_share, "--hints", "detector", "--hint-share", "1e-12", epochs=1)) == 0
+    assert calls == [1]
+    assert (zero / "adapter.safetensors").read_bytes() == (tiny_share / "adapter.safetensors").read_bytes()

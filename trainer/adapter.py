@@ -413,8 +413,13 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         for m in vlm.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
-    hint_names = _detector_hints(source, pairs, d) if cfg.hints == "detector" else None
-    if hint_names is not None and cfg.hint_share < 1.0:
+    if cfg.hints == "detector" and cfg.hint_share == 0.0:
+        # No prompt keeps its hint (the draw below would drop every one): the same prompts without
+        # running the detector over every image (minutes on the demo's 2,629 QA pairs).
+        hint_names = [[] for _ in pairs]
+    else:
+        hint_names = _detector_hints(source, pairs, d) if cfg.hints == "detector" else None
+    if hint_names is not None and 0.0 < cfg.hint_share < 1.0:
         # A seeded share of the pairs keeps its hint, the rest train as without hints, so the adapter
         # learns both configurations inference runs in (refinement alone, and with hints).
         draw = random.Random(cfg.seed)
