@@ -50,6 +50,7 @@ __all__ = [
     "adapter_case_from_tokens",
     "detector_cases",
     "adapter_cases",
+    "synthetic_z",
     "with_class_bias",
 ]
 
@@ -204,19 +205,19 @@ def adapter_cases(class_embeddings: np.ndarray, shapes: Sequence[tuple[int, int,
     return cases
 
 
+def synthetic_z(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """float32 z-scores as a calibrated detector gives them: standard normal, a few (5%) standing out by 4."""
+    z = rng.standard_normal(tuple(shape)).astype(np.float32)
+    z[rng.random(tuple(shape)) < 0.05] += 4.0
+    return z
+
+
 def with_class_bias(cases: Sequence[dict[str, np.ndarray]], seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``cases`` with the ``class_bias`` input of an adapter trained with ``detector_bias`` ([B, N, C],
-    ``ADAPTER_BIASED``): standard-normal z-scores with a few cells standing out by 4, as a calibrated
-    detector's, seeded (the same cases every export)."""
+    ``ADAPTER_BIASED``): ``synthetic_z``, seeded (the same cases every export)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for case in cases:
-        b, n, _ = case[ADAPTER.inputs[0]].shape
-        c = case[ADAPTER.inputs[1]].shape[0]
-        z = rng.standard_normal((b, n, c)).astype(np.float32)
-        z[rng.random((b, n, c)) < 0.05] += 4.0
-        out.append({**case, "class_bias": z})
-    return out
+    return [{**case, "class_bias": synthetic_z((*case[ADAPTER.inputs[0]].shape[:2], case[ADAPTER.inputs[1]].shape[0]), rng)}
+            for case in cases]
 
 
 def adapter_case_from_tokens(tokens: np.ndarray, class_embeddings: np.ndarray) -> dict[str, np.ndarray]:

@@ -87,6 +87,7 @@ from rtrt.runtime.names import (
 
 from .common import ExportError
 from .onnx_export import OPSET
+from .parity import synthetic_z
 
 __all__ = [
     "EXTERNAL_DATA_BYTES",
@@ -646,22 +647,15 @@ def vlm_parity(family, root: str | os.PathLike, images: Sequence, questions: Seq
     dims = decoder_dims(family)
     eos, pad = token_ids(family)
     W = None if W is None else W.detach().float()
-    biased = adapter is not None and adapter.config.detector_bias
-    bias: np.ndarray | None = None  # detector_bias: synthetic z-scores [T_total, C] (seeded), the same for torch and ORT
-
-    def transform(v):
-        nonlocal bias
-        if biased and bias is None:
-            g = np.random.default_rng(0)
-            bias = g.standard_normal((v.shape[0], W.shape[0])).astype(np.float32)
-            bias[g.random(bias.shape) < 0.05] += 4.0
-        cb = None if bias is None else torch.from_numpy(bias).to(v.dtype)[None]
-        return adapter(v[None], W.to(v.dtype), class_bias=cb)[0]
-    transform = None if adapter is None else transform
     report = VlmParity(inputs=inputs, steps=steps, tolerance=tolerance, machine=machine_info())
     with torch.inference_mode():
         batch = family.prepare(list(images), list(questions))
         stock = family.visual_tokens(batch)
+        # detector_bias: synthetic z-scores [T_total, C] (seeded), the same for torch and ORT
+        bias = synthetic_z((stock.shape[0], W.shape[0]), np.random.default_rng(0)) if adapter is not None and adapter.config.detector_bias else None
+        cb = None if bias is None else torch.from_numpy(bias)[None]
+        transform = None if adapter is None else (
+            lambda v: adapter(v[None], W.to(v.dtype), class_bias=None if cb is None else cb.to(v.dtype))[0])
         refined = transform(stock) if transform is not None else None
         ids = batch["input_ids"]
         ref_embeds = family.model.get_input_embeddings()(ids)

@@ -50,7 +50,7 @@ class AdapterConfig:
     slot_value: bool = False  # with null_slot: that slot's value is learned too (a class-free write, e.g. the red-box marker)
     # Detector-guided attention (not in the paper): the attention logits of each visual token over W's rows
     # get + bias_scale * the detector's calibrated z-score of each class at the token's cell
-    # (``class_bias`` [B, N, C]; see ``runtime.refine_mask.class_bias``); bias_scale is learned.
+    # (``class_bias`` [B, N, C]; see ``runtime.refine_mask.token_bias``); bias_scale is learned.
     detector_bias: bool = False
     # A region question's refinement lands in its box: the adapter's change only at the cells of the
     # asked box, and with detector_bias every token's bias is the box's mean z (``Pipeline.batch(regions=)``).

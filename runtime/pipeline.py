@@ -193,10 +193,7 @@ class Pipeline:
             z = float(z)
             if not self.detector_cfg.calibrated:
                 raise InputError(f"{self.bundle.root}: refine_mask_z needs a calibrated detector (rtrt calibrate)")
-            per_image = ((self.vlm.image_token_layout() or {}) if self.vlm is not None else {}).get("tokens_per_image")
-            if self.vlm is None or getattr(self.vlm, "name", None) != "llava" or not per_image:
-                name = None if self.vlm is None else getattr(self.vlm, "name", "?")
-                raise ModelMismatchError(f"refine_mask_z needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
+            self._grid_layout("refine_mask_z")
             if self.vlm_backend == "ort" and not self.vlm.takes_refine_mask:
                 raise BundleError(f"{self.bundle.root}: the exported refined vision encoder takes no refinement mask (exported "
                                   f"by an older rtrt); re-export it with `rtrt export --bundle {self.bundle.root} --vlm`")
@@ -241,37 +238,57 @@ class Pipeline:
             raise ModelMismatchError(f"{need} needs a loaded VLM with LLaVA's fixed image-token grid, not {name!r}")
         return self.vlm.image_token_layout()
 
-    def _refine_masks(self, pil, dets, z: float | None, regions=None) -> np.ndarray:
+    def _token_cells(self, i: int, im, r, need: str, sampled: dict) -> tuple:
+        """``refine_mask.token_cells`` of image ``i`` of the batch, sampled once per batch (``sampled``: the cache)."""
+        from .refine_mask import processor_geometry, token_cells
+
+        if i not in sampled:
+            sampled[i] = token_cells(r.similarity, im.size, self._grid_layout(need),
+                                     processor_geometry(self.vlm.processor.image_processor), need)
+        return sampled[i]
+
+    def _refine_masks(self, pil, dets, z: float | None, regions=None, sampled: dict | None = None) -> np.ndarray:
         """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token
-        (``refine_mask_z``'s cells; a region question's box cells when the adapter has ``region_box``)."""
-        from .refine_mask import box_mask, processor_geometry, token_mask
+        (``refine_mask_z``'s cells; a region question's box cells when the adapter has ``region_box``).
+        ``sampled``: the batch's token cells, shared with ``_class_biases``."""
+        from .refine_mask import box_mask, hot_cells, processor_geometry
 
         regions = regions if regions is not None else [None] * len(pil)
+        sampled = {} if sampled is None else sampled
         boxed = self._adapter_flag("region_box")
         layout = self._grid_layout("the adapter's region_box" if boxed and any(r is not None for r in regions) else "refine_mask_z")
-        geometry = processor_geometry(self.vlm.processor.image_processor)
         out = []
-        for im, r, box in zip(pil, dets, regions):
+        for i, (im, r, box) in enumerate(zip(pil, dets, regions)):
             if boxed and box is not None:
-                out.append(box_mask(box, im.size, layout, geometry))
+                out.append(box_mask(box, im.size, layout, processor_geometry(self.vlm.processor.image_processor)))
             elif z is not None:
-                out.append(token_mask(r.similarity, im.size, layout, geometry, self.detector_cfg, z))
+                per_image, offset, _, cells = self._token_cells(i, im, r, "refine_mask_z", sampled)
+                mask = np.zeros(per_image, dtype=np.float32)
+                mask[offset:] = hot_cells(cells, self.detector_cfg, z)
+                out.append(mask)
             else:
                 out.append(np.ones(int(layout["tokens_per_image"]), dtype=np.float32))
         return np.concatenate(out)
 
-    def _class_biases(self, pil, dets, regions=None) -> np.ndarray | None:
-        """[T_total, C] float32: the adapter's ``class_bias`` over the batch's visual tokens; None without ``detector_bias``."""
-        from .refine_mask import processor_geometry, token_bias
+    def _class_biases(self, pil, dets, regions=None, sampled: dict | None = None) -> np.ndarray | None:
+        """[T_total, C] float32: the adapter's ``class_bias`` over the batch's visual tokens (``refine_mask.token_bias``);
+        None without ``detector_bias``. ``sampled``: the batch's token cells, shared with ``_refine_masks``."""
+        from .refine_mask import cells_bias
 
         if not self._adapter_flag("detector_bias"):
             return None
+        if not self.detector_cfg.calibrated:
+            raise ModelMismatchError("detector_bias needs a calibrated detector (rtrt calibrate): its z-scores are the bias")
         regions = regions if regions is not None else [None] * len(pil)
-        layout = self._grid_layout("the adapter's detector_bias")
-        geometry = processor_geometry(self.vlm.processor.image_processor)
+        sampled = {} if sampled is None else sampled
         boxed = self._adapter_flag("region_box")
-        return np.concatenate([token_bias(r.similarity, im.size, layout, geometry, self.detector_cfg, box if boxed else None)
-                               for im, r, box in zip(pil, dets, regions)])
+        out = []
+        for i, (im, r, box) in enumerate(zip(pil, dets, regions)):
+            per_image, offset, centres, cells = self._token_cells(i, im, r, "the adapter's detector_bias", sampled)
+            bias = np.zeros((per_image, cells.shape[1]), dtype=np.float32)
+            bias[offset:] = cells_bias(cells, centres, im.size, self.detector_cfg, box if boxed else None)
+            out.append(bias)
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -480,10 +497,7 @@ class Pipeline:
                     if region_images is not None and region_images[i] is not None:
                         raise InputError("a region image needs its region (the box it shows)")
                     continue
-                try:
-                    regs[i] = box = check_region(box, *pil[i].size)
-                except ValueError as e:
-                    raise InputError(str(e)) from None
+                regs[i] = box = self._region(box, pil[i])
                 given = None if region_images is None else region_images[i]
                 seen[i] = draw_region(pil[i], box) if given is None else load_image(given)
                 if seen[i].size != pil[i].size:
@@ -503,12 +517,13 @@ class Pipeline:
         hint_names = [([] if not hints else [d.name for d in r.detections] if box is None else [rd.name] if rd is not None else [])
                       for r, rd, box in zip(dets, in_box, regs)]
         mask, bias, z = None, None, self._refine_mask_z  # read once: another thread may set it meanwhile
+        sampled: dict = {}  # each frame's token cells, sampled once for the mask and the bias
         if refine and (z is not None or self._box_regions(regs)):
             with timer("refine_mask"):
-                mask = self._refine_masks(pil, dets, z, regs)
+                mask = self._refine_masks(pil, dets, z, regs, sampled)
         if refine and self._adapter_flag("detector_bias"):
             with timer("class_bias"):
-                bias = self._class_biases(pil, dets, regs)
+                bias = self._class_biases(pil, dets, regs, sampled)
         with self._vlm_lock:
             answers = self._answer(seen, qs, hint_names if hints else None, refine, new_tokens, timer, generate_kwargs or {},
                                    mask, bias)

@@ -25,7 +25,8 @@ import numpy as np
 
 from .errors import ModelMismatchError
 
-__all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_mask", "box_cells", "box_mask", "token_bias"]
+__all__ = ["processor_geometry", "cell_centres", "sample_cells", "hot_cells", "token_cells", "token_mask", "box_cells", "box_mask",
+           "cells_bias", "token_bias"]
 
 
 def _hw(value: Any) -> tuple[int, int] | None:
@@ -94,11 +95,20 @@ def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any
                detector, z: float) -> np.ndarray:
     """``[tokens_per_image]`` float32: 1 at the visual tokens whose cell the detector reports a rare class
     in (at ``z``), 0 elsewhere; LLaVA's fixed grid (a first CLS token, "full" strategy, gets 0)."""
-    per_image, grid, offset = _grid(layout, similarity)
-    cells = sample_cells(similarity, image_size, cell_centres(image_size, grid, geometry))
+    per_image, offset, _, cells = token_cells(similarity, image_size, layout, geometry)
     mask = np.zeros(per_image, dtype=np.float32)
     mask[offset:] = hot_cells(cells, detector, z)
     return mask
+
+
+def token_cells(similarity, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any],
+                need: str = "the refinement mask") -> tuple[int, int, np.ndarray, np.ndarray]:
+    """``(tokens per image, offset of the grid's first token, centres [N, 2], cells [N, C])``: one image's
+    token-cell centres and the detector's similarity sampled there, what the mask and the bias are built
+    from (sampled once when both are)."""
+    per_image, grid, offset = _grid(layout, similarity, need)
+    centres = cell_centres(image_size, grid, geometry)
+    return per_image, offset, centres, sample_cells(similarity, image_size, centres)
 
 
 def _grid(layout: Mapping[str, Any], similarity=None, need: str = "the refinement mask") -> tuple[int, int, int]:
@@ -131,15 +141,19 @@ def token_bias(similarity, image_size: tuple[int, int], layout: Mapping[str, Any
     question asks about. A CLS token ("full" strategy) gets 0."""
     if not detector.calibrated:
         raise ModelMismatchError("detector_bias needs a calibrated detector (rtrt calibrate): its z-scores are the bias")
-    per_image, grid, offset = _grid(layout, similarity, "detector_bias")
-    centres = cell_centres(image_size, grid, geometry)
-    cells = sample_cells(similarity, image_size, centres).astype(np.float64)
+    per_image, offset, centres, cells = token_cells(similarity, image_size, layout, geometry, "detector_bias")
     out = np.zeros((per_image, cells.shape[1]), dtype=np.float32)
-    if box is None:
-        out[offset:] = detector.decision_scores(cells)
-    else:
-        out[offset:] = detector.decision_scores(cells[box_cells(box, image_size, centres)].mean(0))[None]
+    out[offset:] = cells_bias(cells, centres, image_size, detector, box)
     return out
+
+
+def cells_bias(cells: np.ndarray, centres: np.ndarray, image_size: tuple[int, int], detector, box=None) -> np.ndarray:
+    """``[N, C]``: the calibrated z-score of each class at each cell (``cells`` [N, C], the similarity sampled
+    at ``centres``), or with ``box`` the z-score of the box cells' mean similarity at every cell (``token_bias``)."""
+    cells = np.asarray(cells, dtype=np.float64)
+    if box is None:
+        return detector.decision_scores(cells)
+    return np.broadcast_to(detector.decision_scores(cells[box_cells(box, image_size, centres)].mean(0)), cells.shape)
 
 
 def box_mask(box, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any]) -> np.ndarray:

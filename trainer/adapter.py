@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -324,7 +325,7 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str, r
 
     from rtrt.runtime.backends import make_backend
     from rtrt.runtime.pipeline import Pipeline
-    from rtrt.runtime.refine_mask import box_cells, token_bias
+    from rtrt.runtime.refine_mask import box_cells, cells_bias
 
     from .coda import region_box as read_region_box
     from .coda import region_frame
@@ -340,7 +341,7 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str, r
     if detector_bias and not m.detector.calibrated:
         raise InputError(f"{source.root}: --detector-bias needs a calibrated detector (rtrt calibrate): its z-scores are the bias")
     pipe = Pipeline(source, make_backend("torch", source, device=str(d.device)), device=str(d.device))
-    layout, geometry = vlm.image_token_layout(), processor_geometry(vlm.processor.image_processor)
+    layout = vlm.image_token_layout()
     out = DetectorInputs({}, slice(offset, offset + grid * grid))
     for p in tqdm(pairs, desc="detector cells", disable=not d.is_main, leave=False):
         if p.image in out.cells:
@@ -353,8 +354,11 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str, r
         out.cells[p.image] = sample_cells(similarity, image.size, centres)
         if box is not None:
             out.boxes[p.image] = torch.from_numpy(box_cells(box, image.size, centres.double().numpy()))
-        if detector_bias:
-            out.biases[p.image] = torch.from_numpy(token_bias(similarity, image.size, layout, geometry, m.detector, box))
+        if detector_bias:  # refine_mask.token_bias from the cells just sampled
+            bias = torch.zeros(int(layout["tokens_per_image"]), out.cells[p.image].shape[1])
+            bias[out.grid_slots] = torch.from_numpy(
+                np.array(cells_bias(out.cells[p.image].numpy(), centres.double().numpy(), image.size, m.detector, box), dtype=np.float32))
+            out.biases[p.image] = bias
     return out
 
 
