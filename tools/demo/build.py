@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -51,9 +52,17 @@ STAGE_FIELDS = {
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
 
+# The environment variables that pin the CPU kernels' instruction set (``python -m rtrt.tools.demo.repro --isa``):
+# ATen's dispatch, MKL's conditional numerical reproducibility and oneDNN's ISA ceiling. A build records
+# those set in its environment, and ``--from`` reuses only stages built under the same ones.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
 def _stage_key(report: dict, stages: Sequence[str]) -> dict:
-    """What the outputs of ``stages`` depend on: the seed, the thread count and those stages' plan fields (JSON form)."""
+    """What the outputs of ``stages`` depend on: the seed, the thread count, the pinned ISA (when set) and
+    those stages' plan fields (JSON form)."""
     return json.loads(json.dumps({"seed": report["seed"], "threads": report["threads"],
+                                  **({"isa_env": report["isa_env"]} if report.get("isa_env") else {}),
                                   **{f: report["plan"][f] for st in stages for f in STAGE_FIELDS[st]}}))
 
 
@@ -179,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _seed_everything(args.seed, args.threads)
     progress = not args.quiet
     timer = _Timer()
-    report: dict = {"seed": args.seed, "preset": args.preset, "plan": dataclasses.asdict(plan), "threads": args.threads}
+    report: dict = {"seed": args.seed, "preset": args.preset, "plan": dataclasses.asdict(plan), "threads": args.threads,
+                    "isa_env": {k: os.environ[k] for k in ISA_ENV if os.environ.get(k)}}
     t_start = time.time()
     state_file = work / "build_state.json"  # what the work directory holds: the plan, the stages done, their report
     done: list[str] = []
@@ -201,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         defaults = config_defaults(type(plan))
         if not set(before) <= set(state.get("done", [])) or any(saved.get(k, defaults.get(k, ...)) != v
-                                                                 for k, v in _stage_key(report, before).items()):
-            print(f"rtrt demo build: error: {work} holds no {', '.join(before)} built with this seed, thread count and "
-                  f"plan for those stages; rebuild from the start", file=sys.stderr)
+                                                                 for k, v in _stage_key(report, before).items()) \
+                or saved.get("isa_env") != (report["isa_env"] or None):
+            print(f"rtrt demo build: error: {work} holds no {', '.join(before)} built with this seed, thread count, "
+                  f"pinned ISA ({', '.join(ISA_ENV)}) and plan for those stages; rebuild from the start", file=sys.stderr)
             return 2
         if args.realign_vlm:
             problem = _realign_problem(state, report)
