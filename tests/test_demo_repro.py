@@ -60,6 +60,7 @@ def test_refusals_are_one_line(tmp_path, capsys, monkeypatch):
 
 def test_the_stored_reference_is_a_pinned_tiny_fingerprint():
     # What another CPU model compares against (README: made on the 2-core AMD EPYC).
+    assert set(repro.PINS["avx2"]) == set(build.ISA_ENV)  # the variables the build records are the ones pinned
     ref = json.loads((Path(repro.__file__).parent / "repro_tiny_avx2.json").read_text())
     assert ref["isa_env"] == repro.PINS["avx2"] and (ref["preset"], ref["seed"], ref["threads"]) == ("tiny", 0, 1)
     assert {"bundle/vlm/model.safetensors", "bundle/vfm/model.safetensors", "bundle/adapter.safetensors",
