@@ -37,26 +37,13 @@ __all__ = ["PINS", "fingerprint", "compare", "main"]
 # --isa VALUE -> the environment the build runs under (build.ISA_ENV names these variables).
 PINS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 SKIPPED = ("manifest.json", "vlm/demo_vlm.json")  # paths and times; the manifest's calibration is hashed on its own
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
 LIBRARIES = ("torch", "numpy", "onnxruntime", "transformers", "timm")
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _cpu() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "machine": platform.machine(), "flags": [f for f in FLAGS if f in flags]}
+    from rtrt.runtime.machine import cpu_flags, cpu_model
+
+    return {"model": cpu_model(), "machine": platform.machine(), "flags": cpu_flags()}
 
 
 def _versions() -> dict:
@@ -73,6 +60,8 @@ def _versions() -> dict:
 
 def fingerprint(build_dir: str | Path) -> dict:
     """The hashes of a demo build's bundle and examples (module docstring), with where it was made."""
+    from rtrt.runtime.fileio import sha256_file
+
     build_dir = Path(build_dir)
     bundle = build_dir / "bundle"
     if not (bundle / "manifest.json").is_file():
@@ -81,13 +70,13 @@ def fingerprint(build_dir: str | Path) -> dict:
     for p in sorted(bundle.rglob("*")):
         rel = p.relative_to(bundle).as_posix()
         if p.is_file() and rel not in SKIPPED:
-            files[f"bundle/{rel}"] = _sha(p.read_bytes())
+            files[f"bundle/{rel}"] = sha256_file(p)
     manifest = json.loads((bundle / "manifest.json").read_text())
     for section in ("detector", "adapter"):
-        files[f"bundle/manifest.json#{section}"] = _sha(json.dumps(manifest.get(section), sort_keys=True).encode())
+        files[f"bundle/manifest.json#{section}"] = hashlib.sha256(json.dumps(manifest.get(section), sort_keys=True).encode()).hexdigest()
     for p in sorted((build_dir / "examples").glob("*")):
         if p.is_file():
-            files[f"examples/{p.name}"] = _sha(p.read_bytes())
+            files[f"examples/{p.name}"] = sha256_file(p)
     report = build_dir / "build_report.json"
     meta = json.loads(report.read_text()) if report.is_file() else {}
     return {"cpu": _cpu(), "versions": _versions(), "isa_env": meta.get("isa_env", {}), "preset": meta.get("preset"),
