@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,27 @@ def test_from_refuses_stages_built_under_other_pins(tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert build.main(["--out", str(out), "--preset", "tiny", "--threads", "1", "--quiet", "--from", "vlm", "--stop-after", "vlm"]) == 2
     assert "pinned ISA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not repro.platform.machine().lower() in ("x86_64", "amd64"), reason="AVX2 pins are x86-64's")
+def test_build_isa_avx2_runs_pinned_in_a_child_and_records_it(tmp_path, monkeypatch):
+    for k in build.ISA_ENV:
+        monkeypatch.delenv(k, raising=False)
+    argv = ["--out", str(tmp_path / "demo"), "--preset", "tiny", "--threads", "1", "--quiet", "--keep-work",
+            "--stop-after", "world", "--isa", "avx2"]
+    assert build.main(argv) == 0
+    assert all(k not in os.environ for k in build.ISA_ENV)  # this process is left as it was
+    report = json.loads((tmp_path / "demo" / "build_report.json").read_text())
+    assert report["isa_env"] == build.ISA_PINS["avx2"]
+    state = json.loads((tmp_path / "demo.work" / "build_state.json").read_text())
+    assert state["key"]["isa_env"] == build.ISA_PINS["avx2"]
+
+
+def test_build_isa_avx2_is_refused_off_x86(tmp_path, monkeypatch, capsys):
+    for k in build.ISA_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert build.main(["--out", str(tmp_path / "demo"), "--preset", "tiny", "--isa", "avx2"]) == 2
+    err = capsys.readouterr().err
+    assert "--isa avx2 pins x86-64 kernels" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()

@@ -3,7 +3,8 @@
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
 command on the same software and the same CPU model gives the same bundle (another CPU model
 generates the same world but trains other weights: PyTorch's CPU kernels round differently; README,
-"Demo"). Timings per stage are printed and written to ``OUT/build_report.json`` with the measured
+"Demo"). ``--isa avx2`` runs the build with ATen, MKL and oneDNN pinned to AVX2 kernels (``ISA_PINS``),
+what ``python -m rtrt.tools.demo.repro`` compares across CPU models. Timings per stage are printed and written to ``OUT/build_report.json`` with the measured
 numbers (VFM probe accuracy, the base VLM's rare and common recall without and with hints, bundle
 size, and the probes of ``rtrt.tools.demo.probe`` on the build's test split).
 
@@ -32,7 +33,7 @@ from typing import Callable, Sequence
 
 from rtrt.tools.demo.presets import MAX_BUNDLE_BYTES, PRESETS
 
-__all__ = ["STAGES", "STAGE_FIELDS", "parse_args", "main"]
+__all__ = ["STAGES", "STAGE_FIELDS", "ISA_PINS", "ISA_ENV", "parse_args", "main"]
 
 STAGES = ("world", "vlm", "vfm", "phase1", "phase2", "export")  # in order; "export" also calibrates and probes
 # The BuildPlan fields each stage's output depends on (with the seed and the thread count): --from reuses
@@ -52,10 +53,12 @@ STAGE_FIELDS = {
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
 
-# The environment variables that pin the CPU kernels' instruction set (``python -m rtrt.tools.demo.repro --isa``):
-# ATen's dispatch, MKL's conditional numerical reproducibility and oneDNN's ISA ceiling. A build records
-# those set in its environment, and ``--from`` reuses only stages built under the same ones.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+# ``--isa VALUE`` -> the environment variables that pin the CPU kernels' instruction set: ATen's dispatch,
+# MKL's conditional numerical reproducibility and oneDNN's ISA ceiling (read when torch loads, so a
+# pinned build runs in a child process that starts with them). A build records those set in its
+# environment, and ``--from`` reuses only stages built under the same ones.
+ISA_PINS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ISA_ENV = tuple(ISA_PINS["avx2"])
 
 
 def _stage_key(report: dict, stages: Sequence[str]) -> dict:
@@ -175,12 +178,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "apart from its stage-2 fields) and redo only its stage 2, minutes instead of an hour; needs the plan's "
                         "vlm head_refit=True and epochs=0, under which the result equals the VLM a build from nothing writes; a VFM in "
                         "--work built with the same plan is reused too (it does not read the VLM)")
+    p.add_argument("--isa", choices=tuple(ISA_PINS), default="native",
+                   help="avx2: run the build with ATen, MKL and oneDNN pinned to AVX2 kernels (x86-64 only; "
+                        f"{' '.join(f'{k}={v}' for k, v in ISA_PINS['avx2'].items())}, set in a child process before "
+                        "torch loads); native (default): the kernels the CPU picks, or those these variables pin where "
+                        "they are set already (the build records them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+def _pinned_child(args: argparse.Namespace, argv: Sequence[str] | None) -> int | None:
+    """With ``--isa`` other than native: None when this process already runs under its pins, else the exit
+    code of the same command run in a child process that starts with them (2: not an x86-64 machine)."""
+    import platform
+
+    pins = ISA_PINS[args.isa]
+    if all(os.environ.get(k) == v for k, v in pins.items()):
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"rtrt demo build: error: --isa {args.isa} pins x86-64 kernels; this machine is {platform.machine()}",
+              file=sys.stderr)
+        return 2
+    import subprocess
+
+    cmd = [sys.executable, "-m", "rtrt.tools.demo.build", *(sys.argv[1:] if argv is None else argv)]
+    return subprocess.run(cmd, env={**os.environ, **pins}).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    child = _pinned_child(args, argv)
+    if child is not None:
+        return child
     plan = PRESETS[args.preset]
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out.with_name(out.name + ".work")

@@ -32,10 +32,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rtrt.tools.demo.build import ISA_PINS as PINS  # --isa VALUE -> the environment the build runs under
+
 __all__ = ["PINS", "fingerprint", "compare", "main"]
 
-# --isa VALUE -> the environment the build runs under (build.ISA_ENV names these variables).
-PINS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 SKIPPED = ("manifest.json", "vlm/demo_vlm.json")  # paths and times; the manifest's calibration is hashed on its own
 LIBRARIES = ("torch", "numpy", "onnxruntime", "transformers", "timm")
 
