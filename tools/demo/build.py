@@ -3,9 +3,9 @@
 Every stage is seeded (``--seed``) and runs single-process with a fixed thread count, so the same
 command on the same software and the same CPU model gives the same bundle (another CPU model
 generates the same world but trains other weights: PyTorch's CPU kernels round differently; README,
-"Demo"). ``--isa avx2`` runs the build with ATen, MKL and oneDNN pinned to AVX2 kernels (``ISA_PINS``),
-what ``python -m rtrt.tools.demo.repro`` compares across CPU models. Timings per stage are printed and written to ``OUT/build_report.json`` with the measured
-numbers (VFM probe accuracy, the base VLM's rare and common recall without and with hints, bundle
+"Demo"). ``--isa avx2`` runs the build with ATen, MKL and oneDNN pinned to AVX2 kernels
+(``ISA_PINS``), what ``python -m rtrt.tools.demo.repro`` compares across CPU models. Timings per
+stage are printed and written to ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and common recall without and with hints, bundle
 size, and the probes of ``rtrt.tools.demo.probe`` on the build's test split).
 
     python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (65 min on a 2-core Intel Xeon)
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from rtrt.tools.demo.presets import MAX_BUNDLE_BYTES, PRESETS
 
-__all__ = ["STAGES", "STAGE_FIELDS", "ISA_PINS", "ISA_ENV", "parse_args", "main"]
+__all__ = ["STAGES", "STAGE_FIELDS", "ISA_PINS", "ISA_ENV", "isa_refusal", "parse_args", "main"]
 
 STAGES = ("world", "vlm", "vfm", "phase1", "phase2", "export")  # in order; "export" also calibrates and probes
 # The BuildPlan fields each stage's output depends on (with the seed and the thread count): --from reuses
@@ -187,17 +187,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def isa_refusal(isa: str) -> str:
+    """Why ``--isa isa`` cannot run on this machine ("" when it can): the pins are x86-64 kernels."""
+    import platform
+
+    if ISA_PINS[isa] and platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"--isa {isa} pins x86-64 kernels; this machine is {platform.machine()}"
+    return ""
+
+
 def _pinned_child(args: argparse.Namespace, argv: Sequence[str] | None) -> int | None:
     """With ``--isa`` other than native: None when this process already runs under its pins, else the exit
     code of the same command run in a child process that starts with them (2: not an x86-64 machine)."""
-    import platform
-
     pins = ISA_PINS[args.isa]
     if all(os.environ.get(k) == v for k, v in pins.items()):
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        print(f"rtrt demo build: error: --isa {args.isa} pins x86-64 kernels; this machine is {platform.machine()}",
-              file=sys.stderr)
+    refusal = isa_refusal(args.isa)
+    if refusal:
+        print(f"rtrt demo build: error: {refusal}", file=sys.stderr)
         return 2
     import subprocess
 

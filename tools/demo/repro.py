@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rtrt.tools.demo.build import ISA_PINS as PINS  # --isa VALUE -> the environment the build runs under
+from rtrt.tools.demo.build import isa_refusal
 
 __all__ = ["PINS", "fingerprint", "compare", "main"]
 
@@ -111,13 +112,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out:
-        if PINS[args.isa] and platform.machine().lower() not in ("x86_64", "amd64"):
-            print(f"rtrt demo repro: error: --isa {args.isa} pins x86-64 kernels; this machine is {platform.machine()}",
-                  file=sys.stderr)
+        refusal = isa_refusal(args.isa)
+        if refusal:
+            print(f"rtrt demo repro: error: {refusal}", file=sys.stderr)
             return 2
+        # The pins are set here (and native strips any), so the build runs them in its own process.
         env = {k: v for k, v in os.environ.items() if k not in PINS["avx2"]} | PINS[args.isa]
         cmd = [sys.executable, "-m", "rtrt.tools.demo.build", "--out", str(args.out), "--seed", "0", "--preset", args.preset,
-               "--threads", str(args.threads), "--quiet"]
+               "--threads", str(args.threads), "--isa", args.isa, "--quiet"]
         log = Path(str(args.out) + ".log")
         with open(log, "wb") as f:
             done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
