@@ -58,6 +58,33 @@ def test_tables_and_targets_from_measurements(tmp_path):
     assert "region" not in md  # nothing measured there
 
 
+def test_the_paper_groups_per_split(tmp_path):
+    # The paper's region table is per group (Barrier, Cone, Vehicle, All): a split where hints and refinement
+    # leave the traffic cone unnamed shows it, and a group nothing named prints "-".
+    def rows(cone):
+        return {r: {"groups": {"vehicle": {"f1": 50.0 + i}, "traffic_cone": {"f1": cone[i]}, "all": {"f1": 40.0 + i}},
+                    "rare_common": {}} for i, r in enumerate(report.ROWS)}
+    _write_scores(tmp_path, "region_a", rows([0.0, 0.0, 7.7, 7.1]))
+    _write_scores(tmp_path, "region_b", rows([None, 80.0, 30.0, 81.0]))
+    t = report.group_table(tmp_path, "region", ["a", "b", "absent"])
+    assert t.splitlines()[0] == "| group | a | b |"
+    assert "| traffic cone | 0.0 -> 0.0 / 7.7 / 7.1 | - -> 80.0 / 30.0 / 81.0 |" in t
+    assert "| barrier | - -> - / - / - | - -> - / - / - |" in t  # no barrier measured
+    assert "| vehicle | 50.0 -> 51.0 / 52.0 / 53.0 | 50.0 -> 51.0 / 52.0 / 53.0 |" in t
+    assert "the paper's groups" in report.tables(tmp_path, ["a", "b"], tasks=("region",))
+    assert report.group_table(tmp_path, "general", ["a"]) is None  # nothing measured for that task
+
+
+def test_hint_echo_weakest_classes_in_the_probe_table(tmp_path):
+    p = {"baseline": {"distinct_answers": 60, "answers": 200}, "common": {}, "oracle": {"share": 0.9, "named": 9, "rare_objects": 10},
+         "hint_echo": {"share": 0.9, "per_class": {"barrier": {"hinted": 11, "named": 11, "share": 1.0},
+                                                   "traffic_cone": {"hinted": 14, "named": 3, "share": 3 / 14},
+                                                   "dog": {"hinted": 4, "named": 3, "share": 0.75}}},
+         "detector": {"mean_auroc": 0.93, "auroc": {"dog": 0.8}}}
+    (tmp_path / "probe_test.json").write_text(json.dumps(p))
+    assert "| hint echo's weakest classes (named of hinted) | traffic cone 3 of 14, dog 3 of 4 |" in report.probe_table(tmp_path, ["test"])
+
+
 def test_probe_targets():
     p = {"baseline": {"distinct_answers": 34, "answers": 100},
          "common": {"car": {"difference": 0.9}, "traffic_light": {"difference": 0.278}},

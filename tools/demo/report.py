@@ -11,6 +11,7 @@ Runs, for every ``--split``, ``rtrt eval --ablation`` per task (into ``M/<task>_
 or pass ``--redo``), so an interrupted report resumes. Then ``M/report.md`` gets the tables the
 README's demo section prints, from whatever is measured: the four-way ablation per task and split
 (rare / common / all-groups F1), the changes against the baseline, the hints' precision / recall,
+the paper's groups (vehicle, traffic cone, barrier, all) per row,
 issue 14's targets as pass / miss per split, the probes and the examples' recall / precision.
 
 ``--split`` is ``NAME=`` for the build's test split (what ``rtrt eval`` generates without
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Split", "parse_split", "measure", "tables", "targets", "probe_targets", "main"]
+__all__ = ["Split", "PAPER_GROUPS", "parse_split", "measure", "tables", "group_table", "targets", "probe_targets", "main"]
 
 from rtrt.tools.eval import ABLATION_ROWS
 
@@ -149,6 +150,27 @@ def ablation_table(out: Path, task: str, names: Sequence[str]) -> str | None:
     return "\n".join(lines)
 
 
+# The groups of the paper's region table (CODA-LM: Barrier, Cone, Vehicle, All), in the keyword judge's names.
+PAPER_GROUPS = ("vehicle", "traffic_cone", "barrier", "all")
+
+
+def group_table(out: Path, task: str, names: Sequence[str]) -> str | None:
+    """F1 of the paper's groups per split: baseline -> text hints / refinement / both ("-": nothing named)."""
+    data = {n: _scores(out, task, n) for n in names}
+    names = [n for n in names if data[n] is not None]
+    if not names:
+        return None
+
+    def cell(rows: dict, group: str) -> str:
+        f = [rows[r]["groups"].get(group, {}).get("f1") for r in ROWS]
+        return f"{_f(f[0])} -> " + " / ".join(map(_f, f[1:]))
+
+    lines = [f"| group | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for g in PAPER_GROUPS:
+        lines.append(f"| {g.replace('_', ' ')} | " + " | ".join(cell(data[n], g) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def targets(rows: dict) -> dict[str, tuple[bool, str]]:
     """Issue 14's ablation targets on one split's rows: name -> (met, measured value)."""
     base = rows["baseline"]["rare_common"]
@@ -213,6 +235,9 @@ def probe_table(out: Path, names: Sequence[str]) -> str | None:
         row("region oracle: as is / slots written as stage 0b showed them",
             lambda p: f"{100 * p['region_oracle']['share']:.1f}% / {100 * p['region_oracle']['share_with_name_embedding']:.1f}%"),
         row("hint echo: hinted names repeated", lambda p: f"{100 * p['hint_echo']['share']:.1f}%"),
+        row("hint echo's weakest classes (named of hinted)", lambda p: ", ".join(
+            f"{k.replace('_', ' ')} {v['named']} of {v['hinted']}"
+            for k, v in sorted(p["hint_echo"]["per_class"].items(), key=lambda kv: (kv[1]["share"], -kv[1]["hinted"]))[:2])),
         row("adapter tanh(gate); attention on the object's own row of W",
             lambda p: f"{p['adapter']['tanh_gate'][0]:.3f}; {100 * p['adapter']['attention_on_own_class']:.1f}%"),
         row("detector mean AUROC", lambda p: f"{p['detector']['mean_auroc']:.3f}"),
@@ -270,6 +295,9 @@ def tables(out: Path, names: Sequence[str], tasks: Sequence[str] = TASKS, exampl
             t = ablation_table(out, task + suffix, names)
             if t:
                 parts += [f"## {task} questions{title}: rare / common / all-groups F1", "", t, ""]
+        t = group_table(out, task, names)
+        if t:
+            parts += [f"## {task} questions, the paper's groups: F1, baseline -> text hints / refinement / both", "", t, ""]
         t = targets_table(out, task, names)
         if t:
             parts += [f"## issue 14's ablation targets, {task} questions", "", t, ""]
