@@ -5,8 +5,9 @@ command on the same software and the same CPU model gives the same bundle (anoth
 generates the same world but trains other weights: PyTorch's CPU kernels round differently; README,
 "Demo"). ``--isa avx2`` runs the build with ATen, MKL and oneDNN pinned to AVX2 kernels
 (``ISA_PINS``), what ``python -m rtrt.tools.demo.repro`` compares across CPU models. Timings per
-stage are printed and written to ``OUT/build_report.json`` with the measured numbers (VFM probe accuracy, the base VLM's rare and common recall without and with hints, bundle
-size, and the probes of ``rtrt.tools.demo.probe`` on the build's test split).
+stage are printed and written to ``OUT/build_report.json`` with the measured numbers (VFM probe
+accuracy, the base VLM's rare and common recall without and with hints, bundle size, and the probes
+of ``rtrt.tools.demo.probe`` on the build's test split).
 
     python -m rtrt.tools.demo.build --out demo --seed 0            # the shipped demo (65 min on a 2-core Intel Xeon)
     python -m rtrt.tools.demo.build --out /tmp/d --preset small    # a scaled-down end-to-end run (~5 min)

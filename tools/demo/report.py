@@ -11,7 +11,7 @@ Runs, for every ``--split``, ``rtrt eval --ablation`` per task (into ``M/<task>_
 or pass ``--redo``), so an interrupted report resumes. Then ``M/report.md`` gets the tables the
 README's demo section prints, from whatever is measured: the four-way ablation per task and split
 (rare / common / all-groups F1), the changes against the baseline, the hints' precision / recall,
-the paper's groups (vehicle, traffic cone, barrier, all) per row,
+the F1 of the paper's groups (vehicle, traffic cone, barrier, all) in each setting,
 issue 14's targets as pass / miss per split, the probes and the examples' recall / precision.
 
 ``--split`` is ``NAME=`` for the build's test split (what ``rtrt eval`` generates without
