@@ -52,7 +52,7 @@ import numpy as np
 
 from rtrt.runtime.names import BACKENDS
 
-__all__ = ["auroc", "box_slots", "repeated_categories", "run_probe", "report_text", "parse_args", "main"]
+__all__ = ["auroc", "box_slots", "repeated_categories", "run_probe", "report_text", "weakest_echo", "parse_args", "main"]
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -374,6 +374,12 @@ def _region_oracle(pipe, vlm, split_dir: Path, grid: int, offset: int, tokens: i
             "adapter_change_in_box": {k: (sum(v) / len(v) if v else None) for k, v in change.items()}}
 
 
+def weakest_echo(echo: dict, n: int) -> str:
+    """The ``n`` classes whose oracle hint is repeated least ("traffic cone 3 of 14, ..."; at equal shares the more hinted first)."""
+    weak = sorted(echo["per_class"].items(), key=lambda kv: (kv[1]["share"], -kv[1]["hinted"], kv[0]))[:n]
+    return ", ".join(f"{c.replace('_', ' ')} {v['named']} of {v['hinted']}" for c, v in weak)
+
+
 def _fmt(v: float | None, pct: bool = True) -> str:
     return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
 
@@ -395,8 +401,7 @@ def report_text(res: dict) -> str:
     if e:
         lines.append(f"oracle hints (exactly the image's rare classes, no adapter): {e['named']} of {e['hinted']} hinted names "
                      f"repeated ({_fmt(e['share'])}); answers naming a category twice {e['with_a_repeat']} of {e['answers']}")
-        weak = sorted(e["per_class"].items(), key=lambda kv: (kv[1]["share"], kv[0]))[:3]
-        lines.append("  least repeated: " + ", ".join(f"{c} {v['named']} of {v['hinted']}" for c, v in weak))
+        lines.append("  least repeated: " + weakest_echo(e, 3))
     lines.append(f"adapter: tanh(gate) {', '.join(f'{g:.3f}' for g in a['tanh_gate'])}; attention on the own class's row "
                  f"{_fmt(a['attention_on_own_class'])} of {a['rare_patches']} rare patches (chance {_fmt(a['chance'])}); "
                  f"W's cosine with its class names' embeddings: mean {_fmt(a['mean_w_name_cosine'], False)}")

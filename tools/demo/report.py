@@ -33,6 +33,7 @@ from typing import Sequence
 
 __all__ = ["Split", "PAPER_GROUPS", "parse_split", "measure", "tables", "group_table", "targets", "probe_targets", "main"]
 
+from rtrt.tools.demo.probe import weakest_echo
 from rtrt.tools.eval import ABLATION_ROWS
 
 ROWS = tuple(r.name for r in ABLATION_ROWS)  # baseline, text_hints, visual_refine, both
@@ -235,9 +236,7 @@ def probe_table(out: Path, names: Sequence[str]) -> str | None:
         row("region oracle: as is / slots written as stage 0b showed them",
             lambda p: f"{100 * p['region_oracle']['share']:.1f}% / {100 * p['region_oracle']['share_with_name_embedding']:.1f}%"),
         row("hint echo: hinted names repeated", lambda p: f"{100 * p['hint_echo']['share']:.1f}%"),
-        row("hint echo's weakest classes (named of hinted)", lambda p: ", ".join(
-            f"{k.replace('_', ' ')} {v['named']} of {v['hinted']}"
-            for k, v in sorted(p["hint_echo"]["per_class"].items(), key=lambda kv: (kv[1]["share"], -kv[1]["hinted"]))[:2])),
+        row("hint echo's weakest classes (named of hinted)", lambda p: weakest_echo(p["hint_echo"], 2)),
         row("adapter tanh(gate); attention on the object's own row of W",
             lambda p: f"{p['adapter']['tanh_gate'][0]:.3f}; {100 * p['adapter']['attention_on_own_class']:.1f}%"),
         row("detector mean AUROC", lambda p: f"{p['detector']['mean_auroc']:.3f}"),
