@@ -218,6 +218,15 @@ def test_short_task_file_keeps_records_and_shortens_answers(world, tmp_path):
     before, after = read_tasks(task_file(src, "general_perception")), read_tasks(out)
     assert [(r.question_id, r.image, r.question) for r in before] == [(r.question_id, r.image, r.question) for r in after]
     assert [vlm.short_answer(r.answer) for r in before] == [r.answer for r in after]
+    # images=N: the records of the first N images (by path) only, in the file's order; a larger world's first
+    # N images are the same images (phase 2 keeps its questions when the plug-in split grows for phase 1).
+    first = [r.image for r in before][:2]  # one question per image, in CODA-LM's order
+    [part] = vlm.write_short_tasks(src, tmp_path / "part", images=2)
+    assert [r.image for r in read_tasks(part)] == [r.image for r in before if r.image in first] and len(first) == 2
+    assert len(read_tasks(part)) < len(before)
+    assert read_tasks(vlm.write_short_tasks(src, tmp_path / "all", images=10**6)[0]) == after
+    with pytest.raises(ValueError, match="images"):
+        vlm.write_short_tasks(src, tmp_path / "bad", images=-1)
 
 
 def test_patch_labels_nearest_object_wins_and_small_objects_mark_their_patch():

@@ -230,6 +230,12 @@ def test_region_vlm_end_to_end_through_rtrt_eval(world, tmp_path):
     general, region = vlm.write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tmp_path / "tasks", BOTH)
     recs = read_tasks(region)
     assert recs and all(r.answer.startswith(vlm.REGION_PREFIX) for r in recs) and general.name == "general_perception.jsonl"
+    # images=N counts a boxed image as its base image: every region question of the first N images stays.
+    from rtrt.trainer.coda import region_frame
+
+    first = [r.image for r in read_tasks(general)][:2]  # the general file lists every image once, in CODA-LM's order
+    _, part = vlm.write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tmp_path / "part", BOTH, images=2)
+    assert read_tasks(part) == [r for r in recs if region_frame(r.image) in first] and len(read_tasks(part)) > 2
 
 
 def test_pseudo_regions_box_a_rare_object_in_view_and_name_it(world):

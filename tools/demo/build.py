@@ -48,7 +48,7 @@ STAGE_FIELDS = {
                "calibrate_min_precision", "calibrate_stats"),
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
                "phase2_tasks", "phase2_null_slot", "phase2_slot_value", "phase2_keep", "phase2_keep_z",
-               "phase2_refine_mask_z", "phase2_attn_prior", "phase2_detector_bias", "phase2_region_box"),
+               "phase2_refine_mask_z", "phase2_attn_prior", "phase2_detector_bias", "phase2_region_box", "phase2_images"),
     "export": ("refine_mask_z",),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
@@ -386,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     phase2 = work / "bundle_phase2"
     from .vlm import write_short_tasks
 
-    tasks = work / "plugin_tasks"  # the plug-in split's general-perception answers in the VLM's answer style
-    write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks, plan.phase2_tasks)
+    tasks = work / "plugin_tasks"  # the plug-in split's answers in the VLM's answer style (its first phase2_images images)
+    write_short_tasks(world / "CODA-LM" / "plugin" / "vqa_anno", tasks, plan.phase2_tasks, plan.phase2_images)
     if runs("phase2"):
         timer.run("phase2", _call_main, "rtrt.trainer.cli", [
             "adapter", "--bundle", str(phase1), "--vlm", str(vlm_dir), "--tasks", str(tasks), *[a for t in plan.phase2_tasks for a in ("--task", t)],

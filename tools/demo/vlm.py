@@ -145,18 +145,30 @@ def region_sources(split_dir: str | Path, records: Sequence[TaskRecord]) -> list
     return out
 
 
-def write_short_tasks(src: str | Path, dst: str | Path, tasks: Sequence[str] = ("general_perception",)) -> list[Path]:
+def write_short_tasks(src: str | Path, dst: str | Path, tasks: Sequence[str] = ("general_perception",),
+                      images: int = 0) -> list[Path]:
     """``dst/<task>.jsonl`` per task: ``src``'s records with the VLM's short answers; returns the files in ``tasks`` order.
 
     Phase 2 trains the adapter on the answers the VLM gives (its answer style): general-perception
     ones name what the plug-in split's texts name (``short_answer``), region-perception ones the
     region's category (``region_short_answer``; ``src`` is ``CODA-LM/<split>/vqa_anno``).
+    ``images``: only the records of the split's first this many images (CODA-LM's order: the annotation
+    files sorted by name; a region question counts as its base image; 0: all), so a
+    larger split for phase 1 leaves phase 2's questions as they were (the world draws image ``i`` of a
+    split alone, so the first ``n`` images do not depend on the split's size).
     """
-    from rtrt.trainer.coda import read_tasks, task_file, write_tasks
+    from rtrt.trainer.coda import image_path_for, read_tasks, region_frame, task_file, write_tasks
 
+    if images < 0:
+        raise ValueError(f"images must be at least 0, got {images}")
+    # The split's first images in CODA-LM's order (its annotation files sorted by name), without extension.
+    first = {str(Path(image_path_for(p.name)).with_suffix(""))
+             for p in sorted(Path(src).parent.glob("*.json"))[:images]} if images else set()
     outs = []
     for task in tasks:
         recs = read_tasks(task_file(src, task))
+        if images:  # a region question's image is its base image with the box drawn in: counted as the base
+            recs = [r for r in recs if str(Path(region_frame(r.image)).with_suffix("")) in first]
         if task == "general_perception":
             answers = [short_answer(r.answer or "") for r in recs]
         elif task == "region_perception":
