@@ -114,7 +114,7 @@ def test_demo_bundle_box_holds_the_single_object_of_a_generated_scene():
     assert box[0] <= cx <= box[2] and box[1] <= cy <= box[3], (box, (x, y, w, h))
     inter = max(0.0, min(box[2], x + w) - max(box[0], x)) * max(0.0, min(box[3], y + h) - max(box[1], y))
     iou = inter / ((box[2] - box[0]) * (box[3] - box[1]) + w * h - inter)
-    assert iou >= 0.5, iou  # measured on this scene: 0.87 with the shipped detector (0.74 with the one shipped before, 0.85 with the 224-px one)
+    assert iou >= 0.5, iou  # measured on this scene: 0.86 with the shipped detector (0.87 with the one shipped before, 0.74 before that, 0.85 with the 224-px one)
     for d in res.detections:  # every box lies in the input image and holds its peak
         assert 0 <= d.box[0] < d.box[2] <= W and 0 <= d.box[1] < d.box[3] <= H
         assert d.box[0] <= d.peak[0] <= d.box[2] and d.box[1] <= d.peak[1] <= d.box[3]
