@@ -287,6 +287,10 @@ def test_presets_are_valid_configs():
     assert build.parse_args(["--out", "x"]).preset == "full"
     with pytest.raises(ValueError, match="phase2_slot_value needs phase2_null_slot"):
         dataclasses.replace(presets.PRESETS["tiny"], phase2_slot_value=True, phase2_null_slot=False)
+    for bad in (-1, presets.PRESETS["tiny"].plugin + 1):  # phase 2's images are some of the plug-in split's
+        with pytest.raises(ValueError, match="phase2_images must be from 0"):
+            dataclasses.replace(presets.PRESETS["tiny"], phase2_images=bad)
+    assert presets.PRESETS["full"].phase2_images == 600 < presets.PRESETS["full"].plugin
     from rtrt.tools.demo.world import config_from_args, parse_args
 
     for plan in presets.PRESETS.values():  # every plan's world flags are rtrt world's

@@ -55,8 +55,8 @@ class BuildPlan:
         # Refused when the plan is made, not after an hour of building at phase 2.
         if self.phase2_slot_value and not self.phase2_null_slot:
             raise ValueError("BuildPlan.phase2_slot_value needs phase2_null_slot")
-        if self.phase2_images < 0:
-            raise ValueError("BuildPlan.phase2_images must be at least 0")
+        if not 0 <= self.phase2_images <= self.plugin:
+            raise ValueError(f"BuildPlan.phase2_images must be from 0 (all) to plugin ({self.plugin}), got {self.phase2_images}")
         if self.phase2_region_box and "region_perception" not in self.phase2_tasks:
             raise ValueError("BuildPlan.phase2_region_box needs region_perception in phase2_tasks")
 
