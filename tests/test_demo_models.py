@@ -177,6 +177,13 @@ def test_short_answers_list_categories_in_coda_order():
     assert vlm.short_answer(answer) == "Objects that influence the ego car: car, traffic cone, dog."
     assert vlm.short_answer("The road ahead is clear and nothing in the scene strongly influences the ego car.") == vlm.SHORT_NONE
     assert vlm.short_answer_of({"dog", "car"}) == vlm.short_answer(answer).replace(", traffic cone", "")
+    # A hint's categories first (hint_first), each part in CODA-LM's order: a hinted cat no longer takes the
+    # place of a traffic light the image shows, which in CODA-LM's order comes before it.
+    both = {"car", "traffic_light", "cat", "traffic_cone"}
+    assert vlm.short_answer_of(both, first=["traffic_cone", "cat"]) == \
+        "Objects that influence the ego car: traffic cone, cat, car, traffic light."
+    assert vlm.short_answer_of(both, first=["dog"]) == vlm.short_answer_of(both) == \
+        "Objects that influence the ego car: car, traffic light, traffic cone, cat."
 
 
 @pytest.mark.parametrize("classes", ["rare", "any"])
@@ -208,6 +215,14 @@ def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world, clas
     assert all(find_mentions(s.answer) == find_mentions(refs[s.image]) and not s.hint for s in quiet)
     assert any((drawn[s.image] - find_mentions(s.answer)) & rare for s in quiet)
     assert [s.hint for s in vlm.load_samples(world, "pretrain", cfg)] == [s.hint for s in samples]
+    # hint_first: the same samples, hints and named categories; a hinted answer lists the hint first.
+    first = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}))
+    assert [(s.image, s.hint, find_mentions(s.answer)) for s in first] == [(s.image, s.hint, find_mentions(s.answer)) for s in samples]
+    for s in first:
+        assert s.answer == vlm.short_answer_of(find_mentions(s.answer), s.hint)
+        if s.hint:
+            names = s.answer.removeprefix(vlm.SHORT_PREFIX).strip().rstrip(".").split(", ")
+            assert find_mentions(", ".join(names[: len(s.hint)])) == set(s.hint)
 
 
 def test_short_task_file_keeps_records_and_shortens_answers(world, tmp_path):
