@@ -361,6 +361,9 @@ def test_stage0_text_samples_hint_random_categories_and_the_answer_names_them(wo
     for s, t in zip(samples, texts):
         assert find_mentions(t.answer) == find_mentions(s.answer) | set(t.hint)
     assert [t.hint for t in vlm.text_samples(samples, cfg)] == [t.hint for t in texts]  # seeded
+    first = vlm.text_samples(samples, vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}))  # the same hints, the hint first
+    assert [t.hint for t in first] == [t.hint for t in texts]
+    assert all(f.answer == vlm.short_answer_of(find_mentions(t.answer), t.hint) for f, t in zip(first, texts))
 
 
 def test_projector_starts_from_the_patch_classifier_and_the_names_embeddings():
@@ -602,6 +605,11 @@ def test_drawn_answers_name_every_category_with_a_slot_plus_the_hint():
     assert find_mentions(answers[0]) == {"dog", "car", "stone"}
     assert answers[1].strip() == vlm.SHORT_NONE
     assert all(a[-1] == tok.eos_token_id for _, a in seqs)
+    assert answers[0].strip() == vlm.short_answer_of({"dog", "car", "stone"})  # one CODA-LM order: car, dog, stone
+    # hint_first: the hinted stone first, then what the slots show.
+    first = vlm._drawn_seqs(samples, [0, 1], labels, tok, processor, vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}), {})
+    assert tok.decode(first[0][1], skip_special_tokens=True).strip() == "Objects that influence the ego car: stone, car, dog."
+    assert first[1] == seqs[1]
 
 
 def test_projector_rare_gain_and_quiet_start():
