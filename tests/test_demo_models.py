@@ -177,13 +177,18 @@ def test_short_answers_list_categories_in_coda_order():
     assert vlm.short_answer(answer) == "Objects that influence the ego car: car, traffic cone, dog."
     assert vlm.short_answer("The road ahead is clear and nothing in the scene strongly influences the ego car.") == vlm.SHORT_NONE
     assert vlm.short_answer_of({"dog", "car"}) == vlm.short_answer(answer).replace(", traffic cone", "")
-    # A hint's categories first (hint_first), each part in CODA-LM's order: a hinted cat no longer takes the
-    # place of a traffic light the image shows, which in CODA-LM's order comes before it.
+    # hint_order: a hint's categories first or last, each part in CODA-LM's order (a hinted cat then no longer
+    # takes the place of a traffic light the image shows, which in CODA-LM's order comes before it).
     both = {"car", "traffic_light", "cat", "traffic_cone"}
-    assert vlm.short_answer_of(both, first=["traffic_cone", "cat"]) == \
+    assert vlm.short_answer_of(both, ["traffic_cone", "cat"], "first") == \
         "Objects that influence the ego car: traffic cone, cat, car, traffic light."
-    assert vlm.short_answer_of(both, first=["dog"]) == vlm.short_answer_of(both) == \
+    assert vlm.short_answer_of(both, ["cat", "car"], "last") == "Objects that influence the ego car: traffic light, traffic cone, car, cat."
+    assert vlm.short_answer_of(both, ["dog"], "first") == vlm.short_answer_of(both, ["cat"]) == \
         "Objects that influence the ego car: car, traffic light, traffic cone, cat."
+    with pytest.raises(ValueError, match="order"):
+        vlm.short_answer_of(both, ["cat"], "middle")
+    with pytest.raises(ValueError, match="hint_order"):
+        vlm.VLMConfig(hint_order="middle")
 
 
 @pytest.mark.parametrize("classes", ["rare", "any"])
@@ -215,14 +220,16 @@ def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world, clas
     assert all(find_mentions(s.answer) == find_mentions(refs[s.image]) and not s.hint for s in quiet)
     assert any((drawn[s.image] - find_mentions(s.answer)) & rare for s in quiet)
     assert [s.hint for s in vlm.load_samples(world, "pretrain", cfg)] == [s.hint for s in samples]
-    # hint_first: the same samples, hints and named categories; a hinted answer lists the hint first.
-    first = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}))
-    assert [(s.image, s.hint, find_mentions(s.answer)) for s in first] == [(s.image, s.hint, find_mentions(s.answer)) for s in samples]
-    for s in first:
-        assert s.answer == vlm.short_answer_of(find_mentions(s.answer), s.hint)
-        if s.hint:
-            names = s.answer.removeprefix(vlm.SHORT_PREFIX).strip().rstrip(".").split(", ")
-            assert find_mentions(", ".join(names[: len(s.hint)])) == set(s.hint)
+    # hint_order: the same samples, hints and named categories; a hinted answer lists the hint first / last.
+    for order in ("first", "last"):
+        moved = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**cfg.__dict__, "hint_order": order}))
+        assert [(s.image, s.hint, find_mentions(s.answer)) for s in moved] == [(s.image, s.hint, find_mentions(s.answer)) for s in samples]
+        for s in moved:
+            assert s.answer == vlm.short_answer_of(find_mentions(s.answer), s.hint, order)
+            if s.hint:
+                names = s.answer.removeprefix(vlm.SHORT_PREFIX).strip().rstrip(".").split(", ")
+                part = names[: len(s.hint)] if order == "first" else names[-len(s.hint):]
+                assert find_mentions(", ".join(part)) == set(s.hint)
 
 
 def test_short_task_file_keeps_records_and_shortens_answers(world, tmp_path):
@@ -361,9 +368,9 @@ def test_stage0_text_samples_hint_random_categories_and_the_answer_names_them(wo
     for s, t in zip(samples, texts):
         assert find_mentions(t.answer) == find_mentions(s.answer) | set(t.hint)
     assert [t.hint for t in vlm.text_samples(samples, cfg)] == [t.hint for t in texts]  # seeded
-    first = vlm.text_samples(samples, vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}))  # the same hints, the hint first
-    assert [t.hint for t in first] == [t.hint for t in texts]
-    assert all(f.answer == vlm.short_answer_of(find_mentions(t.answer), t.hint) for f, t in zip(first, texts))
+    last = vlm.text_samples(samples, vlm.VLMConfig(**{**cfg.__dict__, "hint_order": "last"}))  # the same hints, the hint last
+    assert [t.hint for t in last] == [t.hint for t in texts]
+    assert all(f.answer == vlm.short_answer_of(find_mentions(t.answer), t.hint, "last") for f, t in zip(last, texts))
 
 
 def test_projector_starts_from_the_patch_classifier_and_the_names_embeddings():
@@ -606,10 +613,11 @@ def test_drawn_answers_name_every_category_with_a_slot_plus_the_hint():
     assert answers[1].strip() == vlm.SHORT_NONE
     assert all(a[-1] == tok.eos_token_id for _, a in seqs)
     assert answers[0].strip() == vlm.short_answer_of({"dog", "car", "stone"})  # one CODA-LM order: car, dog, stone
-    # hint_first: the hinted stone first, then what the slots show.
-    first = vlm._drawn_seqs(samples, [0, 1], labels, tok, processor, vlm.VLMConfig(**{**cfg.__dict__, "hint_first": True}), {})
-    assert tok.decode(first[0][1], skip_special_tokens=True).strip() == "Objects that influence the ego car: stone, car, dog."
-    assert first[1] == seqs[1]
+    # hint_order: the hinted stone first or last, the slots' objects in CODA-LM's order.
+    for order, text in (("first", "stone, car, dog"), ("last", "car, dog, stone")):
+        moved = vlm._drawn_seqs(samples, [0, 1], labels, tok, processor, vlm.VLMConfig(**{**cfg.__dict__, "hint_order": order}), {})
+        assert tok.decode(moved[0][1], skip_special_tokens=True).strip() == f"Objects that influence the ego car: {text}."
+        assert moved[1] == seqs[1]
 
 
 def test_projector_rare_gain_and_quiet_start():
