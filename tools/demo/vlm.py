@@ -113,6 +113,26 @@ def short_answer_of(categories, hint=(), order: str = "coda") -> str:
     return f"{SHORT_PREFIX} {', '.join(display_name(c) for c in cats)}." if cats else SHORT_NONE
 
 
+HINT_APART = "There might also be:"
+
+
+def hinted_answer(seen, hint=(), order: str = "coda") -> str:
+    """The short answer of a sample that names ``seen`` and whose prompt hints ``hint`` (``VLMConfig.hint_order``).
+
+    ``"coda"``, ``"first"``, ``"last"``: ``short_answer_of(seen | hint, hint, order)``. ``"apart"``: the answer
+    without the hint (``short_answer_of(seen)``), then the hinted categories it does not name in a sentence
+    of their own (``HINT_APART``), so that the list and its end are those of the unhinted answer.
+    """
+    if order != "apart":
+        return short_answer_of(set(seen) | set(hint), hint, order)
+    from rtrt.runtime.modules import display_name
+    from rtrt.trainer.coda import CATEGORIES
+
+    extra = [c for c in CATEGORIES if c in set(hint) - set(seen)]
+    base = short_answer_of(seen)
+    return f"{base} {HINT_APART} {', '.join(display_name(c) for c in extra)}." if extra else base
+
+
 REGION_PREFIX = "The object in the red box is"
 
 
@@ -227,7 +247,7 @@ class VLMConfig:
     pseudo_noise: float = 0.0  # stage 0b: std of Gaussian noise added to every slot, relative to the names' RMS (real tokens are not clean words)
     pseudo_regions: float = 0.0  # stage 0b: share of pretrain images with a rare object in view that get one region question more about one of them (labels only, answer its category, a hint as region_hint_prob): the world's region annotations list rare objects as seldom as its texts name them, so without these the LLM learns that a red box holds a common object (0: none)
     pseudo_hint_hide: float = 0.0  # stage 0b: share of the hinted general samples (seeded) whose hinted categories' patches are all shown as background, so the answer can name them only from the hint, as the runtime's hints name objects its VLM does not see (0: hinted objects keep their slots, and the language model may learn to read a hinted name's last words from the slots instead: a hinted traffic cone then became "traffic light")
-    hint_order: str = "coda"  # a hinted answer's order: "coda", one CODA-LM order (a hinted name takes the place of a later category the image shows: the shipped VLM then left out a present traffic light after a hinted cat, stroller or warning sign, and read "traffic" on to a hinted "cone"); "first", the hint's categories first, then the rest; "last", what the answer names beside the hint first, the hint's categories last; each part in CODA-LM's order
+    hint_order: str = "coda"  # a hinted answer's order: "coda", one CODA-LM order (a hinted name takes the place of a later category the image shows: the shipped VLM then left out a present traffic light after a hinted cat, stroller or warning sign, and read "traffic" on to a hinted "cone"); "first", the hint's categories first, then the rest; "last", what the answer names beside the hint first, the hint's categories last; each part in CODA-LM's order; "apart", the answer without the hint, then the hinted categories it does not name in a sentence of their own ("There might also be: cat, stone.")
     pseudo_answers: str = "named"  # stage 0b answers: "named" (the pretraining text's objects + the hint) or "drawn" (every category with a slot + the hint: the LLM names all it is shown)
     rare_gain: float = 1.0  # stage 2 starts the projector sending rare categories to their names at this fraction of the common ones' gain (1: aligned alike; < 1: weakly, as the web's captions leave them)
     align_slots: float = 0.0  # stage 2a: weight of the projector's distance to stage 0b's slots (names x unit gain), relative to their size, object and background slots half each (0: answers only, as LLaVA)
@@ -262,8 +282,8 @@ class VLMConfig:
             raise ValueError(f"pseudo_answers must be 'named' or 'drawn', got {self.pseudo_answers!r}")
         if self.region_per_image < 0 or not 0.0 <= self.region_share <= 1.0 or not 0.0 <= self.region_hint_prob <= 1.0:
             raise ValueError(f"region_per_image must be >= 0 and region_share in [0, 1], got {self.region_per_image}, {self.region_share}")
-        if self.hint_order not in ("coda", "first", "last"):
-            raise ValueError(f"hint_order must be 'coda', 'first' or 'last', got {self.hint_order!r}")
+        if self.hint_order not in ("coda", "first", "last", "apart"):
+            raise ValueError(f"hint_order must be 'coda', 'first', 'last' or 'apart', got {self.hint_order!r}")
         if not 0.0 <= self.pseudo_hint_hide <= 1.0:
             raise ValueError(f"pseudo_hint_hide must be in [0, 1], got {self.pseudo_hint_hide}")
         if not 0.0 <= self.pseudo_regions <= 1.0 or (self.pseudo_regions and "region_perception" not in self.tasks):
@@ -344,7 +364,7 @@ def load_samples(world: str | Path, split: str, cfg: VLMConfig) -> list[Sample]:
                 if cfg.hint_classes == "any" and rare and not set(s.hint) & rare_set and rng.random() < cfg.hint_rare_prob:
                     s.hint[rng.randrange(k)] = rng.choice(rare)
             if short:
-                s.answer = short_answer_of(named | set(s.hint), s.hint, cfg.hint_order)
+                s.answer = hinted_answer(named, s.hint, cfg.hint_order)
             samples.append(s)
     if cfg.max_images:
         keep = set(sorted({s.base or s.image for s in samples})[: cfg.max_images])
@@ -483,7 +503,7 @@ def text_samples(samples: Sequence[Sample], cfg: VLMConfig) -> list[Sample]:
         # a prompt without an image shows only its hint.
         named = find_mentions(s.answer) - set(s.hint) if cfg.text_answers == "named" else set()
         hint = rng.sample(pool, rng.randint(1, cfg.hint_max)) if rng.random() < cfg.text_hint_prob else []
-        out.append(Sample(s.image, s.question, short_answer_of(named | set(hint), hint, cfg.hint_order), hint))
+        out.append(Sample(s.image, s.question, hinted_answer(named, hint, cfg.hint_order), hint))
     return out
 
 
@@ -1030,7 +1050,7 @@ def _drawn_seqs(samples: Sequence[Sample], rows: Sequence[int], patch_labels: to
     out = []
     for s, r in zip(samples, rows):
         drawn = {CATEGORIES[int(v) - 1] for v in patch_labels[r].unique().tolist() if v > 0}
-        answer = s.answer if s.box is not None else short_answer_of(drawn | set(s.hint), s.hint, cfg.hint_order)
+        answer = s.answer if s.box is not None else hinted_answer(drawn, s.hint, cfg.hint_order)
         out.append((_prompt_ids(processor, s.question, s.hint, cache), _answer_ids(tokenizer, answer, cfg)))
     return out
 
