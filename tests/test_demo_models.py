@@ -185,6 +185,13 @@ def test_short_answers_list_categories_in_coda_order():
     assert vlm.short_answer_of(both, ["cat", "car"], "last") == "Objects that influence the ego car: traffic light, traffic cone, car, cat."
     assert vlm.short_answer_of(both, ["dog"], "first") == vlm.short_answer_of(both, ["cat"]) == \
         "Objects that influence the ego car: car, traffic light, traffic cone, cat."
+    # "apart": the unhinted answer, then the hinted names it lacks in a sentence of their own.
+    assert vlm.hinted_answer({"car", "traffic_light"}, ["stone", "cat"], "apart") == \
+        "Objects that influence the ego car: car, traffic light. There might also be: cat, stone."
+    assert vlm.hinted_answer({"car", "cat"}, ["cat"], "apart") == vlm.short_answer_of({"car", "cat"})
+    assert vlm.hinted_answer(set(), ["cat"], "apart") == f"{vlm.SHORT_NONE} {vlm.HINT_APART} cat."
+    for order in ("coda", "first", "last"):
+        assert vlm.hinted_answer({"car"}, ["cat"], order) == vlm.short_answer_of({"car", "cat"}, ["cat"], order)
     with pytest.raises(ValueError, match="order"):
         vlm.short_answer_of(both, ["cat"], "middle")
     with pytest.raises(ValueError, match="hint_order"):
@@ -220,11 +227,15 @@ def test_pretraining_hints_name_drawn_objects_and_the_answer_follows(world, clas
     assert all(find_mentions(s.answer) == find_mentions(refs[s.image]) and not s.hint for s in quiet)
     assert any((drawn[s.image] - find_mentions(s.answer)) & rare for s in quiet)
     assert [s.hint for s in vlm.load_samples(world, "pretrain", cfg)] == [s.hint for s in samples]
-    # hint_order: the same samples, hints and named categories; a hinted answer lists the hint first / last.
-    for order in ("first", "last"):
+    # hint_order: the same samples, hints and named categories; a hinted answer lists the hint first / last / apart.
+    for order in ("first", "last", "apart"):
         moved = vlm.load_samples(world, "pretrain", vlm.VLMConfig(**{**cfg.__dict__, "hint_order": order}))
         assert [(s.image, s.hint, find_mentions(s.answer)) for s in moved] == [(s.image, s.hint, find_mentions(s.answer)) for s in samples]
         for s in moved:
+            if order == "apart":  # the list is the unhinted answer's; the hinted names it lacks follow it
+                assert s.answer == vlm.hinted_answer(find_mentions(refs[s.image]), s.hint, order)
+                assert s.answer.startswith(next(q.answer for q in quiet if q.image == s.image))
+                continue
             assert s.answer == vlm.short_answer_of(find_mentions(s.answer), s.hint, order)
             if s.hint:
                 names = s.answer.removeprefix(vlm.SHORT_PREFIX).strip().rstrip(".").split(", ")
@@ -614,7 +625,7 @@ def test_drawn_answers_name_every_category_with_a_slot_plus_the_hint():
     assert all(a[-1] == tok.eos_token_id for _, a in seqs)
     assert answers[0].strip() == vlm.short_answer_of({"dog", "car", "stone"})  # one CODA-LM order: car, dog, stone
     # hint_order: the hinted stone first or last, the slots' objects in CODA-LM's order.
-    for order, text in (("first", "stone, car, dog"), ("last", "car, dog, stone")):
+    for order, text in (("first", "stone, car, dog"), ("last", "car, dog, stone"), ("apart", "car, dog. There might also be: stone")):
         moved = vlm._drawn_seqs(samples, [0, 1], labels, tok, processor, vlm.VLMConfig(**{**cfg.__dict__, "hint_order": order}), {})
         assert tok.decode(moved[0][1], skip_special_tokens=True).strip() == f"Objects that influence the ego car: {text}."
         assert moved[1] == seqs[1]
