@@ -189,6 +189,8 @@ class Manifest:
                     d["adapter"].pop(key, None)
             if d["adapter"].get("refine_mask_z") is None:
                 d["adapter"].pop("refine_mask_z", None)
+            if d["adapter"].get("refine_mask_classes") == "any":
+                d["adapter"].pop("refine_mask_classes", None)
         return d
 
     @classmethod

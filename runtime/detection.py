@@ -29,6 +29,7 @@ __all__ = [
     "check_region",
     "BOX_CUT",
     "BOX_UPSAMPLE",
+    "REFINE_MASK_CLASSES",
     "display_name",
 ]
 
@@ -37,6 +38,7 @@ __all__ = [
 # world of another seed; the measured alternatives are in the README.
 BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
 BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)
+REFINE_MASK_CLASSES = ("any", "reported", "unhinted")  # AdapterConfig.refine_mask_classes / Pipeline.refine_mask_classes
 
 
 @dataclass
@@ -59,10 +61,19 @@ class AdapterConfig:
     # at LLaVA's image-token cells where a class's calibrated detector z-score exceeds this; None:
     # every token refined (the paper). Written by ``rtrt calibrate --refine-mask-z``.
     refine_mask_z: float | None = None
+    # Which classes' cells that mask keeps (Pipeline.refine_mask_classes): "any", a cell where any class's
+    # z-score exceeds refine_mask_z; "reported", only the classes the detector reports for the image (its
+    # detections); "unhinted", only the classes the prompt's hint does not name (with hints off, every
+    # class), so the refinement adds what the hints leave out instead of repeating them.
+    # Written by ``rtrt calibrate --refine-mask-classes``.
+    refine_mask_classes: str = "any"
 
     def __post_init__(self):
         if self.slot_value and not self.null_slot:
             raise ValueError("adapter slot_value needs null_slot")
+        if self.refine_mask_classes not in REFINE_MASK_CLASSES:
+            raise ValueError(f"adapter refine_mask_classes must be one of {', '.join(REFINE_MASK_CLASSES)}, "
+                             f"not {self.refine_mask_classes!r}")
 
 
 @dataclass

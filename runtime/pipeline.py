@@ -172,6 +172,7 @@ class Pipeline:
         self.image_size = int(getattr(backend, "image_size", None) or m.image_size())
         self._vlm_lock = threading.Lock()
         self._refine_mask_z: float | None = None
+        self._refine_mask_classes: str = "any"
         if vlm is not None:
             self._check_vlm(vlm)
 
@@ -199,15 +200,38 @@ class Pipeline:
                                   f"by an older rtrt); re-export it with `rtrt export --bundle {self.bundle.root} --vlm`")
         self._refine_mask_z = z
 
-    def refine_mask(self, image, region=None) -> np.ndarray | None:
+    @property
+    def refine_mask_classes(self) -> str:
+        """Which classes' cells ``refine_mask_z``'s mask keeps (an addition to the paper's method):
+        ``"any"``, a cell where any class's z-score exceeds z; ``"reported"``, only the classes the
+        detector reports for the image (an image with no detection is not refined); ``"unhinted"``, only
+        the classes the prompt's hint does not name (with ``hints=False`` every class, as ``"any"``): the
+        hint names what the detector is sure of, the refinement adds the rest instead of repeating it.
+        Read only while ``refine_mask_z`` is set; a region question's box mask is its own.
+        ``from_bundle`` sets the bundle's own value (``manifest.adapter.refine_mask_classes``, ``rtrt
+        calibrate --refine-mask-classes``; ``"any"`` when absent)."""
+        return self._refine_mask_classes
+
+    @refine_mask_classes.setter
+    def refine_mask_classes(self, which: str) -> None:
+        from .detection import REFINE_MASK_CLASSES
+
+        if which not in REFINE_MASK_CLASSES:
+            raise InputError(f"refine_mask_classes must be one of {', '.join(REFINE_MASK_CLASSES)}, not {which!r}")
+        self._refine_mask_classes = which
+
+    def refine_mask(self, image, region=None, hints: bool = False) -> np.ndarray | None:
         """Where the adapter may change ``image``'s visual tokens: [T] float32, 1 refined, 0 left as the
-        vision tower gave it; None when every token is refined (no mask). ``refine_mask_z`` sets it, and
+        vision tower gave it; None when every token is refined (no mask). ``refine_mask_z`` and
+        ``refine_mask_classes`` set it (``hints``: as a call with hints on or off would run it), and
         for a region question (``region`` [x0, y0, x1, y1]) an adapter trained with ``region_box`` its box."""
         pil = load_image(image)
         regs = [None if region is None else self._region(region, pil)]
         if self._refine_mask_z is None and not self._box_regions(regs):
             return None
-        return self._refine_masks([pil], self._detect_images([pil], _Timer()), self._refine_mask_z, regs)
+        dets = self._detect_images([pil], _Timer())
+        hinted = [[d.name for d in dets[0].detections] if hints else []]
+        return self._refine_masks([pil], dets, self._refine_mask_z, regs, classes=self._refine_mask_classes, hinted=hinted)
 
     def class_bias(self, image, region=None) -> np.ndarray | None:
         """The adapter's ``class_bias`` for ``image`` (and ``region``, a region question's box): [T, C] float32,
@@ -247,10 +271,12 @@ class Pipeline:
                                      processor_geometry(self.vlm.processor.image_processor), need)
         return sampled[i]
 
-    def _refine_masks(self, pil, dets, z: float | None, regions=None, sampled: dict | None = None) -> np.ndarray:
+    def _refine_masks(self, pil, dets, z: float | None, regions=None, sampled: dict | None = None,
+                      classes: str = "any", hinted=None) -> np.ndarray:
         """[T_total] float32 over the batch's visual tokens: 1 where the adapter may change the token
-        (``refine_mask_z``'s cells; a region question's box cells when the adapter has ``region_box``).
-        ``sampled``: the batch's token cells, shared with ``_class_biases``."""
+        (``refine_mask_z``'s cells, of the classes ``classes`` picks: see ``refine_mask_classes``;
+        ``hinted``: each image's hinted class names, None for none; a region question's box cells when
+        the adapter has ``region_box``). ``sampled``: the batch's token cells, shared with ``_class_biases``."""
         from .refine_mask import box_mask, hot_cells, processor_geometry
 
         regions = regions if regions is not None else [None] * len(pil)
@@ -264,11 +290,24 @@ class Pipeline:
             elif z is not None:
                 per_image, offset, _, cells = self._token_cells(i, im, r, "refine_mask_z", sampled)
                 mask = np.zeros(per_image, dtype=np.float32)
-                mask[offset:] = hot_cells(cells, self.detector_cfg, z)
+                mask[offset:] = hot_cells(cells, self.detector_cfg, z, self._mask_classes(classes, r, hinted, i))
                 out.append(mask)
             else:
                 out.append(np.ones(int(layout["tokens_per_image"]), dtype=np.float32))
         return np.concatenate(out)
+
+    def _mask_classes(self, classes: str, det, hinted, i: int) -> list[int] | None:
+        """The class indices whose cells the mask keeps for image ``i`` (None: every class)."""
+        if classes == "reported":
+            return [self._class_index(d) for d in det.detections]
+        if classes == "unhinted":
+            named = set(hinted[i]) if hinted is not None else set()
+            return [c for c, name in enumerate(self.class_names) if name not in named]
+        return None
+
+    def _class_index(self, det) -> int:
+        """The row of W of a detection (its ``index``, else its name's place in the bundle's classes)."""
+        return det.index if det.index >= 0 else list(self.class_names).index(det.name)
 
     def _class_biases(self, pil, dets, regions=None, sampled: dict | None = None) -> np.ndarray | None:
         """[T_total, C] float32: the adapter's ``class_bias`` over the batch's visual tokens (``refine_mask.token_bias``);
@@ -309,6 +348,7 @@ class Pipeline:
         vlm_backend: str | None = None,
         vlm_precision: str = "fp32",
         refine_mask_z: float | str | None = "bundle",
+        refine_mask_classes: str = "bundle",
     ) -> "Pipeline":
         """Load a bundle, its backend and (unless ``load_vlm_model=False``) its frozen VLM.
 
@@ -326,7 +366,9 @@ class Pipeline:
         ``BackendUnavailableError`` naming what is available (never a silent fp32/CPU run).
         ``refine_mask_z``: ``"bundle"`` (default) the bundle's refinement mask (``manifest.adapter.refine_mask_z``;
         none when the bundle has none or no VLM is loaded), a number another z, None every visual token
-        refined (the paper's method); see ``Pipeline.refine_mask_z``.
+        refined (the paper's method); see ``Pipeline.refine_mask_z``. ``refine_mask_classes``: ``"bundle"``
+        (default) the bundle's ``adapter.refine_mask_classes`` (``"any"`` when absent), or ``"any"`` /
+        ``"reported"``; see ``Pipeline.refine_mask_classes``.
         ``verify=True`` reruns the loaded backend's graphs on the reference inputs the bundle carries
         (what ``rtrt check`` does for every backend) before anything else is loaded, and raises
         ``ParityError`` when one differs from the reference on this machine.
@@ -360,6 +402,10 @@ class Pipeline:
                 ref = vlm if vlm is not None else bundle.resolve_ref(spec.ref)
                 family = load_vlm(ref, dtype=dtype, device=device)
         pipe = cls(bundle, be, family, max_new_tokens=max_new_tokens, device=device)
+        if refine_mask_classes == "bundle":
+            adapter = bundle.manifest.adapter
+            refine_mask_classes = adapter.refine_mask_classes if adapter is not None else "any"
+        pipe.refine_mask_classes = refine_mask_classes
         if isinstance(refine_mask_z, str):
             if refine_mask_z != "bundle":
                 raise InputError(f"refine_mask_z must be 'bundle', a finite number or None, not {refine_mask_z!r}")
@@ -516,11 +562,11 @@ class Pipeline:
                   for r, box, im in zip(dets, regs, pil)]
         hint_names = [([] if not hints else [d.name for d in r.detections] if box is None else [rd.name] if rd is not None else [])
                       for r, rd, box in zip(dets, in_box, regs)]
-        mask, bias, z = None, None, self._refine_mask_z  # read once: another thread may set it meanwhile
+        mask, bias, z, which = None, None, self._refine_mask_z, self._refine_mask_classes  # read once: another thread may set them
         sampled: dict = {}  # each frame's token cells, sampled once for the mask and the bias
         if refine and (z is not None or self._box_regions(regs)):
             with timer("refine_mask"):
-                mask = self._refine_masks(pil, dets, z, regs, sampled)
+                mask = self._refine_masks(pil, dets, z, regs, sampled, which, hint_names)
         if refine and self._adapter_flag("detector_bias"):
             with timer("class_bias"):
                 bias = self._class_biases(pil, dets, regs, sampled)
@@ -638,5 +684,6 @@ class Pipeline:
             "vlm_precision": None if self.vlm is None else getattr(self.vlm, "precision", "fp32"),
             "threads": getattr(be, "threads", None),  # ONNX Runtime intra-op threads (None: torch/trt)
             "refine_mask_z": self._refine_mask_z,  # None: every visual token refined (the paper)
+            "refine_mask_classes": self._refine_mask_classes,  # any | reported: whose cells that mask keeps
         }
 

@@ -5,6 +5,8 @@ paper's recipe; a bundle's default is its ``adapter.refine_mask_z``, 0 in the de
 ``rtrt calibrate --refine-mask-z`` set it) the adapter's residual is kept only at the LLaVA token cells where the
 calibrated detector finds a rare class: a class's z-score of the detector's similarity, sampled at the
 cell's centre, exceeds ``z``. Tokens of common objects and background then reach the VLM unchanged.
+With ``Pipeline.refine_mask_classes = "reported"`` (``adapter.refine_mask_classes``) only the classes the
+detector reports for the image count: the refinement then writes only what the hints would name.
 
 - ``cell_centres``: (x, y) in input-image pixels of each token cell's centre, through the CLIP image
   processor's resize and centre crop (the same for transformers' processor and the numpy one).
@@ -82,22 +84,26 @@ def sample_cells(similarity, image_size: tuple[int, int], centres: np.ndarray) -
     return (top * (1 - fy) + bottom * fy).astype(np.float32)
 
 
-def hot_cells(cells: np.ndarray, detector, z: float | None = None) -> np.ndarray:
+def hot_cells(cells: np.ndarray, detector, z: float | None = None, classes=None) -> np.ndarray:
     """``[N]`` bool: the cells whose own similarity ``cells`` [N, C] the detector's decision reports:
     a class's calibrated z-score above ``z`` (None: the detector's ``z_threshold``), or an uncalibrated
-    detector's raw threshold."""
+    detector's raw threshold. ``classes``: only these class indices count (``refine_mask_classes
+    "reported"``: the image's detections; empty: no cell); None: every class."""
     scores = detector.decision_scores(np.asarray(cells, dtype=np.float64))
     threshold = z if z is not None and detector.calibrated else detector.decision_threshold
+    if classes is not None:
+        scores = scores[:, np.asarray(list(classes), dtype=np.int64)]
     return (scores > threshold).any(axis=-1)
 
 
 def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any],
-               detector, z: float) -> np.ndarray:
+               detector, z: float, classes=None) -> np.ndarray:
     """``[tokens_per_image]`` float32: 1 at the visual tokens whose cell the detector reports a rare class
-    in (at ``z``), 0 elsewhere; LLaVA's fixed grid (a first CLS token, "full" strategy, gets 0)."""
+    in (at ``z``; ``classes``: only those class indices, see ``hot_cells``), 0 elsewhere; LLaVA's fixed
+    grid (a first CLS token, "full" strategy, gets 0)."""
     per_image, offset, _, cells = token_cells(similarity, image_size, layout, geometry)
     mask = np.zeros(per_image, dtype=np.float32)
-    mask[offset:] = hot_cells(cells, detector, z)
+    mask[offset:] = hot_cells(cells, detector, z, classes)
     return mask
 
 

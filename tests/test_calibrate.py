@@ -203,6 +203,30 @@ def test_calibrate_sets_keeps_and_removes_the_refinement_mask(world_and_bundle, 
         assert "--refine-mask-z: expected a finite number, off or keep" in capsys.readouterr().err
 
 
+def test_calibrate_sets_and_keeps_whose_cells_the_mask_keeps(world_and_bundle, tmp_path, capsys):
+    """``--refine-mask-classes reported``: written into the adapter section and said; a recalibration keeps it;
+    ``any`` (the default) is not written, so a bundle without it keeps its manifest bytes."""
+    world, src = world_and_bundle
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    base = ["calibrate", "--bundle", str(bundle), "--data", str(world), "--backend", "torch"]
+    assert load_bundle(bundle).manifest.adapter.refine_mask_classes == "any"
+    assert rtrt_main([*base, "--refine-mask-z", "0", "--refine-mask-classes", "reported"]) == 0
+    assert "of the classes the detector reports (--refine-mask-classes reported)" in capsys.readouterr().out
+    assert json.loads((bundle / "manifest.json").read_text())["adapter"]["refine_mask_classes"] == "reported"
+    assert rtrt_main(base) == 0  # keep
+    assert load_bundle(bundle).manifest.adapter.refine_mask_classes == "reported"
+    assert rtrt_main([*base, "--refine-mask-classes", "any"]) == 0
+    assert "refine_mask_classes" not in json.loads((bundle / "manifest.json").read_text())["adapter"]
+    assert load_bundle(bundle).manifest.adapter.refine_mask_classes == "any"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        rtrt_main([*base, "--refine-mask-classes", "some"])
+    assert "invalid choice: 'some'" in capsys.readouterr().err
+
+
 def test_calibrate_refuses_a_mask_the_bundle_cannot_run(world_and_bundle, tmp_path, capsys):
     """No adapter, or a VLM without LLaVA's fixed token grid: one line, exit 2, nothing written."""
     world, src = world_and_bundle
@@ -239,6 +263,12 @@ def test_a_refinement_mask_in_the_manifest_is_a_finite_number(tmp_path):
             Manifest.from_dict(d)
     d["adapter"]["refine_mask_z"] = -1
     assert Manifest.from_dict(d).adapter.refine_mask_z == -1
+    for bad in ("all", 1, None):
+        d["adapter"]["refine_mask_classes"] = bad
+        with pytest.raises(BundleError, match="refine_mask_classes"):
+            Manifest.from_dict(d)
+    d["adapter"]["refine_mask_classes"] = "reported"
+    assert Manifest.from_dict(d).adapter.refine_mask_classes == "reported"
 
 
 # ----------------------------------------------------------------------------- region questions

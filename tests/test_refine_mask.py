@@ -10,6 +10,7 @@ ran is reported; bad settings are one-line errors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -68,9 +69,66 @@ def test_hot_cells_is_the_detectors_decision_per_cell():
     assert mask.tolist()[0] == 0.0 and mask.sum() >= 1 and mask[1] == 1.0
 
 
+
+def test_reported_classes_keep_only_their_own_cells():
+    """``refine_mask_classes "reported"``: a cell counts only for the classes given (the image's detections);
+    none given, no cell; None, every class (``"any"``)."""
+    cells = np.array([[0.9, 0.1], [0.2, 0.2], [0.1, 0.65]])
+    cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5, 0.5], score_std=[0.1, 0.1], z_threshold=2.0)
+    assert hot_cells(cells, cal, 0.0, None).tolist() == [True, False, True]
+    assert hot_cells(cells, cal, 0.0, [0]).tolist() == [True, False, False]  # class 1's cell left out
+    assert hot_cells(cells, cal, 0.0, [1]).tolist() == [False, False, True]
+    assert hot_cells(cells, cal, 0.0, []).tolist() == [False, False, False]
+    assert hot_cells(cells, cal, 0.0, [1, 0]).tolist() == [True, False, True]
+
+
 @pytest.fixture(scope="module")
 def pipes():
     return Pipeline.from_bundle(DEMO, max_new_tokens=32), Pipeline.from_bundle(DEMO, vlm_backend="torch", max_new_tokens=32)
+
+
+def test_the_pipelines_class_masks_are_their_detections_cells(pipes):
+    """On the examples: "reported" keeps exactly the cells where one of the image's detected classes passes z,
+    "unhinted" those where a class the hint does not name does (with no hint: the any-class mask); a frame
+    without detections gets no reported cell; refinement alone (no hint) runs "unhinted" as "any"; the
+    exported and the transformers VLM answer alike with each setting."""
+    ort = pipes[0]
+    images = [load_image(p) for p in IMAGES]
+    dets = [ort.detect(im) for im in images]
+    assert all(d.detections for d in dets[:3])
+    hinted = [[x.name for x in d.detections] for d in dets]
+    every = ort._refine_masks(images, dets, 0.0, classes="any")
+    reported = ort._refine_masks(images, dets, 0.0, classes="reported")
+    unhinted = ort._refine_masks(images, dets, 0.0, classes="unhinted", hinted=hinted)
+    assert np.array_equal(ort._refine_masks(images, dets, 0.0, classes="unhinted"), every)  # no hint: every class
+    assert np.all(reported <= every) and reported.sum() < every.sum()  # other classes' cells dropped
+    assert np.all(unhinted <= every) and unhinted.sum() < every.sum()
+    per = int(ort.vlm.image_token_layout()["tokens_per_image"])
+    names = list(ort.class_names)
+    for i, (im, d) in enumerate(zip(images, dets)):
+        _, offset, _, cells = ort._token_cells(i, im, d, "test", {})
+        mine = [names.index(n) for n in hinted[i]]
+        want = hot_cells(cells, ort.detector_cfg, 0.0, mine)
+        assert np.array_equal(reported[i * per + offset:(i + 1) * per] > 0, want)
+        want = hot_cells(cells, ort.detector_cfg, 0.0, [c for c in range(len(names)) if c not in mine])
+        assert np.array_equal(unhinted[i * per + offset:(i + 1) * per] > 0, want)
+    blank = dataclasses.replace(dets[0], detections=[])
+    assert every[:per].sum() > 0 and ort._refine_masks(images[:1], [blank], 0.0, classes="reported").sum() == 0
+    alone = [r.answer for r in ort.batch(IMAGES, hints=False)]
+    try:
+        for which in ("reported", "unhinted"):
+            for p in pipes:
+                p.refine_mask_classes = which
+            assert [p.describe()["refine_mask_classes"] for p in pipes] == [which, which]
+            assert [r.answer for r in pipes[0].batch(IMAGES)] == [r.answer for r in pipes[1].batch(IMAGES)]
+            assert np.array_equal(ort.refine_mask(IMAGES[0], hints=True),
+                                  ort._refine_masks(images[:1], dets[:1], 0.0, classes=which, hinted=hinted[:1]))
+        assert [r.answer for r in ort.batch(IMAGES, hints=False)] == alone  # unhinted without hints: every class
+        with pytest.raises(InputError, match="refine_mask_classes must be one of any, reported, unhinted, not 'all'"):
+            pipes[0].refine_mask_classes = "all"
+    finally:
+        for p in pipes:
+            p.refine_mask_classes = "any"
 
 
 def test_masked_tokens_are_the_plain_or_the_refined_encoders(pipes):

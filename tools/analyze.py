@@ -375,6 +375,7 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
         "patches": {g: float(np.mean([e["patches"][g] for e in per_image])) for g in GROUPS[:TEXT]},
         "middle_layers": middle, "conditions": conditions, "per_image": per_image,
         "refine_mask_z": pipe.refine_mask_z,  # None: every visual token refined
+        "refine_mask_classes": pipe.refine_mask_classes,  # any | reported: whose cells that mask keeps
     }
 
 
@@ -393,7 +394,9 @@ def report_markdown(res: dict) -> str:
         f"{res['images']} {res['split']} images; {b['name_tokens']} name tokens baseline ({b['rare_name_tokens']} of rare "
         f"classes), {r['name_tokens']} refined ({r['rare_name_tokens']} rare); objects from the {res['objects_from']}; "
         + ("every visual token refined." if res.get("refine_mask_z") is None else
-           f"tokens refined where a class's detector z-score exceeds {res['refine_mask_z']:g} (--refine-mask-z)."),
+           f"tokens refined where a class's detector z-score exceeds {res['refine_mask_z']:g} (--refine-mask-z)"
+           + (", of the classes the detector reports (--refine-mask-classes reported)."
+              if res.get("refine_mask_classes") == "reported" else ".")),  # unhinted: every class here (no hints)
         "",
         "Per patch, relative to uniform (1 = the image's attention spread evenly over its patches):",
         "",
@@ -523,7 +526,7 @@ def write_report(res: dict, out_dir: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from rtrt.tools.infer import REFINE_MASK_HELP, refine_mask_arg
+    from rtrt.tools.infer import REFINE_CLASSES_HELP, REFINE_MASK_HELP, refine_mask_arg
 
     p = argparse.ArgumentParser(prog="rtrt analyze", description="Analyses of how the VLM sees, with and without the plug-in.")
     sub = p.add_subparsers(dest="analysis", required=True, metavar="{attention}")
@@ -544,6 +547,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit, also for reference answers (default: 96)")
     a.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
     a.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
+    a.add_argument("--refine-mask-classes", default="bundle", choices=("any", "reported", "unhinted", "bundle"), help=REFINE_CLASSES_HELP)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")
@@ -558,7 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_run_args(args.limit, 1, args.max_new_tokens)
     pipe = Pipeline.from_bundle(args.bundle or default_bundle(), backend="torch", vlm_backend="torch", device=args.device,
-                                max_new_tokens=args.max_new_tokens, refine_mask_z=args.refine_mask_z)
+                                max_new_tokens=args.max_new_tokens, refine_mask_z=args.refine_mask_z,
+                                refine_mask_classes=args.refine_mask_classes)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_attention(pipe, data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         query=args.query, answers=args.answers, progress=not args.quiet)

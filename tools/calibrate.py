@@ -14,7 +14,8 @@ hint recall at a precision of at least P there. Fit on a split you do not report
 another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
 ``detector`` section in one atomic bundle update. ``--refine-mask-z Z`` also sets the bundle's default
 refinement mask (``manifest.adapter.refine_mask_z``, see ``Pipeline.refine_mask_z``), which the
-calibrated z-scores decide; ``off`` removes it. Region questions (``Pipeline(..., region=box)``) are
+calibrated z-scores decide; ``off`` removes it; ``--refine-mask-classes reported`` keeps only the cells of the
+classes the detector reports for the image (``manifest.adapter.refine_mask_classes``). Region questions (``Pipeline(..., region=box)``) are
 hinted with the box's best class (``region_detection``) when its z-score exceeds
 ``detector.region_z_threshold``, fitted by the same rule over the split's region boxes (``--region-z``).
 """
@@ -161,6 +162,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "infer/eval use unless told otherwise): Z = the adapter's change kept only at the image-token cells "
                         "where a class's calibrated z-score exceeds Z (an addition to the paper's method; LLaVA grids); "
                         "off = every token refined (the paper); keep = leave the bundle's setting (default: keep)")
+    p.add_argument("--refine-mask-classes", default="keep", choices=("any", "reported", "unhinted", "keep"),
+                   help="whose cells that mask keeps (manifest adapter.refine_mask_classes; an addition to the paper's "
+                        "method): any = a cell where any class's z-score exceeds Z; reported = only the classes the detector "
+                        "reports for the image; unhinted = only the classes the prompt's hint does not name (every class "
+                        "without hints); keep = leave the bundle's setting (default: keep)")
     p.add_argument("--dry-run", action="store_true", help="print the fit and its hint quality without writing the bundle")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p.parse_args(argv)
@@ -180,10 +186,10 @@ def _check_mask_bundle(bundle) -> None:
 
     m = bundle.manifest
     if m.adapter is None:
-        raise InputError(f"{bundle.root}: --refine-mask-z needs a bundle with an adapter")
+        raise InputError(f"{bundle.root}: the refinement mask (--refine-mask-z, --refine-mask-classes) needs a bundle with an adapter")
     family = m.vlm.family if m.vlm is not None else None
     if family not in (None, "", "llava"):
-        raise InputError(f"{bundle.root}: --refine-mask-z needs LLaVA's fixed image-token grid, not a {family!r} VLM")
+        raise InputError(f"{bundle.root}: the refinement mask (--refine-mask-z, --refine-mask-classes) needs LLaVA's fixed image-token grid, not a {family!r} VLM")
     refined = m.exports.vlm.graph(VISION_ENCODER_REFINED) if m.exports.vlm is not None else None
     if refined is not None and VLM_REFINE_MASK not in refined.inputs:
         raise InputError(f"{bundle.root}: its exported refined vision encoder takes no refinement mask; re-export it with "
@@ -230,9 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"{split_dir}: no CODA-LM split {args.split!r} under {args.data}")
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, load_vlm_model=False)
     adapter = pipe.bundle.manifest.adapter
-    if args.refine_mask_z not in ("keep", None):
+    if args.refine_mask_z not in ("keep", None) or args.refine_mask_classes not in ("keep", "any"):
         _check_mask_bundle(pipe.bundle)
     mask_z = (adapter.refine_mask_z if adapter is not None else None) if args.refine_mask_z == "keep" else args.refine_mask_z
+    mask_classes = (adapter.refine_mask_classes if adapter is not None else "any") if args.refine_mask_classes == "keep" \
+        else args.refine_mask_classes
     names = pipe.class_names
     refs = read_tasks(task_file(split_dir / "vqa_anno", "general_perception"))
     anns = [a for _, a in iter_annotations(split_dir)]
@@ -267,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         region_threshold = region_z
     result = {"split": args.split, "images": len(scores), "calibration": {k_: v for k_, v in fit.items() if k_ != "quality"},
               "hints_before": before, "hints_after": fit["quality"], "refine_mask_z": mask_z,
-              "region_z_threshold": region_threshold, "region_hints": None if region_fit is None else region_fit["quality"],
+              "refine_mask_classes": mask_classes, "region_z_threshold": region_threshold, "region_hints": None if region_fit is None else region_fit["quality"],
               "written": not args.dry_run}
     if not args.dry_run:
         b = pipe.bundle
@@ -275,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   z_threshold=fit["z_threshold"], top_k=fit["top_k"],
                                                   region_z_threshold=region_threshold)
         if adapter is not None:
-            b.manifest.adapter = dataclasses.replace(adapter, refine_mask_z=mask_z)
+            b.manifest.adapter = dataclasses.replace(adapter, refine_mask_z=mask_z, refine_mask_classes=mask_classes)
         b.manifest.training["calibration"] = {"data": Path(args.data).name, "split": args.split, "images": len(scores),
                                               "min_precision": args.min_precision, "hints_after": fit["quality"],
                                               **({} if region_fit is None else {"region_hints": region_fit["quality"]}),
@@ -306,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                if args.region_z == "auto" else ""))
     if adapter is not None:
         print("  refinement: every visual token (the paper)" if mask_z is None else
-              f"  refinement: only the image-token cells where a class's z-score exceeds {mask_z:g} (--refine-mask-z)")
+              f"  refinement: only the image-token cells where a class's z-score exceeds {mask_z:g} (--refine-mask-z)"
+              + {"reported": ", of the classes the detector reports (--refine-mask-classes reported)",
+                 "unhinted": ", of the classes the hint does not name (--refine-mask-classes unhinted)"}.get(mask_classes, ""))
     print(f"{'(dry run, nothing written)' if args.dry_run else 'written to ' + str(pipe.bundle.root / 'manifest.json')}")
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from rtrt.runtime.names import BACKENDS, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
-from rtrt.tools.infer import REFINE_MASK_HELP, refine_mask_arg
+from rtrt.tools.infer import REFINE_CLASSES_HELP, REFINE_MASK_HELP, refine_mask_arg
 
 __all__ = ["ABLATION_ROWS", "TASK_NAMES", "EvalRow", "check_run_args", "demo_test_world", "run_eval", "parse_args", "main"]
 
@@ -158,6 +158,8 @@ def run_eval(
                      "backend": ran["backend"], "precision": ran["precision"], "providers": ran["providers"],
                      "device": ran["device"], "vlm_backend": ran["vlm_backend"], "vlm_precision": ran["vlm_precision"],
                      **({"refine_mask_z": ran["refine_mask_z"]} if ran.get("refine_mask_z") is not None else {}),
+                     **({"refine_mask_classes": ran["refine_mask_classes"]}
+                        if ran.get("refine_mask_z") is not None and ran.get("refine_mask_classes", "any") != "any" else {}),
                      **({"region_hints": region_hints} if coda_task == "region_perception" else {}),
                      "rows": {}}
     tables = {}
@@ -294,6 +296,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="graph precision (int8: the bundle's *.int8.onnx graphs; fp16: TensorRT) (default: fp32)")
     p.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
+    p.add_argument("--refine-mask-classes", default="bundle", choices=("any", "reported", "unhinted", "bundle"), help=REFINE_CLASSES_HELP)
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM, torch = transformers "
                         "(default: ort when the bundle carries the exported VLM, else torch)")
@@ -333,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Loaded before the data (which may be generated, ~30 s): a missing device or precision fails first.
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, max_new_tokens=args.max_new_tokens, precision=args.precision,
                                 device=args.device, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision,
-                                refine_mask_z=args.refine_mask_z)
+                                refine_mask_z=args.refine_mask_z, refine_mask_classes=args.refine_mask_classes)
     data = args.data if args.data is not None else demo_test_world(progress=not args.quiet)
     res = run_eval(bundle, data, args.task, args.out, split=args.split, rows=rows, judge=judge, limit=args.limit,
                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet, pipeline=pipe,

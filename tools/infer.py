@@ -26,7 +26,7 @@ from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import ImageError, InputError
 from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
 
-__all__ = ["IMAGE_SUFFIXES", "REFINE_MASK_HELP", "image_paths", "refine_mask_arg", "parse_args", "main"]
+__all__ = ["IMAGE_SUFFIXES", "REFINE_MASK_HELP", "REFINE_CLASSES_HELP", "image_paths", "refine_mask_arg", "parse_args", "main"]
 
 # Files of a folder given to --image that are read as images (a file named directly is always tried).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
@@ -37,6 +37,10 @@ REFINE_MASK_HELP = (
     "detector's similarity exceeds Z (an addition to the paper's method: common objects and background reach the VLM "
     "unrefined; LLaVA grids); off = every visual token refined (the paper); bundle = the bundle's own setting "
     "(rtrt calibrate --refine-mask-z; the demo bundle's is 0) (default: bundle)")
+REFINE_CLASSES_HELP = (
+    "whose cells that mask keeps: any = a cell where any class's z-score exceeds Z; reported = only the classes the "
+    "detector reports for the image; unhinted = only the classes the prompt's hint does not name (every class with "
+    "--no-hints); bundle = the bundle's own setting (rtrt calibrate --refine-mask-classes) (default: bundle)")
 
 
 def refine_mask_arg(text: str, default: str = "bundle") -> float | str | None:
@@ -78,6 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
     p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
+    p.add_argument("--refine-mask-classes", default="bundle", choices=("any", "reported", "unhinted", "bundle"), help=REFINE_CLASSES_HELP)
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM on ONNX Runtime (no torch needed), torch = "
                         "transformers (default: ort when the bundle carries the exported VLM, else torch)")
@@ -189,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle, backend=args.backend, vlm=args.vlm, device=args.device,
         max_new_tokens=args.max_new_tokens, on_engine_mismatch=args.on_engine_mismatch, precision=args.precision,
         threads=args.threads, vlm_backend=args.vlm_backend, vlm_precision=args.vlm_precision,
-        refine_mask_z=args.refine_mask_z,
+        refine_mask_z=args.refine_mask_z, refine_mask_classes=args.refine_mask_classes,
     )
     options = {"hints": not args.no_hints, "refine": not args.no_refine}
     question = args.question

@@ -444,6 +444,23 @@ void test_options(const Expected& e) {
   masked.load_vlm = false;
   err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, masked); }, "refine_mask_z without a VLM");
   CHECK(err.kind() == rtrt::ErrorKind::ModelMismatch && err.what() == e.mask_without_vlm, "refine_mask_z: " << err.what());
+  // refine_mask_classes reaches the runtime: the bundle's own setting when empty, "any" or "reported" when set,
+  // another value refused as Python refuses it.
+  {
+    rtrt::Options classes;
+    classes.load_vlm = false;
+    const std::string own = rtrt::Pipeline(e.demo_bundle, classes).describe()["refine_mask_classes"];
+    CHECK(own == "any" || own == "reported" || own == "unhinted", "the bundle's refine_mask_classes: describe() says " << own);
+    for (const std::string v : {"any", "reported", "unhinted"}) {
+      classes.refine_mask_classes = v;
+      const std::string got = rtrt::Pipeline(e.demo_bundle, classes).describe()["refine_mask_classes"];
+      CHECK(got == v, "refine_mask_classes " << v << ": describe() says " << got);
+    }
+    classes.refine_mask_classes = "all";
+    err = expect_error([&] { rtrt::Pipeline p(e.demo_bundle, classes); }, "refine_mask_classes all");
+    CHECK(err.kind() == rtrt::ErrorKind::Input && std::string(err.what()).find("refine_mask_classes must be one of any, reported, unhinted") != std::string::npos,
+          "refine_mask_classes all: " << err.what());
+  }
 
   // The thread count arrives in ONNX Runtime: the one live Python Pipeline's sessions use it.
   rtrt::Options three;

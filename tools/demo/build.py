@@ -49,7 +49,7 @@ STAGE_FIELDS = {
     "phase2": ("phase2_epochs", "adapter_width", "phase2_hints", "phase2_hint_share", "phase2_recon", "phase2_reconstruction",
                "phase2_tasks", "phase2_null_slot", "phase2_slot_value", "phase2_keep", "phase2_keep_z",
                "phase2_refine_mask_z", "phase2_attn_prior", "phase2_detector_bias", "phase2_region_box", "phase2_images"),
-    "export": ("refine_mask_z",),
+    "export": ("refine_mask_z", "refine_mask_classes"),
 }
 STAGE_REPORT = {"vfm": ("vfm", "vfm_probe"), "vlm": ("vlm", "vlm_recall", "blind")}  # report entries a reused stage keeps
 
@@ -417,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 7. Hint calibration (rtrt calibrate): per-class z-scores, threshold and hint count fitted on the
     # world's val split (never on test), so an image gets only the classes that stand out for it.
     # The bundle's refinement mask (plan.refine_mask_z) is set with it: the calibrated z-scores decide it.
-    mask = ["--refine-mask-z", "off" if plan.refine_mask_z is None else str(plan.refine_mask_z)]
+    mask = ["--refine-mask-z", "off" if plan.refine_mask_z is None else str(plan.refine_mask_z),
+            "--refine-mask-classes", plan.refine_mask_classes]
     timer.run("calibrate", _call_main, "rtrt.tools.calibrate", ["--bundle", str(phase2), "--data", str(world), "--split", "val",
                                                                *calibrate_args, *mask])
     # 8. The probes that keep the demo honest (``python -m rtrt.tools.demo.probe``) on the build's test split, into the report.

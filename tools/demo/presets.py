@@ -49,6 +49,7 @@ class BuildPlan:
     calibrate_min_precision: float | None = None  # rtrt calibrate --min-precision (None: the best hint F1 on val)
     calibrate_stats: str = "all"  # rtrt calibrate --stats (absent: each class standardised over the val images without it)
     refine_mask_z: float | None = None  # rtrt calibrate --refine-mask-z: the bundle's refinement mask (None: every token refined)
+    refine_mask_classes: str = "any"  # rtrt calibrate --refine-mask-classes: whose cells that mask keeps (any; reported: the detected classes'; unhinted: those the hint does not name)
     world: dict = dataclasses.field(default_factory=dict)  # rtrt world flags beyond the sizes, e.g. {"object_scale": 1.6}
 
     def __post_init__(self):
@@ -59,6 +60,8 @@ class BuildPlan:
             raise ValueError(f"BuildPlan.phase2_images must be from 0 (all) to plugin ({self.plugin}), got {self.phase2_images}")
         if self.phase2_region_box and "region_perception" not in self.phase2_tasks:
             raise ValueError("BuildPlan.phase2_region_box needs region_perception in phase2_tasks")
+        if self.refine_mask_classes not in ("any", "reported", "unhinted"):
+            raise ValueError(f"BuildPlan.refine_mask_classes must be 'any', 'reported' or 'unhinted', got {self.refine_mask_classes!r}")
 
     def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
         """``rtrt world`` arguments of this plan's world (``splits``: image counts other than the plan's)."""

@@ -3,7 +3,8 @@
 //     rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]
 //                   [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]
 //                   [--device cpu|cuda:0] [--max-new-tokens N]
-//                   [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--region X0,Y0,X1,Y1]
+//                   [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--refine-mask-classes any|reported|unhinted|bundle]
+//                   [--region X0,Y0,X1,Y1]
 //
 // IMAGE: a PPM/PGM (read here, natively, as a camera driver would hand over pixels) or any
 // other format (PNG, JPEG, ...; decoded by the runtime exactly as `rtrt infer` does).
@@ -28,7 +29,8 @@ const char* kUsage =
     "usage: rtrt_cpp_demo IMAGE [BUNDLE] [--question Q] [--backend ort|trt|torch] [--precision fp32|fp16|int8]\n"
     "                     [--threads N] [--verify] [--vlm REF] [--vlm-backend ort|torch] [--vlm-precision fp32|int8]\n"
     "                     [--device DEV] [--max-new-tokens N]\n"
-    "                     [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--region X0,Y0,X1,Y1]\n";
+    "                     [--no-hints] [--no-refine] [--refine-mask-z Z|off|bundle] [--refine-mask-classes any|reported|unhinted|bundle]\n"
+    "                     [--region X0,Y0,X1,Y1]\n";
 
 // The whole argument must be a number ("3x" is refused, not read as 3).
 int to_int(const std::string& flag, const std::string& v) {
@@ -137,6 +139,9 @@ int main(int argc, char** argv) {
       options.refine_mask_z.reset();
       options.refine_every_token = v == "off";
       if (v != "off" && v != "bundle") options.refine_mask_z = to_double("--refine-mask-z", v);
+    } else if (a == "--refine-mask-classes") {  // as rtrt infer: the bundle's setting unless told otherwise
+      const std::string v = value("--refine-mask-classes");
+      options.refine_mask_classes = v == "bundle" ? std::string() : v;  // another value: the runtime's one-line error
     } else if (a == "--region") {  // as rtrt infer --region: CODA-LM's region question about this box
       call.region = to_box(value("--region"));
     } else if (a.rfind("--", 0) == 0) {

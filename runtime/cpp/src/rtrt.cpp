@@ -278,7 +278,8 @@ Pipeline::Pipeline(const std::string& bundle_dir, const Options& o) : impl_(std:
         "vlm_precision"_a = o.vlm_precision,
         "refine_mask_z"_a = o.refine_mask_z        ? py::object(py::float_(*o.refine_mask_z))
                             : o.refine_every_token ? py::object(py::none())
-                                                   : py::object(py::str("bundle")));
+                                                   : py::object(py::str("bundle")),
+        "refine_mask_classes"_a = o.refine_mask_classes.empty() ? std::string("bundle") : o.refine_mask_classes);
   });
 }
 
