@@ -79,6 +79,7 @@ class Result:
     vlm_backend: str | None = None  # how the VLM ran: "torch" (transformers) or "ort" (exported graphs)
     refine_mask_z: float | None = None  # the refinement mask that ran (Pipeline.refine_mask_z); None: every token, or no refinement
     region: Detection | None = None  # a region question's box class (``region_detection``; its box is the region; hinted when hints are on); None: no region, or nothing stands out in it
+    refine_mask_classes: str | None = None  # whose cells that mask kept (Pipeline.refine_mask_classes); None when refine_mask_z is
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rtrt infer --json`` object (``region`` only for a region question)."""
@@ -92,6 +93,7 @@ class Result:
             "providers": list(self.providers),
             "vlm_backend": self.vlm_backend,
             "refine_mask_z": self.refine_mask_z,
+            "refine_mask_classes": self.refine_mask_classes,
         }
 
 
@@ -576,7 +578,7 @@ class Pipeline:
         ran = self.describe()
         return [
             Result(a, r.detections, h, dict(timer.ms), r.similarity, ran["backend"], ran["precision"], list(ran["providers"]),
-                   self.vlm_backend, z if refine else None, rd)
+                   self.vlm_backend, z if refine else None, rd, which if refine and z is not None else None)
             for a, r, h, rd in zip(answers, dets, hint_names, in_box)
         ]
 

@@ -79,7 +79,8 @@ def test_refine_changes_answer_path_and_hints_go_into_prompt(pipe, assets):
     for stage in ("image_decode", "detector", "prompt_build", "vision_tower", "adapter", "prefill", "decode_per_token"):
         assert stage in res.timings_ms and res.timings_ms[stage] >= 0
     d = res.to_dict()
-    assert set(d) == {"answer", "detections", "timings_ms", "backend", "precision", "providers", "vlm_backend", "refine_mask_z"}
+    assert set(d) == {"answer", "detections", "timings_ms", "backend", "precision", "providers", "vlm_backend", "refine_mask_z",
+                      "refine_mask_classes"}
     assert (d["backend"], d["precision"], d["providers"], d["vlm_backend"]) == ("torch", "fp32", [], "torch")
     assert all(set(x) == {"name", "label", "score", "box", "peak"} for x in d["detections"])
 

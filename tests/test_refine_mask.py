@@ -202,6 +202,11 @@ def test_refine_mask_errors(pipes, tmp_path, capsys):
         out = json.loads(capsys.readouterr().out)
         answers[arg], ran[arg] = out["answer"], out["refine_mask_z"]
     assert ran == {"0": 0.0, "off": None, "bundle": 0.0, "1e6": 1e6}  # --json says which mask ran
+    for arg, want in (("any", "any"), ("unhinted", "unhinted")):
+        assert main(["infer", "--image", IMAGES[0], "--refine-mask-classes", arg, "--json", "--max-new-tokens", "4"]) == 0
+        assert json.loads(capsys.readouterr().out)["refine_mask_classes"] == want
+    assert main(["infer", "--image", IMAGES[0], "--refine-mask-z", "off", "--json", "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["refine_mask_classes"] is None  # no mask: no classes
     assert answers["0"] == answers["bundle"] and answers["off"] != answers["1e6"]
     assert main(["infer", "--image", IMAGES[0], "--no-refine", "--json", "--max-new-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["refine_mask_z"] is None  # nothing refined
