@@ -62,9 +62,10 @@ class AdapterConfig:
     # every token refined (the paper). Written by ``rtrt calibrate --refine-mask-z``.
     refine_mask_z: float | None = None
     # Which classes' cells that mask keeps (Pipeline.refine_mask_classes): "any", a cell where any class's
-    # z-score exceeds refine_mask_z; "reported", only the classes the detector reports for the image (its
-    # detections); "unhinted", only the classes the prompt's hint does not name (with hints off, every
-    # class), so the refinement adds what the hints leave out instead of repeating them.
+    # z-score exceeds refine_mask_z; "reported", a cell whose best class (highest z) exceeds it and is one
+    # the detector reports for the image (its detections); "unhinted", a cell whose best class exceeds it
+    # and is not named by the prompt's hint (with hints off, every class), so the refinement adds what the
+    # hints leave out instead of repeating them.
     # Written by ``rtrt calibrate --refine-mask-classes``.
     refine_mask_classes: str = "any"
 

@@ -205,10 +205,11 @@ class Pipeline:
     @property
     def refine_mask_classes(self) -> str:
         """Which classes' cells ``refine_mask_z``'s mask keeps (an addition to the paper's method):
-        ``"any"``, a cell where any class's z-score exceeds z; ``"reported"``, only the classes the
-        detector reports for the image (an image with no detection is not refined); ``"unhinted"``, only
-        the classes the prompt's hint does not name (with ``hints=False`` every class, as ``"any"``): the
-        hint names what the detector is sure of, the refinement adds the rest instead of repeating it.
+        ``"any"``, a cell where any class's z-score exceeds z; ``"reported"``, a cell whose best class
+        (highest z there) exceeds z and is one the detector reports for the image (an image with no
+        detection is not refined); ``"unhinted"``, a cell whose best class exceeds z and is not named by
+        the prompt's hint (with ``hints=False`` every class, as ``"any"``): the hint names what the
+        detector is sure of, the refinement adds the rest instead of repeating it or overwriting it.
         Read only while ``refine_mask_z`` is set; a region question's box mask is its own.
         ``from_bundle`` sets the bundle's own value (``manifest.adapter.refine_mask_classes``, ``rtrt
         calibrate --refine-mask-classes``; ``"any"`` when absent)."""

@@ -5,8 +5,10 @@ paper's recipe; a bundle's default is its ``adapter.refine_mask_z``, 0 in the de
 ``rtrt calibrate --refine-mask-z`` set it) the adapter's residual is kept only at the LLaVA token cells where the
 calibrated detector finds a rare class: a class's z-score of the detector's similarity, sampled at the
 cell's centre, exceeds ``z``. Tokens of common objects and background then reach the VLM unchanged.
-With ``Pipeline.refine_mask_classes = "reported"`` (``adapter.refine_mask_classes``) only the classes the
-detector reports for the image count: the refinement then writes only what the hints would name.
+With ``Pipeline.refine_mask_classes`` (``adapter.refine_mask_classes``) a cell counts only when its best
+class (the highest z-score there) is one the setting allows: ``"reported"``, the image's detections;
+``"unhinted"``, the classes the prompt's hint does not name (a cell that belongs to a hinted class is
+left to the hint).
 
 - ``cell_centres``: (x, y) in input-image pixels of each token cell's centre, through the CLIP image
   processor's resize and centre crop (the same for transformers' processor and the numpy one).
@@ -86,14 +88,17 @@ def sample_cells(similarity, image_size: tuple[int, int], centres: np.ndarray) -
 
 def hot_cells(cells: np.ndarray, detector, z: float | None = None, classes=None) -> np.ndarray:
     """``[N]`` bool: the cells whose own similarity ``cells`` [N, C] the detector's decision reports:
-    a class's calibrated z-score above ``z`` (None: the detector's ``z_threshold``), or an uncalibrated
-    detector's raw threshold. ``classes``: only these class indices count (``refine_mask_classes
-    "reported"``: the image's detections; empty: no cell); None: every class."""
+    the cell's best class (its highest calibrated z-score) above ``z`` (None: the detector's
+    ``z_threshold``), or an uncalibrated detector's raw threshold; for every class at once that is "any
+    class above it". ``classes``: the cell counts only when its best class is one of these indices
+    (``refine_mask_classes``: the image's detections, or the classes the hint does not name; empty: no
+    cell), so a cell that belongs to another class is left alone; None: every class."""
     scores = detector.decision_scores(np.asarray(cells, dtype=np.float64))
     threshold = z if z is not None and detector.calibrated else detector.decision_threshold
+    hot = scores.max(axis=-1) > threshold
     if classes is not None:
-        scores = scores[:, np.asarray(list(classes), dtype=np.int64)]
-    return (scores > threshold).any(axis=-1)
+        hot &= np.isin(scores.argmax(axis=-1), np.asarray(list(classes), dtype=np.int64))
+    return hot
 
 
 def token_mask(similarity, image_size: tuple[int, int], layout: Mapping[str, Any], geometry: Mapping[str, Any],

@@ -70,16 +70,19 @@ def test_hot_cells_is_the_detectors_decision_per_cell():
 
 
 
-def test_reported_classes_keep_only_their_own_cells():
-    """``refine_mask_classes "reported"``: a cell counts only for the classes given (the image's detections);
-    none given, no cell; None, every class (``"any"``)."""
-    cells = np.array([[0.9, 0.1], [0.2, 0.2], [0.1, 0.65]])
+def test_class_masks_keep_the_cells_whose_best_class_is_allowed():
+    """``refine_mask_classes``: a cell counts only when its best class (highest z) passes z and is one of the
+    classes given (the image's detections, or the classes the hint does not name): a cell where an allowed
+    class passes z but another class stands out more is left alone; none given, no cell; None, every class
+    (``"any"``: any class above z, the same as the best one)."""
+    cells = np.array([[0.9, 0.1], [0.2, 0.2], [0.1, 0.65], [0.9, 0.8]])
     cal = DetectorConfig(d_vfm=4, d_llm=4, score_mean=[0.5, 0.5], score_std=[0.1, 0.1], z_threshold=2.0)
-    assert hot_cells(cells, cal, 0.0, None).tolist() == [True, False, True]
-    assert hot_cells(cells, cal, 0.0, [0]).tolist() == [True, False, False]  # class 1's cell left out
-    assert hot_cells(cells, cal, 0.0, [1]).tolist() == [False, False, True]
-    assert hot_cells(cells, cal, 0.0, []).tolist() == [False, False, False]
-    assert hot_cells(cells, cal, 0.0, [1, 0]).tolist() == [True, False, True]
+    assert hot_cells(cells, cal, 0.0, None).tolist() == [True, False, True, True]
+    assert hot_cells(cells, cal, 0.0, [0]).tolist() == [True, False, False, True]  # class 1's cell left out
+    assert hot_cells(cells, cal, 0.0, [1]).tolist() == [False, False, True, False]  # the last cell is class 0's (z 4 > 3)
+    assert hot_cells(cells, cal, 0.0, []).tolist() == [False, False, False, False]
+    assert hot_cells(cells, cal, 0.0, [1, 0]).tolist() == [True, False, True, True]
+    assert hot_cells(cells, cal, 3.5, [1]).tolist() == [False, False, False, False]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +91,8 @@ def pipes():
 
 
 def test_the_pipelines_class_masks_are_their_detections_cells(pipes):
-    """On the examples: "reported" keeps exactly the cells where one of the image's detected classes passes z,
-    "unhinted" those where a class the hint does not name does (with no hint: the any-class mask); a frame
+    """On the examples: "reported" keeps exactly the cells whose best class passes z and is one of the image's
+    detections, "unhinted" those whose best class the hint does not name (with no hint: the any-class mask); a frame
     without detections gets no reported cell; refinement alone (no hint) runs "unhinted" as "any"; the
     exported and the transformers VLM answer alike with each setting."""
     ort = pipes[0]

@@ -164,9 +164,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "off = every token refined (the paper); keep = leave the bundle's setting (default: keep)")
     p.add_argument("--refine-mask-classes", default="keep", choices=("any", "reported", "unhinted", "keep"),
                    help="whose cells that mask keeps (manifest adapter.refine_mask_classes; an addition to the paper's "
-                        "method): any = a cell where any class's z-score exceeds Z; reported = only the classes the detector "
-                        "reports for the image; unhinted = only the classes the prompt's hint does not name (every class "
-                        "without hints); keep = leave the bundle's setting (default: keep)")
+                        "method): any = a cell where any class's z-score exceeds Z; reported = a cell whose best class "
+                        "exceeds Z and is one the detector reports for the image; unhinted = a cell whose best class exceeds "
+                        "Z and is not named by the prompt's hint (every class without hints); keep = leave the bundle's "
+                        "setting (default: keep)")
     p.add_argument("--dry-run", action="store_true", help="print the fit and its hint quality without writing the bundle")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p.parse_args(argv)

@@ -38,9 +38,10 @@ REFINE_MASK_HELP = (
     "unrefined; LLaVA grids); off = every visual token refined (the paper); bundle = the bundle's own setting "
     "(rtrt calibrate --refine-mask-z; the demo bundle's is 0) (default: bundle)")
 REFINE_CLASSES_HELP = (
-    "whose cells that mask keeps: any = a cell where any class's z-score exceeds Z; reported = only the classes the "
-    "detector reports for the image; unhinted = only the classes the prompt's hint does not name (every class with "
-    "--no-hints); bundle = the bundle's own setting (rtrt calibrate --refine-mask-classes) (default: bundle)")
+    "whose cells that mask keeps: any = a cell where any class's z-score exceeds Z; reported = a cell whose best class "
+    "(highest z-score) exceeds Z and is one the detector reports for the image; unhinted = a cell whose best class "
+    "exceeds Z and is not named by the prompt's hint (every class with --no-hints); bundle = the bundle's own setting "
+    "(rtrt calibrate --refine-mask-classes) (default: bundle)")
 
 
 def refine_mask_arg(text: str, default: str = "bundle") -> float | str | None:

@@ -95,10 +95,10 @@ PRESETS: dict[str, BuildPlan] = {
     # of at least 55% on val, 200 images as test (the first 100 were the whole val split before; 100 gave
     # thresholds and per-class AUROC from about 8 images per rare class). The bundle refines only the
     # image-token cells where a class's calibrated detector z-score exceeds 0 (refine_mask_z), and with a
-    # hint in the prompt only those of the classes the hint does not name (refine_mask_classes "unhinted":
-    # the hint names what the detector is sure of, the refinement the rest; chosen on val and seed 2,
-    # confirmed on test and seeds 1, 3, 4, 5, 6 and 8: both remedies' common cost smaller on eight of
-    # the nine splits, 0.2 larger on seed 4). Every
+    # hint in the prompt only the cells whose best class the hint does not name (refine_mask_classes
+    # "unhinted": the hint names what the detector is sure of, the refinement the rest; chosen on val and
+    # seed 2, confirmed on test and seeds 1, 3, 4, 5, 6 and 8: both remedies' common cost smaller on seven
+    # of the nine splits, equal on seed 5, 0.2 larger on seed 4; seed 1 -2.6 -> -1.7). Every
     # choice and its measurements: README, "How the recipe was found". Measured: 3,905 s from nothing
     # in one run on a 2-core Intel Xeon (Sapphire Rapids) with 600 plug-in and 100 val images, nothing
     # else running; the shipped VLM and VFM are that run's (neither reads the plug-in or val split), its

@@ -103,9 +103,9 @@ struct Options {
                                             // (rtrt calibrate --refine-mask-z; the demo bundle's is 0)
   bool refine_every_token = false;          // true: every visual token refined (the paper), whatever the bundle says;
                                             // with refine_mask_z set too: ErrorKind::Input
-  std::string refine_mask_classes;          // whose cells that mask keeps: "any", "reported" (the classes the detector reports)
-                                            // or "unhinted" (those the hint does not name); Pipeline.refine_mask_classes;
-                                            // empty: the bundle's own setting
+  std::string refine_mask_classes;          // whose cells that mask keeps: "any", or the cells whose best class is "reported"
+                                            // (one the detector reports) or "unhinted" (not named by the hint);
+                                            // Pipeline.refine_mask_classes; empty: the bundle's own setting
 };
 
 // Per-call switches of answer(): the method's two remedies and the length limit.
