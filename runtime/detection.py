@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .names import display_name
+from .names import REFINE_MASK_CLASSES, display_name
 
 __all__ = [
     "AdapterConfig",
@@ -29,7 +29,6 @@ __all__ = [
     "check_region",
     "BOX_CUT",
     "BOX_UPSAMPLE",
-    "REFINE_MASK_CLASSES",
     "display_name",
 ]
 
@@ -38,7 +37,6 @@ __all__ = [
 # world of another seed; the measured alternatives are in the README.
 BOX_CUT = 0.8  # region cut: this fraction of the way from the map's median to its peak
 BOX_UPSAMPLE = 4  # the map is bilinearly upsampled this many times per side before the cut (sub-patch boxes)
-REFINE_MASK_CLASSES = ("any", "reported", "unhinted")  # AdapterConfig.refine_mask_classes / Pipeline.refine_mask_classes
 
 
 @dataclass

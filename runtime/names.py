@@ -31,6 +31,7 @@ __all__ = ["display_name",
     "BACKENDS",
     "VLM_BACKENDS",
     "VLM_PRECISIONS",
+    "REFINE_MASK_CLASSES",
     "PRECISIONS",
     "MISMATCH_POLICIES",
     "VARIANTS",
@@ -132,6 +133,7 @@ SPECS: dict[str, GraphSpec] = {"detector": DETECTOR, "adapter": ADAPTER}  # each
 BACKENDS = ("torch", "ort", "trt")  # rtrt.runtime.backends.make_backend names
 VLM_BACKENDS = ("torch", "ort")  # how the frozen VLM runs: transformers (the reference) or its exported ONNX graphs
 VLM_PRECISIONS = ("fp32", "int8")  # the exported VLM's decoder: fp32, or int8 weight-only (decoder_model_merged_quantized)
+REFINE_MASK_CLASSES = ("any", "reported", "unhinted")  # whose cells the refinement mask keeps (Pipeline.refine_mask_classes)
 PRECISIONS = ("fp32", "fp16", "int8")  # what a backend runs the graphs at
 MISMATCH_POLICIES = ("rebuild", "fallback", "fail")  # what the trt backend does with an engine built elsewhere
 # Exported variants of a graph beside its fp32 one ("" = fp32): ORT int8 for CPUs, symmetric Q/DQ

@@ -32,7 +32,7 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError, ModelMismatchError, RtrtError
 from .image import ImageInput, draw_region, load_image, spec_pixels
 from .detection import Detection, check_region, region_detection, select_detections
-from .names import VLM_BACKENDS
+from .names import REFINE_MASK_CLASSES, VLM_BACKENDS
 
 __all__ = ["DEFAULT_QUESTION", "REGION_QUESTION", "VLM_BACKENDS", "DetectResult", "Result", "Pipeline"]
 
@@ -217,8 +217,6 @@ class Pipeline:
 
     @refine_mask_classes.setter
     def refine_mask_classes(self, which: str) -> None:
-        from .detection import REFINE_MASK_CLASSES
-
         if which not in REFINE_MASK_CLASSES:
             raise InputError(f"refine_mask_classes must be one of {', '.join(REFINE_MASK_CLASSES)}, not {which!r}")
         self._refine_mask_classes = which
@@ -370,8 +368,8 @@ class Pipeline:
         ``refine_mask_z``: ``"bundle"`` (default) the bundle's refinement mask (``manifest.adapter.refine_mask_z``;
         none when the bundle has none or no VLM is loaded), a number another z, None every visual token
         refined (the paper's method); see ``Pipeline.refine_mask_z``. ``refine_mask_classes``: ``"bundle"``
-        (default) the bundle's ``adapter.refine_mask_classes`` (``"any"`` when absent), or ``"any"`` /
-        ``"reported"``; see ``Pipeline.refine_mask_classes``.
+        (default) the bundle's ``adapter.refine_mask_classes`` (``"any"`` when absent), or ``"any"``,
+        ``"reported"`` or ``"unhinted"``; see ``Pipeline.refine_mask_classes``.
         ``verify=True`` reruns the loaded backend's graphs on the reference inputs the bundle carries
         (what ``rtrt check`` does for every backend) before anything else is loaded, and raises
         ``ParityError`` when one differs from the reference on this machine.
@@ -687,6 +685,6 @@ class Pipeline:
             "vlm_precision": None if self.vlm is None else getattr(self.vlm, "precision", "fp32"),
             "threads": getattr(be, "threads", None),  # ONNX Runtime intra-op threads (None: torch/trt)
             "refine_mask_z": self._refine_mask_z,  # None: every visual token refined (the paper)
-            "refine_mask_classes": self._refine_mask_classes,  # any | reported: whose cells that mask keeps
+            "refine_mask_classes": self._refine_mask_classes,  # any | reported | unhinted: whose cells that mask keeps
         }
 

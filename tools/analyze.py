@@ -375,7 +375,7 @@ def run_attention(pipe, data: str | Path, *, split: str = "test", limit: int | N
         "patches": {g: float(np.mean([e["patches"][g] for e in per_image])) for g in GROUPS[:TEXT]},
         "middle_layers": middle, "conditions": conditions, "per_image": per_image,
         "refine_mask_z": pipe.refine_mask_z,  # None: every visual token refined
-        "refine_mask_classes": pipe.refine_mask_classes,  # any | reported: whose cells that mask keeps
+        "refine_mask_classes": pipe.refine_mask_classes,  # any | reported | unhinted: whose cells that mask keeps
     }
 
 
@@ -526,6 +526,7 @@ def write_report(res: dict, out_dir: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from rtrt.runtime.names import REFINE_MASK_CLASSES
     from rtrt.tools.infer import REFINE_CLASSES_HELP, REFINE_MASK_HELP, refine_mask_arg
 
     p = argparse.ArgumentParser(prog="rtrt analyze", description="Analyses of how the VLM sees, with and without the plug-in.")
@@ -547,7 +548,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit, also for reference answers (default: 96)")
     a.add_argument("--device", default="cpu", help="device of the VLM, e.g. cpu or cuda:0 (default: cpu)")
     a.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
-    a.add_argument("--refine-mask-classes", default="bundle", choices=("any", "reported", "unhinted", "bundle"), help=REFINE_CLASSES_HELP)
+    a.add_argument("--refine-mask-classes", default="bundle", choices=(*REFINE_MASK_CLASSES, "bundle"), help=REFINE_CLASSES_HELP)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their logs, warnings and progress bars (the rtrt command line silences them)")

@@ -14,8 +14,9 @@ hint recall at a precision of at least P there. Fit on a split you do not report
 another (``rtrt eval`` on test). The statistics, the threshold and ``k`` land in the manifest's
 ``detector`` section in one atomic bundle update. ``--refine-mask-z Z`` also sets the bundle's default
 refinement mask (``manifest.adapter.refine_mask_z``, see ``Pipeline.refine_mask_z``), which the
-calibrated z-scores decide; ``off`` removes it; ``--refine-mask-classes reported`` keeps only the cells of the
-classes the detector reports for the image (``manifest.adapter.refine_mask_classes``). Region questions (``Pipeline(..., region=box)``) are
+calibrated z-scores decide; ``off`` removes it; ``--refine-mask-classes reported|unhinted`` keeps only the cells
+whose best class the detector reports for the image, or the hint does not name
+(``manifest.adapter.refine_mask_classes``). Region questions (``Pipeline(..., region=box)``) are
 hinted with the box's best class (``region_detection``) when its z-score exceeds
 ``detector.region_z_threshold``, fitted by the same rule over the split's region boxes (``--region-z``).
 """
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from rtrt.runtime.names import REFINE_MASK_CLASSES
 
 __all__ = ["fit_calibration", "fit_region_threshold", "hint_quality", "parse_args", "main"]
 
@@ -162,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "infer/eval use unless told otherwise): Z = the adapter's change kept only at the image-token cells "
                         "where a class's calibrated z-score exceeds Z (an addition to the paper's method; LLaVA grids); "
                         "off = every token refined (the paper); keep = leave the bundle's setting (default: keep)")
-    p.add_argument("--refine-mask-classes", default="keep", choices=("any", "reported", "unhinted", "keep"),
+    p.add_argument("--refine-mask-classes", default="keep", choices=(*REFINE_MASK_CLASSES, "keep"),
                    help="whose cells that mask keeps (manifest adapter.refine_mask_classes; an addition to the paper's "
                         "method): any = a cell where any class's z-score exceeds Z; reported = a cell whose best class "
                         "exceeds Z and is one the detector reports for the image; unhinted = a cell whose best class exceeds "

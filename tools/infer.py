@@ -24,7 +24,7 @@ from typing import Sequence
 
 from rtrt.runtime.assets import default_bundle
 from rtrt.runtime.errors import ImageError, InputError
-from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS, VLM_BACKENDS, VLM_PRECISIONS
+from rtrt.runtime.names import BACKENDS, MISMATCH_POLICIES, PRECISIONS, REFINE_MASK_CLASSES, VLM_BACKENDS, VLM_PRECISIONS
 
 __all__ = ["IMAGE_SUFFIXES", "REFINE_MASK_HELP", "REFINE_CLASSES_HELP", "image_paths", "refine_mask_arg", "parse_args", "main"]
 
@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="detector/adapter backend (default: ort)")
     p.add_argument("--vlm", default=None, help="override the bundle's VLM (local directory or hub id; torch VLM backend)")
     p.add_argument("--refine-mask-z", type=refine_mask_arg, default="bundle", metavar="{Z,off,bundle}", help=REFINE_MASK_HELP)
-    p.add_argument("--refine-mask-classes", default="bundle", choices=("any", "reported", "unhinted", "bundle"), help=REFINE_CLASSES_HELP)
+    p.add_argument("--refine-mask-classes", default="bundle", choices=(*REFINE_MASK_CLASSES, "bundle"), help=REFINE_CLASSES_HELP)
     p.add_argument("--vlm-backend", default=None, choices=VLM_BACKENDS,
                    help="how the VLM runs: ort = the bundle's exported VLM on ONNX Runtime (no torch needed), torch = "
                         "transformers (default: ort when the bundle carries the exported VLM, else torch)")

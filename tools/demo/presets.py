@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from rtrt.runtime.names import REFINE_MASK_CLASSES
+
 __all__ = ["MAX_BUNDLE_BYTES", "BuildPlan", "PRESETS"]
 
 MAX_BUNDLE_BYTES = 40 * 1024 * 1024  # the whole bundle, its exported VLM included (issue 16): it ships in the repository
@@ -60,8 +62,9 @@ class BuildPlan:
             raise ValueError(f"BuildPlan.phase2_images must be from 0 (all) to plugin ({self.plugin}), got {self.phase2_images}")
         if self.phase2_region_box and "region_perception" not in self.phase2_tasks:
             raise ValueError("BuildPlan.phase2_region_box needs region_perception in phase2_tasks")
-        if self.refine_mask_classes not in ("any", "reported", "unhinted"):
-            raise ValueError(f"BuildPlan.refine_mask_classes must be 'any', 'reported' or 'unhinted', got {self.refine_mask_classes!r}")
+        if self.refine_mask_classes not in REFINE_MASK_CLASSES:
+            raise ValueError(f"BuildPlan.refine_mask_classes must be one of {', '.join(REFINE_MASK_CLASSES)}, "
+                             f"got {self.refine_mask_classes!r}")
 
     def world_argv(self, seed: int, splits: dict[str, int] | None = None) -> list[str]:
         """``rtrt world`` arguments of this plan's world (``splits``: image counts other than the plan's)."""
