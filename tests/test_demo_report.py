@@ -112,3 +112,42 @@ def test_a_failing_measurement_is_one_line(tmp_path, capsys):
     assert report.main(["--out", str(tmp_path / "m"), "--bundle", str(tmp_path / "nosuch"), "--split", "t=", "--limit", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rtrt demo report: error: rtrt eval --task general on t failed (exit ")
+
+
+def test_check_counts_the_targets_and_names_every_miss(tmp_path, capsys):
+    # Split a meets every target, b misses refinement alone; the probes of a miss the AUROC; "n/a" is not judged.
+    good = {"baseline": _row(None, 80.0, 60.0), "text_hints": _row(50.0, 80.0, 68.0, hints=(55.0, 65.0)),
+            "visual_refine": _row(12.0, 79.0, 61.0), "both": _row(55.0, 79.5, 69.0, hints=(55.0, 65.0))}
+    _write_scores(tmp_path, "general_a", good)
+    _write_scores(tmp_path, "region_a", good)
+    argv = ["--out", str(tmp_path), "--split", "a=/w/a", "--tables-only", "--check"]
+    assert report.main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "issue 14's targets: 12 of 12 met"
+    _write_scores(tmp_path, "general_b", {**good, "visual_refine": _row(9.9, 79.0, 61.0)})
+    (tmp_path / "probe_a.json").write_text(json.dumps({
+        "baseline": {"distinct_answers": 34, "answers": 100}, "common": {"car": {"difference": 0.9}},
+        "oracle": {"share": 0.93}, "detector": {"mean_auroc": 0.899}}))
+    assert report.main([*argv, "--split", "b=/w/b"]) == 3
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == ("issue 14's targets: 19 of 21 met; missed: general b: refinement alone >= +10 rare F1 (+9.9); "
+                    "probes a: detector mean AUROC >= 0.90 (0.899)")
+    (tmp_path / "empty").mkdir()
+    assert report.main(["--out", str(tmp_path / "empty"), "--split", "a=/w/a", "--tables-only", "--check"]) == 3
+    assert capsys.readouterr().err.strip() == "rtrt demo report: check: nothing measured to judge"
+
+
+def test_world_seed_adds_a_world_drawn_as_the_build_draws(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sp = report.seed_split(11, progress=False)
+    root = tmp_path / "cache" / "rtrt" / "demo-world-test-seed11"
+    assert sp == report.Split("seed11", str(root), "test")
+    assert len(list((root / "test" / "images").iterdir())) == 200  # the build's test-split size
+    stamp = (root / "world.json").stat().st_mtime_ns
+    assert report.seed_split(11, progress=False) == sp and (root / "world.json").stat().st_mtime_ns == stamp  # reused
+    # Named seedN beside the other splits; a clash with a --split name is refused in one line.
+    _write_scores(tmp_path / "m", "general_seed11", {"baseline": _row(None, 80.0, 60.0), "text_hints": _row(50.0, 80.0, 68.0),
+                                                     "visual_refine": _row(12.0, 79.0, 61.0), "both": _row(55.0, 79.5, 69.0)})
+    assert report.main(["--out", str(tmp_path / "m"), "--world-seed", "11", "--tables-only"]) == 0
+    assert "| row | seed11 |" in capsys.readouterr().out
+    assert report.main(["--out", str(tmp_path / "m"), "--split", "seed11=/w", "--world-seed", "11", "--tables-only"]) == 2
+    assert capsys.readouterr().err.strip() == "rtrt demo report: error: --split names must differ (--world-seed N is named seedN)"

@@ -1,7 +1,7 @@
 """Measure a demo bundle the way the README reports it, and print the README's tables.
 
-    python -m rtrt.tools.demo.report --out M [--bundle B] [--split NAME=[DIR][:SPLIT] ...]
-                                     [--task general region] [--mask-off] [--probes] [--examples DIR]
+    python -m rtrt.tools.demo.report --out M [--bundle B] [--split NAME=[DIR][:SPLIT] ...] [--world-seed N ...]
+                                     [--task general region] [--mask-off] [--probes] [--examples DIR] [--check]
 
 Runs, for every ``--split``, ``rtrt eval --ablation`` per task (into ``M/<task>_<NAME>/``; with
 ``--mask-off`` again with ``--refine-mask-z off`` into ``M/<task>-off_<NAME>/``), with ``--probes``
@@ -16,7 +16,12 @@ issue 14's targets as pass / miss per split, the probes and the examples' recall
 
 ``--split`` is ``NAME=`` for the build's test split (what ``rtrt eval`` generates without
 ``--data``), ``NAME=DIR`` for the test split of a world in CODA-LM layout, ``NAME=DIR:SPLIT`` for
-another split of it (``val=work/world:val``). Default: ``test=``.
+another split of it (``val=work/world:val``). ``--world-seed N`` adds ``seedN``: the test split of a
+world the build never saw, drawn as the build's (``rtrt world --seed N`` with the full preset's
+arguments, 200 images; generated once into the cache ``rtrt eval`` uses). Default: ``test=``.
+
+``--check`` ends with one line counting the targets met and naming every miss, and exits 3 when a
+target is missed: a rebuilt demo is judged by one command.
 
 ``--tables-only`` writes the tables from an existing ``M`` without measuring anything.
 """
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Split", "PAPER_GROUPS", "parse_split", "measure", "tables", "group_table", "targets", "probe_targets", "main"]
+__all__ = ["Split", "PAPER_GROUPS", "parse_split", "seed_split", "measure", "tables", "group_table", "targets", "probe_targets",
+           "verdicts", "main"]
 
 from rtrt.tools.demo.probe import weakest_echo
 from rtrt.tools.eval import ABLATION_ROWS
@@ -61,6 +67,14 @@ def parse_split(text: str) -> Split:
         return Split(name, None)
     data, _, split = rest.rpartition(":") if ":" in rest else (rest, "", "test")
     return Split(name, data, split or "test")
+
+
+def seed_split(seed: int, progress: bool = True) -> Split:
+    """``seedN``: the test split of the world drawn with ``seed`` as the full build draws its own
+    (``rtrt.tools.eval.demo_test_world``; generated on first use, then reused from the cache)."""
+    from rtrt.tools.eval import demo_test_world
+
+    return Split(f"seed{seed}", str(demo_test_world(seed, progress=progress)))
 
 
 def _run(label: str, cmd: list[str], out_file: Path | None, log: Path) -> float:
@@ -266,6 +280,23 @@ def probe_targets(p: dict) -> dict[str, tuple[bool, str]]:
     return res
 
 
+def verdicts(out: Path, names: Sequence[str], tasks: Sequence[str] = TASKS) -> list[tuple[str, bool]]:
+    """Every judged target of what ``out`` holds: (``"<task or probes> <split>: <target> (<value>)"``, met);
+    a probe target that does not apply (``n/a``) is left out."""
+    res = []
+    for task in tasks:
+        for n in names:
+            rows = _scores(out, task, n)
+            if rows is not None:
+                res += [(f"{task} {n}: {k} ({v})", met) for k, (met, v) in targets(rows).items()]
+    for n in names:
+        p = out / f"probe_{n}.json"
+        if p.exists():
+            res += [(f"probes {n}: {k} ({v})", met) for k, (met, v) in probe_targets(json.loads(p.read_text())).items()
+                    if met is not None]
+    return res
+
+
 def examples_table(out: Path, examples: str | None) -> str | None:
     if examples is None or not (Path(examples) / "examples.json").exists():
         return None
@@ -313,6 +344,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", dest="splits", type=parse_split, action="append", default=None, metavar="NAME=[DIR][:SPLIT]",
                    help="a split to measure, repeatable: NAME= the build's test split, NAME=DIR a world's test split, "
                         "NAME=DIR:SPLIT another split of it (default: test=)")
+    p.add_argument("--world-seed", dest="world_seeds", type=int, action="append", default=[], metavar="N",
+                   help="also the test split of a world drawn with seed N as the build draws its own (split seedN; repeatable)")
     p.add_argument("--task", dest="tasks", choices=TASKS, action="append", default=None, help="repeatable (default: general)")
     p.add_argument("--mask-off", action="store_true", help="also every ablation with --refine-mask-z off")
     p.add_argument("--probes", action="store_true", help="also the probes per split")
@@ -321,15 +354,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N questions / images of each split")
     p.add_argument("--redo", action="store_true", help="measure again where outputs exist")
     p.add_argument("--tables-only", action="store_true", help="write report.md from --out without measuring")
+    p.add_argument("--check", action="store_true",
+                   help="end with one line: the targets met and every miss; exit 3 when one is missed")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    splits = args.splits or [Split("test", None)]
-    names = [s.name for s in splits]
+    splits = args.splits or ([] if args.world_seeds else [Split("test", None)])
+    names = [s.name for s in splits] + [f"seed{n}" for n in args.world_seeds]
     if len(set(names)) != len(names):
-        print("rtrt demo report: error: --split names must differ", file=sys.stderr)
+        print("rtrt demo report: error: --split names must differ (--world-seed N is named seedN)", file=sys.stderr)
+        return 2
+    if any(n < 0 for n in args.world_seeds):
+        print("rtrt demo report: error: --world-seed must be 0 or more", file=sys.stderr)
         return 2
     out = Path(args.out)
     if args.tables_only and not out.is_dir():
@@ -337,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.tables_only:
         try:
+            splits = splits + [seed_split(n) for n in args.world_seeds]
             measure(out, args.bundle, splits, args.tasks or ["general"], mask_off=args.mask_off, probes=args.probes,
                     examples=args.examples, limit=args.limit, backend=args.backend, redo=args.redo, echo=lambda m: print(m, file=sys.stderr))
         except RuntimeError as e:
@@ -347,6 +386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     atomic_write_text(out / "report.md", text)
     print(text)
+    if args.check:
+        judged = verdicts(out, names, TASKS)
+        missed = [label for label, met in judged if not met]
+        if not judged:
+            print("rtrt demo report: check: nothing measured to judge", file=sys.stderr)
+            return 3
+        print(f"issue 14's targets: {len(judged) - len(missed)} of {len(judged)} met"
+              + (f"; missed: {'; '.join(missed)}" if missed else ""))
+        return 3 if missed else 0
     return 0
 
 
