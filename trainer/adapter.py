@@ -115,6 +115,7 @@ class AdapterTrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay of the adapter
     bf16: bool = False  # VLM weights in bfloat16 and its forward under bfloat16 autocast
     grad_checkpointing: bool = False  # recompute the VLM's decoder layers in backward
+    cache_visual_tokens: bool = False  # keep each image's visual tokens (frozen tower + projector) after its first step instead of recomputing them every epoch (memory: images x tokens x hidden)
     carry_vlm: bool = False  # copy the VLM directory into the bundle (vlm/) instead of referencing it
     seed: int = 0  # seeds the adapter's initialisation and every epoch's order
     device: str = "auto"  # auto, cpu or cuda
@@ -123,7 +124,7 @@ class AdapterTrainConfig:
     overwrite: bool = False  # replace an existing --out (also needed when --out is --bundle)
 
 
-RESUME_FREE = ("resume", "overwrite", "device")
+RESUME_FREE = ("resume", "overwrite", "device", "cache_visual_tokens")
 
 
 @dataclass
@@ -343,21 +344,26 @@ def _detector_cells(source, vlm, pairs: list[QAPair], d: loop.Dist, need: str, r
     pipe = Pipeline(source, make_backend("torch", source, device=str(d.device)), device=str(d.device))
     layout = vlm.image_token_layout()
     out = DetectorInputs({}, slice(offset, offset + grid * grid))
+    # A frame's detector pass is the same for each of its region questions (the demo's 600 frames
+    # carry 2,029 boxes): each frame runs once.
+    frames: dict[str, tuple[tuple[int, int], Any]] = {}  # frame -> (image size, detector similarity)
     for p in tqdm(pairs, desc="detector cells", disable=not d.is_main, leave=False):
         if p.image in out.cells:
             continue
         frame = region_frame(p.image) if region_box else p.image
         box = read_region_box(p.image) if frame != p.image else None
-        image = load_image(frame)
-        similarity = pipe.detect(image).similarity
-        centres = llava_cell_centres(image.size, grid, vlm.processor.image_processor)
-        out.cells[p.image] = sample_cells(similarity, image.size, centres)
+        if frame not in frames:
+            image = load_image(frame)
+            frames[frame] = (image.size, pipe.detect(image).similarity)
+        size, similarity = frames[frame]
+        centres = llava_cell_centres(size, grid, vlm.processor.image_processor)
+        out.cells[p.image] = sample_cells(similarity, size, centres)
         if box is not None:
-            out.boxes[p.image] = torch.from_numpy(box_cells(box, image.size, centres.double().numpy()))
+            out.boxes[p.image] = torch.from_numpy(box_cells(box, size, centres.double().numpy()))
         if detector_bias:  # refine_mask.token_bias from the cells just sampled
             bias = torch.zeros(int(layout["tokens_per_image"]), out.cells[p.image].shape[1])
             bias[out.grid_slots] = torch.from_numpy(
-                np.array(cells_bias(out.cells[p.image].numpy(), centres.double().numpy(), image.size, m.detector, box), dtype=np.float32))
+                np.array(cells_bias(out.cells[p.image].numpy(), centres.double().numpy(), size, m.detector, box), dtype=np.float32))
             out.biases[p.image] = bias
     return out
 
@@ -483,12 +489,40 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         out[:, grid_slots] = torch.stack([per_image[pairs[i].image] for i in idx])
         return out.flatten()
 
+    # The frozen tower's output for an image is the same every epoch: with cache_visual_tokens it is kept
+    # after the image's first step (on the host). The weights are the same as without where the tower's
+    # output for an image does not depend on the rest of its batch (the demo VLM on CPU: byte for byte);
+    # the first batch served from the cache is also computed once, and the log says which holds.
+    visual_cache: dict[str, torch.Tensor] | None = {} if cfg.cache_visual_tokens else None
+    cache_checked = [False]
+
+    def cached_tokens(batch, idx: list[int]) -> torch.Tensor | None:
+        if visual_cache is None:
+            return None
+        if all(pairs[i].image in visual_cache for i in idx):
+            tokens = torch.cat([visual_cache[pairs[i].image] for i in idx]).to(d.device)
+            if not cache_checked[0]:
+                cache_checked[0] = True
+                fresh = vlm.visual_tokens(batch).detach()
+                diff = float((fresh.float() - tokens.float()).abs().max())
+                d.log("--cache-visual-tokens: the cached tokens equal the tower's in another batch, bit for bit" if diff == 0 else
+                      f"--cache-visual-tokens: the tower's output depends on its batch here (max difference {diff:.2e}): "
+                      "the cache changes the weights by float rounding")
+            return tokens
+        tokens = vlm.visual_tokens(batch).detach()
+        for i, t in zip(idx, tokens.split(vlm.image_mask(batch).sum(1).tolist())):
+            visual_cache.setdefault(pairs[i].image, t.to("cpu", copy=True))
+        return tokens
+
     def step(idx: list[int], global_count: int) -> dict[str, float]:
         batch = vlm.prepare([load_image(pairs[i].image) for i in idx], [pairs[i].question for i in idx],
                             None if hint_names is None else [hint_names[i] for i in idx])
         batch, labels = append_answers(batch, [answers[i] for i in idx], pad_id)
         if limit is not None and labels.shape[1] > limit:
             raise InputError(f"prompt + answer of {labels.shape[1]} tokens exceeds the VLM's {limit} positions; lower --max-answer-tokens")
+        # Logits only where an answer token is predicted: the answers start at one column (append_answers).
+        labelled = (labels != -100).any(0).nonzero()
+        keep = labels.shape[1] - int(labelled.min()) + 1 if len(labelled) else 0
         parts: dict[str, torch.Tensor] = {}
 
         def transform(tokens: torch.Tensor) -> torch.Tensor:
@@ -517,7 +551,8 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
             return refined
 
         with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            output = vlm.forward(batch, transform=transform, labels=labels)
+            output = vlm.forward(batch, transform=transform, labels=labels, logits_to_keep=keep,
+                                 visual_tokens=cached_tokens(batch, idx))
         ar = output.loss.float()
         loss = ar + cfg.w_reconstruction * parts["reconstruction"]
         if "attn_prior" in parts:
@@ -538,6 +573,9 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
         checkpoint=ckpt, metrics=metrics, desc="adapter", start_epoch=start, history=history,
     )
 
+    if visual_cache:
+        mb = sum(t.numel() * t.element_size() for t in visual_cache.values()) / 2**20
+        d.log(f"--cache-visual-tokens: {len(visual_cache)} images' visual tokens kept, {mb:.0f} MiB")
     if d.is_main:
         m = source.manifest
         keep = ["embeddings.safetensors", "detector.safetensors"] + [k for k in m.files if k.startswith("vfm/")]

@@ -158,6 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.add_argument("--max-answer-tokens", type=int, default=256, help="answers are cut to this many tokens")
     a.add_argument("--bf16", action="store_true", help="VLM weights in bfloat16 and its forward under bfloat16 autocast (for GPUs)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute the VLM's layers in backward to save memory")
+    a.add_argument("--cache-visual-tokens", action="store_true",
+                   help="keep each image's visual tokens (the frozen vision tower and projector) after its first step "
+                        "instead of recomputing them every epoch: faster where the tower is a large share of a step, "
+                        "costs host memory of images x tokens x hidden size")
     a.add_argument("--carry-vlm", action="store_true", help="copy the VLM directory into the bundle (vlm/)")
     _common(a, epochs=10, batch=8, lr=1e-4)
     return p.parse_args(argv)

@@ -120,8 +120,9 @@ class VLMFamily:
             raise InputError(f"visual tokens of shape {tuple(visual_tokens.shape)}, the prompt needs {expected}")
         return embeds.masked_scatter(mask.unsqueeze(-1), visual_tokens.to(embeds.dtype))
 
-    def _embeds(self, batch, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        tokens = self.visual_tokens(batch)
+    def _embeds(self, batch, transform: Callable[[torch.Tensor], torch.Tensor] | None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.visual_tokens(batch) if tokens is None else tokens
         if transform is not None:
             refined = transform(tokens)
             if refined.shape != tokens.shape:
@@ -166,19 +167,28 @@ class VLMFamily:
         out.sequences = out.sequences[:, prompt_len:]
         return out
 
-    def forward(self, batch, transform=None, labels: torch.Tensor | None = None):
+    def forward(self, batch, transform=None, labels: torch.Tensor | None = None, *, logits_to_keep: int = 0,
+                visual_tokens: torch.Tensor | None = None):
         """One teacher-forced forward through the same ``inputs_embeds`` path as ``generate``.
 
         Gradients flow into ``transform`` (the VLM's parameters do not require them). The output is
         the model's (``logits`` [B, S, vocab], ``loss`` when ``labels`` [B, S] with -100 ignored).
+        ``logits_to_keep`` > 0: only the last that many positions' logits (transformers' argument),
+        and the loss over them (``labels`` cut to match; the caller keeps every labelled position).
+        ``visual_tokens``: this batch's ``visual_tokens(batch)`` computed before (the tower is frozen).
         """
-        embeds = self._embeds(batch, transform)
+        embeds = self._embeds(batch, transform, visual_tokens)
+        if logits_to_keep and labels is not None:
+            if bool((labels[:, : labels.shape[1] - logits_to_keep + 1] != -100).any()):
+                raise InputError(f"logits_to_keep {logits_to_keep} leaves out labelled positions")
+            labels = labels[:, -logits_to_keep:]
         return self.model(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
             position_ids=self.position_ids(batch),
             labels=labels,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
 
     def decode(self, tokens) -> list[str]:

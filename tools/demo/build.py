@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *(["--attn-prior", str(plan.phase2_attn_prior)] if plan.phase2_attn_prior else []),
             *(["--detector-bias"] if plan.phase2_detector_bias else []), *(["--region-box"] if plan.phase2_region_box else []),
             "--epochs", str(plan.phase2_epochs), "--lr", "1e-3", "--seed", str(args.seed), "--device", "cpu", "--out", str(phase2),
-            "--overwrite",
+            "--overwrite", "--cache-visual-tokens",  # the frozen tower's output once per image: the same weights, faster
         ])
         save("phase2")
     if args.stop_after == "phase2":
