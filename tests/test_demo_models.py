@@ -820,3 +820,30 @@ def test_build_realign_vlm_redoes_stage_2_as_a_build_from_nothing(tmp_path):
     assert run(dataclasses.replace(plan, vlm={**vlm_plan, "text_epochs": 2}), "re", "--from", "vlm", "--realign-vlm") == 2
     assert run(dataclasses.replace(plan, vlm={**vlm_plan, "head_refit": False}), "re", "--from", "vlm", "--realign-vlm") == 2
     assert run(plan, "re", "--realign-vlm") == 2
+
+
+def test_normalisers_in_place_give_the_same_bits_and_leave_the_input():
+    # The VLM's stage-1 and the VFM's normalisers run in place on one float copy (faster); the bits are
+    # those of (u8 / 255 - mean) / std, and the caller's tensor (uint8 or already float) is left as it was.
+    import torch
+
+    from rtrt.tools.demo import vfm as demo_vfm
+    from rtrt.tools.demo import vlm as demo_vlm
+
+    class IP:
+        image_mean, image_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=g)
+    mean, std = torch.tensor(IP.image_mean).view(1, 3, 1, 1), torch.tensor(IP.image_std).view(1, 3, 1, 1)
+    norm = demo_vlm._normaliser(IP)
+    assert torch.equal(norm(u8), (u8.float() / 255.0 - mean) / std)
+    f = u8.float()
+    before = f.clone()
+    norm(f)
+    assert torch.equal(f, before)
+    hwc = u8.permute(0, 2, 3, 1).contiguous()
+    m2, s2 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = (hwc.permute(0, 3, 1, 2).float() / 255.0 - m2) / s2
+    got = demo_vfm._normalise(hwc)
+    assert torch.equal(got, want) and got.stride() == want.stride()

@@ -158,7 +158,8 @@ def _normalise(u8: torch.Tensor) -> torch.Tensor:
     # The runtime's ``vfm_pixels`` normalisation (ImageNet mean and std), from NHWC uint8.
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (u8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    # In place on one float copy (its strides as the permuted view's): the same operations, the same bits.
+    return u8.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
 def vfm_spec(cfg: VFMConfig, ref: str = "vfm.safetensors"):

@@ -526,7 +526,14 @@ def _load_pixels(world: Path, paths: Sequence[str], image_processor, desc: str,
 def _normaliser(image_processor):
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return lambda u8: (u8.float() / 255.0 - mean) / std
+
+    def normalise(u8: torch.Tensor) -> torch.Tensor:
+        # (u8 / 255 - mean) / std in place on one float copy: the same operations, so the same bits, without
+        # three more [B, 3, S, S] float tensors per stage-1 step (a quarter of a second on two cores).
+        x = u8.to(torch.float32, copy=True)  # a copy even of a float input: the caller's tensor is never changed
+        return x.div_(255.0).sub_(mean).div_(std)
+
+    return normalise
 
 
 def _batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
