@@ -494,15 +494,16 @@ def _train(cfg: AdapterTrainConfig, out: Path, d: loop.Dist) -> Path:
     # output for an image does not depend on the rest of its batch (the demo VLM on CPU: byte for byte);
     # the first batch served from the cache is also computed once, and the log says which holds.
     visual_cache: dict[str, torch.Tensor] | None = {} if cfg.cache_visual_tokens else None
-    cache_checked = [False]
+    cache_checked = False
 
     def cached_tokens(batch, idx: list[int]) -> torch.Tensor | None:
+        nonlocal cache_checked
         if visual_cache is None:
             return None
         if all(pairs[i].image in visual_cache for i in idx):
             tokens = torch.cat([visual_cache[pairs[i].image] for i in idx]).to(d.device)
-            if not cache_checked[0]:
-                cache_checked[0] = True
+            if not cache_checked:
+                cache_checked = True
                 fresh = vlm.visual_tokens(batch).detach()
                 diff = float((fresh.float() - tokens.float()).abs().max())
                 d.log("--cache-visual-tokens: the cached tokens equal the tower's in another batch, bit for bit" if diff == 0 else
