@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -151,3 +152,61 @@ def test_world_seed_adds_a_world_drawn_as_the_build_draws(tmp_path, monkeypatch,
     assert "| row | seed11 |" in capsys.readouterr().out
     assert report.main(["--out", str(tmp_path / "m"), "--split", "seed11=/w", "--world-seed", "11", "--tables-only"]) == 2
     assert capsys.readouterr().err.strip() == "rtrt demo report: error: --split names must differ (--world-seed N is named seedN)"
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_parallel_measurements_run_side_by_side_each_on_its_own_cpu(tmp_path):
+    # Each job announces itself, then waits (at most 60 s) for the other's announcement: both can
+    # succeed only if they run at the same time. Each prints its CPU affinity and thread variables.
+    out, logs = tmp_path / "m", tmp_path / "m" / "logs"
+    logs.mkdir(parents=True)
+    def job(me, other):
+        code = (f"import os, sys, time, json, pathlib; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch()\n"
+                f"t = time.time()\nwhile not (d / {other!r}).exists():\n"
+                f"    time.sleep(0.05)\n    if time.time() - t > 60: sys.exit('alone')\n"
+                "print(json.dumps([sorted(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS')]))")
+        return (f"job {me}", out / f"probe_{me}.json", _py(code), True)
+    jobs = [job("a", "b"), job("b", "a")]
+    said = []
+    report._run_all(jobs, [0, 1], out, logs, 2, said.append)
+    seen = [json.loads((out / f"probe_{n}.json").read_text()) for n in "ab"]
+    groups = report._cpu_groups(2)
+    if all(groups):  # two CPUs or more: each job pinned to its own share, with as many threads
+        assert sorted(map(tuple, (s[0] for s in seen))) == sorted(map(tuple, groups))
+        assert all(s[1] == str(len(s[0])) for s in seen)
+    else:
+        assert [s[1] for s in seen] == ["1", "1"]
+    assert {m.split(":")[0] for m in said} == {"[1/2] probe_a.json", "[2/2] probe_b.json"}
+    assert not list(logs.glob("*.stdout"))  # the captured stdout moved to its output
+
+
+def test_one_at_a_time_runs_as_by_hand(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    out, logs = tmp_path / "m", tmp_path / "m" / "logs"
+    logs.mkdir(parents=True)
+    jobs = [("env", out / "examples_x.jsonl", _py("import os; print(os.environ['OMP_NUM_THREADS'])"), True)]
+    report._run_all(jobs, [0], out, logs, 1, lambda m: None)
+    assert (out / "examples_x.jsonl").read_text().strip() == "7"  # the caller's environment, untouched
+
+
+def test_a_failing_parallel_measurement_stops_the_others(tmp_path):
+    out, logs = tmp_path / "m", tmp_path / "m" / "logs"
+    logs.mkdir(parents=True)
+    slow = ("slow", out / "region_s" / "scores.json", _py("import time; time.sleep(120); print('late')"), True)
+    (out / "region_s").mkdir()
+    bad = ("rtrt eval --task general on b", out / "general_b" / "scores.json",
+           _py("import sys; print('loading', file=sys.stderr); sys.exit('boom: no bundle')"), False)
+    with pytest.raises(RuntimeError) as e:
+        report._run_all([slow, bad], [0, 1], out, logs, 2, lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("rtrt eval --task general on b failed (exit 1): boom: no bundle (log: ")
+    assert not (out / "region_s" / "scores.json").exists()  # the other one stopped, nothing written
+    assert not list(logs.glob("*.stdout"))
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert report.main(["--out", str(tmp_path / "m"), "--split", "t=", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "rtrt demo report: error: --jobs must be 1 or more"
