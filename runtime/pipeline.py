@@ -498,6 +498,7 @@ class Pipeline:
         plugin: bool = True,
         regions: Sequence[Sequence[float] | None] | None = None,
         region_images: Sequence[ImageInput | None] | None = None,
+        detections: Sequence[DetectResult] | None = None,
     ) -> list[Result]:
         """Answer several (image, question) pairs in one VLM batch (left padding, greedy).
 
@@ -515,6 +516,10 @@ class Pipeline:
         hint, no adapter (``detections`` and ``hints`` empty; ``hints`` and ``refine`` are not
         read). Its answers equal ``hints=False, refine=False``; it is what ``rtrt bench`` compares
         against.
+
+        ``detections``: ``detect_batch(images)`` of these same images from an earlier call (an
+        ablation asks each frame several times); the detector is not run again and the answers are
+        those it would give (its results depend only on the images). Their timings are not repeated.
         """
         if self.vlm is None:
             raise InputError("this pipeline was loaded without a VLM (load_vlm_model=False); use detect()")
@@ -554,7 +559,12 @@ class Pipeline:
             with self._vlm_lock:
                 answers = self._answer(seen, qs, None, None, new_tokens, timer, generate_kwargs or {})
             return [Result(a, [], [], dict(timer.ms), None, vlm_backend=self.vlm_backend) for a in answers]
-        dets = self._detect_images(pil, timer)
+        if detections is None:
+            dets = self._detect_images(pil, timer)
+        elif len(detections) != len(images):
+            raise InputError(f"{len(images)} images but {len(detections)} detector results")
+        else:
+            dets = list(detections)
         cfg = self.detector_cfg
         if any(box is not None and np.ndim(r.similarity) != 3 for r, box in zip(dets, regs)):
             raise ModelMismatchError("region questions need the detector's similarity as a [C, gh, gw] map (a square VFM patch grid)")

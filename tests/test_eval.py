@@ -49,6 +49,48 @@ def test_ablation_writes_predictions_and_tables(setup, task):
         assert hinted == {"text_hints", "both"} and "hints per region" in md and "the box's category" in md
 
 
+
+@pytest.mark.parametrize("task", ["general", "region"])
+def test_the_ablation_runs_the_detector_once_per_frame_with_the_same_answers(setup, task, monkeypatch):
+    # The four rows share each batch's detector results: one detector call per batch, not per row and
+    # batch, and every answer, hint and detection as when each row ran the detector itself.
+    root, bundle, pipe = setup
+    calls = []
+    detect = type(pipe.backend).detect
+    monkeypatch.setattr(type(pipe.backend), "detect", lambda self, *a, **k: calls.append(1) or detect(self, *a, **k))
+    out = root / f"shared_{task}"
+    run_eval(bundle, root / "world", task, out, rows=ABLATION_ROWS, limit=3, batch_size=2, pipeline=pipe, progress=False)
+    assert len(calls) == 2  # 3 questions in batches of 2
+    calls.clear()
+    monkeypatch.setattr(pipe, "detect_batch", lambda images: None)  # each row runs the detector itself again
+    monkeypatch.setattr(type(pipe), "batch", _without_shared_detections(type(pipe).batch))
+    alone = root / f"alone_{task}"
+    run_eval(bundle, root / "world", task, alone, rows=ABLATION_ROWS, limit=3, batch_size=2, pipeline=pipe, progress=False)
+    assert len(calls) == 2 * len(ABLATION_ROWS)
+    for row in ABLATION_ROWS:
+        name = f"{row.name}/{'general_perception' if task == 'general' else 'region_perception'}_answer.jsonl"
+        assert (out / name).read_text() == (alone / name).read_text()
+
+
+def _without_shared_detections(batch):
+    def run(self, *a, detections=None, **k):
+        return batch(self, *a, **k)
+    return run
+
+
+def test_batch_checks_the_detector_results_it_is_given(setup):
+    root, _, pipe = setup
+    from PIL import Image
+
+    im = Image.new("RGB", (64, 48), (90, 90, 90))
+    dets = pipe.detect_batch([im, im])
+    with pytest.raises(InputError, match="2 images but 1 detector results"):
+        pipe.batch([im, im], ["q?", "q?"], detections=dets[:1])
+    given = pipe.batch([im], ["q?"], detections=dets[:1])[0]
+    fresh = pipe.batch([im], ["q?"])[0]
+    assert (given.answer, given.hints, [d.to_dict() for d in given.detections]) == (
+        fresh.answer, fresh.hints, [d.to_dict() for d in fresh.detections])
+
 def test_hint_quality_by_hand():
     from rtrt.tools.eval import _hint_quality
 

@@ -166,17 +166,24 @@ def run_eval(
     indexed = list(enumerate(refs))
     total = len(rows) * len(refs)
     bar = tqdm(total=total, desc=f"eval {coda_task}", unit="q", disable=not progress)
+    seen: dict[int, list] = {}  # chunk -> the detector's results on its images, shared by the rows
     for row in rows:
         preds: list[TaskRecord] = []
-        for chunk in _chunks(indexed, batch_size):
+        for k, chunk in enumerate(_chunks(indexed, batch_size)):
             images = [image_of(i, r) for i, r in chunk]
             if by_box:  # the detector sees the frame, the VLM the boxed image as before
                 frames, boxes = zip(*(region_of(i, r) for i, r in chunk))
-                answers = pipe.batch([f if f is not None else im for f, im in zip(frames, images)],
-                                     [r.question for _, r in chunk], hints=row.hints, refine=row.refine, regions=list(boxes),
-                                     region_images=[im if f is not None else None for f, im in zip(frames, images)])
+                shown = [f if f is not None else im for f, im in zip(frames, images)]
+                if k not in seen:
+                    seen[k] = pipe.detect_batch(shown)
+                answers = pipe.batch(shown, [r.question for _, r in chunk], hints=row.hints, refine=row.refine, regions=list(boxes),
+                                     region_images=[im if f is not None else None for f, im in zip(frames, images)],
+                                     detections=seen[k])
             else:
-                answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine)
+                if k not in seen:
+                    seen[k] = pipe.detect_batch(images)
+                answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine,
+                                     detections=seen[k])
             for (_, rec), res in zip(chunk, answers):
                 preds.append(TaskRecord(rec.question_id, rec.image, rec.question, res.answer,
                                         {"hints": res.hints, "detections": [d.to_dict() for d in res.detections],
