@@ -174,8 +174,9 @@ def run_probe(pipe, data: str | Path, *, split: str = "test", limit: int | None 
         chunk = list(range(start, min(start + batch_size, len(refs))))
         images = [load_image(data / refs[i].image) for i in chunk]
         questions = [refs[i].question for i in chunk]
-        det_scores += [[float(s) for s in r.scores] for r in pipe.detect_batch(images)]
-        baseline += [r.answer for r in pipe.batch(images, questions, hints=False, refine=False)]
+        dets = pipe.detect_batch(images)
+        det_scores += [[float(s) for s in r.scores] for r in dets]
+        baseline += [r.answer for r in pipe.batch(images, questions, hints=False, refine=False, detections=dets)]
         batch = vlm.prepare(images, questions, None)
         with torch.inference_mode():
             V = vlm.visual_tokens(batch).float()
