@@ -30,6 +30,16 @@ KINDS = {
 }
 
 
+def _update(loss, opt, clipped) -> None:
+    """The demo trainers' update: backward, gradients clipped to norm 1, AdamW."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    opt.step()
+
+
 def stage0b_step(plan, batch: int | None = None, seq: int = 260, answer: int = 20) -> Callable[[], None]:
     """A stage-0b step: the preset's Llama on ``batch`` sequences of ``seq`` input embeddings, loss on the last ``answer``."""
     import torch
@@ -51,11 +61,7 @@ def stage0b_step(plan, batch: int | None = None, seq: int = 260, answer: int = 2
     mask = torch.ones(batch, seq, dtype=torch.long)
 
     def step() -> None:
-        loss = m(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
+        _update(m(inputs_embeds=emb, attention_mask=mask, labels=labels).loss, opt, m.parameters())
     return step
 
 
@@ -85,10 +91,7 @@ def stage1_step(plan, batch: int | None = None) -> Callable[[], None]:
         h = tower(x, output_hidden_states=True).hidden_states[-1][:, 1:]
         loss = F.cross_entropy(head(h).flatten(0, 1), labels) + \
             F.binary_cross_entropy_with_logits(box(h).squeeze(-1), torch.zeros(batch, grid * grid))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
-        opt.step()
+        _update(loss, opt, tower.parameters())
     return step
 
 
@@ -111,11 +114,7 @@ def vfm_step(plan, batch: int | None = None) -> Callable[[], None]:
     y = torch.randint(0, 41, (batch * (cfg.train_crop // 16) ** 2,))
 
     def step() -> None:
-        loss = F.cross_entropy(head(m.forward_features(x)[:, prefix:]).flatten(0, 1), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
+        _update(F.cross_entropy(head(m.forward_features(x)[:, prefix:]).flatten(0, 1), y), opt, m.parameters())
     return step
 
 
