@@ -166,30 +166,29 @@ def run_eval(
     indexed = list(enumerate(refs))
     total = len(rows) * len(refs)
     bar = tqdm(total=total, desc=f"eval {coda_task}", unit="q", disable=not progress)
-    seen: dict[int, list] = {}  # chunk -> the detector's results on its images, shared by the rows
-    for row in rows:
-        preds: list[TaskRecord] = []
-        for k, chunk in enumerate(_chunks(indexed, batch_size)):
-            images = [image_of(i, r) for i, r in chunk]
-            if by_box:  # the detector sees the frame, the VLM the boxed image as before
-                frames, boxes = zip(*(region_of(i, r) for i, r in chunk))
-                shown = [f if f is not None else im for f, im in zip(frames, images)]
-                if k not in seen:
-                    seen[k] = pipe.detect_batch(shown)
-                answers = pipe.batch(shown, [r.question for _, r in chunk], hints=row.hints, refine=row.refine, regions=list(boxes),
-                                     region_images=[im if f is not None else None for f, im in zip(frames, images)],
-                                     detections=seen[k])
-            else:
-                if k not in seen:
-                    seen[k] = pipe.detect_batch(images)
-                answers = pipe.batch(images, [r.question for _, r in chunk], hints=row.hints, refine=row.refine,
-                                     detections=seen[k])
+    preds_of: dict[str, list[TaskRecord]] = {row.name: [] for row in rows}
+    for chunk in _chunks(indexed, batch_size):
+        # Each batch of frames is read and shown to the detector once; every row answers it from those
+        # results (the detector's output depends only on the frames), so memory stays one batch deep.
+        images = [image_of(i, r) for i, r in chunk]
+        questions = [r.question for _, r in chunk]
+        if by_box:  # the detector sees the frame, the VLM the boxed image as before
+            frames, boxes = zip(*(region_of(i, r) for i, r in chunk))
+            shown = [f if f is not None else im for f, im in zip(frames, images)]
+            extra = {"regions": list(boxes), "region_images": [im if f is not None else None for f, im in zip(frames, images)]}
+        else:
+            shown, extra = images, {}
+        dets = pipe.detect_batch(shown)
+        for row in rows:
+            answers = pipe.batch(shown, questions, hints=row.hints, refine=row.refine, detections=dets, **extra)
             for (_, rec), res in zip(chunk, answers):
-                preds.append(TaskRecord(rec.question_id, rec.image, rec.question, res.answer,
-                                        {"hints": res.hints, "detections": [d.to_dict() for d in res.detections],
-                                         **({"region": res.region.to_dict()} if res.region is not None else {})}))
+                preds_of[row.name].append(TaskRecord(rec.question_id, rec.image, rec.question, res.answer,
+                                                     {"hints": res.hints, "detections": [d.to_dict() for d in res.detections],
+                                                      **({"region": res.region.to_dict()} if res.region is not None else {})}))
             bar.update(len(chunk))
             bar.set_postfix(row=row.name)
+    for row in rows:
+        preds = preds_of[row.name]
         lines = "".join(json.dumps({"question_id": p.question_id, "image": p.image, "question": p.question,
                                     "answer": p.answer, **p.extra}) + "\n" for p in preds)
         atomic_write_bytes(out / row.name / f"{coda_task}_answer.jsonl", lines.encode())
