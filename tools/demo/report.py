@@ -136,14 +136,18 @@ class _Job:
         self.stdout_path.unlink(missing_ok=True)
 
 
-# Rough relative cost of a measurement (2-core AMD EPYC: region ablation 180-300 s, probes 85-205,
-# general ablation 55-80, examples 1): the longest start first, so parallel slots end together.
-_COST = {"region": 4.0, "probe": 2.0, "general": 1.0, "examples": 0.0}
+# Rough relative cost of a measurement (2-core AMD EPYC, shipped bundle: region ablation 85-105 s,
+# probes 70-85, general ablation 30-35, examples 1): the longest start first, so parallel slots end together.
+_COST = {"region": 3.0, "probe": 2.0, "general": 1.0, "examples": 0.0}
+
+
+def _name(target: Path) -> str:
+    """A measurement's name: its folder for an ablation (``<task>_<split>/scores.json``), else its file's stem."""
+    return target.parent.name if target.name == "scores.json" else target.stem
 
 
 def _cost(target: Path) -> float:
-    name = target.parent.name if target.name == "scores.json" else target.stem
-    return next((c for k, c in _COST.items() if name.startswith(k)), 1.0)
+    return next((c for k, c in _COST.items() if _name(target).startswith(k)), 1.0)
 
 
 def _run_all(jobs: list[tuple[str, Path, list[str], bool]], todo: list[int], out: Path, logs: Path, slots: int,
@@ -152,7 +156,6 @@ def _run_all(jobs: list[tuple[str, Path, list[str], bool]], todo: list[int], out
     most ``slots`` at a time, each in its own share of the CPUs (one slot: the whole machine); echoes
     each as it ends; at the first failure stops the others and raises it (their outputs are not written)."""
     n = len(jobs)
-    log_of = lambda target: logs / f"{target.parent.name if target.name == 'scores.json' else target.stem}.log"  # noqa: E731
     pending = sorted(todo, key=lambda i: -_cost(jobs[i][1]))  # stable: the listed order among equals
     groups = _cpu_groups(slots) if slots > 1 else [False]
     running: dict[int, tuple[_Job, int]] = {}  # slot -> (job, index)
@@ -162,7 +165,7 @@ def _run_all(jobs: list[tuple[str, Path, list[str], bool]], todo: list[int], out
                 if slot not in running and pending:
                     i = pending.pop(0)
                     label, target, cmd, stdout = jobs[i]
-                    running[slot] = (_Job(label, cmd, target if stdout else None, log_of(target), groups[slot]), i)
+                    running[slot] = (_Job(label, cmd, target if stdout else None, logs / f"{_name(target)}.log", groups[slot]), i)
             done = next((s for s, (j, _) in running.items() if j.proc.poll() is not None), None)
             if done is None:
                 time.sleep(0.2)
@@ -181,9 +184,9 @@ def measure(out: Path, bundle: str | None, splits: Sequence[Split], tasks: Seque
     """Every measurement the options ask for, each skipped where its output exists (unless ``redo``).
 
     ``parallel`` > 1: that many measurements at a time, each pinned to its share of the CPUs with as many
-    threads (the demo's generation is bound by per-token overhead, so one thread each loses little:
-    a region ablation took 276 s on one core of the 2-core AMD EPYC beside a probe on the other, 299 s
-    alone on both, with the same bytes out); 1: one after another on the whole machine."""
+    threads (much of the demo's generation is per-token overhead that a second thread does not shorten:
+    the shipped bundle's nine-split report took 23.0 min with 2 on the 2-core AMD EPYC, 31.4 min one
+    after another on both cores, with the same bytes out); 1: one after another on the whole machine."""
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
