@@ -72,19 +72,21 @@ def stage1_step(plan, batch: int | None = None) -> Callable[[], None]:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from rtrt.tools.demo.vlm import VLMConfig
+    from rtrt.trainer.coda import CATEGORIES
 
     cfg = VLMConfig(**plan.vlm)
     batch = batch or cfg.tag_batch_size
+    classes = 1 + len(CATEGORIES)  # background and every CODA-LM category, as stage 1's patch head
     tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
                                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                                              image_size=cfg.image_size, patch_size=cfg.patch_size,
                                              projection_dim=cfg.vision_hidden))
     tower.train()
     grid = cfg.image_size // cfg.patch_size
-    head, box = torch.nn.Linear(cfg.vision_hidden, 41), torch.nn.Linear(cfg.vision_hidden, 1)
+    head, box = torch.nn.Linear(cfg.vision_hidden, classes), torch.nn.Linear(cfg.vision_hidden, 1)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters(), *box.parameters()], lr=1e-3)
     pixels = torch.randint(0, 256, (batch, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    labels = torch.randint(0, 41, (batch * grid * grid,))
+    labels = torch.randint(0, classes, (batch * grid * grid,))
 
     def step() -> None:
         x = pixels.to(torch.float32, copy=True).div_(255.0).sub_(0.5).div_(0.25)
@@ -102,16 +104,18 @@ def vfm_step(plan, batch: int | None = None) -> Callable[[], None]:
 
     from rtrt.runtime.vfm import create_timm_vfm
     from rtrt.tools.demo.vfm import VFMConfig
+    from rtrt.tools.demo.world import WORLD_CATEGORIES
 
     cfg = VFMConfig(**plan.vfm)
+    classes = 1 + len(WORLD_CATEGORIES)  # background and the world's categories, as the VFM's patch head
     batch = batch or cfg.batch_size
     m = create_timm_vfm(cfg.arch, cfg.image_size, **cfg.kwargs)
     m.train()
     prefix = int(m.num_prefix_tokens)
-    head = torch.nn.Linear(cfg.embed_dim, 41)
+    head = torch.nn.Linear(cfg.embed_dim, classes)
     opt = torch.optim.AdamW([*m.parameters(), *head.parameters()], lr=1e-3)
     x = torch.randn(batch, 3, cfg.train_crop, cfg.train_crop)
-    y = torch.randint(0, 41, (batch * (cfg.train_crop // 16) ** 2,))
+    y = torch.randint(0, classes, (batch * (cfg.train_crop // 16) ** 2,))
 
     def step() -> None:
         _update(F.cross_entropy(head(m.forward_features(x)[:, prefix:]).flatten(0, 1), y), opt, m.parameters())
